@@ -1,0 +1,97 @@
+//! A guest that misbehaves on purpose, for the sandbox tests. What it does
+//! depends on the input's file name (its last path component):
+//! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
+//! `env`, `clock` report what the sandbox let them see as output pairs;
+//! anything else is counted like `wc`.
+use std::io::Read;
+use std::time::{Duration, SystemTime};
+
+use mr_sdk::{App, Emitter};
+
+struct Hostile;
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64, pad: &mut [u8; 64]) -> u64 {
+    pad[(depth % 64) as usize] = depth as u8;
+    let mut next = *pad;
+    recurse(depth + 1, &mut next) + next[0] as u64
+}
+
+impl App for Hostile {
+    fn map(input: &str, contents: &str, out: &mut Emitter) {
+        let name = input.rsplit('/').next().unwrap_or(input);
+        match name {
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "recurse" => {
+                let mut pad = [0u8; 64];
+                out.emit("depth", &recurse(0, &mut pad).to_string());
+            }
+            "trap" => panic!("hostile guest traps on purpose"),
+            "passwd" => {
+                let seen = match std::fs::File::open("/etc/passwd") {
+                    Ok(mut f) => {
+                        let mut s = String::new();
+                        let _ = f.read_to_string(&mut s);
+                        format!("READ {} bytes", s.len())
+                    }
+                    Err(e) => format!("denied: {e}"),
+                };
+                out.emit("passwd", &seen);
+            }
+            "socket" => {
+                let addr = contents.trim();
+                let seen = match std::net::TcpStream::connect_timeout(
+                    &addr.parse().expect("a socket address in the input"),
+                    Duration::from_secs(2),
+                ) {
+                    Ok(_) => "CONNECTED".to_string(),
+                    Err(e) => format!("denied: {e}"),
+                };
+                out.emit("socket", &seen);
+            }
+            "env" => {
+                let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                let seen = if vars.is_empty() {
+                    "empty".to_string()
+                } else {
+                    format!("LEAKED {}", vars.join(","))
+                };
+                out.emit("env", &seen);
+                let args = std::env::args().count();
+                out.emit("args", &args.to_string());
+            }
+            "clock" => {
+                let secs = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                out.emit("wall-clock-secs", &secs.to_string());
+            }
+            _ => {
+                for word in mr_sdk::words(contents) {
+                    out.emit(word, "1");
+                }
+            }
+        }
+    }
+
+    fn reduce(_key: &str, values: &[String]) -> String {
+        let mut sorted = values.to_vec();
+        sorted.sort();
+        sorted.join(" ")
+    }
+}
+
+mr_sdk::export_app!(Hostile);

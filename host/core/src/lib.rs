@@ -1,0 +1,29 @@
+//! Core types of `mr`, shared by every other crate and free of I/O policy and
+//! of wasmtime: nothing here runs user code.
+//!
+//! - [`ids`]: newtype ids for jobs, tasks, partitions and attempts.
+//! - [`partition`]: the partitioner (the MIT lab's `ihash`).
+//! - [`split`]: planning input splits and finding their line boundaries.
+//! - [`runfile`]: the intermediate file format (sorted runs, one segment per
+//!   reduce partition, with an index and checksums).
+//! - [`report`]: the job report written to `_SUCCESS`.
+
+pub mod ids;
+pub mod partition;
+pub mod report;
+pub mod runfile;
+pub mod split;
+
+/// Milliseconds since the Unix epoch, for reports.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Hex sha256 of a byte string (apps are addressed by it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

@@ -1,0 +1,103 @@
+//! The job report: what a job read, wrote and did, task by task. `mr run`
+//! writes it as JSON into `_SUCCESS` (or `_FAILED`) in the output directory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, TaskId};
+
+/// The report of one job.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct JobReport {
+    pub job_id: Option<JobId>,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// Why the job failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub app: AppInfo,
+    pub inputs: Vec<InputInfo>,
+    pub reduces: u32,
+    pub output_dir: String,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub counters: Counters,
+    pub tasks: Vec<TaskReport>,
+}
+
+/// The app a job ran.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppInfo {
+    pub path: String,
+    pub sha256: String,
+    /// Capabilities granted beyond the default-deny sandbox.
+    pub grants: Vec<String>,
+}
+
+/// One input file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InputInfo {
+    pub name: String,
+    pub bytes: u64,
+    pub splits: u32,
+}
+
+/// Totals over the successful attempt of every task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Bytes of input read by map tasks.
+    pub map_input_bytes: u64,
+    /// Map inputs (splits) that were not valid UTF-8 and were decoded lossily.
+    pub map_input_invalid_utf8: u64,
+    /// Pairs the guests emitted (after in-guest combining).
+    pub map_output_records: u64,
+    /// Bytes of keys and values the guests emitted.
+    pub map_output_bytes: u64,
+    /// Sorted runs spilled to disk by map tasks.
+    pub map_spills: u64,
+    /// Records read by reduce tasks.
+    pub reduce_input_records: u64,
+    /// Distinct keys reduced (= output lines).
+    pub reduce_output_records: u64,
+    /// Bytes written to `mr-out-*`.
+    pub output_bytes: u64,
+}
+
+impl Counters {
+    /// Adds another task's counters to these.
+    pub fn add(&mut self, o: &Counters) {
+        self.map_input_bytes += o.map_input_bytes;
+        self.map_input_invalid_utf8 += o.map_input_invalid_utf8;
+        self.map_output_records += o.map_output_records;
+        self.map_output_bytes += o.map_output_bytes;
+        self.map_spills += o.map_spills;
+        self.reduce_input_records += o.reduce_input_records;
+        self.reduce_output_records += o.reduce_output_records;
+        self.output_bytes += o.output_bytes;
+    }
+}
+
+/// One task and all its attempts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub task: TaskId,
+    /// For map tasks: the input name and byte range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<(u64, u64)>,
+    pub attempts: Vec<AttemptReport>,
+}
+
+/// One attempt at a task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttemptReport {
+    pub attempt: u32,
+    /// Who ran it: `local` for `mr run`, a worker id in a cluster.
+    pub worker: String,
+    /// The sandbox slot within that worker.
+    pub slot: u32,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// `succeeded`, or `failed: <why>`.
+    pub outcome: String,
+}

@@ -1,0 +1,401 @@
+//! The intermediate file format: what a map task leaves for the reducers.
+//!
+//! A run file holds one *segment* per reduce partition, in partition order;
+//! each segment is a run of records sorted by key (byte order), so a reducer
+//! reads exactly its byte range and merges it with the other map tasks'.
+//!
+//! ```text
+//! file    = "MRR1" segment* index trailer
+//! segment = record*                      (sorted by key; equal keys keep emit order)
+//! record  = varint(key_len) varint(value_len) key value
+//! index   = (offset:u64 len:u64 records:u64 crc32:u32)  × partitions
+//! trailer = index_offset:u64 partitions:u32 "MRR1"     (integers little-endian)
+//! ```
+//!
+//! The crc32 of each segment is checked when it has been read to its end,
+//! so a torn or corrupted file is an error, never silently wrong output.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+const MAGIC: &[u8; 4] = b"MRR1";
+const TRAILER_LEN: u64 = 8 + 4 + 4;
+const INDEX_ENTRY_LEN: u64 = 8 + 8 + 8 + 4;
+/// Reader buffer per segment: large enough for sequential disk reads, small
+/// enough that a reducer merging hundreds of segments stays bounded.
+pub const READ_BUFFER: usize = 64 * 1024;
+
+/// Where one partition's segment lies in a run file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    pub offset: u64,
+    pub len: u64,
+    pub records: u64,
+    pub crc32: u32,
+}
+
+fn corrupt(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// Writes a run file; records must arrive in (partition, key) order.
+pub struct RunFileWriter {
+    out: BufWriter<File>,
+    pos: u64,
+    partitions: u32,
+    segments: Vec<SegmentInfo>,
+    crc: crc32fast::Hasher,
+}
+
+impl RunFileWriter {
+    /// Creates (truncates) `path` for a file with `partitions` segments.
+    pub fn create(path: &Path, partitions: u32) -> io::Result<Self> {
+        let mut out = BufWriter::with_capacity(256 * 1024, File::create(path)?);
+        out.write_all(MAGIC)?;
+        Ok(RunFileWriter {
+            out,
+            pos: MAGIC.len() as u64,
+            partitions,
+            segments: vec![SegmentInfo {
+                offset: MAGIC.len() as u64,
+                ..Default::default()
+            }],
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    fn close_segment(&mut self) {
+        let crc = std::mem::take(&mut self.crc).finalize();
+        let seg = self.segments.last_mut().expect("a current segment");
+        seg.len = self.pos - seg.offset;
+        seg.crc32 = crc;
+        self.segments.push(SegmentInfo {
+            offset: self.pos,
+            ..Default::default()
+        });
+    }
+
+    /// Appends a record to `partition`'s segment. Partitions must not
+    /// decrease and keys within one must not decrease (not checked).
+    pub fn write(&mut self, partition: u32, key: &[u8], value: &[u8]) -> io::Result<()> {
+        assert!(partition < self.partitions, "partition out of range");
+        while (self.segments.len() as u32) <= partition {
+            self.close_segment();
+        }
+        let mut head = [0u8; 20];
+        let mut n = put_varint(&mut head, key.len() as u64);
+        n += put_varint(&mut head[n..], value.len() as u64);
+        for part in [&head[..n], key, value] {
+            self.out.write_all(part)?;
+            self.crc.update(part);
+        }
+        self.pos += (n + key.len() + value.len()) as u64;
+        self.segments.last_mut().expect("a current segment").records += 1;
+        Ok(())
+    }
+
+    /// Writes the index and trailer, flushes and syncs; returns the index.
+    pub fn finish(mut self) -> io::Result<Vec<SegmentInfo>> {
+        while (self.segments.len() as u32) <= self.partitions {
+            self.close_segment();
+        }
+        self.segments.truncate(self.partitions as usize);
+        let index_offset = self.pos;
+        for s in &self.segments {
+            self.out.write_all(&s.offset.to_le_bytes())?;
+            self.out.write_all(&s.len.to_le_bytes())?;
+            self.out.write_all(&s.records.to_le_bytes())?;
+            self.out.write_all(&s.crc32.to_le_bytes())?;
+        }
+        self.out.write_all(&index_offset.to_le_bytes())?;
+        self.out.write_all(&self.partitions.to_le_bytes())?;
+        self.out.write_all(MAGIC)?;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_data()?;
+        Ok(self.segments)
+    }
+}
+
+fn put_varint(buf: &mut [u8], mut v: u64) -> usize {
+    let mut i = 0;
+    while v >= 0x80 {
+        buf[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    buf[i] = v as u8;
+    i + 1
+}
+
+/// Reads the index of a run file.
+///
+/// Fails if the file cannot be read or is not a complete run file.
+pub fn read_index(path: &Path) -> io::Result<Vec<SegmentInfo>> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len < MAGIC.len() as u64 + TRAILER_LEN {
+        return Err(corrupt(format!("{}: too short for a run file", path.display())));
+    }
+    f.seek(SeekFrom::Start(len - TRAILER_LEN))?;
+    let mut t = [0u8; TRAILER_LEN as usize];
+    f.read_exact(&mut t)?;
+    if &t[12..16] != MAGIC {
+        return Err(corrupt(format!("{}: not a complete run file", path.display())));
+    }
+    let index_offset = u64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
+    let partitions = u32::from_le_bytes(t[8..12].try_into().expect("4 bytes"));
+    if index_offset + partitions as u64 * INDEX_ENTRY_LEN + TRAILER_LEN != len {
+        return Err(corrupt(format!("{}: index does not fit the file", path.display())));
+    }
+    f.seek(SeekFrom::Start(index_offset))?;
+    let mut raw = vec![0u8; (partitions as u64 * INDEX_ENTRY_LEN) as usize];
+    f.read_exact(&mut raw)?;
+    Ok(raw
+        .chunks_exact(INDEX_ENTRY_LEN as usize)
+        .map(|e| SegmentInfo {
+            offset: u64::from_le_bytes(e[0..8].try_into().expect("8 bytes")),
+            len: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
+            records: u64::from_le_bytes(e[16..24].try_into().expect("8 bytes")),
+            crc32: u32::from_le_bytes(e[24..28].try_into().expect("4 bytes")),
+        })
+        .collect())
+}
+
+/// Streams the records of one segment, checking its length, record count
+/// and checksum when it ends.
+pub struct SegmentReader<R> {
+    src: R,
+    remaining: u64,
+    records_left: u64,
+    expect_crc: u32,
+    crc: crc32fast::Hasher,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    what: String,
+}
+
+impl SegmentReader<BufReader<io::Take<File>>> {
+    /// Opens segment `partition` of the run file at `path`.
+    pub fn open(path: &Path, info: SegmentInfo) -> io::Result<Self> {
+        let mut f = File::open(path)?;
+        f.seek(SeekFrom::Start(info.offset))?;
+        let src = BufReader::with_capacity(READ_BUFFER, f.take(info.len));
+        Ok(SegmentReader::new(src, info, path.display().to_string()))
+    }
+}
+
+impl<R: Read> SegmentReader<R> {
+    /// Reads a segment described by `info` from `src` (positioned at its
+    /// start); `what` names the source in errors.
+    pub fn new(src: R, info: SegmentInfo, what: String) -> Self {
+        SegmentReader {
+            src,
+            remaining: info.len,
+            records_left: info.records,
+            expect_crc: info.crc32,
+            crc: crc32fast::Hasher::new(),
+            key: Vec::new(),
+            value: Vec::new(),
+            what,
+        }
+    }
+
+    fn read_varint(&mut self) -> io::Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut b = [0u8];
+            self.src.read_exact(&mut b)?;
+            self.crc.update(&b);
+            self.remaining = self.remaining.checked_sub(1).ok_or_else(|| self.overrun())?;
+            v |= ((b[0] & 0x7f) as u64) << shift;
+            if b[0] & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt(format!("{}: bad length in segment", self.what)))
+    }
+
+    fn overrun(&self) -> io::Error {
+        corrupt(format!("{}: record runs past its segment", self.what))
+    }
+
+    /// Advances to the next record; `false` at the end of the segment.
+    pub fn advance(&mut self) -> io::Result<bool> {
+        if self.records_left == 0 {
+            let crc = std::mem::take(&mut self.crc).finalize();
+            if self.remaining != 0 || crc != self.expect_crc {
+                return Err(corrupt(format!(
+                    "{}: segment checksum or length mismatch (corrupt intermediate data)",
+                    self.what
+                )));
+            }
+            self.records_left = u64::MAX; // report the end only once
+            return Ok(false);
+        }
+        if self.records_left == u64::MAX {
+            return Ok(false);
+        }
+        let klen = self.read_varint()?;
+        let vlen = self.read_varint()?;
+        let body = klen.checked_add(vlen).ok_or_else(|| self.overrun())?;
+        self.remaining = self.remaining.checked_sub(body).ok_or_else(|| self.overrun())?;
+        self.key.resize(klen as usize, 0);
+        self.src.read_exact(&mut self.key)?;
+        self.value.resize(vlen as usize, 0);
+        self.src.read_exact(&mut self.value)?;
+        self.crc.update(&self.key);
+        self.crc.update(&self.value);
+        self.records_left -= 1;
+        Ok(true)
+    }
+
+    /// The current record's key (valid after `advance` returned `true`).
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The current record's value.
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+}
+
+/// Merges sorted segments into one sorted stream. Equal keys come out in
+/// source order, so the result does not depend on timing.
+pub struct Merger<R> {
+    sources: Vec<SegmentReader<R>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Vec<u8>, usize)>>,
+    current: Option<usize>,
+}
+
+impl<R: Read> Merger<R> {
+    /// Fails if reading the first record of a source fails.
+    pub fn new(mut sources: Vec<SegmentReader<R>>) -> io::Result<Self> {
+        let mut heap = std::collections::BinaryHeap::with_capacity(sources.len());
+        for (i, s) in sources.iter_mut().enumerate() {
+            if s.advance()? {
+                heap.push(std::cmp::Reverse((s.key().to_vec(), i)));
+            }
+        }
+        Ok(Merger {
+            sources,
+            heap,
+            current: None,
+        })
+    }
+
+    /// Advances to the next record in key order; `false` when all are done.
+    pub fn advance(&mut self) -> io::Result<bool> {
+        if let Some(i) = self.current.take() {
+            let s = &mut self.sources[i];
+            if s.advance()? {
+                self.heap.push(std::cmp::Reverse((s.key().to_vec(), i)));
+            }
+        }
+        match self.heap.pop() {
+            Some(std::cmp::Reverse((_, i))) => {
+                self.current = Some(i);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The current record's key.
+    pub fn key(&self) -> &[u8] {
+        self.sources[self.current.expect("advance returned true")].key()
+    }
+
+    /// The current record's value.
+    pub fn value(&self) -> &[u8] {
+        self.sources[self.current.expect("advance returned true")].value()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, parts: u32, recs: &[(u32, &str, &str)]) -> Vec<SegmentInfo> {
+        let mut w = RunFileWriter::create(path, parts).unwrap();
+        for (p, k, v) in recs {
+            w.write(*p, k.as_bytes(), v.as_bytes()).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn read_all(path: &Path, info: SegmentInfo) -> Vec<(String, String)> {
+        let mut r = SegmentReader::open(path, info).unwrap();
+        let mut out = Vec::new();
+        while r.advance().unwrap() {
+            out.push((
+                String::from_utf8(r.key().to_vec()).unwrap(),
+                String::from_utf8(r.value().to_vec()).unwrap(),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip_with_empty_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run");
+        let idx = write(&p, 4, &[(1, "a", "1"), (1, "b", "22"), (3, "z", "")]);
+        assert_eq!(read_index(&p).unwrap(), idx);
+        assert_eq!(idx.len(), 4);
+        assert!(read_all(&p, idx[0]).is_empty());
+        assert_eq!(
+            read_all(&p, idx[1]),
+            [("a".into(), "1".into()), ("b".into(), "22".into())]
+        );
+        assert!(read_all(&p, idx[2]).is_empty());
+        assert_eq!(read_all(&p, idx[3]), [("z".into(), "".into())]);
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run");
+        let idx = write(&p, 1, &[(0, "hello", "world")]);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[idx[0].offset as usize + 3] ^= 0x20;
+        std::fs::write(&p, &bytes).unwrap();
+        let mut r = SegmentReader::open(&p, idx[0]).unwrap();
+        assert!(r.advance().unwrap());
+        let err = r.advance().unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        std::fs::write(&p, &bytes[..bytes.len() - 2]).unwrap();
+        assert!(read_index(&p).is_err());
+    }
+
+    #[test]
+    fn merge_orders_keys_and_keeps_source_order_for_ties() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut readers = Vec::new();
+        for (i, recs) in [
+            vec![(0, "a", "0"), (0, "c", "0")],
+            vec![(0, "a", "1"), (0, "b", "1")],
+            vec![],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let p = dir.path().join(format!("r{i}"));
+            let idx = write(&p, 1, &recs);
+            readers.push(SegmentReader::open(&p, idx[0]).unwrap());
+        }
+        let mut m = Merger::new(readers).unwrap();
+        let mut got = Vec::new();
+        while m.advance().unwrap() {
+            got.push(format!(
+                "{}{}",
+                String::from_utf8_lossy(m.key()),
+                String::from_utf8_lossy(m.value())
+            ));
+        }
+        assert_eq!(got, ["a0", "a1", "b1", "c0"]);
+    }
+}

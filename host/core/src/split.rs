@@ -1,0 +1,125 @@
+//! Input splits: a file larger than the split size becomes several map
+//! tasks. Splits are planned as byte ranges; each range owns exactly the
+//! lines that *start* inside it (Hadoop's `LineRecordReader` rule), so
+//! consecutive splits cover every line once, wherever the cut falls.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One map task's input: a byte range of a file, before line alignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// The input's name exactly as the user gave it (passed to the guest).
+    pub input: String,
+    /// Where to read it.
+    pub path: PathBuf,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Cuts a file of `len` bytes into ranges of at most `split_size` bytes
+/// (`split_size > 0`). An empty file still gets one (empty) split, so its
+/// map task runs.
+pub fn plan(input: &str, path: &Path, len: u64, split_size: u64) -> Vec<Split> {
+    assert!(split_size > 0, "split size must be positive");
+    let n = len.div_ceil(split_size).max(1);
+    (0..n)
+        .map(|i| Split {
+            input: input.to_string(),
+            path: path.to_path_buf(),
+            start: i * split_size,
+            end: ((i + 1) * split_size).min(len),
+        })
+        .collect()
+}
+
+/// Reads the lines a split owns: from the first line starting at or after
+/// `start` through the line containing byte `end - 1`.
+///
+/// Fails when the file cannot be opened or read.
+pub fn read_split(split: &Split) -> io::Result<Vec<u8>> {
+    let mut file = File::open(&split.path)?;
+    let len = file.metadata()?.len();
+    let begin = if split.start == 0 {
+        0
+    } else {
+        match find_newline(&mut file, split.start - 1, len)? {
+            Some(nl) => nl + 1,
+            None => return Ok(Vec::new()),
+        }
+    };
+    let end = if split.end >= len || split.end == 0 {
+        len
+    } else {
+        match find_newline(&mut file, split.end - 1, len)? {
+            Some(nl) => nl + 1,
+            None => len,
+        }
+    };
+    if begin >= end {
+        return Ok(Vec::new());
+    }
+    file.seek(SeekFrom::Start(begin))?;
+    let mut buf = Vec::with_capacity((end - begin) as usize);
+    file.take(end - begin).read_to_end(&mut buf)?;
+    if (buf.len() as u64) < end - begin {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{} shrank while being read", split.path.display()),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Offset of the first `\n` at or after `from`, if any.
+fn find_newline(file: &mut File, from: u64, len: u64) -> io::Result<Option<u64>> {
+    let mut pos = from;
+    let mut buf = vec![0u8; 64 * 1024];
+    file.seek(SeekFrom::Start(pos))?;
+    while pos < len {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
+            return Ok(Some(pos + i as u64));
+        }
+        pos += n as u64;
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn lines_of(text: &[u8], split_size: u64) -> Vec<u8> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text).unwrap();
+        let splits = plan("in", f.path(), text.len() as u64, split_size);
+        let mut all = Vec::new();
+        for s in &splits {
+            all.extend(read_split(s).unwrap());
+        }
+        all
+    }
+
+    #[test]
+    fn splits_cover_every_line_once_at_every_cut() {
+        let text = b"one\ntwo two\n\nthree three three\nfour\nno newline at end";
+        for size in 1..=text.len() as u64 + 1 {
+            assert_eq!(lines_of(text, size), text.to_vec(), "split size {size}");
+        }
+    }
+
+    #[test]
+    fn empty_file_has_one_empty_split() {
+        let splits = plan("e", Path::new("e"), 0, 10);
+        assert_eq!(splits.len(), 1);
+        assert_eq!(lines_of(b"", 4), b"");
+    }
+}
