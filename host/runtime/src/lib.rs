@@ -1,1 +1,331 @@
-//! placeholder
+//! The sandbox: the only crate of `mr` that depends on wasmtime.
+//!
+//! It narrows wasmtime to what a task needs and switches the protections on
+//! by default:
+//! - [`SandboxEngine`]: one wasmtime engine per process, with epoch
+//!   interruption (a ticker thread advances the epoch every
+//!   [`EPOCH_TICK`]) and a bounded wasm stack.
+//! - [`Sandbox`]: one app, compiled once (and cached on disk by the
+//!   component's sha256) and pre-linked into an `InstancePre`; every task
+//!   instantiates a fresh store from it, so nothing survives a trap.
+//! - [`Sandbox::run_map`] and [`Reducer`]: the calls a task makes.
+//! - [`GuestFailure`]: every way a guest can fail, in words for users.
+//!
+//! What a guest gets (see `wasi` module): no files, no network, no
+//! environment or arguments, stdout/stderr captured (bounded) into the
+//! task's log; a wall clock frozen at the epoch, a monotonic clock frozen at
+//! zero and a fixed random sequence unless the job grants `clock` or
+//! `random`; at most `memory_limit` bytes of linear memory; at most
+//! `task_timeout` of wall time per task.
+
+mod cache;
+mod failure;
+mod wasi;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, Store};
+
+pub use failure::{FailureKind, GuestFailure, LoadError};
+pub use wasi::Grants;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "mr:app/mapreduce",
+        imports: { default: trappable },
+    });
+}
+
+pub use bindings::mr::app::types::{Group, Kv};
+use bindings::{Mapreduce, MapreducePre};
+
+/// The name and version of the world apps implement.
+pub const WORLD: &str = "mr:app/mapreduce@0.1.0";
+/// How often the epoch advances; the granularity of task time limits.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits and grants for every task of a job.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Linear memory one task's instance may use, in bytes (all memories of
+    /// the component together).
+    pub memory_limit: usize,
+    /// Wall time one task may spend in the guest.
+    pub task_timeout: Duration,
+    /// Capabilities granted beyond the default-deny sandbox.
+    pub grants: Grants,
+    /// Bytes of guest stdout/stderr kept per task (the rest is dropped).
+    pub output_limit: usize,
+    /// Where compiled apps are cached (`None`: compile every time).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            memory_limit: 512 << 20,
+            task_timeout: Duration::from_secs(600),
+            grants: Grants::default(),
+            output_limit: 64 << 10,
+            cache_dir: None,
+        }
+    }
+}
+
+/// Native stack for wasm code: room for deep but sane recursion; beyond it
+/// a guest fails with a stack overflow instead of crashing the host.
+const MAX_WASM_STACK: usize = 1 << 20;
+
+/// A wasmtime engine configured for untrusted guests, with its epoch ticker.
+#[derive(Clone)]
+pub struct SandboxEngine {
+    engine: Engine,
+    _ticker: Arc<Ticker>,
+}
+
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl SandboxEngine {
+    /// Creates the engine and starts its epoch ticker thread.
+    ///
+    /// Fails only if wasmtime rejects the configuration (a bug).
+    pub fn new() -> Result<Self, LoadError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        let engine = Engine::new(&config).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("mr-epoch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| LoadError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(SandboxEngine {
+            engine,
+            _ticker: Arc::new(Ticker(stop)),
+        })
+    }
+}
+
+/// One app, compiled and linked, ready to run tasks.
+pub struct Sandbox {
+    engine: SandboxEngine,
+    pre: MapreducePre<wasi::TaskState>,
+    config: SandboxConfig,
+    name: String,
+    sha256: String,
+}
+
+impl Sandbox {
+    /// Loads the component at `path`: checks it is a component implementing
+    /// [`WORLD`], compiles it (or loads it from the cache) and links it.
+    ///
+    /// Fails with a [`LoadError`] that says what is wrong with the file.
+    pub fn load(
+        engine: &SandboxEngine,
+        path: &Path,
+        config: SandboxConfig,
+    ) -> Result<Sandbox, LoadError> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| LoadError::Read {
+            path: name.clone(),
+            source: e,
+        })?;
+        failure::check_header(&name, &bytes)?;
+        let sha256 = mr_core::sha256_hex(&bytes);
+        let component = cache::compile(&engine.engine, &bytes, &sha256, config.cache_dir.as_deref())
+            .map_err(|e| LoadError::Invalid {
+                path: name.clone(),
+                detail: format!("{e:#}"),
+            })?;
+        failure::check_imports(&engine.engine, &component, &name)?;
+        let mut linker: Linker<wasi::TaskState> = Linker::new(&engine.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        // Imports we do not know (e.g. wasi:http in a JS component) link as
+        // functions that trap when called: the guest gets nothing from them.
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+            path: name.clone(),
+            detail: format!("{e:#}"),
+        };
+        let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let pre = MapreducePre::new(instance_pre).map_err(wrong_world)?;
+        Ok(Sandbox {
+            engine: engine.clone(),
+            pre,
+            config,
+            name,
+            sha256,
+        })
+    }
+
+    /// The app's sha256 (hex), which identifies it.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The app's path, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The limits tasks run under.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    fn instantiate(
+        &self,
+        seed: u64,
+        sink: Option<wasi::Sink>,
+    ) -> Result<(Store<wasi::TaskState>, Mapreduce), GuestFailure> {
+        let state = wasi::TaskState::new(&self.config, seed, sink);
+        let mut store = Store::new(&self.engine.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = (self.config.task_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| failure::classify(e, &mut store, &self.config))?;
+        Ok((store, bindings))
+    }
+
+    /// Runs `map(input, contents)` in a fresh instance; every batch the guest
+    /// emits goes to `sink`, whose error fails the task. `seed` makes the
+    /// not-granted "randomness" differ per task while staying repeatable.
+    ///
+    /// Fails with the guest's failure, classified.
+    pub fn run_map(
+        &self,
+        seed: u64,
+        input: &str,
+        contents: &str,
+        sink: impl FnMut(Vec<Kv>) -> Result<(), String> + Send + 'static,
+    ) -> Result<TaskOutput, GuestFailure> {
+        let (mut store, bindings) = self.instantiate(seed, Some(Box::new(sink)))?;
+        let result = bindings.call_map(&mut store, input, contents);
+        let out = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(GuestFailure::new(FailureKind::AppError, msg)),
+            Err(e) => Err(failure::classify(e, &mut store, &self.config)),
+        };
+        let output = store.data().output();
+        match out {
+            Ok(()) => Ok(TaskOutput { guest_output: output }),
+            Err(f) => Err(f.with_output(output)),
+        }
+    }
+
+    /// A fresh instance for one reduce task, which may call it many times.
+    ///
+    /// Fails if the instance cannot be created (e.g. its start traps).
+    pub fn reducer(&self, seed: u64) -> Result<Reducer<'_>, GuestFailure> {
+        let (store, bindings) = self.instantiate(seed, None)?;
+        Ok(Reducer {
+            sandbox: self,
+            store,
+            bindings,
+            poisoned: false,
+        })
+    }
+}
+
+/// What a successful task leaves besides its data.
+#[derive(Debug, Default)]
+pub struct TaskOutput {
+    /// What the guest wrote to stdout/stderr (bounded).
+    pub guest_output: String,
+}
+
+/// A guest instance for one reduce (or combine) task.
+pub struct Reducer<'a> {
+    sandbox: &'a Sandbox,
+    store: Store<wasi::TaskState>,
+    bindings: Mapreduce,
+    poisoned: bool,
+}
+
+impl Reducer<'_> {
+    fn fail(&mut self, e: wasmtime::Error) -> GuestFailure {
+        self.poisoned = true;
+        let f = failure::classify(e, &mut self.store, &self.sandbox.config);
+        f.with_output(self.store.data().output())
+    }
+
+    /// Reduces `groups`; returns one value per group with `last` set.
+    ///
+    /// Fails with the guest's failure; the instance is unusable afterwards.
+    pub fn reduce(&mut self, groups: &[Group]) -> Result<Vec<String>, GuestFailure> {
+        assert!(!self.poisoned, "a reducer is not reused after a failure");
+        let want = groups.iter().filter(|g| g.last).count();
+        match self.bindings.call_reduce(&mut self.store, groups) {
+            Ok(Ok(values)) if values.len() == want => Ok(values),
+            Ok(Ok(values)) => {
+                self.poisoned = true;
+                Err(GuestFailure::new(
+                    FailureKind::Protocol,
+                    format!("reduce returned {} values for {want} keys", values.len()),
+                ))
+            }
+            Ok(Err(msg)) => {
+                self.poisoned = true;
+                Err(GuestFailure::new(FailureKind::AppError, msg)
+                    .with_output(self.store.data().output()))
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Runs the app's combiner on `groups`; `None` if it has none.
+    ///
+    /// Fails with the guest's failure; the instance is unusable afterwards.
+    pub fn combine(&mut self, groups: &[Group]) -> Result<Option<Vec<String>>, GuestFailure> {
+        assert!(!self.poisoned, "a reducer is not reused after a failure");
+        let want = groups.iter().filter(|g| g.last).count();
+        match self.bindings.call_combine(&mut self.store, groups) {
+            Ok(Ok(None)) => Ok(None),
+            Ok(Ok(Some(values))) if values.len() == want => Ok(Some(values)),
+            Ok(Ok(Some(values))) => {
+                self.poisoned = true;
+                Err(GuestFailure::new(
+                    FailureKind::Protocol,
+                    format!("combine returned {} values for {want} keys", values.len()),
+                ))
+            }
+            Ok(Err(msg)) => {
+                self.poisoned = true;
+                Err(GuestFailure::new(FailureKind::AppError, msg))
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// What the guest wrote to stdout/stderr so far (bounded).
+    pub fn guest_output(&self) -> String {
+        self.store.data().output()
+    }
+}

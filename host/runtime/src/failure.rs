@@ -1,0 +1,202 @@
+//! Every way loading an app or running a task can fail, in words a user
+//! understands; wasmtime's errors are converted here and nowhere else.
+
+use std::fmt;
+
+use wasmtime::{Store, Trap};
+
+use crate::wasi::TaskState;
+use crate::SandboxConfig;
+
+/// Why an app could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read app {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a WebAssembly file (it does not start with the bytes \\0asm)")]
+    NotWasm { path: String },
+    #[error(
+        "{path} is a core WebAssembly module, not a component: build the app with \
+         `cargo build --release --target wasm32-wasip2` (which makes a component), \
+         or wrap a module with `wasm-tools component new`"
+    )]
+    CoreModule { path: String },
+    #[error("{path} is not a valid WebAssembly component: {detail}")]
+    Invalid { path: String, detail: String },
+    #[error(
+        "{path} does not implement the {world} world: {detail}\n\
+         An mr app exports `map`, `reduce` and `combine` and imports `mr:app/host` \
+         (the Rust SDK's `mr_sdk::export_app!` does all of this)",
+        world = crate::WORLD
+    )]
+    WrongWorld { path: String, detail: String },
+    #[error("cannot set up the sandbox: {0}")]
+    Engine(String),
+}
+
+/// What kind of failure stopped a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The guest trapped (a panic, `unreachable`, a bad memory access, ...).
+    Trap,
+    /// It tried to grow its memory past the limit.
+    OutOfMemory,
+    /// It ran past the task's time limit.
+    Timeout,
+    /// It recursed past the stack limit.
+    StackOverflow,
+    /// It called `exit`.
+    Exit,
+    /// It returned an error of its own.
+    AppError,
+    /// The host side failed during a guest call (e.g. a spill write).
+    Host,
+    /// It broke the contract (e.g. returned the wrong number of values).
+    Protocol,
+}
+
+
+impl FailureKind {
+    /// Whether running the same guest on the same input is bound to fail
+    /// the same way when the guest has neither clock nor randomness (it is
+    /// then a pure function of its input). Timeouts and host failures
+    /// depend on the machine, so they are worth retrying.
+    pub fn deterministic(self) -> bool {
+        !matches!(self, FailureKind::Timeout | FailureKind::Host)
+    }
+}
+
+/// A failed guest call: what happened, and what the guest printed.
+#[derive(Clone, Debug)]
+pub struct GuestFailure {
+    pub kind: FailureKind,
+    pub message: String,
+    /// The guest's stdout/stderr (bounded), e.g. a Rust panic message.
+    pub guest_output: String,
+}
+
+impl GuestFailure {
+    pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        GuestFailure {
+            kind,
+            message: message.into(),
+            guest_output: String::new(),
+        }
+    }
+
+    pub(crate) fn with_output(mut self, output: String) -> Self {
+        self.guest_output = output;
+        self
+    }
+}
+
+/// How much of the guest's output a failure message quotes.
+const QUOTE_CHARS: usize = 2000;
+
+impl fmt::Display for GuestFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        let out = self.guest_output.trim();
+        if !out.is_empty() {
+            let start = out
+                .char_indices()
+                .rev()
+                .nth(QUOTE_CHARS)
+                .map(|(i, _)| i)
+                .unwrap_or(0);
+            let cut = if start > 0 { "..." } else { "" };
+            write!(f, "\nguest output:\n{cut}{}", &out[start..])?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for GuestFailure {}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Turns a wasmtime error from a guest call into a [`GuestFailure`].
+pub(crate) fn classify(
+    e: wasmtime::Error,
+    store: &mut Store<TaskState>,
+    config: &SandboxConfig,
+) -> GuestFailure {
+    let state = store.data();
+    if let Some(h) = &state.host_error {
+        return GuestFailure::new(FailureKind::Host, format!("the host failed during a guest call: {h}"));
+    }
+    if let Some(size) = state.limiter.exceeded {
+        return GuestFailure::new(
+            FailureKind::OutOfMemory,
+            format!(
+                "the guest ran out of memory: it asked for {} but its limit is {} (raise it with --memory-limit)",
+                mib(size),
+                mib(config.memory_limit)
+            ),
+        );
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return GuestFailure::new(
+            FailureKind::Exit,
+            format!("the guest exited with status {}", exit.0),
+        );
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => GuestFailure::new(
+            FailureKind::Timeout,
+            format!(
+                "the task ran out of time: it ran longer than its limit of {:?} (raise it with --task-timeout)",
+                config.task_timeout
+            ),
+        ),
+        Some(Trap::StackOverflow) => GuestFailure::new(
+            FailureKind::StackOverflow,
+            "the guest overflowed its stack (unbounded or very deep recursion)",
+        ),
+        Some(Trap::UnreachableCodeReached) => GuestFailure::new(
+            FailureKind::Trap,
+            "the guest trapped: it reached `unreachable` (a panic or abort in the app)",
+        ),
+        Some(Trap::MemoryOutOfBounds) => GuestFailure::new(
+            FailureKind::Trap,
+            "the guest trapped: out-of-bounds memory access (a bug in the app, or its own stack overflowed)",
+        ),
+        Some(trap) => GuestFailure::new(FailureKind::Trap, format!("the guest trapped: {trap}")),
+        None => GuestFailure::new(FailureKind::Trap, format!("the guest failed: {e:#}")),
+    }
+}
+
+/// Rejects files that are not wasm components before compiling them.
+pub(crate) fn check_header(path: &str, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+        return Err(LoadError::NotWasm { path: path.into() });
+    }
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(LoadError::CoreModule { path: path.into() });
+    }
+    Ok(())
+}
+
+/// A component built against another version of our own interfaces would
+/// otherwise link as trapping stubs; say so up front instead.
+pub(crate) fn check_imports(
+    engine: &wasmtime::Engine,
+    component: &wasmtime::component::Component,
+    path: &str,
+) -> Result<(), LoadError> {
+    for (name, _) in component.component_type().imports(engine) {
+        if name.starts_with("mr:app/") && name != "mr:app/host@0.1.0" && name != "mr:app/types@0.1.0" {
+            return Err(LoadError::WrongWorld {
+                path: path.into(),
+                detail: format!("it imports `{name}`, but this mr provides mr:app/host@0.1.0"),
+            });
+        }
+    }
+    Ok(())
+}

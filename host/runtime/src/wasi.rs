@@ -1,0 +1,239 @@
+//! The per-task store state: a default-deny WASI context, the memory
+//! limiter, captured guest output and the map output sink.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::bindings::mr::app::host::Host;
+use crate::bindings::mr::app::types::Kv;
+use crate::SandboxConfig;
+
+/// Capabilities a job may grant its guests. Everything else (files,
+/// network, environment) is never granted in this version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// The real wall and monotonic clocks. Without it the wall clock reads
+    /// 1970-01-01 and the monotonic clock stands still (sleeps still wait).
+    pub clock: bool,
+    /// Real randomness. Without it the guest gets a fixed sequence derived
+    /// from the task, so a run is repeatable.
+    pub random: bool,
+}
+
+impl Grants {
+    /// The names of the granted capabilities, for reports.
+    pub fn names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.clock {
+            v.push("clock".to_string());
+        }
+        if self.random {
+            v.push("random".to_string());
+        }
+        v
+    }
+
+    /// Whether a guest can behave differently on two runs over the same
+    /// input: without clock and randomness it is a pure function of it.
+    pub fn nondeterministic(&self) -> bool {
+        self.clock || self.random
+    }
+}
+
+pub(crate) type Sink = Box<dyn FnMut(Vec<Kv>) -> Result<(), String> + Send>;
+
+pub(crate) struct TaskState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: Limiter,
+    output: CappedPipe,
+    sink: Option<Sink>,
+    /// Set when the host side of a call failed (e.g. a spill could not be
+    /// written): the guest was stopped for the host's sake, not its own.
+    pub(crate) host_error: Option<String>,
+}
+
+impl TaskState {
+    pub(crate) fn new(config: &SandboxConfig, seed: u64, sink: Option<Sink>) -> Self {
+        let output = CappedPipe::new(config.output_limit);
+        let mut b = WasiCtxBuilder::new();
+        b.stdout(output.clone()).stderr(output.clone());
+        if !config.grants.clock {
+            b.wall_clock(FrozenClock).monotonic_clock(FrozenClock);
+        }
+        if !config.grants.random {
+            let bytes: Vec<u8> = (0..64u64)
+                .map(|i| (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(i as u32) >> 17) as u8 ^ i as u8)
+                .collect();
+            b.secure_random(wasmtime_wasi::Deterministic::new(bytes.clone()))
+                .insecure_random(wasmtime_wasi::Deterministic::new(bytes))
+                .insecure_random_seed(seed as u128);
+        }
+        // Network: WasiCtxBuilder::new() already denies every socket
+        // address; name lookups are switched off explicitly too.
+        b.allow_ip_name_lookup(false).allow_tcp(false).allow_udp(false);
+        TaskState {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                limit: config.memory_limit,
+                used: 0,
+                exceeded: None,
+            },
+            output,
+            sink,
+            host_error: None,
+        }
+    }
+
+    /// The guest's stdout and stderr so far, lossily decoded.
+    pub(crate) fn output(&self) -> String {
+        let buf = self.output.buf.lock().expect("output lock");
+        let mut s = String::from_utf8_lossy(&buf.bytes).into_owned();
+        if buf.dropped > 0 {
+            s.push_str(&format!("\n[{} more bytes of guest output dropped]", buf.dropped));
+        }
+        s
+    }
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl Host for TaskState {
+    fn emit(&mut self, pairs: Vec<Kv>) -> wasmtime::Result<()> {
+        let Some(sink) = self.sink.as_mut() else {
+            self.host_error = Some("emit called outside map".into());
+            wasmtime::bail!("emit called outside map");
+        };
+        if let Err(e) = sink(pairs) {
+            self.host_error = Some(e.clone());
+            wasmtime::bail!("{e}");
+        }
+        Ok(())
+    }
+}
+
+impl crate::bindings::mr::app::types::Host for TaskState {}
+
+/// Caps the linear memory of all of a task's memories together.
+pub(crate) struct Limiter {
+    limit: usize,
+    used: usize,
+    /// The size a refused growth asked for.
+    pub(crate) exceeded: Option<usize>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.used - current.min(self.used) + desired;
+        if total > self.limit {
+            self.exceeded = Some(total);
+            // An error (not `Ok(false)`) traps at once, so the guest cannot
+            // turn the refusal into an abort with a misleading message.
+            wasmtime::bail!("memory limit of {} bytes exceeded", self.limit);
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// A clock that never moves, for guests without the `clock` grant.
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    dropped: u64,
+}
+
+/// Guest stdout/stderr: kept up to a limit, the rest counted and dropped.
+/// Writes always succeed, so a chatty guest is not failed for it.
+#[derive(Clone)]
+struct CappedPipe {
+    buf: Arc<Mutex<Captured>>,
+    limit: usize,
+}
+
+impl CappedPipe {
+    fn new(limit: usize) -> Self {
+        CappedPipe {
+            buf: Arc::default(),
+            limit,
+        }
+    }
+}
+
+impl IsTerminal for CappedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedPipe {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedPipe {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut buf = self.buf.lock().expect("output lock");
+        let room = self.limit.saturating_sub(buf.bytes.len());
+        let keep = room.min(data.len());
+        buf.bytes.extend_from_slice(&data[..keep]);
+        buf.dropped += (data.len() - keep) as u64;
+        Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

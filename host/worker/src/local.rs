@@ -1,0 +1,503 @@
+//! `mr run`: a whole job in one process.
+//!
+//! ```text
+//!  validate inputs/output ─▶ load app ─▶ map phase ─▶ reduce phase ─▶ commit
+//!                                        (P slots)     (P slots)       │
+//!                    DIR/_temporary/<job>/committed/mr-out-* ─rename─▶ DIR/mr-out-*
+//!                                                     then DIR/_SUCCESS (report)
+//! ```
+//!
+//! Each phase is a small scheduler: up to `parallelism` attempts run at once
+//! on their own threads; a failed attempt is retried (up to `max_attempts`)
+//! when another attempt could succeed; a watchdog gives up on an attempt
+//! that outlives its time limit while blocked in a host call. Exactly one
+//! attempt per task is committed. Output becomes visible only when the whole
+//! job succeeded; a failed job leaves `DIR/_FAILED` (its report) and no
+//! `mr-out-*`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use mr_core::ids::{JobId, TaskId};
+use mr_core::now_ms;
+use mr_core::report::{AppInfo, AttemptReport, Counters, InputInfo, JobReport, TaskReport};
+use mr_core::split::{plan, Split};
+use mr_runtime::{LoadError, Sandbox, SandboxConfig, SandboxEngine};
+
+use crate::map::{MapOutput, MapTask};
+use crate::reduce::{ReduceOutput, ReduceTask};
+use crate::{task_seed, TaskError};
+
+/// Names of what a successful job leaves in its output directory.
+pub const SUCCESS: &str = "_SUCCESS";
+/// The report of a failed job.
+pub const FAILED: &str = "_FAILED";
+/// Work in progress inside the output directory.
+pub const TEMPORARY: &str = "_temporary";
+
+/// Time a watchdog adds to the task timeout before it gives up on an
+/// attempt (epoch interruption normally stops the guest first).
+const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
+/// Native stack of a task thread; wasm runs on it, so it must exceed the
+/// engine's wasm stack limit.
+const TASK_THREAD_STACK: usize = 8 << 20;
+
+/// A job for `mr run`, already validated by the CLI's argument parser.
+#[derive(Clone, Debug)]
+pub struct LocalJob {
+    pub app: PathBuf,
+    /// Input names exactly as given (also passed to the guest).
+    pub inputs: Vec<String>,
+    pub reduces: u32,
+    pub output: PathBuf,
+    pub parallelism: usize,
+    pub split_size: u64,
+    pub sort_buffer: usize,
+    pub max_attempts: u32,
+    pub force: bool,
+    /// Where intermediate data goes (a fresh directory inside it).
+    pub tmp_dir: Option<PathBuf>,
+    pub sandbox: SandboxConfig,
+}
+
+/// Why a job did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The user asked for something that cannot work; nothing was run.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{task} failed (attempt {attempts} of at most {max}): {error}\nthe job failed; its report is in {report}")]
+    TaskFailed {
+        task: TaskId,
+        input: Option<String>,
+        attempts: u32,
+        max: u32,
+        error: String,
+        report: String,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JobError {
+    let what = what.into();
+    move |source| JobError::Io { what, source }
+}
+
+/// The two phases, for progress reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Map,
+    Reduce,
+}
+
+/// Receives progress; the CLI draws bars with it.
+pub trait Observer: Send + Sync {
+    fn phase_started(&self, _phase: Phase, _tasks: usize) {}
+    fn task_done(&self, _phase: Phase, _done: usize, _tasks: usize) {}
+    fn attempt_failed(&self, _task: TaskId, _attempt: u32, _error: &str, _will_retry: bool) {}
+}
+
+/// An observer that only logs.
+pub struct LogObserver;
+impl Observer for LogObserver {}
+
+/// Checks the inputs and output directory; returns each input's size.
+fn validate(job: &LocalJob) -> Result<Vec<u64>, JobError> {
+    if job.reduces == 0 {
+        return Err(JobError::Invalid(
+            "--reduces must be at least 1 (it is the number of output files)".into(),
+        ));
+    }
+    if job.inputs.is_empty() {
+        return Err(JobError::Invalid("no input files given".into()));
+    }
+    let mut sizes = Vec::new();
+    for input in &job.inputs {
+        let meta = std::fs::metadata(input).map_err(|e| {
+            JobError::Invalid(match e.kind() {
+                std::io::ErrorKind::NotFound => format!("input {input} does not exist"),
+                _ => format!("cannot read input {input}: {e}"),
+            })
+        })?;
+        if meta.is_dir() {
+            return Err(JobError::Invalid(format!(
+                "input {input} is a directory; pass the files in it instead (e.g. {input}/*)"
+            )));
+        }
+        std::fs::File::open(input)
+            .map_err(|e| JobError::Invalid(format!("cannot read input {input}: {e}")))?;
+        sizes.push(meta.len());
+    }
+    match std::fs::read_dir(&job.output) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !job.force {
+                return Err(JobError::Invalid(format!(
+                    "output directory {} is not empty; choose a new one, or pass --force to replace the output of an earlier job there",
+                    job.output.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(JobError::Invalid(format!(
+                "cannot use output directory {}: {e}",
+                job.output.display()
+            )))
+        }
+    }
+    Ok(sizes)
+}
+
+/// Removes an earlier job's output (for `--force`): `_SUCCESS` first, so
+/// no reader ever sees it next to a mix of old and new files.
+fn clear_output(dir: &Path) -> Result<(), JobError> {
+    for name in [SUCCESS, FAILED] {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err(format!("cannot remove {}", dir.join(name).display()))(e))
+            }
+            _ => {}
+        }
+    }
+    let entries = std::fs::read_dir(dir).map_err(io_err(format!("cannot list {}", dir.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let res = if name == TEMPORARY {
+            std::fs::remove_dir_all(&path)
+        } else if name.starts_with("mr-out-") {
+            std::fs::remove_file(&path)
+        } else {
+            continue;
+        };
+        res.map_err(io_err(format!("cannot remove {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Runs `job` to completion and returns its report (also in `_SUCCESS`).
+///
+/// Fails without running anything when the arguments, inputs, output
+/// directory or app are unusable; fails after writing `_FAILED` when a task
+/// fails for good.
+pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobError> {
+    let sizes = validate(job)?;
+    let engine = SandboxEngine::new()?;
+    let sandbox = Arc::new(Sandbox::load(&engine, &job.app, job.sandbox.clone())?);
+    std::fs::create_dir_all(&job.output)
+        .map_err(io_err(format!("cannot create output directory {}", job.output.display())))?;
+    if job.force {
+        clear_output(&job.output)?;
+    }
+    let job_id = JobId::generate();
+    let work = job.output.join(TEMPORARY).join(&job_id.0);
+    std::fs::create_dir_all(work.join("committed"))
+        .map_err(io_err(format!("cannot create {}", work.display())))?;
+    let intermediate = match &job.tmp_dir {
+        Some(d) => tempfile::Builder::new().prefix("mr-").tempdir_in(d),
+        None => tempfile::Builder::new().prefix("mr-").tempdir(),
+    }
+    .map_err(io_err("cannot create a temporary directory for map output"))?;
+
+    let mut splits: Vec<Split> = Vec::new();
+    let mut inputs = Vec::new();
+    for (input, &len) in job.inputs.iter().zip(&sizes) {
+        let s = plan(input, Path::new(input), len, job.split_size);
+        inputs.push(InputInfo {
+            name: input.clone(),
+            bytes: len,
+            splits: s.len() as u32,
+        });
+        splits.extend(s);
+    }
+    let mut report = JobReport {
+        job_id: Some(job_id.clone()),
+        status: "running".into(),
+        error: None,
+        app: AppInfo {
+            path: job.app.display().to_string(),
+            sha256: sandbox.sha256().to_string(),
+            grants: job.sandbox.grants.names(),
+        },
+        inputs,
+        reduces: job.reduces,
+        output_dir: job.output.display().to_string(),
+        started_ms: now_ms(),
+        finished_ms: 0,
+        counters: Counters::default(),
+        tasks: Vec::new(),
+    };
+    tracing::info!(job = %job_id, maps = splits.len(), reduces = job.reduces, app = %sandbox.sha256(), "job started");
+
+    let result = run_phases(job, &sandbox, &splits, intermediate.path(), &work, &mut report, observer);
+    report.finished_ms = now_ms();
+    match result {
+        Ok(()) => {
+            commit(&job.output, &work, job.reduces, &mut report)?;
+            tracing::info!(job = %job_id, ms = report.finished_ms - report.started_ms, "job succeeded");
+            Ok(report)
+        }
+        Err(e) => {
+            report.status = "failed".into();
+            report.error = Some(e.to_string());
+            let _ = std::fs::remove_dir_all(&work);
+            remove_if_empty(&job.output.join(TEMPORARY));
+            write_report(&job.output.join(FAILED), &report)?;
+            Err(e)
+        }
+    }
+}
+
+fn remove_if_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
+    let dir = path.parent().expect("a report lives in the output directory");
+    let json = serde_json::to_vec_pretty(report).expect("a report serializes");
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(io_err(format!("cannot write {}", path.display())))?;
+    std::fs::write(tmp.path(), &json).map_err(io_err(format!("cannot write {}", path.display())))?;
+    tmp.as_file().sync_all().map_err(io_err(format!("cannot sync {}", path.display())))?;
+    tmp.persist(path)
+        .map_err(|e| io_err(format!("cannot write {}", path.display()))(e.error))?;
+    Ok(())
+}
+
+/// Moves every committed `mr-out-*` into place, then writes `_SUCCESS`.
+fn commit(out: &Path, work: &Path, reduces: u32, report: &mut JobReport) -> Result<(), JobError> {
+    for r in 0..reduces {
+        let name = format!("mr-out-{r}");
+        std::fs::rename(work.join("committed").join(&name), out.join(&name))
+            .map_err(io_err(format!("cannot commit {}", out.join(&name).display())))?;
+    }
+    report.status = "succeeded".into();
+    std::fs::remove_dir_all(work).map_err(io_err(format!("cannot remove {}", work.display())))?;
+    remove_if_empty(&out.join(TEMPORARY));
+    if let Ok(d) = std::fs::File::open(out) {
+        let _ = d.sync_all();
+    }
+    write_report(&out.join(SUCCESS), report)
+}
+
+fn run_phases(
+    job: &LocalJob,
+    sandbox: &Arc<Sandbox>,
+    splits: &[Split],
+    intermediate: &Path,
+    work: &Path,
+    report: &mut JobReport,
+    observer: &dyn Observer,
+) -> Result<(), JobError> {
+    // Map phase.
+    let map_tasks: Vec<MapTask> = splits
+        .iter()
+        .enumerate()
+        .map(|(i, s)| MapTask {
+            index: i as u32,
+            split: s.clone(),
+            reduces: job.reduces,
+            dir: intermediate.to_path_buf(),
+            sort_buffer: job.sort_buffer,
+            seed: task_seed(&TaskId::Map(i as u32)),
+        })
+        .collect();
+    for t in &map_tasks {
+        report.tasks.push(TaskReport {
+            task: TaskId::Map(t.index),
+            input: Some(t.split.input.clone()),
+            range: Some((t.split.start, t.split.end)),
+            attempts: Vec::new(),
+        });
+    }
+    let mut map_outputs: Vec<Option<MapOutput>> = vec![None; map_tasks.len()];
+    {
+        let tasks = Arc::new(map_tasks);
+        let sb = sandbox.clone();
+        let exec = move |i: usize, attempt: u32| crate::map::run(&sb, &tasks[i], attempt);
+        run_phase(job, Phase::Map, 0, report, observer, exec, |i, _a, out: MapOutput| {
+            map_outputs[i] = Some(out);
+            Ok(())
+        })?;
+    }
+    let map_outputs: Vec<MapOutput> = map_outputs.into_iter().map(|o| o.expect("every map task succeeded")).collect();
+    for m in &map_outputs {
+        report.counters.add(&m.counters);
+    }
+
+    // Reduce phase.
+    let first = report.tasks.len();
+    let reduce_tasks: Vec<ReduceTask> = (0..job.reduces)
+        .map(|r| ReduceTask {
+            partition: r,
+            inputs: map_outputs
+                .iter()
+                .map(|m| (m.run_file.clone(), m.segments[r as usize]))
+                .collect(),
+            output: work.join(format!("mr-out-{r}")),
+            seed: task_seed(&TaskId::Reduce(r)),
+        })
+        .collect();
+    for r in 0..job.reduces {
+        report.tasks.push(TaskReport {
+            task: TaskId::Reduce(r),
+            input: None,
+            range: None,
+            attempts: Vec::new(),
+        });
+    }
+    let tasks = Arc::new(reduce_tasks);
+    let sb = sandbox.clone();
+    let exec = move |i: usize, attempt: u32| {
+        let mut t = tasks[i].clone();
+        t.output = t.output.with_extension(format!("attempt{attempt}"));
+        crate::reduce::run(&sb, &t)
+    };
+    let mut counters = Counters::default();
+    run_phase(job, Phase::Reduce, first, report, observer, exec, |i, _a, out: ReduceOutput| {
+        let dest = work.join("committed").join(format!("mr-out-{i}"));
+        std::fs::rename(&out.output, &dest).map_err(io_err(format!("cannot commit {}", dest.display())))?;
+        counters.add(&out.counters);
+        Ok(())
+    })?;
+    report.counters.add(&counters);
+    Ok(())
+}
+
+struct Running {
+    slot: u32,
+    start_ms: u64,
+    deadline: Instant,
+}
+
+/// Runs the tasks of one phase (`report.tasks[first..]`) to completion.
+#[allow(clippy::too_many_arguments)]
+fn run_phase<T: Send + 'static>(
+    job: &LocalJob,
+    phase: Phase,
+    first: usize,
+    report: &mut JobReport,
+    observer: &dyn Observer,
+    exec: impl Fn(usize, u32) -> Result<T, TaskError> + Send + Sync + 'static,
+    mut commit: impl FnMut(usize, u32, T) -> Result<(), JobError>,
+) -> Result<(), JobError> {
+    let n = report.tasks.len() - first;
+    observer.phase_started(phase, n);
+    let exec = Arc::new(exec);
+    let (tx, rx) = mpsc::channel::<(usize, u32, Result<T, TaskError>)>();
+    let mut queue: VecDeque<usize> = (0..n).collect();
+    let mut attempts = vec![0u32; n];
+    let mut running: HashMap<(usize, u32), Running> = HashMap::new();
+    let mut free: BTreeSet<u32> = (0..job.parallelism.max(1) as u32).collect();
+    let mut done = 0usize;
+    let mut failure: Option<JobError> = None;
+    let limit = job.sandbox.task_timeout + WATCHDOG_GRACE;
+    let grants = job.sandbox.grants;
+
+    loop {
+        while failure.is_none() && !queue.is_empty() && !free.is_empty() {
+            let i = queue.pop_front().expect("non-empty");
+            let slot = free.pop_first().expect("non-empty");
+            attempts[i] += 1;
+            let attempt = attempts[i];
+            let task = report.tasks[first + i].task;
+            tracing::debug!(%task, attempt, slot, "attempt started");
+            let (tx, exec) = (tx.clone(), exec.clone());
+            std::thread::Builder::new()
+                .name(format!("{task}"))
+                .stack_size(TASK_THREAD_STACK)
+                .spawn(move || {
+                    let _ = tx.send((i, attempt, exec(i, attempt)));
+                })
+                .map_err(io_err("cannot start a task thread"))?;
+            running.insert(
+                (i, attempt),
+                Running {
+                    slot,
+                    start_ms: now_ms(),
+                    deadline: Instant::now() + limit,
+                },
+            );
+        }
+        if running.is_empty() {
+            break;
+        }
+        let next_deadline = running.values().map(|r| r.deadline).min().expect("running");
+        let wait = next_deadline.saturating_duration_since(Instant::now());
+        let finished: Vec<(usize, u32, Result<T, TaskError>)> = match rx.recv_timeout(wait) {
+            Ok(msg) => vec![msg],
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                running
+                    .iter()
+                    .filter(|(_, r)| r.deadline <= now)
+                    .map(|(&(i, a), _)| (i, a, Err(TaskError::Watchdog(limit))))
+                    .collect()
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
+        };
+        for (i, attempt, result) in finished {
+            // A late answer from an attempt the watchdog gave up on: ignore.
+            let Some(run) = running.remove(&(i, attempt)) else {
+                tracing::debug!(task = %report.tasks[first + i].task, attempt, "ignoring a late attempt");
+                continue;
+            };
+            free.insert(run.slot);
+            let task = &mut report.tasks[first + i];
+            let mut record = AttemptReport {
+                attempt,
+                worker: "local".into(),
+                slot: run.slot,
+                start_ms: run.start_ms,
+                end_ms: now_ms(),
+                outcome: "succeeded".into(),
+            };
+            match result {
+                Ok(out) => {
+                    task.attempts.push(record);
+                    commit(i, attempt, out)?;
+                    done += 1;
+                    observer.task_done(phase, done, n);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    record.outcome = format!("failed: {msg}");
+                    task.attempts.push(record);
+                    let retry = failure.is_none() && attempt < job.max_attempts && e.retryable(grants);
+                    tracing::warn!(task = %task.task, attempt, retry, "attempt failed: {msg}");
+                    observer.attempt_failed(task.task, attempt, &msg, retry);
+                    if retry {
+                        queue.push_back(i);
+                    } else if failure.is_none() {
+                        let why_stop = if attempt >= job.max_attempts {
+                            String::new()
+                        } else {
+                            " (not retried: the guest has no clock or randomness, so it would fail the same way again)".into()
+                        };
+                        failure = Some(JobError::TaskFailed {
+                            task: task.task,
+                            input: task.input.clone(),
+                            attempts: attempt,
+                            max: job.max_attempts,
+                            error: format!("{msg}{why_stop}"),
+                            report: job.output.join(FAILED).display().to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}

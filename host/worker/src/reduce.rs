@@ -1,0 +1,160 @@
+//! A reduce task: merge partition `r` of every map output, group by key,
+//! call the guest's `reduce` on batches of groups, write `key value` lines.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use mr_core::report::Counters;
+use mr_core::runfile::{Merger, SegmentInfo, SegmentReader};
+use mr_runtime::{Group, Reducer, Sandbox};
+
+use crate::TaskError;
+
+/// Bytes of keys and values handed to the guest in one `reduce` call.
+const BATCH_BYTES: usize = 1 << 20;
+/// Groups handed to the guest in one call.
+const BATCH_GROUPS: usize = 8192;
+/// A key whose values pass this many bytes is streamed to the guest in
+/// several groups, so the host never holds all values of a hot key.
+const GROUP_CHUNK_BYTES: usize = 4 << 20;
+
+/// What a reduce task needs to know.
+#[derive(Clone, Debug)]
+pub struct ReduceTask {
+    pub partition: u32,
+    /// Segment `partition` of every map task's run file.
+    pub inputs: Vec<(PathBuf, SegmentInfo)>,
+    /// Where to write the output (the committer renames it into place).
+    pub output: PathBuf,
+    pub seed: u64,
+}
+
+/// A finished reduce task's output.
+#[derive(Clone, Debug)]
+pub struct ReduceOutput {
+    pub output: PathBuf,
+    pub counters: Counters,
+    pub guest_output: String,
+}
+
+struct Batch<'a> {
+    reducer: Reducer<'a>,
+    groups: Vec<Group>,
+    bytes: usize,
+    out: BufWriter<File>,
+    counters: Counters,
+}
+
+impl Batch<'_> {
+    fn push(&mut self, group: Group) -> Result<(), TaskError> {
+        self.bytes += group.key.len() + group.values.iter().map(|v| v.len() + 8).sum::<usize>();
+        self.groups.push(group);
+        if self.bytes >= BATCH_BYTES || self.groups.len() >= BATCH_GROUPS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), TaskError> {
+        if self.groups.is_empty() {
+            return Ok(());
+        }
+        let values = self.reducer.reduce(&self.groups)?;
+        let mut values = values.into_iter();
+        for g in self.groups.iter().filter(|g| g.last) {
+            let v = values.next().expect("one value per last group (checked by the runtime)");
+            let line = [g.key.as_bytes(), b" ", v.as_bytes(), b"\n"];
+            for part in line {
+                self.out.write_all(part).map_err(TaskError::io("cannot write reduce output"))?;
+            }
+            self.counters.reduce_output_records += 1;
+            self.counters.output_bytes += (g.key.len() + v.len() + 2) as u64;
+        }
+        self.groups.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+fn text(bytes: &[u8], what: &str) -> Result<String, TaskError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| TaskError::Io {
+        what: format!("corrupt intermediate data: {what} is not UTF-8"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+    })
+}
+
+/// Runs one reduce task attempt.
+///
+/// Fails if map output cannot be read (or is corrupt), the guest fails, or
+/// the output cannot be written.
+pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskError> {
+    let readers = task
+        .inputs
+        .iter()
+        .map(|(path, seg)| SegmentReader::open(path, *seg))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(TaskError::io("cannot open map output"))?;
+    let mut merger = Merger::new(readers).map_err(TaskError::io("cannot read map output"))?;
+    let file = File::create(&task.output)
+        .map_err(TaskError::io(format!("cannot create {}", task.output.display())))?;
+    let mut batch = Batch {
+        reducer: sandbox.reducer(task.seed)?,
+        groups: Vec::new(),
+        bytes: 0,
+        out: BufWriter::with_capacity(256 * 1024, file),
+        counters: Counters::default(),
+    };
+    let mut current: Option<Group> = None;
+    let mut current_bytes = 0usize;
+    while merger.advance().map_err(TaskError::io("cannot read map output"))? {
+        batch.counters.reduce_input_records += 1;
+        let key = merger.key();
+        let same = current.as_ref().is_some_and(|g| g.key.as_bytes() == key);
+        if !same {
+            if let Some(g) = current.take() {
+                batch.push(g)?;
+            }
+            current = Some(Group {
+                key: text(key, "a key")?,
+                values: Vec::new(),
+                last: true,
+            });
+            current_bytes = 0;
+        }
+        let g = current.as_mut().expect("a current group");
+        if current_bytes >= GROUP_CHUNK_BYTES {
+            let key = g.key.clone();
+            let mut part = std::mem::replace(
+                g,
+                Group {
+                    key,
+                    values: Vec::new(),
+                    last: true,
+                },
+            );
+            part.last = false;
+            batch.push(part)?;
+            current_bytes = 0;
+        }
+        let g = current.as_mut().expect("a current group");
+        let value = text(merger.value(), "a value")?;
+        current_bytes += value.len() + 8;
+        g.values.push(value);
+    }
+    if let Some(g) = current.take() {
+        batch.push(g)?;
+    }
+    batch.flush()?;
+    let file = batch
+        .out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .map_err(TaskError::io("cannot write reduce output"))?;
+    file.sync_all().map_err(TaskError::io("cannot sync reduce output"))?;
+    Ok(ReduceOutput {
+        output: task.output.clone(),
+        counters: batch.counters,
+        guest_output: batch.reducer.guest_output(),
+    })
+}
