@@ -200,7 +200,8 @@ impl Emitter {
 /// `strings.FieldsFunc(s, func(r) bool { return !unicode.IsLetter(r) })`):
 /// maximal runs of Unicode letters (general category L), case kept.
 pub fn words(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|c: char| !is_letter(c)).filter(|w| !w.is_empty())
+    text.split(|c: char| !is_letter(c))
+        .filter(|w| !w.is_empty())
 }
 
 /// Whether `c` is a Unicode letter (general category L*), like Go's

@@ -1,1 +1,62 @@
+//! End-to-end tests: the real `mr` binary, real wasm guests, real files.
+//! One integration binary with modules, so there is one link step.
 
+mod apps;
+mod errors;
+mod kill;
+mod sandbox;
+mod splits;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The `mr` binary, with the compiled-app cache in the test target dir.
+pub fn mr() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mr"));
+    c.env(
+        "MR_CACHE_DIR",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("mr-cache"),
+    );
+    c.env_remove("RUST_LOG");
+    c
+}
+
+/// Runs `mr run` with `args` and returns its output, whatever the status.
+pub fn mr_run(args: &[&str]) -> Output {
+    let out = mr()
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("cannot start mr");
+    eprintln!(
+        "mr run {}\n-- status {:?}\n-- stdout\n{}-- stderr\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `mr run` and asserts it succeeded.
+pub fn mr_run_ok(args: &[&str]) -> Output {
+    let out = mr_run(args);
+    assert!(
+        out.status.success(),
+        "mr run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Stderr of a finished run, for assertions.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The job report a run left in `dir/name`.
+pub fn report(dir: &Path, name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join(name))
+        .unwrap_or_else(|e| panic!("no {name} in {}: {e}", dir.display()));
+    serde_json::from_str(&text).expect("a JSON report")
+}

@@ -118,7 +118,10 @@ impl TryFrom<RunArgs> for LocalJob {
             random: a.allow.iter().any(|c| c == "random"),
         };
         anyhow::ensure!(a.split_size > 0, "--split-size must be positive");
-        anyhow::ensure!(a.memory_limit >= 1 << 20, "--memory-limit must be at least 1MiB");
+        anyhow::ensure!(
+            a.memory_limit >= 1 << 20,
+            "--memory-limit must be at least 1MiB"
+        );
         anyhow::ensure!(!a.task_timeout.is_zero(), "--task-timeout must be positive");
         let parallelism = match a.parallelism {
             Some(0) => anyhow::bail!("--parallelism must be at least 1"),
@@ -140,7 +143,11 @@ impl TryFrom<RunArgs> for LocalJob {
                 memory_limit: a.memory_limit.min(usize::MAX as u64) as usize,
                 task_timeout: a.task_timeout,
                 grants,
-                cache_dir: if a.no_cache { None } else { a.cache_dir.or_else(default_cache_dir) },
+                cache_dir: if a.no_cache {
+                    None
+                } else {
+                    a.cache_dir.or_else(default_cache_dir)
+                },
                 ..SandboxConfig::default()
             },
         })
@@ -210,7 +217,11 @@ impl RunArgs {
         bars.reduce.finish();
         let report = result.context("mr run failed")?;
         let secs = (report.finished_ms - report.started_ms) as f64 / 1000.0;
-        let maps = report.tasks.iter().filter(|t| matches!(t.task, TaskId::Map(_))).count();
+        let maps = report
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.task, TaskId::Map(_)))
+            .count();
         println!(
             "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {}/mr-out-* (report: {}/_SUCCESS)",
             report.job_id.as_ref().map(|j| j.0.as_str()).unwrap_or("?"),

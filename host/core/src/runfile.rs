@@ -137,18 +137,27 @@ pub fn read_index(path: &Path) -> io::Result<Vec<SegmentInfo>> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
     if len < MAGIC.len() as u64 + TRAILER_LEN {
-        return Err(corrupt(format!("{}: too short for a run file", path.display())));
+        return Err(corrupt(format!(
+            "{}: too short for a run file",
+            path.display()
+        )));
     }
     f.seek(SeekFrom::Start(len - TRAILER_LEN))?;
     let mut t = [0u8; TRAILER_LEN as usize];
     f.read_exact(&mut t)?;
     if &t[12..16] != MAGIC {
-        return Err(corrupt(format!("{}: not a complete run file", path.display())));
+        return Err(corrupt(format!(
+            "{}: not a complete run file",
+            path.display()
+        )));
     }
     let index_offset = u64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
     let partitions = u32::from_le_bytes(t[8..12].try_into().expect("4 bytes"));
     if index_offset + partitions as u64 * INDEX_ENTRY_LEN + TRAILER_LEN != len {
-        return Err(corrupt(format!("{}: index does not fit the file", path.display())));
+        return Err(corrupt(format!(
+            "{}: index does not fit the file",
+            path.display()
+        )));
     }
     f.seek(SeekFrom::Start(index_offset))?;
     let mut raw = vec![0u8; (partitions as u64 * INDEX_ENTRY_LEN) as usize];
@@ -209,7 +218,10 @@ impl<R: Read> SegmentReader<R> {
             let mut b = [0u8];
             self.src.read_exact(&mut b)?;
             self.crc.update(&b);
-            self.remaining = self.remaining.checked_sub(1).ok_or_else(|| self.overrun())?;
+            self.remaining = self
+                .remaining
+                .checked_sub(1)
+                .ok_or_else(|| self.overrun())?;
             v |= ((b[0] & 0x7f) as u64) << shift;
             if b[0] & 0x80 == 0 {
                 return Ok(v);
@@ -241,7 +253,10 @@ impl<R: Read> SegmentReader<R> {
         let klen = self.read_varint()?;
         let vlen = self.read_varint()?;
         let body = klen.checked_add(vlen).ok_or_else(|| self.overrun())?;
-        self.remaining = self.remaining.checked_sub(body).ok_or_else(|| self.overrun())?;
+        self.remaining = self
+            .remaining
+            .checked_sub(body)
+            .ok_or_else(|| self.overrun())?;
         self.key.resize(klen as usize, 0);
         self.src.read_exact(&mut self.key)?;
         self.value.resize(vlen as usize, 0);

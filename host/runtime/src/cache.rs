@@ -28,12 +28,17 @@ pub(crate) fn compile(
                 tracing::debug!(path = %path.display(), "loaded compiled app from cache");
                 return Ok(c);
             }
-            Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cache entry: {e:#}"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "ignoring unusable cache entry: {e:#}")
+            }
         }
     }
     let started = std::time::Instant::now();
     let compiled = engine.precompile_component(bytes)?;
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "compiled app");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "compiled app"
+    );
     if let Err(e) = store(dir, &path, &compiled) {
         tracing::warn!(dir = %dir.display(), "cannot cache the compiled app: {e}");
         return Component::new(engine, bytes);

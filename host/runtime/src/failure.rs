@@ -59,7 +59,6 @@ pub enum FailureKind {
     Protocol,
 }
 
-
 impl FailureKind {
     /// Whether running the same guest on the same input is bound to fail
     /// the same way when the guest has neither clock nor randomness (it is
@@ -129,7 +128,10 @@ pub(crate) fn classify(
 ) -> GuestFailure {
     let state = store.data();
     if let Some(h) = &state.host_error {
-        return GuestFailure::new(FailureKind::Host, format!("the host failed during a guest call: {h}"));
+        return GuestFailure::new(
+            FailureKind::Host,
+            format!("the host failed during a guest call: {h}"),
+        );
     }
     if let Some(size) = state.limiter.exceeded {
         return GuestFailure::new(
@@ -191,7 +193,10 @@ pub(crate) fn check_imports(
     path: &str,
 ) -> Result<(), LoadError> {
     for (name, _) in component.component_type().imports(engine) {
-        if name.starts_with("mr:app/") && name != "mr:app/host@0.1.0" && name != "mr:app/types@0.1.0" {
+        if name.starts_with("mr:app/")
+            && name != "mr:app/host@0.1.0"
+            && name != "mr:app/types@0.1.0"
+        {
             return Err(LoadError::WrongWorld {
                 path: path.into(),
                 detail: format!("it imports `{name}`, but this mr provides mr:app/host@0.1.0"),

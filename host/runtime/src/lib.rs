@@ -150,21 +150,18 @@ impl Sandbox {
         })?;
         failure::check_header(&name, &bytes)?;
         let sha256 = mr_core::sha256_hex(&bytes);
-        let component = cache::compile(&engine.engine, &bytes, &sha256, config.cache_dir.as_deref())
-            .map_err(|e| LoadError::Invalid {
-                path: name.clone(),
-                detail: format!("{e:#}"),
-            })?;
+        let component =
+            cache::compile(&engine.engine, &bytes, &sha256, config.cache_dir.as_deref()).map_err(
+                |e| LoadError::Invalid {
+                    path: name.clone(),
+                    detail: format!("{e:#}"),
+                },
+            )?;
         failure::check_imports(&engine.engine, &component, &name)?;
         let mut linker: Linker<wasi::TaskState> = Linker::new(&engine.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
-            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
-        // Imports we do not know (e.g. wasi:http in a JS component) link as
-        // functions that trap when called: the guest gets nothing from them.
-        linker
-            .define_unknown_imports_as_traps(&component)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
             path: name.clone(),
@@ -235,7 +232,9 @@ impl Sandbox {
         };
         let output = store.data().output();
         match out {
-            Ok(()) => Ok(TaskOutput { guest_output: output }),
+            Ok(()) => Ok(TaskOutput {
+                guest_output: output,
+            }),
             Err(f) => Err(f.with_output(output)),
         }
     }

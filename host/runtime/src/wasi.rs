@@ -9,7 +9,9 @@ use std::time::Duration;
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 
 use crate::bindings::mr::app::host::Host;
 use crate::bindings::mr::app::types::Kv;
@@ -70,7 +72,13 @@ impl TaskState {
         }
         if !config.grants.random {
             let bytes: Vec<u8> = (0..64u64)
-                .map(|i| (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(i as u32) >> 17) as u8 ^ i as u8)
+                .map(|i| {
+                    (seed
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        .rotate_left(i as u32)
+                        >> 17) as u8
+                        ^ i as u8
+                })
                 .collect();
             b.secure_random(wasmtime_wasi::Deterministic::new(bytes.clone()))
                 .insecure_random(wasmtime_wasi::Deterministic::new(bytes))
@@ -78,7 +86,9 @@ impl TaskState {
         }
         // Network: WasiCtxBuilder::new() already denies every socket
         // address; name lookups are switched off explicitly too.
-        b.allow_ip_name_lookup(false).allow_tcp(false).allow_udp(false);
+        b.allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false);
         TaskState {
             wasi: b.build(),
             table: ResourceTable::new(),
@@ -98,7 +108,10 @@ impl TaskState {
         let buf = self.output.buf.lock().expect("output lock");
         let mut s = String::from_utf8_lossy(&buf.bytes).into_owned();
         if buf.dropped > 0 {
-            s.push_str(&format!("\n[{} more bytes of guest output dropped]", buf.dropped));
+            s.push_str(&format!(
+                "\n[{} more bytes of guest output dropped]",
+                buf.dropped
+            ));
         }
         s
     }
@@ -222,7 +235,11 @@ impl StdoutStream for CappedPipe {
 }
 
 impl tokio::io::AsyncWrite for CappedPipe {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let mut buf = self.buf.lock().expect("output lock");
         let room = self.limit.saturating_sub(buf.bytes.len());
         let keep = room.min(data.len());

@@ -11,7 +11,7 @@ pub mod local;
 pub mod map;
 pub mod reduce;
 
-use mr_runtime::{GuestFailure, Grants};
+use mr_runtime::{Grants, GuestFailure};
 
 /// Why a task attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,5 +50,7 @@ impl TaskError {
 pub fn task_seed(task: &mr_core::ids::TaskId) -> u64 {
     task.to_string()
         .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }

@@ -70,12 +70,15 @@ pub enum JobError {
     Invalid(String),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{task} failed (attempt {attempts} of at most {max}): {error}\nthe job failed; its report is in {report}")]
+    #[error("{task}{} failed on attempt {attempts} of at most {max}{note}: {error}\nthe job failed; its report is in {report}",
+        input.as_ref().map(|i| format!(" (input {i})")).unwrap_or_default())]
     TaskFailed {
         task: TaskId,
         input: Option<String>,
         attempts: u32,
         max: u32,
+        /// Why it was not retried, if attempts were left.
+        note: String,
         error: String,
         report: String,
     },
@@ -163,12 +166,16 @@ fn clear_output(dir: &Path) -> Result<(), JobError> {
     for name in [SUCCESS, FAILED] {
         match std::fs::remove_file(dir.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err(format!("cannot remove {}", dir.join(name).display()))(e))
+                return Err(io_err(format!(
+                    "cannot remove {}",
+                    dir.join(name).display()
+                ))(e))
             }
             _ => {}
         }
     }
-    let entries = std::fs::read_dir(dir).map_err(io_err(format!("cannot list {}", dir.display())))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(io_err(format!("cannot list {}", dir.display())))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
@@ -193,8 +200,10 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     let sizes = validate(job)?;
     let engine = SandboxEngine::new()?;
     let sandbox = Arc::new(Sandbox::load(&engine, &job.app, job.sandbox.clone())?);
-    std::fs::create_dir_all(&job.output)
-        .map_err(io_err(format!("cannot create output directory {}", job.output.display())))?;
+    std::fs::create_dir_all(&job.output).map_err(io_err(format!(
+        "cannot create output directory {}",
+        job.output.display()
+    )))?;
     if job.force {
         clear_output(&job.output)?;
     }
@@ -238,7 +247,15 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     };
     tracing::info!(job = %job_id, maps = splits.len(), reduces = job.reduces, app = %sandbox.sha256(), "job started");
 
-    let result = run_phases(job, &sandbox, &splits, intermediate.path(), &work, &mut report, observer);
+    let result = run_phases(
+        job,
+        &sandbox,
+        &splits,
+        intermediate.path(),
+        &work,
+        &mut report,
+        observer,
+    );
     report.finished_ms = now_ms();
     match result {
         Ok(()) => {
@@ -262,12 +279,17 @@ fn remove_if_empty(dir: &Path) {
 }
 
 fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
-    let dir = path.parent().expect("a report lives in the output directory");
+    let dir = path
+        .parent()
+        .expect("a report lives in the output directory");
     let json = serde_json::to_vec_pretty(report).expect("a report serializes");
     let tmp = tempfile::NamedTempFile::new_in(dir)
         .map_err(io_err(format!("cannot write {}", path.display())))?;
-    std::fs::write(tmp.path(), &json).map_err(io_err(format!("cannot write {}", path.display())))?;
-    tmp.as_file().sync_all().map_err(io_err(format!("cannot sync {}", path.display())))?;
+    std::fs::write(tmp.path(), &json)
+        .map_err(io_err(format!("cannot write {}", path.display())))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(io_err(format!("cannot sync {}", path.display())))?;
     tmp.persist(path)
         .map_err(|e| io_err(format!("cannot write {}", path.display()))(e.error))?;
     Ok(())
@@ -277,8 +299,9 @@ fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
 fn commit(out: &Path, work: &Path, reduces: u32, report: &mut JobReport) -> Result<(), JobError> {
     for r in 0..reduces {
         let name = format!("mr-out-{r}");
-        std::fs::rename(work.join("committed").join(&name), out.join(&name))
-            .map_err(io_err(format!("cannot commit {}", out.join(&name).display())))?;
+        std::fs::rename(work.join("committed").join(&name), out.join(&name)).map_err(io_err(
+            format!("cannot commit {}", out.join(&name).display()),
+        ))?;
     }
     report.status = "succeeded".into();
     std::fs::remove_dir_all(work).map_err(io_err(format!("cannot remove {}", work.display())))?;
@@ -324,12 +347,23 @@ fn run_phases(
         let tasks = Arc::new(map_tasks);
         let sb = sandbox.clone();
         let exec = move |i: usize, attempt: u32| crate::map::run(&sb, &tasks[i], attempt);
-        run_phase(job, Phase::Map, 0, report, observer, exec, |i, _a, out: MapOutput| {
-            map_outputs[i] = Some(out);
-            Ok(())
-        })?;
+        run_phase(
+            job,
+            Phase::Map,
+            0,
+            report,
+            observer,
+            exec,
+            |i, _a, out: MapOutput| {
+                map_outputs[i] = Some(out);
+                Ok(())
+            },
+        )?;
     }
-    let map_outputs: Vec<MapOutput> = map_outputs.into_iter().map(|o| o.expect("every map task succeeded")).collect();
+    let map_outputs: Vec<MapOutput> = map_outputs
+        .into_iter()
+        .map(|o| o.expect("every map task succeeded"))
+        .collect();
     for m in &map_outputs {
         report.counters.add(&m.counters);
     }
@@ -363,12 +397,21 @@ fn run_phases(
         crate::reduce::run(&sb, &t)
     };
     let mut counters = Counters::default();
-    run_phase(job, Phase::Reduce, first, report, observer, exec, |i, _a, out: ReduceOutput| {
-        let dest = work.join("committed").join(format!("mr-out-{i}"));
-        std::fs::rename(&out.output, &dest).map_err(io_err(format!("cannot commit {}", dest.display())))?;
-        counters.add(&out.counters);
-        Ok(())
-    })?;
+    run_phase(
+        job,
+        Phase::Reduce,
+        first,
+        report,
+        observer,
+        exec,
+        |i, _a, out: ReduceOutput| {
+            let dest = work.join("committed").join(format!("mr-out-{i}"));
+            std::fs::rename(&out.output, &dest)
+                .map_err(io_err(format!("cannot commit {}", dest.display())))?;
+            counters.add(&out.counters);
+            Ok(())
+        },
+    )?;
     report.counters.add(&counters);
     Ok(())
 }
@@ -472,23 +515,25 @@ fn run_phase<T: Send + 'static>(
                     let msg = e.to_string();
                     record.outcome = format!("failed: {msg}");
                     task.attempts.push(record);
-                    let retry = failure.is_none() && attempt < job.max_attempts && e.retryable(grants);
-                    tracing::warn!(task = %task.task, attempt, retry, "attempt failed: {msg}");
+                    let retry =
+                        failure.is_none() && attempt < job.max_attempts && e.retryable(grants);
+                    tracing::info!(task = %task.task, attempt, retry, "attempt failed: {msg}");
                     observer.attempt_failed(task.task, attempt, &msg, retry);
                     if retry {
                         queue.push_back(i);
                     } else if failure.is_none() {
-                        let why_stop = if attempt >= job.max_attempts {
+                        let note = if attempt >= job.max_attempts {
                             String::new()
                         } else {
-                            " (not retried: the guest has no clock or randomness, so it would fail the same way again)".into()
+                            " and was not retried (without clock or random grants the guest is deterministic: it would fail the same way again)".into()
                         };
                         failure = Some(JobError::TaskFailed {
                             task: task.task,
                             input: task.input.clone(),
                             attempts: attempt,
                             max: job.max_attempts,
-                            error: format!("{msg}{why_stop}"),
+                            note,
+                            error: msg,
                             report: job.output.join(FAILED).display().to_string(),
                         });
                     }

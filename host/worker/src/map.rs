@@ -84,9 +84,10 @@ pub fn run(sandbox: &Sandbox, task: &MapTask, attempt: u32) -> Result<MapOutput,
         }
     };
     let run_file = task.dir.join(format!("{prefix}.run"));
-    let (segments, more) = buffer
-        .finish(&run_file)
-        .map_err(TaskError::io(format!("cannot write map output {}", run_file.display())))?;
+    let (segments, more) = buffer.finish(&run_file).map_err(TaskError::io(format!(
+        "cannot write map output {}",
+        run_file.display()
+    )))?;
     counters.add(&more);
     Ok(MapOutput {
         run_file,
@@ -159,12 +160,19 @@ impl SortBuffer {
     fn write_sorted(&mut self, path: &Path) -> std::io::Result<Vec<SegmentInfo>> {
         let arena = &self.arena;
         let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
-        self.entries
-            .sort_by(|a, b| a.partition.cmp(&b.partition).then_with(|| key(a).cmp(key(b))));
+        self.entries.sort_by(|a, b| {
+            a.partition
+                .cmp(&b.partition)
+                .then_with(|| key(a).cmp(key(b)))
+        });
         let mut w = RunFileWriter::create(path, self.reduces)?;
         for e in &self.entries {
             let k = e.offset + e.key_len as usize;
-            w.write(e.partition, &arena[e.offset..k], &arena[k..k + e.value_len as usize])?;
+            w.write(
+                e.partition,
+                &arena[e.offset..k],
+                &arena[k..k + e.value_len as usize],
+            )?;
         }
         self.entries.clear();
         self.arena.clear();
@@ -172,7 +180,9 @@ impl SortBuffer {
     }
 
     fn spill(&mut self) -> std::io::Result<()> {
-        let path = self.dir.join(format!("{}-spill{}", self.prefix, self.spills.len()));
+        let path = self
+            .dir
+            .join(format!("{}-spill{}", self.prefix, self.spills.len()));
         self.write_sorted(&path)?;
         tracing::debug!(spill = %path.display(), "spilled map output");
         self.spills.push(path);

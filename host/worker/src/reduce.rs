@@ -63,10 +63,14 @@ impl Batch<'_> {
         let values = self.reducer.reduce(&self.groups)?;
         let mut values = values.into_iter();
         for g in self.groups.iter().filter(|g| g.last) {
-            let v = values.next().expect("one value per last group (checked by the runtime)");
+            let v = values
+                .next()
+                .expect("one value per last group (checked by the runtime)");
             let line = [g.key.as_bytes(), b" ", v.as_bytes(), b"\n"];
             for part in line {
-                self.out.write_all(part).map_err(TaskError::io("cannot write reduce output"))?;
+                self.out
+                    .write_all(part)
+                    .map_err(TaskError::io("cannot write reduce output"))?;
             }
             self.counters.reduce_output_records += 1;
             self.counters.output_bytes += (g.key.len() + v.len() + 2) as u64;
@@ -96,8 +100,10 @@ pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskErr
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(TaskError::io("cannot open map output"))?;
     let mut merger = Merger::new(readers).map_err(TaskError::io("cannot read map output"))?;
-    let file = File::create(&task.output)
-        .map_err(TaskError::io(format!("cannot create {}", task.output.display())))?;
+    let file = File::create(&task.output).map_err(TaskError::io(format!(
+        "cannot create {}",
+        task.output.display()
+    )))?;
     let mut batch = Batch {
         reducer: sandbox.reducer(task.seed)?,
         groups: Vec::new(),
@@ -107,7 +113,10 @@ pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskErr
     };
     let mut current: Option<Group> = None;
     let mut current_bytes = 0usize;
-    while merger.advance().map_err(TaskError::io("cannot read map output"))? {
+    while merger
+        .advance()
+        .map_err(TaskError::io("cannot read map output"))?
+    {
         batch.counters.reduce_input_records += 1;
         let key = merger.key();
         let same = current.as_ref().is_some_and(|g| g.key.as_bytes() == key);
@@ -151,7 +160,8 @@ pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskErr
         .into_inner()
         .map_err(|e| e.into_error())
         .map_err(TaskError::io("cannot write reduce output"))?;
-    file.sync_all().map_err(TaskError::io("cannot sync reduce output"))?;
+    file.sync_all()
+        .map_err(TaskError::io("cannot sync reduce output"))?;
     Ok(ReduceOutput {
         output: task.output.clone(),
         counters: batch.counters,

@@ -1,0 +1,120 @@
+//! The lab's apps over the eight books, compared with independent
+//! sequential references.
+
+use mr_tests::*;
+
+use crate::{mr_run_ok, report};
+
+fn run_app(app: &str, extra: &[&str]) -> (tempfile::TempDir, Vec<String>) {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("out");
+    let inputs = names(&books());
+    let mut args = vec![app, "--reduces", "10", "--output", dir.to_str().unwrap()];
+    args.extend(inputs.iter().map(String::as_str));
+    args.extend(extra);
+    mr_run_ok(&args);
+    assert!(dir.join("_SUCCESS").exists());
+    (out, read_output(&dir))
+}
+
+#[test]
+fn wc_matches_sequential_reference() {
+    let (out, got) = run_app(WC, &[]);
+    let want = reference_wc(&names(&books()));
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+
+    // The report says what happened.
+    let dir = out.path().join("out");
+    let r = report(&dir, "_SUCCESS");
+    assert_eq!(r["status"], "succeeded");
+    assert_eq!(r["reduces"], 10);
+    assert_eq!(r["inputs"].as_array().unwrap().len(), 8);
+    assert_eq!(r["app"]["sha256"].as_str().unwrap().len(), 64);
+    let tasks = r["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 18);
+    for t in tasks {
+        let attempts = t["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{t}");
+        assert_eq!(attempts[0]["outcome"], "succeeded");
+        assert!(attempts[0]["end_ms"].as_u64() >= attempts[0]["start_ms"].as_u64());
+    }
+    let c = &r["counters"];
+    let book_bytes: u64 = books().iter().map(|b| b.metadata().unwrap().len()).sum();
+    assert_eq!(c["map_input_bytes"], book_bytes);
+    assert_eq!(c["reduce_output_records"], want.len() as u64);
+    // Nothing but the output and the report is left behind.
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut expect: Vec<String> = (0..10).map(|r| format!("mr-out-{r}")).collect();
+    expect.push("_SUCCESS".into());
+    expect.sort();
+    assert_eq!(left, expect);
+}
+
+#[test]
+fn indexer_matches_sequential_reference() {
+    let (_out, got) = run_app(INDEXER, &[]);
+    assert_eq!(got, reference_indexer(&names(&books())));
+}
+
+#[test]
+fn nocrash_matches_sequential_reference() {
+    let (_out, got) = run_app(NOCRASH, &[]);
+    assert_eq!(got, reference_nocrash(&names(&books())));
+}
+
+#[test]
+fn early_exit_matches_sequential_reference() {
+    // Relative names, as the lab passes them, so the keys (the input names)
+    // contain "sherlock" and "tom" only where the lab's do.
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("out");
+    let inputs: Vec<String> = books()
+        .iter()
+        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut cmd = crate::mr();
+    cmd.current_dir(std::path::Path::new(REPO_ROOT).join("data/gutenberg"))
+        .args([
+            "run",
+            EARLY_EXIT,
+            "--reduces",
+            "10",
+            "--allow",
+            "clock",
+            "--output",
+        ])
+        .arg(&dir)
+        .args(&inputs);
+    let started = std::time::Instant::now();
+    let status = cmd.status().unwrap();
+    assert!(status.success());
+    // Two reduce calls sleep 3 s each: the run really waited for them.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3));
+    let want = reference_early_exit(&inputs);
+    assert_eq!(read_output(&dir), want);
+}
+
+#[test]
+fn crash_with_retries_matches_nocrash() {
+    // crash traps on a third of its calls and sleeps up to 10 s on another
+    // third; it needs real randomness and a clock. Retries make it succeed.
+    let (out, got) = run_app(CRASH, &["--allow", "clock,random", "--max-attempts", "30"]);
+    assert_eq!(got, reference_nocrash(&names(&books())));
+    let r = report(&out.path().join("out"), "_SUCCESS");
+    for t in r["tasks"].as_array().unwrap() {
+        let attempts = t["attempts"].as_array().unwrap();
+        let last = attempts.last().unwrap();
+        assert_eq!(last["outcome"], "succeeded", "{t}");
+        for a in &attempts[..attempts.len() - 1] {
+            assert!(
+                a["outcome"].as_str().unwrap().starts_with("failed: "),
+                "{t}"
+            );
+        }
+    }
+}

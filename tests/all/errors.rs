@@ -1,0 +1,148 @@
+//! Bad input gets one clear message and a non-zero exit, and nothing is
+//! left that looks like output.
+
+use std::path::Path;
+
+use mr_tests::*;
+
+use crate::{mr_run, mr_run_ok, stderr};
+
+/// Runs `mr run` expecting failure; returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = mr_run(args);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "no panic: {err}");
+    err
+}
+
+fn book() -> String {
+    books()[0].display().to_string()
+}
+
+#[test]
+fn missing_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let err = fails(&[WC, "/no/such/book.txt", "-o", out.to_str().unwrap()]);
+    assert!(
+        err.contains("input /no/such/book.txt does not exist"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing created");
+}
+
+#[test]
+fn directory_as_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(&[
+        WC,
+        tmp.path().to_str().unwrap(),
+        "-o",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    assert!(err.contains("is a directory"), "{err}");
+}
+
+#[test]
+fn zero_reduces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(&[
+        WC,
+        &book(),
+        "-r",
+        "0",
+        "-o",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    assert!(err.contains("--reduces must be at least 1"), "{err}");
+}
+
+#[test]
+fn output_directory_not_empty_is_refused_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("precious.txt"), "keep me").unwrap();
+    let err = fails(&[WC, &book(), "-o", o]);
+    assert!(
+        err.contains("is not empty") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+
+    // --force replaces an earlier job's output (and only that).
+    mr_run_ok(&[WC, &book(), "-r", "5", "-o", o, "--force"]);
+    mr_run_ok(&[NOCRASH, &book(), "-r", "2", "-o", o, "--force"]);
+    assert!(!out.join("mr-out-4").exists(), "stale output removed");
+    assert_eq!(read_output(&out), reference_nocrash(&[book()]));
+    assert_eq!(
+        std::fs::read_to_string(out.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+fn app_file(dir: &Path, bytes: &[u8]) -> String {
+    let p = dir.join("app.wasm");
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn app_that_is_not_wasm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = app_file(tmp.path(), b"#!/bin/sh\necho hi\n");
+    let out = tmp.path().join("o");
+    let err = fails(&[&app, &book(), "-o", out.to_str().unwrap()]);
+    assert!(err.contains("is not a WebAssembly file"), "{err}");
+    assert!(!out.join("_SUCCESS").exists());
+}
+
+#[test]
+fn app_that_is_a_core_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = app_file(tmp.path(), b"\0asm\x01\0\0\0");
+    let err = fails(&[&app, &book(), "-o", tmp.path().join("o").to_str().unwrap()]);
+    assert!(
+        err.contains("core WebAssembly module, not a component"),
+        "{err}"
+    );
+    assert!(err.contains("wasm32-wasip2"), "says what to do: {err}");
+}
+
+#[test]
+fn component_of_another_world() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The empty component: valid, but exports nothing.
+    let app = app_file(tmp.path(), b"\0asm\x0d\0\x01\0");
+    let err = fails(&[&app, &book(), "-o", tmp.path().join("o").to_str().unwrap()]);
+    assert!(
+        err.contains("does not implement the mr:app/mapreduce@0.1.0 world"),
+        "{err}"
+    );
+    assert!(err.contains("map"), "names what is missing: {err}");
+}
+
+#[test]
+fn missing_app() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(&[
+        "/no/app.wasm",
+        &book(),
+        "-o",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    assert!(err.contains("cannot read app /no/app.wasm"), "{err}");
+}
+
+#[test]
+fn bad_flag_values() {
+    let err = fails(&[WC, &book(), "-o", "x", "--split-size", "banana"]);
+    assert!(err.contains("is not a size"), "{err}");
+    let err = fails(&[WC, &book(), "-o", "x", "--allow", "network"]);
+    assert!(err.contains("network"), "{err}");
+}

@@ -1,0 +1,92 @@
+//! A job killed mid-run leaves no `_SUCCESS` (and no output that looks
+//! final); rerunning with `--force` gives the right answer.
+
+use std::time::{Duration, Instant};
+
+use mr_tests::*;
+
+use crate::mr;
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn killed_run_leaves_no_success_and_rerun_with_force_is_right() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = std::path::Path::new(REPO_ROOT).join("data/gutenberg");
+    let inputs: Vec<String> = books()
+        .iter()
+        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    // early_exit's reduces sleep 3 s: there is time to kill it mid-reduce.
+    let mut child = mr()
+        .current_dir(&data)
+        .args([
+            "run", EARLY_EXIT, "--allow", "clock", "-r", "4", "-p", "1", "-o",
+        ])
+        .arg(&out)
+        .args(&inputs)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until a reduce attempt is writing its output.
+    let reducing = wait_for(Duration::from_secs(60), || {
+        let Ok(jobs) = std::fs::read_dir(out.join("_temporary")) else {
+            return false;
+        };
+        jobs.flatten().any(|job| {
+            std::fs::read_dir(job.path())
+                .map(|files| {
+                    files
+                        .flatten()
+                        .any(|f| f.file_name().to_string_lossy().contains(".attempt"))
+                })
+                .unwrap_or(false)
+        })
+    });
+    assert!(reducing, "the job reached its reduce phase");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert!(!out.join("_SUCCESS").exists());
+    let visible: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("mr-out-"))
+        .collect();
+    assert!(visible.is_empty(), "no output visible: {visible:?}");
+
+    // Without --force the leftovers are refused; with it the job is redone.
+    let refused = mr()
+        .current_dir(&data)
+        .args(["run", EARLY_EXIT, "--allow", "clock", "-r", "4", "-o"])
+        .arg(&out)
+        .args(&inputs)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    let status = mr()
+        .current_dir(&data)
+        .args([
+            "run", EARLY_EXIT, "--allow", "clock", "-r", "4", "--force", "-o",
+        ])
+        .arg(&out)
+        .args(&inputs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(out.join("_SUCCESS").exists());
+    assert!(!out.join("_temporary").exists());
+    assert_eq!(read_output(&out), reference_early_exit(&inputs));
+}

@@ -1,0 +1,181 @@
+//! Hostile guests are contained: each failure is the task's, with the right
+//! error; the process survives and the other tasks complete.
+
+use std::path::{Path, PathBuf};
+
+use mr_tests::HOSTILE;
+
+use crate::{mr, mr_run, mr_run_ok, report, stderr};
+
+/// An input file named `name` (the hostile guest acts on the name).
+fn input(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// Runs the hostile guest over `bad` plus two ordinary inputs; expects the
+/// job to fail with `expect` in its message and the ordinary map tasks to
+/// have completed (from the `_FAILED` report).
+fn contained(bad: &str, extra: &[&str], expect: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad_input = input(tmp.path(), bad, "x\n");
+    let ok1 = input(tmp.path(), "ok1.txt", "alpha beta\n");
+    let ok2 = input(tmp.path(), "ok2.txt", "beta gamma\n");
+    let out = tmp.path().join("out");
+    let mut args = vec![
+        HOSTILE,
+        ok1.to_str().unwrap(),
+        bad_input.to_str().unwrap(),
+        ok2.to_str().unwrap(),
+        "--reduces",
+        "2",
+        // All three start at once; a failure stops new attempts, but
+        // attempts already running finish.
+        "--parallelism",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let run = mr_run(&args);
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "the job fails cleanly, no crash"
+    );
+    let err = stderr(&run);
+    assert!(err.contains("map-1"), "names the task: {err}");
+    assert!(err.contains(expect), "says why ({expect}): {err}");
+    assert!(!out.join("_SUCCESS").exists());
+    let r = report(&out, "_FAILED");
+    assert_eq!(r["status"], "failed");
+    let tasks = r["tasks"].as_array().unwrap();
+    for ok in [0, 2] {
+        let last = tasks[ok]["attempts"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            last["outcome"], "succeeded",
+            "other tasks complete: {}",
+            tasks[ok]
+        );
+    }
+    // No output is visible when the job failed.
+    assert!(!out.join("mr-out-0").exists());
+}
+
+#[test]
+fn infinite_loop_is_stopped_by_the_time_limit() {
+    contained(
+        "loop",
+        &["--task-timeout", "1s", "--max-attempts", "2"],
+        "ran longer than its limit of 1s",
+    );
+}
+
+#[test]
+fn unbounded_allocation_hits_the_memory_limit() {
+    contained("alloc", &["--memory-limit", "32MiB"], "ran out of memory");
+}
+
+#[test]
+fn unbounded_recursion_overflows_the_stack() {
+    contained("recurse", &[], "overflowed its stack");
+}
+
+#[test]
+fn a_trap_reports_the_guests_own_message() {
+    contained("trap", &[], "hostile guest traps on purpose");
+}
+
+#[test]
+fn deterministic_failures_are_not_retried_but_nondeterministic_ones_are() {
+    contained(
+        "trap",
+        &["--max-attempts", "3"],
+        "failed on attempt 1 of at most 3",
+    );
+    contained(
+        "trap",
+        &["--max-attempts", "3", "--allow", "random"],
+        "failed on attempt 3 of at most 3",
+    );
+}
+
+/// Runs the hostile guest over one probe input and returns its output lines.
+fn probe(name: &str, contents: &str, extra: &[&str]) -> Vec<String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = input(tmp.path(), name, contents);
+    let out = tmp.path().join("out");
+    let mut args = vec![
+        HOSTILE,
+        p.to_str().unwrap(),
+        "--reduces",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    mr_run_ok(&args);
+    let text = std::fs::read_to_string(out.join("mr-out-0")).unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn reading_etc_passwd_is_denied() {
+    let got = probe("passwd", "x\n", &[]);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].starts_with("passwd denied:"), "{got:?}");
+}
+
+#[test]
+fn opening_a_socket_is_denied() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let got = probe("socket", &addr, &[]);
+    assert!(got[0].starts_with("socket denied:"), "{got:?}");
+    assert!(
+        listener.accept().is_err(),
+        "no connection reached the listener"
+    );
+}
+
+#[test]
+fn environment_and_arguments_are_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = input(tmp.path(), "env", "x\n");
+    let out = tmp.path().join("out");
+    let status = mr()
+        .env("MR_TEST_SECRET", "hunter2")
+        .args([
+            "run",
+            HOSTILE,
+            p.to_str().unwrap(),
+            "-r",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(out.join("mr-out-0")).unwrap();
+    assert_eq!(text, "args 0\nenv empty\n");
+}
+
+#[test]
+fn the_clock_is_frozen_unless_granted() {
+    assert_eq!(probe("clock", "x\n", &[]), ["wall-clock-secs 0"]);
+    let granted = probe("clock", "x\n", &["--allow", "clock"]);
+    let secs: u64 = granted[0]
+        .strip_prefix("wall-clock-secs ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs > 1_700_000_000, "{granted:?}");
+}

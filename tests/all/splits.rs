@@ -1,0 +1,126 @@
+//! Inputs of every shape: split files, empty files, no trailing newline,
+//! invalid UTF-8.
+
+use mr_tests::*;
+
+use crate::{mr_run_ok, report};
+
+#[test]
+fn a_split_file_gives_the_same_output_as_unsplit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("all-books.txt");
+    let mut text = Vec::new();
+    for b in books() {
+        text.extend(std::fs::read(b).unwrap());
+    }
+    std::fs::write(&big, &text).unwrap();
+    let big_name = big.to_str().unwrap();
+    let whole = tmp.path().join("whole");
+    let split = tmp.path().join("split");
+    mr_run_ok(&[WC, big_name, "-r", "3", "-o", whole.to_str().unwrap()]);
+    // 100 KiB splits (~33 map tasks).
+    mr_run_ok(&[
+        WC,
+        big_name,
+        "-r",
+        "3",
+        "-o",
+        split.to_str().unwrap(),
+        "--split-size",
+        "100KiB",
+    ]);
+    let r = report(&split, "_SUCCESS");
+    let maps = text.len().div_ceil(100 * 1024);
+    assert_eq!(r["inputs"][0]["splits"], maps as u64);
+    let got = read_output(&split);
+    assert_eq!(got, read_output(&whole));
+    assert_eq!(got, reference_wc(&[big_name.to_string()]));
+
+    // 1 MiB splits and a tiny sort buffer: map tasks spill several sorted
+    // runs each and merge them.
+    let spilled = tmp.path().join("spilled");
+    mr_run_ok(&[
+        WC,
+        big_name,
+        "-r",
+        "3",
+        "-o",
+        spilled.to_str().unwrap(),
+        "--split-size",
+        "1MiB",
+        "--sort-buffer",
+        "16KiB",
+    ]);
+    let r = report(&spilled, "_SUCCESS");
+    let maps = text.len().div_ceil(1 << 20) as u64;
+    assert!(
+        r["counters"]["map_spills"].as_u64().unwrap() > maps,
+        "{}",
+        r["counters"]
+    );
+    assert_eq!(read_output(&spilled), got);
+    // Indexer too: a file's name is listed once even when it had splits.
+    let idx = tmp.path().join("idx");
+    mr_run_ok(&[
+        INDEXER,
+        big_name,
+        "-r",
+        "2",
+        "-o",
+        idx.to_str().unwrap(),
+        "--split-size",
+        "256KiB",
+    ]);
+    assert_eq!(
+        read_output(&idx),
+        reference_indexer(&[big_name.to_string()])
+    );
+}
+
+#[test]
+fn empty_files_and_missing_final_newlines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.txt");
+    let no_nl = tmp.path().join("no-newline.txt");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::write(&no_nl, "last words\nwithout newline").unwrap();
+    let inputs = names(&[empty, no_nl]);
+    let out = tmp.path().join("out");
+    let mut args = vec![
+        WC,
+        "-r",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--split-size",
+        "7",
+    ];
+    args.extend(inputs.iter().map(String::as_str));
+    mr_run_ok(&args);
+    let got = read_output(&out);
+    assert_eq!(got, reference_wc(&inputs));
+    assert_eq!(got, ["last 1", "newline 1", "without 1", "words 1"]);
+}
+
+#[test]
+fn invalid_utf8_is_decoded_lossily_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("latin1.txt");
+    // "caf\xe9 ol\xe9" in Latin-1: the invalid bytes are not letters, like
+    // Go's utf8.RuneError in the lab.
+    std::fs::write(&bad, b"caf\xe9 ol\xe9\n").unwrap();
+    let out = tmp.path().join("out");
+    mr_run_ok(&[
+        WC,
+        bad.to_str().unwrap(),
+        "-r",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(read_output(&out), ["caf 1", "ol 1"]);
+    assert_eq!(
+        report(&out, "_SUCCESS")["counters"]["map_input_invalid_utf8"],
+        1
+    );
+}
