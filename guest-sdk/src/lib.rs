@@ -77,10 +77,38 @@ const BATCH_PAIRS: usize = 8192;
 /// host's limit on one call and the guest's memory small.
 const BATCH_BYTES: usize = 1 << 20;
 /// Values of one key collected before the combiner folds them into one.
-const COMBINE_AT: usize = 32;
-/// Bytes held in the combining table before it is flushed to the host. This
-/// bounds guest memory for apps with huge vocabularies.
-const TABLE_BYTES: usize = 16 << 20;
+const COMBINE_AT: usize = 8;
+/// Bytes (estimated, allocator overhead included) held in the combining
+/// table before it is flushed to the host. This bounds guest memory for apps
+/// with huge vocabularies; a larger table combines more.
+const TABLE_BYTES: usize = 48 << 20;
+/// Estimated bytes a table entry and a value cost beyond their text.
+const ENTRY_OVERHEAD: usize = 64;
+const VALUE_OVERHEAD: usize = 16;
+
+/// The values of one key waiting to be combined. Their strings are reused
+/// after each combine, so the steady state allocates nothing per value.
+struct Slot {
+    values: Vec<String>,
+    used: usize,
+}
+
+impl Slot {
+    fn push(&mut self, value: &str) {
+        if self.used < self.values.len() {
+            let s = &mut self.values[self.used];
+            s.clear();
+            s.push_str(value);
+        } else {
+            self.values.push(value.to_owned());
+        }
+        self.used += 1;
+    }
+
+    fn values(&self) -> &[String] {
+        &self.values[..self.used]
+    }
+}
 
 #[derive(PartialEq)]
 enum Combining {
@@ -95,7 +123,7 @@ enum Combining {
 pub struct Emitter {
     combine: fn(&str, &[String]) -> Option<String>,
     combining: Combining,
-    table: FxHashMap<String, Vec<String>>,
+    table: FxHashMap<String, Slot>,
     table_bytes: usize,
     batch: Vec<Kv>,
     batch_bytes: usize,
@@ -120,31 +148,40 @@ impl Emitter {
             return;
         }
         match self.table.get_mut(key) {
-            Some(values) => {
-                values.push(value.to_owned());
-                self.table_bytes += value.len();
-                if values.len() >= COMBINE_AT {
-                    match (self.combine)(key, values) {
+            Some(slot) => {
+                slot.push(value);
+                self.table_bytes += value.len() + VALUE_OVERHEAD;
+                if slot.used >= COMBINE_AT {
+                    match (self.combine)(key, slot.values()) {
                         Some(combined) => {
                             self.combining = Combining::Yes;
-                            values.clear();
-                            values.push(combined);
+                            let held: usize = slot.values().iter().map(|v| v.len()).sum();
+                            self.table_bytes -= held + (slot.used - 1) * VALUE_OVERHEAD;
+                            self.table_bytes += combined.len();
+                            slot.values[0] = combined;
+                            slot.used = 1;
                         }
                         None => {
                             self.combining = Combining::No;
-                            self.flush_table();
+                            self.flush_table(false);
                             return;
                         }
                     }
                 }
             }
             None => {
-                self.table_bytes += key.len() + value.len() + 64;
-                self.table.insert(key.to_owned(), vec![value.to_owned()]);
+                self.table_bytes += key.len() + value.len() + ENTRY_OVERHEAD + VALUE_OVERHEAD;
+                self.table.insert(
+                    key.to_owned(),
+                    Slot {
+                        values: vec![value.to_owned()],
+                        used: 1,
+                    },
+                );
             }
         }
         if self.table_bytes >= TABLE_BYTES {
-            self.flush_table();
+            self.flush_table(false);
         }
     }
 
@@ -156,10 +193,15 @@ impl Emitter {
         }
     }
 
-    fn flush_table(&mut self) {
+    /// Hands the whole table to the host. `last`: the instance ends after
+    /// this map call, so the table's memory is left unfreed (freeing
+    /// millions of small strings costs more than the rest of the flush).
+    fn flush_table(&mut self, last: bool) {
         let table = std::mem::take(&mut self.table);
         self.table_bytes = 0;
-        for (key, values) in table {
+        for (key, slot) in table {
+            let mut values = slot.values;
+            values.truncate(slot.used);
             let combined = if values.len() > 1 && self.combining != Combining::No {
                 (self.combine)(&key, &values)
             } else {
@@ -169,6 +211,9 @@ impl Emitter {
                 Some(value) => {
                     self.combining = Combining::Yes;
                     self.push(key, value);
+                    if last {
+                        std::mem::forget(values);
+                    }
                 }
                 None => {
                     if values.len() > 1 {
@@ -191,7 +236,7 @@ impl Emitter {
     }
 
     fn finish(&mut self) {
-        self.flush_table();
+        self.flush_table(true);
         self.flush_batch();
     }
 }

@@ -20,18 +20,30 @@ pub struct Split {
     pub end: u64,
 }
 
-/// Cuts a file of `len` bytes into ranges of at most `split_size` bytes
-/// (`split_size > 0`). An empty file still gets one (empty) split, so its
-/// map task runs.
+/// A last piece up to this fraction of the split size stays with the one
+/// before it (Hadoop's `SPLIT_SLOP`): no tiny map task for a file just over
+/// a multiple of the split size.
+const SPLIT_SLOP: f64 = 1.1;
+
+/// Cuts a file of `len` bytes into ranges of `split_size` bytes
+/// (`split_size > 0`), the last one up to `SPLIT_SLOP` times that. An
+/// empty file still gets one (empty) split, so its map task runs.
 pub fn plan(input: &str, path: &Path, len: u64, split_size: u64) -> Vec<Split> {
     assert!(split_size > 0, "split size must be positive");
-    let n = len.div_ceil(split_size).max(1);
-    (0..n)
-        .map(|i| Split {
+    let mut splits = Vec::new();
+    let mut start = 0;
+    while (len - start) as f64 / split_size as f64 > SPLIT_SLOP {
+        splits.push((start, start + split_size));
+        start += split_size;
+    }
+    splits.push((start, len));
+    splits
+        .into_iter()
+        .map(|(start, end)| Split {
             input: input.to_string(),
             path: path.to_path_buf(),
-            start: i * split_size,
-            end: ((i + 1) * split_size).min(len),
+            start,
+            end,
         })
         .collect()
 }
@@ -114,6 +126,20 @@ mod tests {
         for size in 1..=text.len() as u64 + 1 {
             assert_eq!(lines_of(text, size), text.to_vec(), "split size {size}");
         }
+    }
+
+    #[test]
+    fn a_small_remainder_stays_with_the_last_split() {
+        let sizes = |len| -> Vec<u64> {
+            plan("f", Path::new("f"), len, 100)
+                .iter()
+                .map(|s| s.end - s.start)
+                .collect()
+        };
+        assert_eq!(sizes(100), [100]);
+        assert_eq!(sizes(110), [110]);
+        assert_eq!(sizes(111), [100, 11]);
+        assert_eq!(sizes(305), [100, 100, 105]);
     }
 
     #[test]

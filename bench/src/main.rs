@@ -1,0 +1,301 @@
+//! The word-count benchmark (run it with `bench/run.sh`).
+//!
+//! 1. Generates a text corpus (default 256 MiB in 4 files) whose words follow
+//!    a Zipf law over a 300k-word vocabulary: a long tail, like real text.
+//! 2. Runs, as separate processes and in the same run: a native Rust word
+//!    count (single thread, the lab's semantics) and `mr run` with the `wc`
+//!    app; checks that their outputs agree.
+//! 3. Prints wall time, MB/s and peak RSS (from `wait4`) of each, and ratios
+//!    against native: the machines are shared and noisy, so only ratios
+//!    measured in one run are comparable.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "mr's word-count benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Count words natively, single-threaded: `word count` lines, sorted.
+    NativeWc {
+        output: PathBuf,
+        inputs: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Corpus size in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Number of corpus files.
+    #[arg(long, default_value_t = 4)]
+    files: u32,
+    /// Where the corpus and outputs go.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// The mr binary.
+    #[arg(long, default_value = "target/release/mr")]
+    mr: PathBuf,
+    /// The wc app.
+    #[arg(long, default_value = "apps/target/wasm32-wasip2/release/wc.wasm")]
+    app: PathBuf,
+    /// Extra arguments for `mr run` (e.g. --parallelism 1).
+    #[arg(long, allow_hyphen_values = true, num_args = 1..)]
+    mr_args: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::NativeWc { output, inputs }) => native_wc(&output, &inputs),
+        None => bench(cli.run),
+    }
+}
+
+/// xorshift64*: fast, deterministic.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const VOCABULARY: usize = 300_000;
+
+fn generate(dir: &Path, size: u64, files: u32) -> Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = (0..files)
+        .map(|i| dir.join(format!("corpus-{i}.txt")))
+        .collect();
+    let per_file = size / files as u64;
+    if paths
+        .iter()
+        .all(|p| p.metadata().is_ok_and(|m| m.len() >= per_file))
+    {
+        return Ok(paths);
+    }
+    std::fs::create_dir_all(dir)?;
+    eprintln!(
+        "generating a {} MiB corpus in {} ...",
+        size >> 20,
+        dir.display()
+    );
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let letters = b"etaoinshrdlucmfwypvbgkqjxz";
+    let vocab: Vec<String> = (0..VOCABULARY)
+        .map(|i| {
+            let len = 2 + rng.below(10) as usize;
+            let mut w: String = (0..len)
+                .map(|_| letters[rng.below(26) as usize] as char)
+                .collect();
+            if i % 7 == 0 {
+                w[..1].make_ascii_uppercase();
+            }
+            if i % 101 == 0 {
+                w.push('é');
+            }
+            w
+        })
+        .collect();
+    // Zipf(s = 1) over ranks: cumulative weights, sampled by binary search.
+    let mut cum = Vec::with_capacity(VOCABULARY);
+    let mut total = 0f64;
+    for r in 1..=VOCABULARY {
+        total += 1.0 / r as f64;
+        cum.push(total);
+    }
+    let seps = [" ", " ", " ", " ", ", ", ". ", "; ", " -- ", "'s "];
+    for p in &paths {
+        let mut out = BufWriter::new(std::fs::File::create(p)?);
+        let mut written = 0u64;
+        let mut on_line = 0;
+        while written < per_file {
+            let x = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * total;
+            let w = &vocab[cum.partition_point(|&c| c < x).min(VOCABULARY - 1)];
+            let sep = if on_line == 11 {
+                on_line = 0;
+                "\n"
+            } else {
+                on_line += 1;
+                seps[rng.below(seps.len() as u64) as usize]
+            };
+            out.write_all(w.as_bytes())?;
+            out.write_all(sep.as_bytes())?;
+            written += (w.len() + sep.len()) as u64;
+        }
+        out.write_all(b"\n")?;
+        out.flush()?;
+    }
+    Ok(paths)
+}
+
+fn is_letter(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_alphabetic()
+    } else {
+        use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
+        c.general_category_group() == GeneralCategoryGroup::Letter
+    }
+}
+
+/// The baseline: what a competent programmer writes in Rust for one core.
+fn native_wc(output: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let mut counts: rustc_hash::FxHashMap<String, u64> = Default::default();
+    for p in inputs {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let text = String::from_utf8_lossy(&bytes);
+        for w in text
+            .split(|c: char| !is_letter(c))
+            .filter(|w| !w.is_empty())
+        {
+            match counts.get_mut(w) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(w.to_string(), 1);
+                }
+            }
+        }
+    }
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_unstable();
+    let mut out = BufWriter::new(std::fs::File::create(output)?);
+    for (w, n) in v {
+        writeln!(out, "{w} {n}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+struct Measured {
+    secs: f64,
+    peak_rss_mib: f64,
+}
+
+/// Runs `cmd`, returning wall time and the child's peak RSS.
+#[allow(unsafe_code)]
+fn measure(cmd: &mut Command) -> Result<Measured> {
+    let start = Instant::now();
+    let child = cmd.spawn().context("starting a benchmark process")?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value to be filled in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet reaped; the pointers are valid.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{cmd:?} failed with status {status}");
+    }
+    Ok(Measured {
+        secs,
+        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+    })
+}
+
+fn sorted_lines(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut all = Vec::new();
+    for p in paths {
+        all.extend(std::fs::read_to_string(p)?.lines().map(str::to_string));
+    }
+    all.sort_unstable();
+    Ok(all)
+}
+
+fn bench(a: RunArgs) -> Result<()> {
+    for (what, p) in [("mr binary", &a.mr), ("wc app", &a.app)] {
+        if !p.exists() {
+            bail!(
+                "{what} {} not found; run bench/run.sh, which builds it",
+                p.display()
+            );
+        }
+    }
+    let size = a.size_mib << 20;
+    let corpus = generate(
+        &a.dir.join(format!("corpus-{}m-{}", a.size_mib, a.files)),
+        size,
+        a.files,
+    )?;
+    let bytes: u64 = corpus
+        .iter()
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let mb = bytes as f64 / 1e6;
+
+    let native_out = a.dir.join("native-wc.txt");
+    let me = std::env::current_exe()?;
+    let native = measure(
+        Command::new(&me)
+            .arg("native-wc")
+            .arg(&native_out)
+            .args(&corpus),
+    )?;
+
+    let mr_out = a.dir.join("mr-wc");
+    let mr = measure(
+        Command::new(&a.mr)
+            .arg("run")
+            .arg(&a.app)
+            .args(&corpus)
+            .args(["--reduces", "8", "--force", "--quiet", "--output"])
+            .arg(&mr_out)
+            .args(&a.mr_args)
+            .stdout(std::process::Stdio::null()),
+    )?;
+
+    let outs: Vec<PathBuf> = (0..8).map(|r| mr_out.join(format!("mr-out-{r}"))).collect();
+    let (want, got) = (sorted_lines(&[native_out])?, sorted_lines(&outs)?);
+    if want != got {
+        bail!(
+            "mr's output differs from native ({} vs {} lines)",
+            got.len(),
+            want.len()
+        );
+    }
+
+    println!(
+        "corpus: {} files, {:.0} MB, {} distinct words",
+        corpus.len(),
+        mb,
+        want.len()
+    );
+    println!(
+        "{:<26} {:>9} {:>9} {:>14}",
+        "", "wall s", "MB/s", "peak RSS MiB"
+    );
+    for (name, m) in [("native Rust, 1 thread", &native), ("mr run wc", &mr)] {
+        println!(
+            "{name:<26} {:>9.2} {:>9.1} {:>14.0}",
+            m.secs,
+            mb / m.secs,
+            m.peak_rss_mib
+        );
+    }
+    println!(
+        "ratio mr/native: throughput {:.2}x, peak RSS {:.2}x",
+        native.secs / mr.secs,
+        mr.peak_rss_mib / native.peak_rss_mib
+    );
+    Ok(())
+}
