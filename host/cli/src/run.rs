@@ -1,9 +1,9 @@
 //! `mr run`: a whole job in this process.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use mr_core::ids::TaskId;
@@ -154,11 +154,12 @@ impl TryFrom<RunArgs> for LocalJob {
     }
 }
 
-/// Progress bars on a terminal; plain lines about failures otherwise.
+/// Progress bars on a terminal (one per phase, added when it starts);
+/// plain lines about failed attempts everywhere.
 struct Bars {
     multi: MultiProgress,
-    map: ProgressBar,
-    reduce: ProgressBar,
+    map: OnceLock<ProgressBar>,
+    reduce: OnceLock<ProgressBar>,
 }
 
 impl Bars {
@@ -167,33 +168,47 @@ impl Bars {
         if quiet {
             multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
-        let style = ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> ");
-        let bar = |name: &str| {
-            let b = multi.add(ProgressBar::new(0));
-            b.set_style(style.clone());
-            b.set_prefix(name.to_string());
-            b
-        };
-        let (map, reduce) = (bar("map"), bar("reduce"));
-        Bars { multi, map, reduce }
+        Bars {
+            multi,
+            map: OnceLock::new(),
+            reduce: OnceLock::new(),
+        }
     }
 
-    fn bar(&self, phase: Phase) -> &ProgressBar {
+    fn slot(&self, phase: Phase) -> &OnceLock<ProgressBar> {
         match phase {
             Phase::Map => &self.map,
             Phase::Reduce => &self.reduce,
+        }
+    }
+
+    fn finish(&self) {
+        for b in [&self.map, &self.reduce]
+            .into_iter()
+            .filter_map(OnceLock::get)
+        {
+            b.finish();
         }
     }
 }
 
 impl Observer for Bars {
     fn phase_started(&self, phase: Phase, tasks: usize) {
-        self.bar(phase).set_length(tasks as u64);
+        let style = ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+        let bar = self.multi.add(ProgressBar::new(tasks as u64));
+        bar.set_style(style);
+        bar.set_prefix(match phase {
+            Phase::Map => "map",
+            Phase::Reduce => "reduce",
+        });
+        let _ = self.slot(phase).set(bar);
     }
     fn task_done(&self, phase: Phase, done: usize, _tasks: usize) {
-        self.bar(phase).set_position(done as u64);
+        if let Some(b) = self.slot(phase).get() {
+            b.set_position(done as u64);
+        }
     }
     fn attempt_failed(&self, task: TaskId, attempt: u32, error: &str, will_retry: bool) {
         let first_line = error.lines().next().unwrap_or("");
@@ -213,9 +228,8 @@ impl RunArgs {
         let job = LocalJob::try_from(self)?;
         let bars = Bars::new(quiet);
         let result = local::run(&job, &bars);
-        bars.map.finish();
-        bars.reduce.finish();
-        let report = result.context("mr run failed")?;
+        bars.finish();
+        let report = result?;
         let secs = (report.finished_ms - report.started_ms) as f64 / 1000.0;
         let maps = report
             .tasks

@@ -185,6 +185,23 @@ pub(crate) fn check_header(path: &str, bytes: &[u8]) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Names the world's exports the component lacks, if any, so the message
+/// lists all of them rather than the first one wasmtime trips over.
+pub(crate) fn missing_exports(
+    engine: &wasmtime::Engine,
+    component: &wasmtime::component::Component,
+) -> Vec<&'static str> {
+    let have: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    ["map", "reduce", "combine"]
+        .into_iter()
+        .filter(|want| !have.iter().any(|h| h == want))
+        .collect()
+}
+
 /// A component built against another version of our own interfaces would
 /// otherwise link as trapping stubs; say so up front instead.
 pub(crate) fn check_imports(

@@ -163,9 +163,21 @@ impl Sandbox {
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let missing = failure::missing_exports(&engine.engine, &component);
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
             path: name.clone(),
-            detail: format!("{e:#}"),
+            detail: if missing.is_empty() {
+                format!("{e:#}")
+            } else {
+                format!(
+                    "it does not export {}",
+                    missing
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
         };
         let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
         let pre = MapreducePre::new(instance_pre).map_err(wrong_world)?;

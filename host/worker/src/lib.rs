@@ -54,3 +54,11 @@ pub fn task_seed(task: &mr_core::ids::TaskId) -> u64 {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         })
 }
+
+/// Logs what a successful task's guest printed (failed tasks quote it in
+/// their error). Target `mr::guest`: `RUST_LOG=mr::guest=info` shows it.
+pub(crate) fn log_guest_output(task: &str, output: &str) {
+    if !output.trim().is_empty() {
+        tracing::info!(target: "mr::guest", task, "guest output:\n{}", output.trim_end());
+    }
+}

@@ -70,9 +70,10 @@ pub enum JobError {
     Invalid(String),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{task}{} failed on attempt {attempts} of at most {max}{note}: {error}\nthe job failed; its report is in {report}",
+    #[error("app {app}: {task}{} failed on attempt {attempts} of at most {max}{note}: {error}\nthe job failed; its report is in {report}",
         input.as_ref().map(|i| format!(" (input {i})")).unwrap_or_default())]
     TaskFailed {
+        app: String,
         task: TaskId,
         input: Option<String>,
         attempts: u32,
@@ -528,6 +529,7 @@ fn run_phase<T: Send + 'static>(
                             " and was not retried (without clock or random grants the guest is deterministic: it would fail the same way again)".into()
                         };
                         failure = Some(JobError::TaskFailed {
+                            app: job.app.display().to_string(),
                             task: task.task,
                             input: task.input.clone(),
                             attempts: attempt,

@@ -31,7 +31,6 @@ pub struct MapOutput {
     pub run_file: PathBuf,
     pub segments: Vec<SegmentInfo>,
     pub counters: Counters,
-    pub guest_output: String,
 }
 
 /// Runs one map task attempt; `attempt` names its files.
@@ -89,11 +88,11 @@ pub fn run(sandbox: &Sandbox, task: &MapTask, attempt: u32) -> Result<MapOutput,
         run_file.display()
     )))?;
     counters.add(&more);
+    crate::log_guest_output(&format!("map-{}", task.index), &guest.guest_output);
     Ok(MapOutput {
         run_file,
         segments,
         counters,
-        guest_output: guest.guest_output,
     })
 }
 

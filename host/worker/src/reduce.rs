@@ -35,7 +35,6 @@ pub struct ReduceTask {
 pub struct ReduceOutput {
     pub output: PathBuf,
     pub counters: Counters,
-    pub guest_output: String,
 }
 
 struct Batch<'a> {
@@ -162,9 +161,12 @@ pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskErr
         .map_err(TaskError::io("cannot write reduce output"))?;
     file.sync_all()
         .map_err(TaskError::io("cannot sync reduce output"))?;
+    crate::log_guest_output(
+        &format!("reduce-{}", task.partition),
+        &batch.reducer.guest_output(),
+    );
     Ok(ReduceOutput {
         output: task.output.clone(),
         counters: batch.counters,
-        guest_output: batch.reducer.guest_output(),
     })
 }
