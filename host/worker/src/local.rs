@@ -70,25 +70,45 @@ pub enum JobError {
     Invalid(String),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("app {app}: {task}{} failed on attempt {attempts} of at most {max}{note}: {error}\nthe job failed; its report is in {report}",
-        input.as_ref().map(|i| format!(" (input {i})")).unwrap_or_default())]
-    TaskFailed {
-        app: String,
-        task: TaskId,
-        input: Option<String>,
-        attempts: u32,
-        max: u32,
-        /// Why it was not retried, if attempts were left.
-        note: String,
-        error: String,
-        report: String,
-    },
+    /// A task failed for good; the job report is in `_FAILED`.
+    #[error("{0}")]
+    TaskFailed(Box<TaskFailure>),
     #[error("{what}: {source}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A task that failed for good, for the job's error message.
+#[derive(Debug)]
+pub struct TaskFailure {
+    pub app: String,
+    pub task: TaskId,
+    pub input: Option<String>,
+    pub attempts: u32,
+    pub max: u32,
+    /// Why it was not retried, if attempts were left.
+    pub note: String,
+    pub error: String,
+    /// Where the job report is.
+    pub report: String,
+}
+
+impl std::fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let input = self
+            .input
+            .as_ref()
+            .map(|i| format!(" (input {i})"))
+            .unwrap_or_default();
+        write!(
+            f,
+            "app {}: {}{input} failed on attempt {} of at most {}{}: {}\nthe job failed; its report is in {}",
+            self.app, self.task, self.attempts, self.max, self.note, self.error, self.report
+        )
+    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JobError {
@@ -528,7 +548,7 @@ fn run_phase<T: Send + 'static>(
                         } else {
                             " and was not retried (without clock or random grants the guest is deterministic: it would fail the same way again)".into()
                         };
-                        failure = Some(JobError::TaskFailed {
+                        failure = Some(JobError::TaskFailed(Box::new(TaskFailure {
                             app: job.app.display().to_string(),
                             task: task.task,
                             input: task.input.clone(),
@@ -537,7 +557,7 @@ fn run_phase<T: Send + 'static>(
                             note,
                             error: msg,
                             report: job.output.join(FAILED).display().to_string(),
-                        });
+                        })));
                     }
                 }
             }
