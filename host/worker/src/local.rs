@@ -568,3 +568,206 @@ fn run_phase<T: Send + 'static>(
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler with fake tasks: no wasm, no files.
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use mr_runtime::{FailureKind, Grants};
+
+    use super::*;
+
+    fn job(parallelism: usize, max_attempts: u32, timeout: Duration, grants: Grants) -> LocalJob {
+        LocalJob {
+            app: "app.wasm".into(),
+            inputs: vec![],
+            reduces: 1,
+            output: "out".into(),
+            parallelism,
+            split_size: 1,
+            sort_buffer: 1,
+            max_attempts,
+            force: false,
+            tmp_dir: None,
+            sandbox: SandboxConfig {
+                task_timeout: timeout,
+                grants,
+                ..SandboxConfig::default()
+            },
+        }
+    }
+
+    fn report(n: u32) -> JobReport {
+        JobReport {
+            tasks: (0..n)
+                .map(|i| TaskReport {
+                    task: TaskId::Map(i),
+                    input: None,
+                    range: None,
+                    attempts: vec![],
+                })
+                .collect(),
+            ..JobReport::default()
+        }
+    }
+
+    fn trap() -> TaskError {
+        TaskError::Guest(mr_runtime::GuestFailure {
+            kind: FailureKind::Trap,
+            message: "boom".into(),
+            guest_output: String::new(),
+        })
+    }
+
+    #[test]
+    fn every_task_commits_exactly_once() {
+        let mut r = report(20);
+        let mut committed = vec![0; 20];
+        let j = job(3, 1, Duration::from_secs(60), Grants::default());
+        run_phase(
+            &j,
+            Phase::Map,
+            0,
+            &mut r,
+            &LogObserver,
+            |i, _| Ok(i * 2),
+            |i, _, v| {
+                assert_eq!(v, i * 2);
+                committed[i] += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(committed, vec![1; 20]);
+        let slots: BTreeSet<u32> = r.tasks.iter().map(|t| t.attempts[0].slot).collect();
+        assert!(slots.iter().all(|&s| s < 3), "{slots:?}");
+    }
+
+    #[test]
+    fn nondeterministic_failures_are_retried_until_success() {
+        let tries = Arc::new(AtomicU32::new(0));
+        let t = tries.clone();
+        let mut r = report(1);
+        let j = job(
+            2,
+            4,
+            Duration::from_secs(60),
+            Grants {
+                clock: false,
+                random: true,
+            },
+        );
+        run_phase(
+            &j,
+            Phase::Map,
+            0,
+            &mut r,
+            &LogObserver,
+            move |_, attempt| {
+                if t.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(trap())
+                } else {
+                    Ok(attempt)
+                }
+            },
+            |_, attempt, v| {
+                assert_eq!(attempt, v);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let outcomes: Vec<&str> = r.tasks[0]
+            .attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect();
+        assert_eq!(outcomes, ["failed: boom", "failed: boom", "succeeded"]);
+    }
+
+    #[test]
+    fn deterministic_failure_fails_the_job_at_once() {
+        let mut r = report(1);
+        let j = job(1, 4, Duration::from_secs(60), Grants::default());
+        let err = run_phase(
+            &j,
+            Phase::Map,
+            0,
+            &mut r,
+            &LogObserver,
+            |_, _| Err::<(), _>(trap()),
+            |_, _, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("failed on attempt 1 of at most 4 and was not retried"),
+            "{err}"
+        );
+        assert_eq!(r.tasks[0].attempts.len(), 1);
+    }
+
+    #[test]
+    fn attempts_are_bounded() {
+        let mut r = report(1);
+        let j = job(
+            1,
+            3,
+            Duration::from_secs(60),
+            Grants {
+                clock: true,
+                random: false,
+            },
+        );
+        let err = run_phase(
+            &j,
+            Phase::Map,
+            0,
+            &mut r,
+            &LogObserver,
+            |_, _| Err::<(), _>(trap()),
+            |_, _, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("failed on attempt 3 of at most 3"),
+            "{err}"
+        );
+        assert_eq!(r.tasks[0].attempts.len(), 3);
+    }
+
+    #[test]
+    fn watchdog_gives_up_on_a_stuck_attempt_and_ignores_its_late_answer() {
+        // The first attempt blocks far past its limit (like a guest asleep in
+        // a host call); the retry succeeds; the late answer is never committed.
+        let mut r = report(1);
+        let j = job(2, 2, Duration::from_millis(1), Grants::default());
+        let started = Instant::now();
+        let mut commits = vec![];
+        run_phase(
+            &j,
+            Phase::Map,
+            0,
+            &mut r,
+            &LogObserver,
+            |_, attempt| {
+                if attempt == 1 {
+                    std::thread::sleep(WATCHDOG_GRACE * 3);
+                }
+                Ok(attempt)
+            },
+            |_, attempt, _| {
+                commits.push(attempt);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(
+            started.elapsed() < WATCHDOG_GRACE * 2,
+            "did not wait for the stuck attempt"
+        );
+        assert_eq!(commits, [2]);
+        assert!(r.tasks[0].attempts[0].outcome.contains("no answer within"));
+    }
+}
