@@ -90,3 +90,39 @@ fn killed_run_leaves_no_success_and_rerun_with_force_is_right() {
     assert!(!out.join("_temporary").exists());
     assert_eq!(read_output(&out), reference_early_exit(&inputs));
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn interrupted_run_cleans_up_and_commits_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = std::path::Path::new(REPO_ROOT).join("data/gutenberg");
+    let inputs: Vec<String> = books()
+        .iter()
+        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let child = mr()
+        .current_dir(&data)
+        .args([
+            "run", EARLY_EXIT, "--allow", "clock", "-r", "2", "-p", "1", "-o",
+        ])
+        .arg(&out)
+        .args(&inputs)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || out.join("_temporary").exists()),
+        "the job started"
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&done.stderr).contains("interrupted"));
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+}

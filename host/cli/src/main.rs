@@ -33,6 +33,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Ctrl-C (or SIGTERM): remove the running job's temporary files and
+    // exit; nothing partial was committed, so nothing else needs undoing.
+    let _ = ctrlc::set_handler(|| {
+        mr_worker::local::remove_work_dirs();
+        eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
+        std::process::exit(130);
+    });
     let result = match cli.command {
         Command::Run(args) => args.run(),
     };

@@ -237,6 +237,7 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
         None => tempfile::Builder::new().prefix("mr-").tempdir(),
     }
     .map_err(io_err("cannot create a temporary directory for map output"))?;
+    let _registered = WorkDirs::register(vec![intermediate.path().to_path_buf(), work.clone()]);
 
     let mut splits: Vec<Split> = Vec::new();
     let mut inputs = Vec::new();
@@ -292,6 +293,44 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
             write_report(&job.output.join(FAILED), &report)?;
             Err(e)
         }
+    }
+}
+
+/// Work directories of running jobs, for [`remove_work_dirs`].
+static WORK_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes the temporary directories of every running job. The CLI calls it
+/// when interrupted (Ctrl-C), just before exiting, so an interrupted job
+/// leaves neither intermediate data nor half-written output behind.
+pub fn remove_work_dirs() {
+    let dirs = std::mem::take(&mut *WORK_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(&d);
+        if let Some(parent) = d.parent().filter(|p| p.ends_with(TEMPORARY)) {
+            remove_if_empty(parent);
+        }
+    }
+}
+
+/// Registers `dirs` for [`remove_work_dirs`] while the guard lives.
+struct WorkDirs(Vec<PathBuf>);
+
+impl WorkDirs {
+    fn register(dirs: Vec<PathBuf>) -> Self {
+        WORK_DIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(dirs.iter().cloned());
+        WorkDirs(dirs)
+    }
+}
+
+impl Drop for WorkDirs {
+    fn drop(&mut self) {
+        WORK_DIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|d| !self.0.contains(d));
     }
 }
 
