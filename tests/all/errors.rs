@@ -146,3 +146,72 @@ fn bad_flag_values() {
     let err = fails(&[WC, &book(), "-o", "x", "--allow", "network"]);
     assert!(err.contains("network"), "{err}");
 }
+
+#[test]
+fn a_pipe_as_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let err = fails(&[
+        WC,
+        fifo.to_str().unwrap(),
+        "-o",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    assert!(err.contains("is not a regular file"), "{err}");
+}
+
+#[test]
+fn force_never_deletes_an_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    mr_run_ok(&[WC, &book(), "-r", "1", "-o", o]);
+    // Using an earlier output as input, in the same directory, with --force.
+    let earlier = out.join("mr-out-0");
+    let before = std::fs::read(&earlier).unwrap();
+    let err = fails(&[WC, earlier.to_str().unwrap(), "-r", "1", "-o", o, "--force"]);
+    assert!(err.contains("--force would remove"), "{err}");
+    assert_eq!(std::fs::read(&earlier).unwrap(), before);
+    assert!(out.join("_SUCCESS").exists());
+}
+
+#[test]
+fn two_jobs_cannot_share_an_output_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = Path::new(REPO_ROOT).join("data/gutenberg");
+    // A slow job (early_exit sleeps in reduce) holds the directory...
+    let mut first = crate::mr()
+        .current_dir(&data)
+        .args([
+            "run", EARLY_EXIT, "--allow", "clock", "-r", "2", "-p", "1", "-o",
+        ])
+        .arg(&out)
+        .args(["pg-sherlock_holmes.txt", "pg-tom_sawyer.txt"])
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !out.join("_temporary/.lock").exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "first job started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // ...so a second one, even with --force, is refused.
+    let err = fails(&[WC, &book(), "-o", out.to_str().unwrap(), "--force"]);
+    assert!(err.contains("another mr job is writing to"), "{err}");
+    assert!(
+        first.wait().unwrap().success(),
+        "the first job was not disturbed"
+    );
+    assert_eq!(
+        read_output(&out),
+        reference_early_exit(&["pg-sherlock_holmes.txt".into(), "pg-tom_sawyer.txt".into()])
+    );
+}

@@ -169,6 +169,15 @@ fn environment_and_arguments_are_empty() {
 }
 
 #[test]
+fn timers_stand_still_unless_the_clock_is_granted() {
+    // An hour's sleep returns at once: the guest cannot measure real time.
+    assert_eq!(
+        probe("sleep", "x\n", &["--task-timeout", "30s"]),
+        ["slept an hour"]
+    );
+}
+
+#[test]
 fn the_clock_is_frozen_unless_granted() {
     assert_eq!(probe("clock", "x\n", &[]), ["wall-clock-secs 0"]);
     let granted = probe("clock", "x\n", &["--allow", "clock"]);

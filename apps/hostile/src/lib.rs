@@ -1,7 +1,7 @@
 //! A guest that misbehaves on purpose, for the sandbox tests. What it does
 //! depends on the input's file name (its last path component):
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
-//! `env`, `clock` report what the sandbox let them see as output pairs;
+//! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
 //! anything else is counted like `wc`.
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -71,6 +71,10 @@ impl App for Hostile {
                 out.emit("env", &seen);
                 let args = std::env::args().count();
                 out.emit("args", &args.to_string());
+            }
+            "sleep" => {
+                std::thread::sleep(Duration::from_secs(3600));
+                out.emit("slept", "an hour");
             }
             "clock" => {
                 let secs = SystemTime::now()

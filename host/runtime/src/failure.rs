@@ -80,9 +80,18 @@ pub struct GuestFailure {
 
 impl GuestFailure {
     pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        let mut message: String = message.into();
+        if message.len() > QUOTE_CHARS {
+            let mut cut = QUOTE_CHARS;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("... (truncated)");
+        }
         GuestFailure {
             kind,
-            message: message.into(),
+            message,
             guest_output: String::new(),
         }
     }
@@ -127,6 +136,9 @@ pub(crate) fn classify(
     config: &SandboxConfig,
 ) -> GuestFailure {
     let state = store.data();
+    if let Some(p) = &state.protocol_error {
+        return GuestFailure::new(FailureKind::Protocol, p.clone());
+    }
     if let Some(h) = &state.host_error {
         return GuestFailure::new(
             FailureKind::Host,

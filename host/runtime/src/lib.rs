@@ -111,9 +111,17 @@ impl SandboxEngine {
         std::thread::Builder::new()
             .name("mr-epoch".into())
             .spawn(move || {
+                // The epoch follows real time: a late wake-up catches up, so
+                // tick counts (task time limits) do not drift.
+                let start = std::time::Instant::now();
+                let mut ticks: u128 = 0;
                 while !s.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    e.increment_epoch();
+                    let due = start.elapsed().as_nanos() / EPOCH_TICK.as_nanos();
+                    while ticks < due {
+                        e.increment_epoch();
+                        ticks += 1;
+                    }
                 }
             })
             .map_err(|e| LoadError::Engine(format!("cannot start the epoch thread: {e}")))?;
@@ -163,6 +171,9 @@ impl Sandbox {
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        if !config.grants.clock {
+            wasi::freeze_timers(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        }
         let missing = failure::missing_exports(&engine.engine, &component);
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
             path: name.clone(),

@@ -21,8 +21,9 @@ use crate::SandboxConfig;
 /// network, environment) is never granted in this version.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Grants {
-    /// The real wall and monotonic clocks. Without it the wall clock reads
-    /// 1970-01-01 and the monotonic clock stands still (sleeps still wait).
+    /// The real wall and monotonic clocks and timers. Without it the wall
+    /// clock reads 1970-01-01, the monotonic clock stands still and sleeps
+    /// return at once.
     pub clock: bool,
     /// Real randomness. Without it the guest gets a fixed sequence derived
     /// from the task, so a run is repeatable.
@@ -60,6 +61,8 @@ pub(crate) struct TaskState {
     /// Set when the host side of a call failed (e.g. a spill could not be
     /// written): the guest was stopped for the host's sake, not its own.
     pub(crate) host_error: Option<String>,
+    /// Set when the guest broke the contract in a host call.
+    pub(crate) protocol_error: Option<String>,
 }
 
 impl TaskState {
@@ -100,6 +103,7 @@ impl TaskState {
             output,
             sink,
             host_error: None,
+            protocol_error: None,
         }
     }
 
@@ -129,7 +133,7 @@ impl WasiView for TaskState {
 impl Host for TaskState {
     fn emit(&mut self, pairs: Vec<Kv>) -> wasmtime::Result<()> {
         let Some(sink) = self.sink.as_mut() else {
-            self.host_error = Some("emit called outside map".into());
+            self.protocol_error = Some("the guest called `emit` outside `map`".into());
             wasmtime::bail!("emit called outside map");
         };
         if let Err(e) = sink(pairs) {
@@ -170,12 +174,74 @@ impl ResourceLimiter for Limiter {
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        // Table elements live in host memory: charge them to the same
+        // budget, or a guest could allocate gigabytes through tables.
+        self.memory_growing(
+            current * TABLE_ELEMENT_BYTES,
+            desired * TABLE_ELEMENT_BYTES,
+            None,
+        )
     }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// Host bytes one table element is charged (a function reference with its
+/// bookkeeping).
+const TABLE_ELEMENT_BYTES: usize = 16;
+/// Core instances, tables and memories one task may create: far above
+/// what a compiled app needs (a Rust app: a few of each), far below what
+/// would let a guest exhaust the host through many small ones.
+const MAX_INSTANCES: usize = 100;
+const MAX_TABLES: usize = 100;
+const MAX_MEMORIES: usize = 100;
+
+/// Without the `clock` grant, time stands still for the guest: the clocks
+/// are frozen and so are timers. wasmtime-wasi's `subscribe-duration` and
+/// `subscribe-instant` would wait in real time (which a guest could use to
+/// measure time); these replacements are ready at once.
+pub(crate) fn freeze_timers(
+    linker: &mut wasmtime::component::Linker<TaskState>,
+) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    fn ready(state: &mut TaskState) -> wasmtime::Result<(Resource<DynPollable>,)> {
+        let r = state.table.push(Ready)?;
+        Ok((wasmtime_wasi::p2::subscribe(&mut state.table, r)?,))
+    }
+    clock.func_wrap("subscribe-duration", |mut store, (_,): (u64,)| {
+        ready(store.data_mut())
+    })?;
+    clock.func_wrap("subscribe-instant", |mut store, (_,): (u64,)| {
+        ready(store.data_mut())
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// A timer that has already fired.
+struct Ready;
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for Ready {
+    async fn ready(&mut self) {}
 }
 
 /// A clock that never moves, for guests without the `clock` grant.

@@ -26,6 +26,8 @@ pub enum TaskError {
     },
     #[error("no answer within {0:?} (the guest is stuck in a host call, e.g. a long sleep)")]
     Watchdog(std::time::Duration),
+    #[error("internal error, a bug in mr (please report it): {0}")]
+    Panic(String),
 }
 
 impl TaskError {
@@ -40,7 +42,7 @@ impl TaskError {
     pub fn retryable(&self, grants: Grants) -> bool {
         match self {
             TaskError::Guest(g) => grants.nondeterministic() || !g.kind.deterministic(),
-            TaskError::Io { .. } | TaskError::Watchdog(_) => true,
+            TaskError::Io { .. } | TaskError::Watchdog(_) | TaskError::Panic(_) => true,
         }
     }
 }

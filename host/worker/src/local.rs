@@ -37,6 +37,10 @@ pub const FAILED: &str = "_FAILED";
 /// Work in progress inside the output directory.
 pub const TEMPORARY: &str = "_temporary";
 
+/// The lock file in `DIR/_temporary` that keeps two jobs from writing to
+/// one output directory.
+const LOCK: &str = ".lock";
+
 /// Time a watchdog adds to the task timeout before it gives up on an
 /// attempt (epoch interruption normally stops the guest first).
 const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
@@ -157,8 +161,19 @@ fn validate(job: &LocalJob) -> Result<Vec<u64>, JobError> {
                 "input {input} is a directory; pass the files in it instead (e.g. {input}/*)"
             )));
         }
+        if !meta.is_file() {
+            return Err(JobError::Invalid(format!(
+                "input {input} is not a regular file (a pipe or device?); mr reads inputs by byte ranges, so save it to a file first"
+            )));
+        }
         std::fs::File::open(input)
             .map_err(|e| JobError::Invalid(format!("cannot read input {input}: {e}")))?;
+        if job.force && would_be_removed(Path::new(input), &job.output) {
+            return Err(JobError::Invalid(format!(
+                "input {input} is part of the output in {} that --force would remove; copy it elsewhere first",
+                job.output.display()
+            )));
+        }
         sizes.push(meta.len());
     }
     match std::fs::read_dir(&job.output) {
@@ -181,6 +196,23 @@ fn validate(job: &LocalJob) -> Result<Vec<u64>, JobError> {
     Ok(sizes)
 }
 
+/// Whether `--force` removes an entry of the output directory by this name.
+fn removed_by_force(name: &str) -> bool {
+    name == SUCCESS || name == FAILED || name == TEMPORARY || name.starts_with("mr-out-")
+}
+
+/// Whether `input` lies among what `--force` removes from `output`.
+fn would_be_removed(input: &Path, output: &Path) -> bool {
+    let (Ok(input), Ok(output)) = (input.canonicalize(), output.canonicalize()) else {
+        return false;
+    };
+    input
+        .strip_prefix(&output)
+        .ok()
+        .and_then(|rest| rest.components().next())
+        .is_some_and(|first| removed_by_force(&first.as_os_str().to_string_lossy()))
+}
+
 /// Removes an earlier job's output (for `--force`): `_SUCCESS` first, so
 /// no reader ever sees it next to a mix of old and new files.
 fn clear_output(dir: &Path) -> Result<(), JobError> {
@@ -201,13 +233,29 @@ fn clear_output(dir: &Path) -> Result<(), JobError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         let res = if name == TEMPORARY {
-            std::fs::remove_dir_all(&path)
+            // Ours now (we hold its lock): empty it but for the lock file.
+            clear_dir_except(&path, LOCK)
         } else if name.starts_with("mr-out-") {
             std::fs::remove_file(&path)
         } else {
             continue;
         };
         res.map_err(io_err(format!("cannot remove {}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn clear_dir_except(dir: &Path, keep: &str) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == keep {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
     }
     Ok(())
 }
@@ -221,15 +269,17 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     let sizes = validate(job)?;
     let engine = SandboxEngine::new()?;
     let sandbox = Arc::new(Sandbox::load(&engine, &job.app, job.sandbox.clone())?);
-    std::fs::create_dir_all(&job.output).map_err(io_err(format!(
+    let temporary = job.output.join(TEMPORARY);
+    std::fs::create_dir_all(&temporary).map_err(io_err(format!(
         "cannot create output directory {}",
         job.output.display()
     )))?;
+    let lock = lock_output(&temporary, &job.output)?;
     if job.force {
         clear_output(&job.output)?;
     }
     let job_id = JobId::generate();
-    let work = job.output.join(TEMPORARY).join(&job_id.0);
+    let work = temporary.join(&job_id.0);
     std::fs::create_dir_all(work.join("committed"))
         .map_err(io_err(format!("cannot create {}", work.display())))?;
     let intermediate = match &job.tmp_dir {
@@ -237,7 +287,8 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
         None => tempfile::Builder::new().prefix("mr-").tempdir(),
     }
     .map_err(io_err("cannot create a temporary directory for map output"))?;
-    let _registered = WorkDirs::register(vec![intermediate.path().to_path_buf(), work.clone()]);
+    let _registered =
+        WorkDirs::register(vec![intermediate.path().to_path_buf(), temporary.clone()]);
 
     let mut splits: Vec<Split> = Vec::new();
     let mut inputs = Vec::new();
@@ -279,20 +330,44 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
         observer,
     );
     report.finished_ms = now_ms();
+    let result = result.and_then(|()| commit(&job.output, &work, job.reduces, &mut report));
+    // We hold the lock on _temporary, so all of it is ours to remove.
+    let cleaned = std::fs::remove_dir_all(&temporary);
+    drop(lock);
     match result {
         Ok(()) => {
-            commit(&job.output, &work, job.reduces, &mut report)?;
+            if let Err(e) = cleaned {
+                tracing::warn!("cannot remove {}: {e}", temporary.display());
+            }
             tracing::info!(job = %job_id, ms = report.finished_ms - report.started_ms, "job succeeded");
             Ok(report)
         }
         Err(e) => {
             report.status = "failed".into();
             report.error = Some(e.to_string());
-            let _ = std::fs::remove_dir_all(&work);
-            remove_if_empty(&job.output.join(TEMPORARY));
             write_report(&job.output.join(FAILED), &report)?;
             Err(e)
         }
+    }
+}
+
+/// Locks the output directory for this job (`DIR/_temporary/.lock`), so
+/// that a second job (or a second `--force`) cannot interleave with it.
+fn lock_output(temporary: &Path, output: &Path) -> Result<std::fs::File, JobError> {
+    let path = temporary.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("cannot create {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(JobError::Invalid(format!(
+            "another mr job is writing to {}; wait for it to finish or choose another output directory",
+            output.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(format!("cannot lock {}", path.display()))(e)),
     }
 }
 
@@ -306,9 +381,6 @@ pub fn remove_work_dirs() {
     let dirs = std::mem::take(&mut *WORK_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
     for d in dirs {
         let _ = std::fs::remove_dir_all(&d);
-        if let Some(parent) = d.parent().filter(|p| p.ends_with(TEMPORARY)) {
-            remove_if_empty(parent);
-        }
     }
 }
 
@@ -334,10 +406,6 @@ impl Drop for WorkDirs {
     }
 }
 
-fn remove_if_empty(dir: &Path) {
-    let _ = std::fs::remove_dir(dir);
-}
-
 fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
     let dir = path
         .parent()
@@ -356,20 +424,29 @@ fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
 }
 
 /// Moves every committed `mr-out-*` into place, then writes `_SUCCESS`.
+/// If that fails, the files already moved are taken back out, so a failed
+/// job shows no output.
 fn commit(out: &Path, work: &Path, reduces: u32, report: &mut JobReport) -> Result<(), JobError> {
-    for r in 0..reduces {
-        let name = format!("mr-out-{r}");
-        std::fs::rename(work.join("committed").join(&name), out.join(&name)).map_err(io_err(
-            format!("cannot commit {}", out.join(&name).display()),
-        ))?;
+    let result = (|| {
+        for r in 0..reduces {
+            let name = format!("mr-out-{r}");
+            std::fs::rename(work.join("committed").join(&name), out.join(&name)).map_err(
+                io_err(format!("cannot commit {}", out.join(&name).display())),
+            )?;
+        }
+        if let Ok(d) = std::fs::File::open(out) {
+            let _ = d.sync_all();
+        }
+        report.status = "succeeded".into();
+        write_report(&out.join(SUCCESS), report)
+    })();
+    if result.is_err() {
+        report.status = "failed".into();
+        for r in 0..reduces {
+            let _ = std::fs::remove_file(out.join(format!("mr-out-{r}")));
+        }
     }
-    report.status = "succeeded".into();
-    std::fs::remove_dir_all(work).map_err(io_err(format!("cannot remove {}", work.display())))?;
-    remove_if_empty(&out.join(TEMPORARY));
-    if let Ok(d) = std::fs::File::open(out) {
-        let _ = d.sync_all();
-    }
-    write_report(&out.join(SUCCESS), report)
+    result
 }
 
 fn run_phases(
@@ -519,7 +596,17 @@ fn run_phase<T: Send + 'static>(
                 .name(format!("{task}"))
                 .stack_size(TASK_THREAD_STACK)
                 .spawn(move || {
-                    let _ = tx.send((i, attempt, exec(i, attempt)));
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec(i, attempt)))
+                            .unwrap_or_else(|panic| {
+                                let msg = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "unknown panic".into());
+                                Err(TaskError::Panic(msg))
+                            });
+                    let _ = tx.send((i, attempt, result));
                 })
                 .map_err(io_err("cannot start a task thread"))?;
             running.insert(
