@@ -17,7 +17,7 @@ pub const REPO_ROOT: &str = env!("MR_REPO_ROOT");
 
 /// The eight books of the lab, as paths.
 pub fn books() -> Vec<PathBuf> {
-    let dir = Path::new(REPO_ROOT).join("data/gutenberg");
+    let dir = data_dir();
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -31,6 +31,19 @@ pub fn books() -> Vec<PathBuf> {
         dir.display()
     );
     v
+}
+
+/// The directory of the lab's books.
+pub fn data_dir() -> PathBuf {
+    Path::new(REPO_ROOT).join("data/gutenberg")
+}
+
+/// The books' file names (relative to [`data_dir`]), as the lab passes them.
+pub fn book_names() -> Vec<String> {
+    books()
+        .iter()
+        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Inputs as (name as given, contents), the way the lab's sequential

@@ -73,12 +73,9 @@ fn early_exit_matches_sequential_reference() {
     // contain "sherlock" and "tom" only where the lab's do.
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("out");
-    let inputs: Vec<String> = books()
-        .iter()
-        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let inputs = book_names();
     let mut cmd = crate::mr();
-    cmd.current_dir(std::path::Path::new(REPO_ROOT).join("data/gutenberg"))
+    cmd.current_dir(data_dir())
         .args([
             "run",
             EARLY_EXIT,

@@ -184,7 +184,7 @@ fn force_never_deletes_an_input() {
 fn two_jobs_cannot_share_an_output_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let data = Path::new(REPO_ROOT).join("data/gutenberg");
+    let data = data_dir();
     // A slow job (early_exit sleeps in reduce) holds the directory...
     let mut first = crate::mr()
         .current_dir(&data)

@@ -1,11 +1,26 @@
 //! A job killed mid-run leaves no `_SUCCESS` (and no output that looks
 //! final); rerunning with `--force` gives the right answer.
 
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mr_tests::*;
 
 use crate::mr;
+
+/// `mr run` of early_exit over the books (its reduces sleep 3 s each, one
+/// sandbox at a time), writing to `out`.
+fn early_exit(out: &Path, reduces: &str) -> Command {
+    let mut c = mr();
+    c.current_dir(data_dir())
+        .args([
+            "run", EARLY_EXIT, "--allow", "clock", "-p", "1", "-r", reduces, "-o",
+        ])
+        .arg(out)
+        .args(book_names());
+    c
+}
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.
 fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -23,22 +38,10 @@ fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 fn killed_run_leaves_no_success_and_rerun_with_force_is_right() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let data = std::path::Path::new(REPO_ROOT).join("data/gutenberg");
-    let inputs: Vec<String> = books()
-        .iter()
-        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let data = data_dir();
+    let inputs = book_names();
     // early_exit's reduces sleep 3 s: there is time to kill it mid-reduce.
-    let mut child = mr()
-        .current_dir(&data)
-        .args([
-            "run", EARLY_EXIT, "--allow", "clock", "-r", "4", "-p", "1", "-o",
-        ])
-        .arg(&out)
-        .args(&inputs)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = early_exit(&out, "4").stderr(Stdio::null()).spawn().unwrap();
     // Wait until a reduce attempt is writing its output.
     let reducing = wait_for(Duration::from_secs(60), || {
         let Ok(jobs) = std::fs::read_dir(out.join("_temporary")) else {
@@ -96,19 +99,8 @@ fn killed_run_leaves_no_success_and_rerun_with_force_is_right() {
 fn interrupted_run_cleans_up_and_commits_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let data = std::path::Path::new(REPO_ROOT).join("data/gutenberg");
-    let inputs: Vec<String> = books()
-        .iter()
-        .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    let child = mr()
-        .current_dir(&data)
-        .args([
-            "run", EARLY_EXIT, "--allow", "clock", "-r", "2", "-p", "1", "-o",
-        ])
-        .arg(&out)
-        .args(&inputs)
-        .stderr(std::process::Stdio::piped())
+    let child = early_exit(&out, "2")
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     assert!(

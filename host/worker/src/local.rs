@@ -812,12 +812,11 @@ mod tests {
         assert_eq!(outcomes, ["failed: boom", "failed: boom", "succeeded"]);
     }
 
-    #[test]
-    fn deterministic_failure_fails_the_job_at_once() {
+    /// Runs one task whose every attempt traps.
+    fn always_trapping(j: &LocalJob) -> (JobError, JobReport) {
         let mut r = report(1);
-        let j = job(1, 4, Duration::from_secs(60), Grants::default());
         let err = run_phase(
-            &j,
+            j,
             Phase::Map,
             0,
             &mut r,
@@ -826,6 +825,12 @@ mod tests {
             |_, _, _| Ok(()),
         )
         .unwrap_err();
+        (err, r)
+    }
+
+    #[test]
+    fn deterministic_failure_fails_the_job_at_once() {
+        let (err, r) = always_trapping(&job(1, 4, Duration::from_secs(60), Grants::default()));
         assert!(
             err.to_string()
                 .contains("failed on attempt 1 of at most 4 and was not retried"),
@@ -836,26 +841,11 @@ mod tests {
 
     #[test]
     fn attempts_are_bounded() {
-        let mut r = report(1);
-        let j = job(
-            1,
-            3,
-            Duration::from_secs(60),
-            Grants {
-                clock: true,
-                random: false,
-            },
-        );
-        let err = run_phase(
-            &j,
-            Phase::Map,
-            0,
-            &mut r,
-            &LogObserver,
-            |_, _| Err::<(), _>(trap()),
-            |_, _, _| Ok(()),
-        )
-        .unwrap_err();
+        let clock = Grants {
+            clock: true,
+            random: false,
+        };
+        let (err, r) = always_trapping(&job(1, 3, Duration::from_secs(60), clock));
         assert!(
             err.to_string().contains("failed on attempt 3 of at most 3"),
             "{err}"
