@@ -124,3 +124,41 @@ fn invalid_utf8_is_decoded_lossily_and_counted() {
         1
     );
 }
+
+#[test]
+fn thousands_of_inputs_under_a_low_open_file_limit() {
+    // Each reduce task opens every map output at once; mr raises the soft
+    // descriptor limit so this works where the default soft limit is low.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    for i in 0..1200 {
+        let p = tmp.path().join(format!("f{i}.txt"));
+        std::fs::write(
+            &p,
+            format!("alpha beta{}\n", if i % 2 == 0 { " gamma" } else { "" }),
+        )
+        .unwrap();
+        inputs.push(p.display().to_string());
+    }
+    let out = tmp.path().join("out");
+    let list = tmp.path().join("inputs");
+    std::fs::write(&list, inputs.join("\n")).unwrap();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -S -n 256 && xargs -a "$1" "$2" run "$3" -r 2 -p 2 -q -o "$4""#)
+        .args([
+            "sh",
+            list.to_str().unwrap(),
+            env!("CARGO_BIN_EXE_mr"),
+            WC,
+            out.to_str().unwrap(),
+        ])
+        .env(
+            "MR_CACHE_DIR",
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mr-cache"),
+        )
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(read_output(&out), ["alpha 1200", "beta 1200", "gamma 600"]);
+}

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
         std::process::exit(130);
     });
+    raise_open_file_limit();
     let result = match cli.command {
         Command::Run(args) => args.run(),
     };
@@ -54,6 +55,26 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {cause}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A reduce task keeps one map output open per map task, so jobs with
+/// thousands of inputs need more descriptors than the usual soft limit of
+/// 1024: raise it to the hard limit, as servers commonly do.
+#[allow(unsafe_code)]
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!("cannot raise the open file limit");
+            }
         }
     }
 }
