@@ -42,6 +42,11 @@ fn wc_matches_sequential_reference() {
     let c = &r["counters"];
     let book_bytes: u64 = books().iter().map(|b| b.metadata().unwrap().len()).sum();
     assert_eq!(c["map_input_bytes"], book_bytes);
+    let book_lines: usize = books()
+        .iter()
+        .map(|b| std::fs::read_to_string(b).unwrap().lines().count())
+        .sum();
+    assert_eq!(c["map_input_records"], book_lines as u64);
     assert_eq!(c["reduce_output_records"], want.len() as u64);
     // Nothing but the output and the report is left behind.
     let mut left: Vec<String> = std::fs::read_dir(&dir)

@@ -100,6 +100,10 @@ fn empty_files_and_missing_final_newlines() {
     let got = read_output(&out);
     assert_eq!(got, reference_wc(&inputs));
     assert_eq!(got, ["last 1", "newline 1", "without 1", "words 1"]);
+    assert_eq!(
+        crate::report(&out, "_SUCCESS")["counters"]["map_input_records"],
+        2
+    );
 }
 
 #[test]

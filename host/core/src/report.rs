@@ -46,6 +46,8 @@ pub struct InputInfo {
 pub struct Counters {
     /// Bytes of input read by map tasks.
     pub map_input_bytes: u64,
+    /// Lines of input read by map tasks (a last line without `\n` counts).
+    pub map_input_records: u64,
     /// Map inputs (splits) that were not valid UTF-8 and were decoded lossily.
     pub map_input_invalid_utf8: u64,
     /// Pairs the guests emitted (after in-guest combining).
@@ -66,6 +68,7 @@ impl Counters {
     /// Adds another task's counters to these.
     pub fn add(&mut self, o: &Counters) {
         self.map_input_bytes += o.map_input_bytes;
+        self.map_input_records += o.map_input_records;
         self.map_input_invalid_utf8 += o.map_input_invalid_utf8;
         self.map_output_records += o.map_output_records;
         self.map_output_bytes += o.map_output_bytes;

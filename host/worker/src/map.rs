@@ -45,8 +45,10 @@ pub fn run(sandbox: &Sandbox, task: &MapTask, attempt: u32) -> Result<MapOutput,
         split.start,
         split.end
     )))?;
+    let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
     let mut counters = Counters {
         map_input_bytes: bytes.len() as u64,
+        map_input_records: newlines + u64::from(bytes.last().is_some_and(|&b| b != b'\n')),
         ..Counters::default()
     };
     // Guests take text. Invalid UTF-8 is replaced by U+FFFD, which is not a
