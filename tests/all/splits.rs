@@ -166,3 +166,38 @@ fn thousands_of_inputs_under_a_low_open_file_limit() {
     assert!(status.success());
     assert_eq!(read_output(&out), ["alpha 1200", "beta 1200", "gamma 600"]);
 }
+
+#[test]
+fn the_apps_combiner_runs_on_map_spills() {
+    // `dupes` emits 10 000 ("dup", "1") without combining them in the guest,
+    // as a guest without the SDK's help would; the host combines each spill.
+    let tmp = tempfile::tempdir().unwrap();
+    let dupes = tmp.path().join("dupes");
+    std::fs::write(&dupes, "x\n").unwrap();
+    for (name, extra) in [
+        ("one-spill", &[][..]),
+        ("many-spills", &["--sort-buffer", "4KiB"][..]),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            HOSTILE,
+            dupes.to_str().unwrap(),
+            "-r",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        mr_run_ok(&args);
+        assert_eq!(read_output(&out), ["dup 10000"]);
+        let c = &report(&out, "_SUCCESS")["counters"];
+        assert_eq!(c["map_output_records"], 10000);
+        assert_eq!(c["combine_input_records"], 10000, "{c}");
+        let spills = c["map_spills"].as_u64().unwrap().max(1);
+        assert_eq!(
+            c["combine_output_records"], spills,
+            "one value per spill: {c}"
+        );
+        assert_eq!(c["reduce_input_records"], spills, "{c}");
+    }
+}

@@ -2,6 +2,7 @@
 //! depends on the input's file name (its last path component):
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
 //! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
+//! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining;
 //! anything else is counted like `wc`.
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -72,6 +73,20 @@ impl App for Hostile {
                 let args = std::env::args().count();
                 out.emit("args", &args.to_string());
             }
+            "dupes" => {
+                // Like a guest without in-guest combining (the host's
+                // combiner then runs on its spills): 10 000 raw ("dup", "1").
+                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
+                let batch: Vec<Kv> = (0..1000)
+                    .map(|_| Kv {
+                        key: "dup".into(),
+                        value: "1".into(),
+                    })
+                    .collect();
+                for _ in 0..10 {
+                    emit(&batch);
+                }
+            }
             "sleep" => {
                 std::thread::sleep(Duration::from_secs(3600));
                 out.emit("slept", "an hour");
@@ -91,10 +106,17 @@ impl App for Hostile {
         }
     }
 
-    fn reduce(_key: &str, values: &[String]) -> String {
+    fn reduce(key: &str, values: &[String]) -> String {
+        if key == "dup" {
+            return values.iter().map(|v| v.parse::<u64>().unwrap()).sum::<u64>().to_string();
+        }
         let mut sorted = values.to_vec();
         sorted.sort();
         sorted.join(" ")
+    }
+
+    fn combine(key: &str, values: &[String]) -> Option<String> {
+        (key == "dup").then(|| Self::reduce(key, values))
     }
 }
 

@@ -54,6 +54,10 @@ pub struct Counters {
     pub map_output_records: u64,
     /// Bytes of keys and values the guests emitted.
     pub map_output_bytes: u64,
+    /// Pairs the host's map-side combiner consumed.
+    pub combine_input_records: u64,
+    /// Values it produced from them.
+    pub combine_output_records: u64,
     /// Sorted runs spilled to disk by map tasks.
     pub map_spills: u64,
     /// Records read by reduce tasks.
@@ -72,6 +76,8 @@ impl Counters {
         self.map_input_invalid_utf8 += o.map_input_invalid_utf8;
         self.map_output_records += o.map_output_records;
         self.map_output_bytes += o.map_output_bytes;
+        self.combine_input_records += o.combine_input_records;
+        self.combine_output_records += o.combine_output_records;
         self.map_spills += o.map_spills;
         self.reduce_input_records += o.reduce_input_records;
         self.reduce_output_records += o.reduce_output_records;

@@ -265,10 +265,10 @@ impl Sandbox {
     /// A fresh instance for one reduce task, which may call it many times.
     ///
     /// Fails if the instance cannot be created (e.g. its start traps).
-    pub fn reducer(&self, seed: u64) -> Result<Reducer<'_>, GuestFailure> {
+    pub fn reducer(&self, seed: u64) -> Result<Reducer, GuestFailure> {
         let (store, bindings) = self.instantiate(seed, None)?;
         Ok(Reducer {
-            sandbox: self,
+            config: self.config.clone(),
             store,
             bindings,
             poisoned: false,
@@ -284,17 +284,17 @@ pub struct TaskOutput {
 }
 
 /// A guest instance for one reduce (or combine) task.
-pub struct Reducer<'a> {
-    sandbox: &'a Sandbox,
+pub struct Reducer {
+    config: SandboxConfig,
     store: Store<wasi::TaskState>,
     bindings: Mapreduce,
     poisoned: bool,
 }
 
-impl Reducer<'_> {
+impl Reducer {
     fn fail(&mut self, e: wasmtime::Error) -> GuestFailure {
         self.poisoned = true;
-        let f = failure::classify(e, &mut self.store, &self.sandbox.config);
+        let f = failure::classify(e, &mut self.store, &self.config);
         f.with_output(self.store.data().output())
     }
 

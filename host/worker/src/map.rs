@@ -8,7 +8,7 @@ use mr_core::partition::partition;
 use mr_core::report::Counters;
 use mr_core::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader};
 use mr_core::split::{read_split, Split};
-use mr_runtime::{Kv, Sandbox};
+use mr_runtime::{Group, GuestFailure, Kv, Reducer, Sandbox};
 
 use crate::TaskError;
 
@@ -37,7 +37,7 @@ pub struct MapOutput {
 ///
 /// Fails if the input cannot be read, the guest fails, or the output cannot
 /// be written.
-pub fn run(sandbox: &Sandbox, task: &MapTask, attempt: u32) -> Result<MapOutput, TaskError> {
+pub fn run(sandbox: &Arc<Sandbox>, task: &MapTask, attempt: u32) -> Result<MapOutput, TaskError> {
     let split = &task.split;
     let bytes = read_split(split).map_err(TaskError::io(format!(
         "cannot read input {} (bytes {}..{})",
@@ -62,14 +62,17 @@ pub fn run(sandbox: &Sandbox, task: &MapTask, attempt: u32) -> Result<MapOutput,
         }
     };
     let prefix = format!("map-{}-a{attempt}", task.index);
-    let buffer = Arc::new(Mutex::new(SortBuffer::new(task, &prefix)));
+    let buffer = Arc::new(Mutex::new(SortBuffer::new(task, &prefix, sandbox.clone())));
     let sink_buffer = buffer.clone();
     let out = sandbox.run_map(task.seed, &split.input, &contents, move |pairs| {
         sink_buffer
             .lock()
             .expect("sort buffer lock")
             .add(pairs)
-            .map_err(|e| format!("cannot spill map output: {e}"))
+            .map_err(|e| match e {
+                SpillError::Io(e) => format!("cannot spill map output: {e}"),
+                SpillError::Guest(g) => format!("the app's combiner failed: {}", g.message),
+            })
     });
     drop(contents);
     let buffer = Arc::try_unwrap(buffer)
@@ -81,14 +84,18 @@ pub fn run(sandbox: &Sandbox, task: &MapTask, attempt: u32) -> Result<MapOutput,
         Ok(o) => o,
         Err(e) => {
             buffer.discard();
-            return Err(e.into());
+            // A spill that failed in the app's combiner is the app's failure.
+            return Err(buffer.combine_failure.clone().unwrap_or(e).into());
         }
     };
     let run_file = task.dir.join(format!("{prefix}.run"));
-    let (segments, more) = buffer.finish(&run_file).map_err(TaskError::io(format!(
-        "cannot write map output {}",
-        run_file.display()
-    )))?;
+    let (segments, more) = buffer.finish(&run_file).map_err(|e| match e {
+        SpillError::Io(e) => TaskError::Io {
+            what: format!("cannot write map output {}", run_file.display()),
+            source: e,
+        },
+        SpillError::Guest(g) => TaskError::Guest(g),
+    })?;
     counters.add(&more);
     crate::log_guest_output(&format!("map-{}", task.index), &guest.guest_output);
     Ok(MapOutput {
@@ -116,10 +123,47 @@ struct SortBuffer {
     prefix: String,
     spills: Vec<PathBuf>,
     counters: Counters,
+    combiner: Combiner,
+    /// Why the combiner failed, if it did (the task fails with it).
+    combine_failure: Option<GuestFailure>,
+}
+
+/// The app's combiner, run on each sorted spill (Hadoop's place for it): a
+/// second instance of the app, created at the first spill that has a key
+/// more than once, dropped for good if the app says it has no combiner.
+enum Combiner {
+    Untried { sandbox: Arc<Sandbox>, seed: u64 },
+    Ready(Reducer),
+    Absent,
+}
+
+/// Why a spill failed.
+enum SpillError {
+    Io(std::io::Error),
+    Guest(GuestFailure),
+}
+
+impl From<std::io::Error> for SpillError {
+    fn from(e: std::io::Error) -> Self {
+        SpillError::Io(e)
+    }
+}
+
+/// Bytes of values handed to the combiner per group and per call: bounds
+/// what one call copies into the guest.
+const COMBINE_CHUNK_BYTES: usize = 1 << 20;
+/// Groups handed to the combiner per call.
+const COMBINE_BATCH_GROUPS: usize = 8192;
+
+/// One item of a spill in sorted order: a pair written as it is, or the
+/// combined value of a range of pairs with one key.
+enum Pending {
+    Raw(usize),
+    Combined { first: usize, end: usize },
 }
 
 impl SortBuffer {
-    fn new(task: &MapTask, prefix: &str) -> Self {
+    fn new(task: &MapTask, prefix: &str, sandbox: Arc<Sandbox>) -> Self {
         SortBuffer {
             reduces: task.reduces,
             limit: task.sort_buffer,
@@ -129,6 +173,12 @@ impl SortBuffer {
             prefix: prefix.to_string(),
             spills: Vec::new(),
             counters: Counters::default(),
+            combiner: Combiner::Untried {
+                sandbox,
+                // Not the map instance's seed: the two instances are apart.
+                seed: task.seed ^ 0x636f_6d62_696e_6572,
+            },
+            combine_failure: None,
         }
     }
 
@@ -136,7 +186,7 @@ impl SortBuffer {
         self.arena.len() + self.entries.len() * std::mem::size_of::<Entry>()
     }
 
-    fn add(&mut self, pairs: Vec<Kv>) -> std::io::Result<()> {
+    fn add(&mut self, pairs: Vec<Kv>) -> Result<(), SpillError> {
         for kv in pairs {
             let (k, v) = (kv.key.as_bytes(), kv.value.as_bytes());
             self.counters.map_output_records += 1;
@@ -157,8 +207,9 @@ impl SortBuffer {
     }
 
     /// Sorts the buffer by (partition, key), keeping emit order for equal
-    /// keys, and writes it to `path`.
-    fn write_sorted(&mut self, path: &Path) -> std::io::Result<Vec<SegmentInfo>> {
+    /// keys, combines runs of equal keys if the app has a combiner, and
+    /// writes it to `path`.
+    fn write_sorted(&mut self, path: &Path) -> Result<Vec<SegmentInfo>, SpillError> {
         let arena = &self.arena;
         let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
         self.entries.sort_by(|a, b| {
@@ -167,24 +218,84 @@ impl SortBuffer {
                 .then_with(|| key(a).cmp(key(b)))
         });
         let mut w = RunFileWriter::create(path, self.reduces)?;
-        for e in &self.entries {
-            let k = e.offset + e.key_len as usize;
-            w.write(
-                e.partition,
-                &arena[e.offset..k],
-                &arena[k..k + e.value_len as usize],
-            )?;
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
+        let mut group_bytes = 0;
+        let mut i = 0;
+        while i < self.entries.len() {
+            let same = |e: &Entry| {
+                e.partition == self.entries[i].partition && key(e) == key(&self.entries[i])
+            };
+            let run_end = i + self.entries[i..].iter().take_while(|e| same(e)).count();
+            if run_end - i < 2 || matches!(self.combiner, Combiner::Absent) {
+                if groups.is_empty() {
+                    for e in &self.entries[i..run_end] {
+                        write_entry(&mut w, arena, e)?;
+                    }
+                } else {
+                    pending.extend((i..run_end).map(Pending::Raw));
+                }
+                i = run_end;
+                continue;
+            }
+            // Cut long runs into chunks, each combined on its own.
+            while i < run_end {
+                let mut end = i;
+                let mut bytes = 0;
+                while end < run_end && (end == i || bytes < COMBINE_CHUNK_BYTES) {
+                    bytes += self.entries[end].value_len as usize + 8;
+                    end += 1;
+                }
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                groups.push(Group {
+                    key: text(key(&self.entries[i])),
+                    values: self.entries[i..end]
+                        .iter()
+                        .map(|e| text(value(arena, e)))
+                        .collect(),
+                    last: true,
+                });
+                pending.push(Pending::Combined { first: i, end });
+                group_bytes += bytes;
+                i = end;
+                if group_bytes >= COMBINE_CHUNK_BYTES || groups.len() >= COMBINE_BATCH_GROUPS {
+                    flush_combined(
+                        &mut self.combiner,
+                        &mut w,
+                        arena,
+                        &self.entries,
+                        &mut pending,
+                        &mut groups,
+                        &mut self.counters,
+                    )?;
+                    group_bytes = 0;
+                }
+            }
         }
+        flush_combined(
+            &mut self.combiner,
+            &mut w,
+            arena,
+            &self.entries,
+            &mut pending,
+            &mut groups,
+            &mut self.counters,
+        )?;
         self.entries.clear();
         self.arena.clear();
-        w.finish()
+        Ok(w.finish()?)
     }
 
-    fn spill(&mut self) -> std::io::Result<()> {
+    fn spill(&mut self) -> Result<(), SpillError> {
         let path = self
             .dir
             .join(format!("{}-spill{}", self.prefix, self.spills.len()));
-        self.write_sorted(&path)?;
+        if let Err(e) = self.write_sorted(&path) {
+            if let SpillError::Guest(g) = &e {
+                self.combine_failure = Some(g.clone());
+            }
+            return Err(e);
+        }
         tracing::debug!(spill = %path.display(), "spilled map output");
         self.spills.push(path);
         self.counters.map_spills += 1;
@@ -193,7 +304,7 @@ impl SortBuffer {
 
     /// Writes the final run file: the buffer itself if nothing was spilled,
     /// else a merge of all spills.
-    fn finish(mut self, path: &Path) -> std::io::Result<(Vec<SegmentInfo>, Counters)> {
+    fn finish(mut self, path: &Path) -> Result<(Vec<SegmentInfo>, Counters), SpillError> {
         if self.spills.is_empty() {
             let segments = self.write_sorted(path)?;
             return Ok((segments, self.counters));
@@ -203,6 +314,7 @@ impl SortBuffer {
         }
         self.arena = Vec::new();
         self.entries = Vec::new();
+        // Spills were combined one by one; their merge is not combined again.
         let indexes = self
             .spills
             .iter()
@@ -231,4 +343,68 @@ impl SortBuffer {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+fn value<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {
+    let k = e.offset + e.key_len as usize;
+    &arena[k..k + e.value_len as usize]
+}
+
+fn write_entry(w: &mut RunFileWriter, arena: &[u8], e: &Entry) -> std::io::Result<()> {
+    w.write(
+        e.partition,
+        &arena[e.offset..e.offset + e.key_len as usize],
+        value(arena, e),
+    )
+}
+
+/// Runs the combiner on `groups` and writes everything `pending` in order.
+fn flush_combined(
+    combiner: &mut Combiner,
+    w: &mut RunFileWriter,
+    arena: &[u8],
+    entries: &[Entry],
+    pending: &mut Vec<Pending>,
+    groups: &mut Vec<Group>,
+    counters: &mut Counters,
+) -> Result<(), SpillError> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    if let Combiner::Untried { sandbox, seed } = combiner {
+        *combiner = Combiner::Ready(sandbox.reducer(*seed).map_err(SpillError::Guest)?);
+    }
+    let combined = match combiner {
+        Combiner::Ready(r) => r.combine(groups).map_err(SpillError::Guest)?,
+        _ => None,
+    };
+    if combined.is_none() {
+        *combiner = Combiner::Absent;
+    }
+    let mut values = combined.map(Vec::into_iter);
+    for p in pending.drain(..) {
+        match (p, values.as_mut()) {
+            (Pending::Raw(i), _) => write_entry(w, arena, &entries[i])?,
+            (Pending::Combined { first, end }, Some(vals)) => {
+                let e = &entries[first];
+                let v = vals
+                    .next()
+                    .expect("one combined value per group (checked by the runtime)");
+                w.write(
+                    e.partition,
+                    &arena[e.offset..e.offset + e.key_len as usize],
+                    v.as_bytes(),
+                )?;
+                counters.combine_input_records += (end - first) as u64;
+                counters.combine_output_records += 1;
+            }
+            (Pending::Combined { first, end }, None) => {
+                for e in &entries[first..end] {
+                    write_entry(w, arena, e)?;
+                }
+            }
+        }
+    }
+    groups.clear();
+    Ok(())
 }

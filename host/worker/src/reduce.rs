@@ -37,15 +37,15 @@ pub struct ReduceOutput {
     pub counters: Counters,
 }
 
-struct Batch<'a> {
-    reducer: Reducer<'a>,
+struct Batch {
+    reducer: Reducer,
     groups: Vec<Group>,
     bytes: usize,
     out: BufWriter<File>,
     counters: Counters,
 }
 
-impl Batch<'_> {
+impl Batch {
     fn push(&mut self, group: Group) -> Result<(), TaskError> {
         self.bytes += group.key.len() + group.values.iter().map(|v| v.len() + 8).sum::<usize>();
         self.groups.push(group);
