@@ -236,7 +236,9 @@ impl RunArgs {
             .iter()
             .filter(|t| matches!(t.task, TaskId::Map(_)))
             .count();
-        println!(
+        use std::io::Write;
+        writeln!(
+            std::io::stdout(),
             "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {}/mr-out-* (report: {}/_SUCCESS)",
             report.job_id.as_ref().map(|j| j.0.as_str()).unwrap_or("?"),
             report.reduces,
@@ -244,7 +246,7 @@ impl RunArgs {
             report.counters.reduce_output_records,
             job.output.display(),
             job.output.display(),
-        );
+        )?;
         Ok(())
     }
 }
