@@ -11,10 +11,10 @@
 //!             out.emit(word, "1");
 //!         }
 //!     }
-//!     fn reduce(_key: &str, values: &[String]) -> String {
+//!     fn reduce(_key: &str, values: &[&str]) -> String {
 //!         values.iter().map(|v| v.parse::<u64>().unwrap()).sum::<u64>().to_string()
 //!     }
-//!     fn combine(key: &str, values: &[String]) -> Option<String> {
+//!     fn combine(key: &str, values: &[&str]) -> Option<String> {
 //!         Some(Self::reduce(key, values))
 //!     }
 //! }
@@ -60,12 +60,12 @@ pub trait App {
 
     /// Reduces all values of one key to the output value. Values arrive in
     /// an order that depends on scheduling; sort them if order matters.
-    fn reduce(key: &str, values: &[String]) -> String;
+    fn reduce(key: &str, values: &[&str]) -> String;
 
     /// The optional combiner: merges some values of a key into one, before
     /// the shuffle. It must be safe to apply any number of times (for word
     /// count it is the reduce). Return `None` (the default) for no combiner.
-    fn combine(key: &str, values: &[String]) -> Option<String> {
+    fn combine(key: &str, values: &[&str]) -> Option<String> {
         let _ = (key, values);
         None
     }
@@ -82,31 +82,53 @@ const COMBINE_AT: usize = 8;
 /// table before it is flushed to the host. This bounds guest memory for apps
 /// with huge vocabularies; a larger table combines more.
 const TABLE_BYTES: usize = 48 << 20;
-/// Estimated bytes a table entry and a value cost beyond their text.
-const ENTRY_OVERHEAD: usize = 64;
-const VALUE_OVERHEAD: usize = 16;
+/// Estimated bytes a table entry costs beyond its text.
+const ENTRY_OVERHEAD: usize = 96;
 
-/// The values of one key waiting to be combined. Their strings are reused
-/// after each combine, so the steady state allocates nothing per value.
+/// The values of one key waiting to be combined, packed in one string:
+/// a small entry per key keeps the table cache-friendly, and the steady
+/// state allocates nothing per value.
 struct Slot {
-    values: Vec<String>,
+    buf: String,
+    ends: [u32; COMBINE_AT],
     used: usize,
 }
 
 impl Slot {
-    fn push(&mut self, value: &str) {
-        if self.used < self.values.len() {
-            let s = &mut self.values[self.used];
-            s.clear();
-            s.push_str(value);
-        } else {
-            self.values.push(value.to_owned());
+    fn new(value: &str) -> Self {
+        let mut ends = [0; COMBINE_AT];
+        ends[0] = value.len() as u32;
+        Slot {
+            buf: value.to_owned(),
+            ends,
+            used: 1,
         }
+    }
+
+    fn push(&mut self, value: &str) {
+        self.buf.push_str(value);
+        self.ends[self.used] = self.buf.len() as u32;
         self.used += 1;
     }
 
-    fn values(&self) -> &[String] {
-        &self.values[..self.used]
+    /// The values, as borrowed strings in an array (no allocation).
+    fn values(&self) -> ([&str; COMBINE_AT], usize) {
+        let all = std::array::from_fn(|i| {
+            if i < self.used {
+                let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+                &self.buf[start..self.ends[i] as usize]
+            } else {
+                ""
+            }
+        });
+        (all, self.used)
+    }
+
+    fn replace(&mut self, combined: &str) {
+        self.buf.clear();
+        self.buf.push_str(combined);
+        self.ends[0] = combined.len() as u32;
+        self.used = 1;
     }
 }
 
@@ -121,7 +143,7 @@ enum Combining {
 /// Collects an app's map output and hands it to the host in batches,
 /// combining it first when the app has a combiner.
 pub struct Emitter {
-    combine: fn(&str, &[String]) -> Option<String>,
+    combine: fn(&str, &[&str]) -> Option<String>,
     combining: Combining,
     table: FxHashMap<String, Slot>,
     table_bytes: usize,
@@ -130,7 +152,7 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    fn new(combine: fn(&str, &[String]) -> Option<String>) -> Self {
+    fn new(combine: fn(&str, &[&str]) -> Option<String>) -> Self {
         Emitter {
             combine,
             combining: Combining::Unknown,
@@ -150,16 +172,15 @@ impl Emitter {
         match self.table.get_mut(key) {
             Some(slot) => {
                 slot.push(value);
-                self.table_bytes += value.len() + VALUE_OVERHEAD;
+                self.table_bytes += value.len();
                 if slot.used >= COMBINE_AT {
-                    match (self.combine)(key, slot.values()) {
+                    let (values, n) = slot.values();
+                    match (self.combine)(key, &values[..n]) {
                         Some(combined) => {
                             self.combining = Combining::Yes;
-                            let held: usize = slot.values().iter().map(|v| v.len()).sum();
-                            self.table_bytes -= held + (slot.used - 1) * VALUE_OVERHEAD;
+                            self.table_bytes -= slot.buf.len();
                             self.table_bytes += combined.len();
-                            slot.values[0] = combined;
-                            slot.used = 1;
+                            slot.replace(&combined);
                         }
                         None => {
                             self.combining = Combining::No;
@@ -170,14 +191,8 @@ impl Emitter {
                 }
             }
             None => {
-                self.table_bytes += key.len() + value.len() + ENTRY_OVERHEAD + VALUE_OVERHEAD;
-                self.table.insert(
-                    key.to_owned(),
-                    Slot {
-                        values: vec![value.to_owned()],
-                        used: 1,
-                    },
-                );
+                self.table_bytes += key.len() + value.len() + ENTRY_OVERHEAD;
+                self.table.insert(key.to_owned(), Slot::new(value));
             }
         }
         if self.table_bytes >= TABLE_BYTES {
@@ -200,10 +215,10 @@ impl Emitter {
         let table = std::mem::take(&mut self.table);
         self.table_bytes = 0;
         for (key, slot) in table {
-            let mut values = slot.values;
-            values.truncate(slot.used);
-            let combined = if values.len() > 1 && self.combining != Combining::No {
-                (self.combine)(&key, &values)
+            let (values, n) = slot.values();
+            let values = &values[..n];
+            let combined = if n > 1 && self.combining != Combining::No {
+                (self.combine)(&key, values)
             } else {
                 None
             };
@@ -211,18 +226,18 @@ impl Emitter {
                 Some(value) => {
                     self.combining = Combining::Yes;
                     self.push(key, value);
-                    if last {
-                        std::mem::forget(values);
-                    }
                 }
                 None => {
-                    if values.len() > 1 {
+                    if n > 1 {
                         self.combining = Combining::No;
                     }
                     for value in values {
-                        self.push(key.clone(), value);
+                        self.push(key.clone(), value.to_string());
                     }
                 }
+            }
+            if last {
+                std::mem::forget(slot);
             }
         }
     }
@@ -279,7 +294,7 @@ thread_local! {
 /// returning `None` stops early (used for "no combiner").
 fn gather(
     groups: Vec<Group>,
-    mut f: impl FnMut(&str, &[String]) -> Option<String>,
+    mut f: impl FnMut(&str, &[&str]) -> Option<String>,
 ) -> Result<Option<Vec<String>>, String> {
     let mut out = Vec::new();
     for group in groups {
@@ -296,6 +311,7 @@ fn gather(
             None => (group.key, group.values),
         };
         if group.last {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
             match f(&key, &values) {
                 Some(value) => out.push(value),
                 None => return Ok(None),
@@ -345,6 +361,19 @@ macro_rules! export_app {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_pack_values_and_replace_them_after_combining() {
+        let mut slot = Slot::new("1");
+        slot.push("");
+        slot.push("héllo");
+        let (v, n) = slot.values();
+        assert_eq!(&v[..n], ["1", "", "héllo"]);
+        slot.replace("42");
+        slot.push("7");
+        let (v, n) = slot.values();
+        assert_eq!(&v[..n], ["42", "7"]);
+    }
 
     #[test]
     fn words_are_runs_of_letters() {

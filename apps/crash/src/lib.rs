@@ -33,7 +33,7 @@ impl App for Crash {
         out.emit("d", "xyzzy");
     }
 
-    fn reduce(_key: &str, values: &[String]) -> String {
+    fn reduce(_key: &str, values: &[&str]) -> String {
         maybe_crash();
         let mut sorted = values.to_vec();
         sorted.sort();

@@ -12,7 +12,7 @@ impl App for EarlyExit {
         out.emit(input, "1");
     }
 
-    fn reduce(key: &str, values: &[String]) -> String {
+    fn reduce(key: &str, values: &[&str]) -> String {
         if key.contains("sherlock") || key.contains("tom") {
             std::thread::sleep(Duration::from_secs(3));
         }

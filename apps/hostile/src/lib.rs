@@ -106,7 +106,7 @@ impl App for Hostile {
         }
     }
 
-    fn reduce(key: &str, values: &[String]) -> String {
+    fn reduce(key: &str, values: &[&str]) -> String {
         if key == "dup" {
             return values.iter().map(|v| v.parse::<u64>().unwrap()).sum::<u64>().to_string();
         }
@@ -115,7 +115,7 @@ impl App for Hostile {
         sorted.join(" ")
     }
 
-    fn combine(key: &str, values: &[String]) -> Option<String> {
+    fn combine(key: &str, values: &[&str]) -> Option<String> {
         (key == "dup").then(|| Self::reduce(key, values))
     }
 }

@@ -16,8 +16,8 @@ impl App for Indexer {
         }
     }
 
-    fn reduce(_key: &str, values: &[String]) -> String {
-        let mut files: Vec<&str> = values.iter().map(String::as_str).collect();
+    fn reduce(_key: &str, values: &[&str]) -> String {
+        let mut files: Vec<&str> = values.to_vec();
         files.sort_unstable();
         files.dedup();
         format!("{} {}", files.len(), files.join(","))

@@ -13,7 +13,7 @@ impl App for NoCrash {
         out.emit("d", "xyzzy");
     }
 
-    fn reduce(_key: &str, values: &[String]) -> String {
+    fn reduce(_key: &str, values: &[&str]) -> String {
         let mut sorted = values.to_vec();
         sorted.sort();
         sorted.join(" ")

@@ -11,12 +11,12 @@ impl App for WordCount {
         }
     }
 
-    fn reduce(_key: &str, values: &[String]) -> String {
+    fn reduce(_key: &str, values: &[&str]) -> String {
         let total: u64 = values.iter().map(|v| v.parse::<u64>().expect("a count")).sum();
         total.to_string()
     }
 
-    fn combine(key: &str, values: &[String]) -> Option<String> {
+    fn combine(key: &str, values: &[&str]) -> Option<String> {
         Some(Self::reduce(key, values))
     }
 }
