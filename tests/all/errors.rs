@@ -203,9 +203,14 @@ fn two_jobs_cannot_share_an_output_directory() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // ...so a second one, even with --force, is refused.
-    let err = fails(&[WC, &book(), "-o", out.to_str().unwrap(), "--force"]);
-    assert!(err.contains("another mr job is writing to"), "{err}");
+    // ...so a second one, with or without --force, is refused.
+    let book = book();
+    for force in [&[][..], &["--force"][..]] {
+        let mut args = vec![WC, &book, "-o", out.to_str().unwrap()];
+        args.extend(force);
+        let err = fails(&args);
+        assert!(err.contains("another mr job is writing to"), "{err}");
+    }
     assert!(
         first.wait().unwrap().success(),
         "the first job was not disturbed"

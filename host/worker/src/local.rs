@@ -179,6 +179,9 @@ fn validate(job: &LocalJob) -> Result<Vec<u64>, JobError> {
     match std::fs::read_dir(&job.output) {
         Ok(mut entries) => {
             if entries.next().is_some() && !job.force {
+                if locked(&job.output.join(TEMPORARY).join(LOCK)) {
+                    return Err(busy(&job.output));
+                }
                 return Err(JobError::Invalid(format!(
                     "output directory {} is not empty; choose a new one, or pass --force to replace the output of an earlier job there",
                     job.output.display()
@@ -331,14 +334,9 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     );
     report.finished_ms = now_ms();
     let result = result.and_then(|()| commit(&job.output, &work, job.reduces, &mut report));
-    // We hold the lock on _temporary, so all of it is ours to remove.
-    let cleaned = std::fs::remove_dir_all(&temporary);
     drop(lock);
     match result {
         Ok(()) => {
-            if let Err(e) = cleaned {
-                tracing::warn!("cannot remove {}: {e}", temporary.display());
-            }
             tracing::info!(job = %job_id, ms = report.finished_ms - report.started_ms, "job succeeded");
             Ok(report)
         }
@@ -351,9 +349,25 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     }
 }
 
+/// The lock on an output directory. Dropping it removes `DIR/_temporary`
+/// (all of it is this job's while it holds the lock), on success, failure
+/// or an early error alike.
+struct OutputLock {
+    _file: std::fs::File,
+    temporary: PathBuf,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.temporary) {
+            tracing::warn!("cannot remove {}: {e}", self.temporary.display());
+        }
+    }
+}
+
 /// Locks the output directory for this job (`DIR/_temporary/.lock`), so
 /// that a second job (or a second `--force`) cannot interleave with it.
-fn lock_output(temporary: &Path, output: &Path) -> Result<std::fs::File, JobError> {
+fn lock_output(temporary: &Path, output: &Path) -> Result<OutputLock, JobError> {
     let path = temporary.join(LOCK);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -362,13 +376,28 @@ fn lock_output(temporary: &Path, output: &Path) -> Result<std::fs::File, JobErro
         .open(&path)
         .map_err(io_err(format!("cannot create {}", path.display())))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(JobError::Invalid(format!(
-            "another mr job is writing to {}; wait for it to finish or choose another output directory",
-            output.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err(format!("cannot lock {}", path.display()))(e)),
+        Ok(()) => Ok(OutputLock {
+            _file: file,
+            temporary: temporary.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(busy(output)),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(io_err(format!("cannot lock {}", path.display()))(e))
+        }
     }
+}
+
+fn busy(output: &Path) -> JobError {
+    JobError::Invalid(format!(
+        "another mr job is writing to {}; wait for it to finish or choose another output directory",
+        output.display()
+    ))
+}
+
+/// Whether another process holds the lock file at `path`.
+fn locked(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Work directories of running jobs, for [`remove_work_dirs`].
