@@ -108,7 +108,11 @@ impl App for Hostile {
 
     fn reduce(key: &str, values: &[&str]) -> String {
         if key == "dup" {
-            return values.iter().map(|v| v.parse::<u64>().unwrap()).sum::<u64>().to_string();
+            return values
+                .iter()
+                .map(|v| v.parse::<u64>().unwrap())
+                .sum::<u64>()
+                .to_string();
         }
         let mut sorted = values.to_vec();
         sorted.sort();

@@ -12,7 +12,10 @@ impl App for WordCount {
     }
 
     fn reduce(_key: &str, values: &[&str]) -> String {
-        let total: u64 = values.iter().map(|v| v.parse::<u64>().expect("a count")).sum();
+        let total: u64 = values
+            .iter()
+            .map(|v| v.parse::<u64>().expect("a count"))
+            .sum();
         total.to_string()
     }
 
