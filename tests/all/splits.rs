@@ -201,3 +201,33 @@ fn the_apps_combiner_runs_on_map_spills() {
         assert_eq!(c["reduce_input_records"], spills, "{c}");
     }
 }
+
+#[test]
+fn intermediate_data_goes_to_tmp_dir_and_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let out = tmp.path().join("out");
+    let book = books()[0].display().to_string();
+    // A tiny sort buffer, so map tasks spill to the scratch directory.
+    mr_run_ok(&[
+        WC,
+        &book,
+        "-r",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--tmp-dir",
+        scratch.to_str().unwrap(),
+        "--sort-buffer",
+        "1KiB",
+    ]);
+    assert!(
+        report(&out, "_SUCCESS")["counters"]["map_spills"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "intermediate data removed: {left:?}");
+}

@@ -85,7 +85,14 @@ pub fn run(sandbox: &Arc<Sandbox>, task: &MapTask, attempt: u32) -> Result<MapOu
         Err(e) => {
             buffer.discard();
             // A spill that failed in the app's combiner is the app's failure.
-            return Err(buffer.combine_failure.clone().unwrap_or(e).into());
+            let mut failure = buffer.combine_failure.clone().unwrap_or(e);
+            if failure.kind == mr_runtime::FailureKind::OutOfMemory {
+                failure.message.push_str(&format!(
+                    "; this task's input split is {} KiB, so a smaller --split-size also helps",
+                    (split.end - split.start) >> 10
+                ));
+            }
+            return Err(failure.into());
         }
     };
     let run_file = task.dir.join(format!("{prefix}.run"));
