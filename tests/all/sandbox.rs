@@ -188,3 +188,35 @@ fn the_clock_is_frozen_unless_granted() {
         .unwrap();
     assert!(secs > 1_700_000_000, "{granted:?}");
 }
+
+#[test]
+fn a_map_task_and_its_combiner_share_one_memory_limit() {
+    // `hoard` keeps 40 MiB in map while the host runs its combiner on a
+    // spill, which takes 40 MiB more: 64 MiB is too little for the task,
+    // though enough for either instance alone.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = input(tmp.path(), "hoard", "x\n");
+    let out = tmp.path().join("out");
+    let args = [
+        HOSTILE,
+        p.to_str().unwrap(),
+        "-r",
+        "1",
+        "--sort-buffer",
+        "1KiB",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let run = mr_run(&[&args[..], &["--memory-limit", "64MiB"]].concat());
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("ran out of memory"),
+        "{}",
+        stderr(&run)
+    );
+    mr_run_ok(&[&args[..], &["--memory-limit", "256MiB", "--force"]].concat());
+    assert_eq!(
+        std::fs::read_to_string(out.join("mr-out-0")).unwrap(),
+        "hoard 2000\n"
+    );
+}

@@ -3,6 +3,7 @@
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
 //! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
 //! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining;
+//! `hoard` holds 40 MiB in map while its combiner takes 40 MiB more;
 //! anything else is counted like `wc`.
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -87,6 +88,22 @@ impl App for Hostile {
                     emit(&batch);
                 }
             }
+            "hoard" => {
+                // Holds 40 MiB while the host combines its spills (the
+                // combiner takes 40 MiB more): both instances of the task
+                // share one memory limit.
+                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
+                let hoard = vec![1u8; 40 << 20];
+                let batch: Vec<Kv> = (0..1000)
+                    .map(|_| Kv {
+                        key: "hoard".into(),
+                        value: "1".into(),
+                    })
+                    .collect();
+                emit(&batch);
+                emit(&batch);
+                std::hint::black_box(&hoard);
+            }
             "sleep" => {
                 std::thread::sleep(Duration::from_secs(3600));
                 out.emit("slept", "an hour");
@@ -107,7 +124,7 @@ impl App for Hostile {
     }
 
     fn reduce(key: &str, values: &[&str]) -> String {
-        if key == "dup" {
+        if key == "dup" || key == "hoard" {
             return values
                 .iter()
                 .map(|v| v.parse::<u64>().unwrap())
@@ -120,7 +137,10 @@ impl App for Hostile {
     }
 
     fn combine(key: &str, values: &[&str]) -> Option<String> {
-        (key == "dup").then(|| Self::reduce(key, values))
+        if key == "hoard" {
+            std::hint::black_box(vec![1u8; 40 << 20]);
+        }
+        (key == "dup" || key == "hoard").then(|| Self::reduce(key, values))
     }
 }
 

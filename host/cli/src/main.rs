@@ -36,8 +36,11 @@ fn main() -> ExitCode {
     // Ctrl-C (or SIGTERM): remove the running job's temporary files and
     // exit; nothing partial was committed, so nothing else needs undoing.
     let _ = ctrlc::set_handler(|| {
-        mr_worker::local::remove_work_dirs();
-        eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
+        if mr_worker::local::interrupt() {
+            eprintln!("interrupted after the job had committed its output (see its _SUCCESS)");
+        } else {
+            eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
+        }
         std::process::exit(130);
     });
     raise_open_file_limit();

@@ -31,7 +31,7 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 pub use failure::{FailureKind, GuestFailure, LoadError};
-pub use wasi::Grants;
+pub use wasi::{Grants, MemoryBudget};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -220,8 +220,9 @@ impl Sandbox {
         &self,
         seed: u64,
         sink: Option<wasi::Sink>,
+        budget: &MemoryBudget,
     ) -> Result<(Store<wasi::TaskState>, Mapreduce), GuestFailure> {
-        let state = wasi::TaskState::new(&self.config, seed, sink);
+        let state = wasi::TaskState::new(&self.config, seed, sink, budget);
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limiter);
         let ticks = (self.config.task_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
@@ -236,17 +237,19 @@ impl Sandbox {
 
     /// Runs `map(input, contents)` in a fresh instance; every batch the guest
     /// emits goes to `sink`, whose error fails the task. `seed` makes the
-    /// not-granted "randomness" differ per task while staying repeatable.
+    /// not-granted "randomness" differ per task while staying repeatable;
+    /// the instance's memory is charged to the task's `budget`.
     ///
     /// Fails with the guest's failure, classified.
     pub fn run_map(
         &self,
         seed: u64,
+        budget: &MemoryBudget,
         input: &str,
         contents: &str,
         sink: impl FnMut(Vec<Kv>) -> Result<(), String> + Send + 'static,
     ) -> Result<TaskOutput, GuestFailure> {
-        let (mut store, bindings) = self.instantiate(seed, Some(Box::new(sink)))?;
+        let (mut store, bindings) = self.instantiate(seed, Some(Box::new(sink)), budget)?;
         let result = bindings.call_map(&mut store, input, contents);
         let out = match result {
             Ok(Ok(())) => Ok(()),
@@ -262,11 +265,12 @@ impl Sandbox {
         }
     }
 
-    /// A fresh instance for one reduce task, which may call it many times.
+    /// A fresh instance for one reduce task (or a map task's combiner),
+    /// which may call it many times; its memory is charged to `budget`.
     ///
     /// Fails if the instance cannot be created (e.g. its start traps).
-    pub fn reducer(&self, seed: u64) -> Result<Reducer, GuestFailure> {
-        let (store, bindings) = self.instantiate(seed, None)?;
+    pub fn reducer(&self, seed: u64, budget: &MemoryBudget) -> Result<Reducer, GuestFailure> {
+        let (store, bindings) = self.instantiate(seed, None, budget)?;
         Ok(Reducer {
             config: self.config.clone(),
             store,

@@ -2,6 +2,7 @@
 //! limiter, captured guest output and the map output sink.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -66,7 +67,12 @@ pub(crate) struct TaskState {
 }
 
 impl TaskState {
-    pub(crate) fn new(config: &SandboxConfig, seed: u64, sink: Option<Sink>) -> Self {
+    pub(crate) fn new(
+        config: &SandboxConfig,
+        seed: u64,
+        sink: Option<Sink>,
+        budget: &MemoryBudget,
+    ) -> Self {
         let output = CappedPipe::new(config.output_limit);
         let mut b = WasiCtxBuilder::new();
         b.stdout(output.clone()).stderr(output.clone());
@@ -97,7 +103,8 @@ impl TaskState {
             table: ResourceTable::new(),
             limiter: Limiter {
                 limit: config.memory_limit,
-                used: 0,
+                shared: budget.clone(),
+                mine: 0,
                 exceeded: None,
             },
             output,
@@ -146,12 +153,50 @@ impl Host for TaskState {
 
 impl crate::bindings::mr::app::types::Host for TaskState {}
 
-/// Caps the linear memory of all of a task's memories together.
+/// The memory one task may use, shared by all its instances (a map task's
+/// `map` instance and the instance that runs its combiner on spills).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryBudget(Arc<AtomicUsize>);
+
+impl MemoryBudget {
+    /// Bytes currently charged to the task.
+    pub fn used(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Caps the linear memories and tables of one instance, charging them to
+/// the task's [`MemoryBudget`]; what an instance used is given back when
+/// its store is dropped.
 pub(crate) struct Limiter {
     limit: usize,
-    used: usize,
-    /// The size a refused growth asked for.
+    shared: MemoryBudget,
+    /// What this store has charged.
+    mine: usize,
+    /// The task total a refused growth asked for.
     pub(crate) exceeded: Option<usize>,
+}
+
+impl Limiter {
+    fn charge(&mut self, current: usize, desired: usize) -> wasmtime::Result<bool> {
+        let delta = desired.saturating_sub(current);
+        let total = self.shared.0.fetch_add(delta, Ordering::SeqCst) + delta;
+        if total > self.limit {
+            self.shared.0.fetch_sub(delta, Ordering::SeqCst);
+            self.exceeded = Some(total);
+            // An error (not `Ok(false)`) traps at once, so the guest cannot
+            // turn the refusal into an abort with a misleading message.
+            wasmtime::bail!("memory limit of {} bytes exceeded", self.limit);
+        }
+        self.mine += delta;
+        Ok(true)
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        self.shared.0.fetch_sub(self.mine, Ordering::SeqCst);
+    }
 }
 
 impl ResourceLimiter for Limiter {
@@ -159,32 +204,26 @@ impl ResourceLimiter for Limiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = self.used - current.min(self.used) + desired;
-        if total > self.limit {
-            self.exceeded = Some(total);
-            // An error (not `Ok(false)`) traps at once, so the guest cannot
-            // turn the refusal into an abort with a misleading message.
-            wasmtime::bail!("memory limit of {} bytes exceeded", self.limit);
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false); // refused by the module's own maximum: charge nothing
         }
-        self.used = total;
-        Ok(true)
+        self.charge(current, desired)
     }
 
     fn table_growing(
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
         // Table elements live in host memory: charge them to the same
         // budget, or a guest could allocate gigabytes through tables.
-        self.memory_growing(
-            current * TABLE_ELEMENT_BYTES,
-            desired * TABLE_ELEMENT_BYTES,
-            None,
-        )
+        self.charge(current * TABLE_ELEMENT_BYTES, desired * TABLE_ELEMENT_BYTES)
     }
 
     fn instances(&self) -> usize {

@@ -37,10 +37,6 @@ pub const FAILED: &str = "_FAILED";
 /// Work in progress inside the output directory.
 pub const TEMPORARY: &str = "_temporary";
 
-/// The lock file in `DIR/_temporary` that keeps two jobs from writing to
-/// one output directory.
-const LOCK: &str = ".lock";
-
 /// Time a watchdog adds to the task timeout before it gives up on an
 /// attempt (epoch interruption normally stops the guest first).
 const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
@@ -176,27 +172,37 @@ fn validate(job: &LocalJob) -> Result<Vec<u64>, JobError> {
         }
         sizes.push(meta.len());
     }
-    match std::fs::read_dir(&job.output) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !job.force {
-                if locked(&job.output.join(TEMPORARY).join(LOCK)) {
-                    return Err(busy(&job.output));
-                }
-                return Err(JobError::Invalid(format!(
-                    "output directory {} is not empty; choose a new one, or pass --force to replace the output of an earlier job there",
-                    job.output.display()
-                )));
-            }
+    if !job.force {
+        if locked(&job.output) {
+            return Err(busy(&job.output));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(JobError::Invalid(format!(
-                "cannot use output directory {}: {e}",
-                job.output.display()
-            )))
-        }
+        check_empty(&job.output, false)?;
     }
     Ok(sizes)
+}
+
+/// Refuses a non-empty output directory (ignoring our own `_temporary`
+/// when we hold its lock).
+fn check_empty(dir: &Path, ignore_temporary: bool) -> Result<(), JobError> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let other = entries
+                .flatten()
+                .any(|e| !(ignore_temporary && e.file_name() == TEMPORARY));
+            if other {
+                return Err(JobError::Invalid(format!(
+                    "output directory {} is not empty; choose a new one, or pass --force to replace the output of an earlier job there",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(JobError::Invalid(format!(
+            "cannot use output directory {}: {e}",
+            dir.display()
+        ))),
+    }
 }
 
 /// Whether `--force` removes an entry of the output directory by this name.
@@ -236,8 +242,8 @@ fn clear_output(dir: &Path) -> Result<(), JobError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         let res = if name == TEMPORARY {
-            // Ours now (we hold its lock): empty it but for the lock file.
-            clear_dir_except(&path, LOCK)
+            // Ours now (we hold the lock): empty it.
+            clear_dir(&path)
         } else if name.starts_with("mr-out-") {
             std::fs::remove_file(&path)
         } else {
@@ -248,12 +254,9 @@ fn clear_output(dir: &Path) -> Result<(), JobError> {
     Ok(())
 }
 
-fn clear_dir_except(dir: &Path, keep: &str) -> std::io::Result<()> {
+fn clear_dir(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name() == keep {
-            continue;
-        }
         if entry.file_type()?.is_dir() {
             std::fs::remove_dir_all(entry.path())?;
         } else {
@@ -273,13 +276,12 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     let engine = SandboxEngine::new()?;
     let sandbox = Arc::new(Sandbox::load(&engine, &job.app, job.sandbox.clone())?);
     let temporary = job.output.join(TEMPORARY);
-    std::fs::create_dir_all(&temporary).map_err(io_err(format!(
-        "cannot create output directory {}",
-        job.output.display()
-    )))?;
     let lock = lock_output(&temporary, &job.output)?;
     if job.force {
         clear_output(&job.output)?;
+    } else {
+        // Another job may have finished here since `validate` looked.
+        check_empty(&job.output, true)?;
     }
     let job_id = JobId::generate();
     let work = temporary.join(&job_id.0);
@@ -334,26 +336,26 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     );
     report.finished_ms = now_ms();
     let result = result.and_then(|()| commit(&job.output, &work, job.reduces, &mut report));
+    if let Err(e) = &result {
+        report.status = "failed".into();
+        report.error = Some(e.to_string());
+        write_report(&job.output.join(FAILED), &temporary, &report)?;
+    }
     drop(lock);
     match result {
         Ok(()) => {
             tracing::info!(job = %job_id, ms = report.finished_ms - report.started_ms, "job succeeded");
             Ok(report)
         }
-        Err(e) => {
-            report.status = "failed".into();
-            report.error = Some(e.to_string());
-            write_report(&job.output.join(FAILED), &report)?;
-            Err(e)
-        }
+        Err(e) => Err(e),
     }
 }
 
 /// The lock on an output directory. Dropping it removes `DIR/_temporary`
 /// (all of it is this job's while it holds the lock), on success, failure
-/// or an early error alike.
+/// or an early error alike, and then releases the lock.
 struct OutputLock {
-    _file: std::fs::File,
+    _dir: std::fs::File,
     temporary: PathBuf,
 }
 
@@ -365,26 +367,30 @@ impl Drop for OutputLock {
     }
 }
 
-/// Locks the output directory for this job (`DIR/_temporary/.lock`), so
-/// that a second job (or a second `--force`) cannot interleave with it.
+/// Locks the output directory for this job (an advisory lock on the
+/// directory itself, which mr never removes), so that a second job, or a
+/// second `--force`, cannot interleave with it; then creates `_temporary`.
 fn lock_output(temporary: &Path, output: &Path) -> Result<OutputLock, JobError> {
-    let path = temporary.join(LOCK);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(format!("cannot create {}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(OutputLock {
-            _file: file,
-            temporary: temporary.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(busy(output)),
+    std::fs::create_dir_all(output).map_err(io_err(format!(
+        "cannot create output directory {}",
+        output.display()
+    )))?;
+    let dir =
+        std::fs::File::open(output).map_err(io_err(format!("cannot open {}", output.display())))?;
+    match dir.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(busy(output)),
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(io_err(format!("cannot lock {}", path.display()))(e))
+            return Err(io_err(format!("cannot lock {}", output.display()))(e))
         }
     }
+    let lock = OutputLock {
+        _dir: dir,
+        temporary: temporary.to_path_buf(),
+    };
+    std::fs::create_dir_all(temporary)
+        .map_err(io_err(format!("cannot create {}", temporary.display())))?;
+    Ok(lock)
 }
 
 fn busy(output: &Path) -> JobError {
@@ -394,26 +400,42 @@ fn busy(output: &Path) -> JobError {
     ))
 }
 
-/// Whether another process holds the lock file at `path`.
+/// Whether another process holds the lock on `path` (a directory).
 fn locked(path: &Path) -> bool {
     std::fs::File::open(path)
         .is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
-/// Work directories of running jobs, for [`remove_work_dirs`].
+/// Work directories of running jobs, for [`interrupt`].
 static WORK_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-/// Removes the temporary directories of every running job. The CLI calls it
-/// when interrupted (Ctrl-C), just before exiting, so an interrupted job
-/// leaves neither intermediate data nor half-written output behind.
-pub fn remove_work_dirs() {
+/// Held while a job commits; `true` once a commit has completed.
+static COMMIT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// For the CLI's Ctrl-C handler, just before it exits: lets a commit under
+/// way finish (it takes milliseconds) or keeps one from starting, then
+/// removes the temporary directories of running jobs. Returns whether the
+/// output had been committed. Task threads may still be writing, so each
+/// removal is repeated until the directory is gone.
+pub fn interrupt() -> bool {
+    let committed = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
     let dirs = std::mem::take(&mut *WORK_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
     for d in dirs {
-        let _ = std::fs::remove_dir_all(&d);
+        for _ in 0..200 {
+            match std::fs::remove_dir_all(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => break,
+            }
+        }
     }
+    let done = *committed;
+    std::mem::forget(committed); // keep any later commit from starting
+    done
 }
 
-/// Registers `dirs` for [`remove_work_dirs`] while the guard lives.
+/// Registers `dirs` for [`interrupt`] while the guard lives.
 struct WorkDirs(Vec<PathBuf>);
 
 impl WorkDirs {
@@ -435,12 +457,11 @@ impl Drop for WorkDirs {
     }
 }
 
-fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
-    let dir = path
-        .parent()
-        .expect("a report lives in the output directory");
+/// Writes `report` to `path` atomically, through a temporary file in
+/// `scratch` (on the same file system, and removed on any exit path).
+fn write_report(path: &Path, scratch: &Path, report: &JobReport) -> Result<(), JobError> {
     let json = serde_json::to_vec_pretty(report).expect("a report serializes");
-    let tmp = tempfile::NamedTempFile::new_in(dir)
+    let tmp = tempfile::NamedTempFile::new_in(scratch)
         .map_err(io_err(format!("cannot write {}", path.display())))?;
     std::fs::write(tmp.path(), &json)
         .map_err(io_err(format!("cannot write {}", path.display())))?;
@@ -456,6 +477,8 @@ fn write_report(path: &Path, report: &JobReport) -> Result<(), JobError> {
 /// If that fails, the files already moved are taken back out, so a failed
 /// job shows no output.
 fn commit(out: &Path, work: &Path, reduces: u32, report: &mut JobReport) -> Result<(), JobError> {
+    let mut committed = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = work.parent().expect("work lives in _temporary");
     let result = (|| {
         for r in 0..reduces {
             let name = format!("mr-out-{r}");
@@ -467,8 +490,9 @@ fn commit(out: &Path, work: &Path, reduces: u32, report: &mut JobReport) -> Resu
             let _ = d.sync_all();
         }
         report.status = "succeeded".into();
-        write_report(&out.join(SUCCESS), report)
+        write_report(&out.join(SUCCESS), scratch, report)
     })();
+    *committed = result.is_ok();
     if result.is_err() {
         report.status = "failed".into();
         for r in 0..reduces {

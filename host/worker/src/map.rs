@@ -8,7 +8,7 @@ use mr_core::partition::partition;
 use mr_core::report::Counters;
 use mr_core::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader};
 use mr_core::split::{read_split, Split};
-use mr_runtime::{Group, GuestFailure, Kv, Reducer, Sandbox};
+use mr_runtime::{Group, GuestFailure, Kv, MemoryBudget, Reducer, Sandbox};
 
 use crate::TaskError;
 
@@ -62,9 +62,16 @@ pub fn run(sandbox: &Arc<Sandbox>, task: &MapTask, attempt: u32) -> Result<MapOu
         }
     };
     let prefix = format!("map-{}-a{attempt}", task.index);
-    let buffer = Arc::new(Mutex::new(SortBuffer::new(task, &prefix, sandbox.clone())));
+    // The map instance and the combiner's share one memory limit.
+    let budget = MemoryBudget::default();
+    let buffer = Arc::new(Mutex::new(SortBuffer::new(
+        task,
+        &prefix,
+        sandbox.clone(),
+        budget.clone(),
+    )));
     let sink_buffer = buffer.clone();
-    let out = sandbox.run_map(task.seed, &split.input, &contents, move |pairs| {
+    let out = sandbox.run_map(task.seed, &budget, &split.input, &contents, move |pairs| {
         sink_buffer
             .lock()
             .expect("sort buffer lock")
@@ -139,7 +146,11 @@ struct SortBuffer {
 /// second instance of the app, created at the first spill that has a key
 /// more than once, dropped for good if the app says it has no combiner.
 enum Combiner {
-    Untried { sandbox: Arc<Sandbox>, seed: u64 },
+    Untried {
+        sandbox: Arc<Sandbox>,
+        seed: u64,
+        budget: MemoryBudget,
+    },
     Ready(Reducer),
     Absent,
 }
@@ -170,7 +181,7 @@ enum Pending {
 }
 
 impl SortBuffer {
-    fn new(task: &MapTask, prefix: &str, sandbox: Arc<Sandbox>) -> Self {
+    fn new(task: &MapTask, prefix: &str, sandbox: Arc<Sandbox>, budget: MemoryBudget) -> Self {
         SortBuffer {
             reduces: task.reduces,
             limit: task.sort_buffer,
@@ -184,6 +195,7 @@ impl SortBuffer {
                 sandbox,
                 // Not the map instance's seed: the two instances are apart.
                 seed: task.seed ^ 0x636f_6d62_696e_6572,
+                budget,
             },
             combine_failure: None,
         }
@@ -378,8 +390,13 @@ fn flush_combined(
     if groups.is_empty() {
         return Ok(());
     }
-    if let Combiner::Untried { sandbox, seed } = combiner {
-        *combiner = Combiner::Ready(sandbox.reducer(*seed).map_err(SpillError::Guest)?);
+    if let Combiner::Untried {
+        sandbox,
+        seed,
+        budget,
+    } = combiner
+    {
+        *combiner = Combiner::Ready(sandbox.reducer(*seed, budget).map_err(SpillError::Guest)?);
     }
     let combined = match combiner {
         Combiner::Ready(r) => r.combine(groups).map_err(SpillError::Guest)?,

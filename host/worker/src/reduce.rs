@@ -104,7 +104,7 @@ pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskErr
         task.output.display()
     )))?;
     let mut batch = Batch {
-        reducer: sandbox.reducer(task.seed)?,
+        reducer: sandbox.reducer(task.seed, &mr_runtime::MemoryBudget::default())?,
         groups: Vec::new(),
         bytes: 0,
         out: BufWriter::with_capacity(256 * 1024, file),
