@@ -7,8 +7,12 @@
 //! - [`runfile`]: the intermediate file format (sorted runs, one segment per
 //!   reduce partition, with an index and checksums).
 //! - [`report`]: the job report written to `_SUCCESS`.
+//! - [`job`]: the job spec and the capabilities a job grants its guests.
+//! - [`output`]: the output directory: locking, task and job commit.
 
 pub mod ids;
+pub mod job;
+pub mod output;
 pub mod partition;
 pub mod report;
 pub mod runfile;
