@@ -193,10 +193,15 @@ pub struct OutputDir {
     _lock: std::fs::File,
     dir: PathBuf,
     temporary: PathBuf,
+    /// Leave `_temporary` in place when dropped (see [`OutputDir::keep`]).
+    keep: bool,
 }
 
 impl Drop for OutputDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.temporary) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("cannot remove {}: {e}", self.temporary.display());
@@ -218,20 +223,7 @@ impl OutputDir {
             "cannot create output directory {}",
             output.display()
         )))?;
-        let lock = std::fs::File::open(output)
-            .map_err(io_err(format!("cannot open {}", output.display())))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(busy(output)),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(io_err(format!("cannot lock {}", output.display()))(e))
-            }
-        }
-        let out = OutputDir {
-            _lock: lock,
-            dir: output.to_path_buf(),
-            temporary: output.join(TEMPORARY),
-        };
+        let out = Self::lock(output)?;
         if force {
             clear_output(output)?;
         } else {
@@ -241,6 +233,41 @@ impl OutputDir {
         std::fs::create_dir_all(&out.temporary)
             .map_err(io_err(format!("cannot create {}", out.temporary.display())))?;
         Ok(out)
+    }
+
+    /// Locks `output` again for a job that was running when its
+    /// coordinator stopped: keeps what the job committed so far.
+    ///
+    /// Fails if the directory is gone, busy or cannot be locked.
+    pub fn reclaim(output: &Path) -> Result<OutputDir, OutputError> {
+        let out = Self::lock(output)?;
+        std::fs::create_dir_all(&out.temporary)
+            .map_err(io_err(format!("cannot create {}", out.temporary.display())))?;
+        Ok(out)
+    }
+
+    fn lock(output: &Path) -> Result<OutputDir, OutputError> {
+        let lock = std::fs::File::open(output)
+            .map_err(io_err(format!("cannot open {}", output.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(busy(output)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err(format!("cannot lock {}", output.display()))(e))
+            }
+        }
+        Ok(OutputDir {
+            _lock: lock,
+            dir: output.to_path_buf(),
+            temporary: output.join(TEMPORARY),
+            keep: false,
+        })
+    }
+
+    /// Releases the lock but leaves `_temporary` as it is, for a job that
+    /// will resume (its coordinator stops and keeps a journal).
+    pub fn keep(mut self) {
+        self.keep = true;
     }
 
     /// The directory itself.
@@ -261,7 +288,8 @@ impl OutputDir {
     /// Moves every committed `mr-out-*` of `work` into place, then writes
     /// `_SUCCESS` (with `report.status` set to `succeeded`). If that fails,
     /// the files already moved are taken back out, so a failed job shows no
-    /// output.
+    /// output. A file already in place (an interrupted earlier commit of
+    /// the same job) counts as moved, so a commit can be repeated.
     ///
     /// Fails if a file cannot be moved or the report cannot be written.
     pub fn commit(
@@ -273,9 +301,11 @@ impl OutputDir {
         let result = (|| {
             for r in 0..reduces {
                 let name = format!("mr-out-{r}");
-                std::fs::rename(work.join(COMMITTED).join(&name), self.dir.join(&name)).map_err(
-                    io_err(format!("cannot commit {}", self.dir.join(&name).display())),
-                )?;
+                let (from, to) = (work.join(COMMITTED).join(&name), self.dir.join(&name));
+                match std::fs::rename(&from, &to) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
+                    r => r.map_err(io_err(format!("cannot commit {}", to.display())))?,
+                }
             }
             if let Ok(d) = std::fs::File::open(&self.dir) {
                 let _ = d.sync_all();
