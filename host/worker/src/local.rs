@@ -29,16 +29,9 @@ use mr_runtime::{LoadError, Sandbox, SandboxConfig, SandboxEngine, TaskControl};
 
 use crate::map::{MapOutput, MapTask};
 use crate::reduce::{ReduceOutput, ReduceTask};
-use crate::{task_seed, TaskError};
+use crate::{spawn_task, task_seed, TaskError, WATCHDOG_GRACE};
 
 pub use mr_core::output::{FAILED, SUCCESS, TEMPORARY};
-
-/// Time a watchdog adds to the task timeout before it gives up on an
-/// attempt (epoch interruption normally stops the guest first).
-const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
-/// Native stack of a task thread; wasm runs on it, so it must exceed the
-/// engine's wasm stack limit.
-const TASK_THREAD_STACK: usize = 8 << 20;
 
 /// A job for `mr run`, already validated by the CLI's argument parser.
 #[derive(Clone, Debug)]
@@ -445,23 +438,14 @@ fn run_phase<T: Send + 'static>(
             let task = report.tasks[first + i].task;
             tracing::debug!(%task, attempt, slot, "attempt started");
             let (tx, exec) = (tx.clone(), exec.clone());
-            std::thread::Builder::new()
-                .name(format!("{task}"))
-                .stack_size(TASK_THREAD_STACK)
-                .spawn(move || {
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec(i, attempt)))
-                            .unwrap_or_else(|panic| {
-                                let msg = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "unknown panic".into());
-                                Err(TaskError::Panic(msg))
-                            });
+            spawn_task(
+                task.to_string(),
+                move || exec(i, attempt),
+                move |result| {
                     let _ = tx.send((i, attempt, result));
-                })
-                .map_err(io_err("cannot start a task thread"))?;
+                },
+            )
+            .map_err(io_err("cannot start a task thread"))?;
             running.insert(
                 (i, attempt),
                 Running {
