@@ -220,7 +220,8 @@ async fn retry_or_give_up(
         );
         *warned = Some(Instant::now());
     }
-    tokio::time::sleep(*backoff).await;
+    let left = options.give_up_after.saturating_sub(started.elapsed());
+    tokio::time::sleep((*backoff).min(left)).await;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     Ok(())
 }
