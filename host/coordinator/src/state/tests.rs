@@ -417,7 +417,7 @@ fn a_deterministic_failure_fails_the_job_at_once() {
     // The other running attempt is cancelled on its worker.
     let reply = s.heartbeat(c.at(0.2), &w, vec![]).unwrap();
     assert_eq!(reply.cancel, [a[1].key.clone()]);
-    assert_eq!(reply.forget_jobs, [job.clone()]);
+    assert_eq!(reply.forget_jobs, std::slice::from_ref(&job));
     let report = s.detail(&job).unwrap().1;
     assert_eq!(
         report.tasks[1].attempts[0].outcome,
