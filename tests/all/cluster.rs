@@ -276,6 +276,7 @@ fn wc_with_three_workers_matches_the_reference() {
     // The same report as `mr run`, with real worker ids per attempt.
     let r = success(&out);
     assert_eq!(r["status"], "succeeded");
+    assert!(r["finished_ms"].as_u64() >= r["started_ms"].as_u64(), "{r}");
     assert_eq!(r["tasks"].as_array().unwrap().len(), 18);
     for a in attempts(&r, "map")
         .into_iter()

@@ -157,13 +157,18 @@ impl SubmitArgs {
         let mut seen: HashSet<(TaskId, u32)> = HashSet::new();
         let (mut map_bar, mut reduce_bar) = (false, false);
         let mut last_line = String::new();
+        let mut failures_shown = 0;
         loop {
-            let detail = match client.job(context(CALL), job.clone()).await {
-                Ok(Ok(d)) => d,
-                Ok(Err(RpcError::UnknownJob(_))) => anyhow::bail!(
+            let lost = |e: RpcError| {
+                match e {
+                RpcError::UnknownJob(_) => anyhow::anyhow!(
                     "the coordinator at {addr} no longer knows job {job}: it restarted without --state-dir, so the job is lost; submit it again"
                 ),
-                Ok(Err(e)) => return Err(e.into()),
+                e => e.into(),
+            }
+            };
+            let s = match client.summary(context(CALL), job.clone()).await {
+                Ok(r) => r.map_err(lost)?,
                 Err(e) => {
                     bars.line(format!(
                         "lost the coordinator at {addr} ({e}); waiting up to {:?} for it to come back",
@@ -173,7 +178,6 @@ impl SubmitArgs {
                     continue;
                 }
             };
-            let s = &detail.summary;
             if !map_bar {
                 bars.phase_started(Phase::Map, s.maps as usize);
                 map_bar = true;
@@ -186,20 +190,6 @@ impl SubmitArgs {
             if reduce_bar {
                 bars.task_done(Phase::Reduce, s.reduces_done as usize, s.reduces as usize);
             }
-            let report = detail.report()?;
-            for t in &report.tasks {
-                for a in &t.attempts {
-                    if let Some(why) = a.outcome.strip_prefix("failed: ") {
-                        if seen.insert((t.task, a.attempt)) {
-                            let first = why.lines().next().unwrap_or("");
-                            bars.line(format!(
-                                "{} attempt {} failed on worker {}: {first}",
-                                t.task, a.attempt, a.worker
-                            ));
-                        }
-                    }
-                }
-            }
             if bars.hidden() && !self.quiet {
                 let line = format!(
                     "{job}: {}, map {}/{}, reduce {}/{}, {} failed attempts",
@@ -210,10 +200,28 @@ impl SubmitArgs {
                     last_line = line;
                 }
             }
-            if s.state.is_final() {
-                return Ok(detail);
+            // The whole report only when there is news in it.
+            if s.failed_attempts != failures_shown || s.state.is_final() {
+                let detail = answer(addr, client.job(context(CALL), job.clone()).await)?;
+                failures_shown = detail.summary.failed_attempts;
+                for t in &detail.report()?.tasks {
+                    for a in &t.attempts {
+                        if let Some(why) = a.outcome.strip_prefix("failed: ") {
+                            if seen.insert((t.task, a.attempt)) {
+                                let first = why.lines().next().unwrap_or("");
+                                bars.line(format!(
+                                    "{} attempt {} failed on worker {}: {first}",
+                                    t.task, a.attempt, a.worker
+                                ));
+                            }
+                        }
+                    }
+                }
+                if detail.summary.state.is_final() {
+                    return Ok(detail);
+                }
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

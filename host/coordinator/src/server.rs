@@ -502,6 +502,10 @@ impl Coordinator for Server {
         self.shared.state(|s, _| s.summaries()).await
     }
 
+    async fn summary(self, _: tarpc::context::Context, job: JobId) -> Result<JobSummary, RpcError> {
+        self.shared.state(move |s, _| s.summary(&job)).await?
+    }
+
     async fn job(self, _: tarpc::context::Context, job: JobId) -> Result<JobDetail, RpcError> {
         let (summary, report) = self.shared.state(move |s, _| s.detail(&job)).await??;
         Ok(JobDetail {

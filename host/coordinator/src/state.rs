@@ -334,7 +334,7 @@ impl State {
                     );
                 }
             }
-            s.maybe_commit(j);
+            s.maybe_commit(now, j);
         }
         s.actions.push(Action::WorkAvailable);
         s
@@ -791,7 +791,7 @@ impl State {
                         counters: result.counters,
                     }),
                 );
-                self.maybe_commit(j);
+                self.maybe_commit(now, j);
             }
             Outcome::Failed { message, retryable } => {
                 self.attempt_failed(now, j, t, message, retryable);
@@ -934,7 +934,7 @@ impl State {
     }
 
     /// Commits the job if every reduce is done.
-    fn maybe_commit(&mut self, j: usize) {
+    fn maybe_commit(&mut self, now: Now, j: usize) {
         let job = &mut self.jobs[j];
         if job.state != JobState::Running || !job.reduces_done() {
             return;
@@ -943,6 +943,7 @@ impl State {
         let (id, work, reduces) = (job.id.clone(), job.work_dir(), job.spec.reduces);
         let mut report = self.report_of(j);
         report.status = "succeeded".into();
+        report.finished_ms = now.ms;
         tracing::info!(job = %id, "every reduce task is done; committing the output");
         self.actions.push(Action::CommitJob {
             job: id,
@@ -1022,6 +1023,7 @@ impl State {
             },
         );
         let report = self.report_of(j);
+        debug_assert_eq!(report.finished_ms, now.ms);
         self.actions.push(Action::AbortJob {
             job: id.clone(),
             report: Box::new(report),
@@ -1222,6 +1224,16 @@ impl State {
     /// Every job, oldest first.
     pub fn summaries(&self) -> Vec<JobSummary> {
         (0..self.jobs.len()).map(|j| self.summary_of(j)).collect()
+    }
+
+    /// One job's summary.
+    ///
+    /// Fails if there is no such job.
+    pub fn summary(&self, job: &JobId) -> Result<JobSummary, RpcError> {
+        let j = self
+            .job_index(job)
+            .ok_or_else(|| RpcError::UnknownJob(job.clone()))?;
+        Ok(self.summary_of(j))
     }
 
     /// One job's summary and report.

@@ -100,6 +100,9 @@ pub trait Coordinator {
     /// Every job the coordinator knows, oldest first.
     async fn jobs() -> Result<Vec<JobSummary>, RpcError>;
 
+    /// One job at a glance (cheap: for polling).
+    async fn summary(job: JobId) -> Result<JobSummary, RpcError>;
+
     /// One job in detail: its summary and its report so far.
     async fn job(job: JobId) -> Result<JobDetail, RpcError>;
 

@@ -269,6 +269,11 @@ fn reduces_are_committed_once_and_the_job_commits_when_all_are_done() {
     };
     assert_eq!(*reduces, 2);
     assert_eq!(report.status, "succeeded");
+    assert_eq!(
+        report.finished_ms,
+        c.at(0.4).ms,
+        "the report says when the job ended"
+    );
     // Summed over the done tasks: one map and two reduces, 100 each.
     assert_eq!(report.counters.map_input_bytes, 300);
     assert_eq!(summary(&s, &job).state, JobState::Committing);
