@@ -307,7 +307,7 @@ fn indexer_with_two_workers_matches_the_reference() {
 }
 
 #[test]
-fn job_count_is_one_map_attempt_per_input() {
+fn job_count_is_one_map_attempt_per_input_and_apps_move_once() {
     let mut c = Cluster::start(&[]);
     c.worker(&[]);
     c.worker(&[]);
@@ -317,6 +317,50 @@ fn job_count_is_one_map_attempt_per_input() {
     let maps = attempts(&r, "map");
     assert_eq!(maps.len(), 8, "exactly one map attempt per input: {r}");
     assert!(maps.iter().all(|a| a["outcome"] == "succeeded"));
+    // A second job with the same app: not uploaded again, not fetched
+    // again by any worker (16 map tasks, at most one fetch per worker).
+    ok(&c.submit(&strs(&book_args(WC, &c.out("again"), &[]))));
+    let count = |i: usize, what: &str| {
+        std::fs::read_to_string(&c.logs[i])
+            .unwrap()
+            .matches(what)
+            .count()
+    };
+    assert_eq!(count(0, "stored an app"), 1, "{}", c.logs());
+    for w in [1, 2] {
+        assert!(count(w, "fetched app") <= 1, "{}", c.logs());
+    }
+    assert_eq!(
+        count(1, "fetched app") + count(2, "fetched app"),
+        2,
+        "{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn a_guest_that_always_fails_is_retried_up_to_max_attempts() {
+    let mut c = Cluster::start(&[]);
+    c.worker(&[]);
+    let bad = c.dir.path().join("trap");
+    std::fs::write(&bad, "x\n").unwrap();
+    let out = c.out("retried");
+    // With randomness granted the guest is not known to be deterministic.
+    let run = c.submit(&[
+        HOSTILE,
+        "--allow",
+        "random",
+        "--max-attempts",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("failed on attempt 3 of at most 3"), "{err}");
+    assert!(err.contains("hostile guest traps on purpose"), "{err}");
+    assert_eq!(attempts(&crate::report(&out, "_FAILED"), "map").len(), 3);
 }
 
 #[test]
@@ -739,8 +783,19 @@ fn a_worker_waits_for_a_coordinator_that_starts_late() {
     let out = c.out("late");
     ok(&c.submit(&strs(&book_args(WC, &out, &[]))));
     assert_eq!(read_output(&out), reference_wc(&names(&books())));
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    // Ctrl-C stops a worker cleanly.
+    // SAFETY: sending a signal to our own child process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(worker.id() as libc::pid_t, libc::SIGINT)
+    };
+    assert!(wait_for(Duration::from_secs(15), || worker
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+    let log = std::fs::read_to_string(&c.logs[0]).unwrap();
+    assert!(log.contains("left the coordinator"), "{log}");
 }
 
 #[test]

@@ -13,7 +13,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use crate::state::Record;
+use mr_core::ids::JobId;
+
+use crate::state::{Record, FINISHED_KEPT};
 
 /// The journal, or nothing when the coordinator keeps no state directory.
 pub struct Journal {
@@ -138,17 +140,23 @@ impl Journal {
     }
 }
 
-/// Keeps what a restart needs: every record of unfinished jobs; of
-/// finished ones only their submission and their end; the last worker
-/// number.
+/// Keeps what a restart needs: every record of unfinished jobs; of the
+/// newest [`FINISHED_KEPT`] finished ones only their submission and their
+/// end (older ones are forgotten, as the running coordinator forgets
+/// them); the last worker number.
 fn compact(records: Vec<Record>) -> Vec<Record> {
-    let finished: BTreeSet<_> = records
+    let order: Vec<&JobId> = records
         .iter()
         .filter_map(|r| match r {
-            Record::Finished { job, .. } => Some(job.clone()),
+            Record::Finished { job, .. } => Some(job),
             _ => None,
         })
         .collect();
+    let forgotten: BTreeSet<JobId> = order[..order.len().saturating_sub(FINISHED_KEPT)]
+        .iter()
+        .map(|j| (*j).clone())
+        .collect();
+    let finished: BTreeSet<JobId> = order.iter().map(|j| (*j).clone()).collect();
     let last_worker = records
         .iter()
         .filter_map(|r| match r {
@@ -162,7 +170,7 @@ fn compact(records: Vec<Record>) -> Vec<Record> {
         .collect();
     out.extend(records.into_iter().filter(|r| match r {
         Record::Worker { .. } => false,
-        Record::Submitted { .. } | Record::Finished { .. } => true,
+        Record::Submitted { job, .. } | Record::Finished { job, .. } => !forgotten.contains(job),
         Record::Started { key, .. } | Record::Ended { key, .. } => !finished.contains(&key.job),
         Record::Lost { job, .. } => !finished.contains(job),
     }));
@@ -172,7 +180,7 @@ fn compact(records: Vec<Record>) -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mr_core::ids::{JobId, TaskId, WorkerId};
+    use mr_core::ids::{TaskId, WorkerId};
     use mr_core::rpc::{AttemptKey, JobState};
 
     fn started(job: &str) -> Record {

@@ -54,6 +54,10 @@ use mr_core::runfile::SegmentInfo;
 use mr_core::split::{plan, Split};
 use serde::{Deserialize, Serialize};
 
+/// Finished jobs remembered (for `mr status`); older ones are forgotten.
+/// Their reports stay in their output directories.
+pub const FINISHED_KEPT: usize = 256;
+
 /// Timing rules.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -336,8 +340,32 @@ impl State {
             }
             s.maybe_commit(now, j);
         }
+        s.prune_finished();
         s.actions.push(Action::WorkAvailable);
         s
+    }
+
+    /// Forgets the oldest finished jobs beyond [`FINISHED_KEPT`]. Called
+    /// where no job index is held (job indexes shift).
+    fn prune_finished(&mut self) {
+        let mut finished: Vec<(u64, usize)> = self
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| j.state.is_final())
+            .map(|(i, j)| (j.finished_ms.unwrap_or(0), i))
+            .collect();
+        if finished.len() <= FINISHED_KEPT {
+            return;
+        }
+        finished.sort_unstable();
+        let excess = finished.len() - FINISHED_KEPT;
+        let drop: BTreeSet<usize> = finished[..excess].iter().map(|&(_, i)| i).collect();
+        let mut i = 0;
+        self.jobs.retain(|_| {
+            i += 1;
+            !drop.contains(&(i - 1))
+        });
     }
 
     /// The jobs that are not over, for the event loop to reclaim their
@@ -1091,6 +1119,7 @@ impl State {
     /// Time passes: dead workers are given up, stuck attempts handed out
     /// again, and a shutdown completes.
     pub fn tick(&mut self, now: Now) {
+        self.prune_finished();
         let dead: Vec<WorkerId> = self
             .workers
             .iter()

@@ -47,6 +47,8 @@ use crate::{spawn_task, task_seed, TaskError, WATCHDOG_GRACE};
 const FETCH_PARALLEL: usize = 4;
 /// Tries per segment before the reduce attempt reports a fetch failure.
 const FETCH_TRIES: u32 = 3;
+/// Loaded apps kept for later tasks; beyond this, idle ones are dropped.
+const SANDBOXES_KEPT: usize = 8;
 /// Longest wait between two tries to reach the coordinator.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -642,13 +644,14 @@ impl Worker {
             limits.time_limit.as_millis(),
             limits.grants.names().join(",")
         );
-        let cell = self
-            .sandboxes
-            .lock()
-            .expect("sandboxes lock")
-            .entry(key)
-            .or_default()
-            .clone();
+        let cell = {
+            let mut cache = self.sandboxes.lock().expect("sandboxes lock");
+            if cache.len() >= SANDBOXES_KEPT && !cache.contains_key(&key) {
+                // Keep apps being loaded or used by a running task.
+                cache.retain(|_, cell| cell.get().is_none_or(|s| Arc::strong_count(s) > 1));
+            }
+            cache.entry(key).or_default().clone()
+        };
         cell.get_or_try_init(|| async {
             let path = self.fetch_app(app).await?;
             let config = SandboxConfig {

@@ -148,6 +148,8 @@ struct SortBuffer {
     combiner: Combiner,
     /// Why the combiner failed, if it did (the task fails with it).
     combine_failure: Option<GuestFailure>,
+    /// The attempt's progress: spilling and merging count.
+    control: TaskControl,
 }
 
 /// The app's combiner, run on each sorted spill (Hadoop's place for it): a
@@ -203,9 +205,10 @@ impl SortBuffer {
                 sandbox,
                 // Not the map instance's seed: the two instances are apart.
                 seed: task.seed ^ 0x636f_6d62_696e_6572,
-                control,
+                control: control.clone(),
             },
             combine_failure: None,
+            control,
         }
     }
 
@@ -324,6 +327,7 @@ impl SortBuffer {
             return Err(e);
         }
         tracing::debug!(spill = %path.display(), "spilled map output");
+        self.control.bump();
         self.spills.push(path);
         self.counters.map_spills += 1;
         Ok(())
@@ -356,9 +360,15 @@ impl SortBuffer {
                 .map(|(p, idx)| SegmentReader::open(p, idx[r as usize]))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let mut m = Merger::new(readers)?;
+            let mut n = 0u32;
             while m.advance()? {
                 w.write(r, m.key(), m.value())?;
+                n = n.wrapping_add(1);
+                if n % 65536 == 0 {
+                    self.control.bump();
+                }
             }
+            self.control.bump();
         }
         let segments = w.finish()?;
         self.discard();

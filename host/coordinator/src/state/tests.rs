@@ -755,3 +755,25 @@ fn invalid_specs_are_refused() {
     assert!(s.submit(c.at(0.0), spec(0, 1)).is_err());
     assert!(s.summaries().is_empty());
 }
+
+#[test]
+fn only_the_newest_finished_jobs_are_remembered() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let first = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    for _ in 0..FINISHED_KEPT {
+        let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+        s.cancel(c.at(0.1), &job).unwrap();
+    }
+    let running = s.submit(c.at(0.2), spec(1, 1)).unwrap();
+    s.cancel(c.at(0.3), &first).unwrap();
+    s.tick(c.at(0.4));
+    assert_eq!(s.summaries().len(), FINISHED_KEPT + 1);
+    assert!(s.detail(&running).is_ok(), "running jobs are kept");
+    assert!(s.detail(&first).is_ok(), "the newest finished job is kept");
+    let oldest_cancelled = JobId(format!("job-{}-2", c.at(0.0).ms));
+    assert!(
+        s.detail(&oldest_cancelled).is_err(),
+        "the oldest finished one is gone"
+    );
+}
