@@ -364,7 +364,7 @@ impl SortBuffer {
             while m.advance()? {
                 w.write(r, m.key(), m.value())?;
                 n = n.wrapping_add(1);
-                if n % 65536 == 0 {
+                if n.is_multiple_of(65536) {
                     self.control.bump();
                 }
             }
