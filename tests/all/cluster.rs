@@ -903,4 +903,24 @@ fn cancel_and_detach() {
         .exists()));
     assert!(!out.join("_SUCCESS").exists());
     assert!(!out.join("mr-out-0").exists());
+
+    // Ctrl-C on a waiting `mr submit` cancels its job.
+    let out2 = c.out("interrupted");
+    let args = book_args(EARLY_EXIT, &out2, &["--allow", "clock"]);
+    let mut submit = c.spawn_submit(&strs(&args));
+    let r = c.wait_report(Duration::from_secs(30), |r| {
+        r["output_dir"] == out2.to_str().unwrap() && r["status"] == "running"
+    });
+    // SAFETY: sending a signal to our own child process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(submit.id() as libc::pid_t, libc::SIGINT)
+    };
+    assert!(wait_for(Duration::from_secs(15), || submit
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    assert_eq!(submit.wait().unwrap().code(), Some(130));
+    let job = r["job_id"].as_str().unwrap();
+    assert_eq!(c.report(job).unwrap()["status"], "cancelled");
 }
