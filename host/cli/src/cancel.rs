@@ -27,6 +27,10 @@ impl CancelArgs {
             let s = answer(addr, client.cancel(context(CALL), JobId(self.job)).await)?;
             match s.state {
                 JobState::Cancelled => println!("job {} cancelled", s.job),
+                JobState::Committing => println!(
+                    "job {} is already committing its output; too late to cancel",
+                    s.job
+                ),
                 state => println!("job {} had already {state}; nothing to cancel", s.job),
             }
             Ok(())

@@ -62,6 +62,7 @@ impl CoordinatorArgs {
                 task_timeout: self.task_timeout,
                 worker_timeout: self.worker_timeout,
                 heartbeat: self.heartbeat,
+                ..Config::default()
             },
         };
         runtime()?.block_on(async {

@@ -123,8 +123,17 @@ impl SubmitArgs {
             _ = interrupted() => {
                 bars.finish();
                 let client = self.coordinator.connect(Duration::from_secs(2)).await?;
-                answer(addr, client.cancel(context(CALL), job.clone()).await)?;
-                eprintln!("interrupted: job {job} was cancelled; no output was committed");
+                let s = answer(addr, client.cancel(context(CALL), job.clone()).await)?;
+                match s.state {
+                    JobState::Cancelled => eprintln!(
+                        "interrupted: job {job} was cancelled; no output was committed"
+                    ),
+                    JobState::Succeeded | JobState::Committing => eprintln!(
+                        "interrupted too late to cancel: job {job} has committed (or is committing) its output in {}",
+                        output.display()
+                    ),
+                    state => eprintln!("interrupted: job {job} had already {state}"),
+                }
                 std::process::exit(130);
             }
         };
@@ -202,7 +211,17 @@ impl SubmitArgs {
             }
             // The whole report only when there is news in it.
             if s.failed_attempts != failures_shown || s.state.is_final() {
-                let detail = answer(addr, client.job(context(CALL), job.clone()).await)?;
+                let detail = match client.job(context(CALL), job.clone()).await {
+                    Ok(r) => r.map_err(lost)?,
+                    Err(e) => {
+                        bars.line(format!(
+                            "lost the coordinator at {addr} ({e}); waiting up to {:?} for it to come back",
+                            self.reconnect_for
+                        ));
+                        client = self.coordinator.connect(self.reconnect_for).await?;
+                        continue;
+                    }
+                };
                 failures_shown = detail.summary.failed_attempts;
                 for t in &detail.report()?.tasks {
                     for a in &t.attempts {

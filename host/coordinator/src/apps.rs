@@ -18,8 +18,8 @@ pub const MAX_APP: u64 = 1 << 30;
 pub struct AppStore {
     dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    /// sha256 → (bytes received so far, the partial file).
-    uploads: Mutex<HashMap<String, (u64, File)>>,
+    /// sha256 → (bytes received so far, the partial file, last chunk).
+    uploads: Mutex<HashMap<String, (u64, File, std::time::Instant)>>,
 }
 
 fn valid_sha(sha: &str) -> Result<(), RpcError> {
@@ -64,7 +64,16 @@ impl AppStore {
 
     /// Whether the whole app is here.
     pub fn has(&self, sha: &str) -> bool {
-        valid_sha(sha).is_ok() && self.path(sha).is_file()
+        self.size(sha).is_some()
+    }
+
+    /// The size of the app, if it is here.
+    pub fn size(&self, sha: &str) -> Option<u64> {
+        valid_sha(sha).ok()?;
+        std::fs::metadata(self.path(sha))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
     }
 
     /// Takes the next chunk of an upload; returns whether the app is now
@@ -84,12 +93,20 @@ impl AppStore {
             )));
         }
         let mut uploads = self.uploads.lock().expect("uploads lock");
+        // Forget uploads abandoned long ago (their client went away).
+        uploads.retain(|sha, (_, _, last)| {
+            let keep = last.elapsed() < std::time::Duration::from_secs(600);
+            if !keep {
+                let _ = std::fs::remove_file(self.dir.join(format!("{sha}.part")));
+            }
+            keep
+        });
         let part = self.dir.join(format!("{}.part", app.sha256));
         if offset == 0 {
             let file = File::create(&part).map_err(internal("cannot store the app"))?;
-            uploads.insert(app.sha256.clone(), (0, file));
+            uploads.insert(app.sha256.clone(), (0, file, std::time::Instant::now()));
         }
-        let Some((got, file)) = uploads.get_mut(&app.sha256) else {
+        let Some((got, file, last)) = uploads.get_mut(&app.sha256) else {
             return Err(RpcError::Invalid(
                 "an app upload must start at offset 0".into(),
             ));
@@ -103,6 +120,7 @@ impl AppStore {
         file.write_all(chunk)
             .map_err(internal("cannot store the app"))?;
         *got += chunk.len() as u64;
+        *last = std::time::Instant::now();
         if *got < app.size {
             return Ok(false);
         }

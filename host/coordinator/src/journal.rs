@@ -21,7 +21,14 @@ use crate::state::{Record, FINISHED_KEPT};
 pub struct Journal {
     file: Option<File>,
     path: PathBuf,
+    /// Its length after the last complete line.
+    len: u64,
+    finished_since_compaction: usize,
 }
+
+/// Finished jobs between two compactions of a running coordinator's
+/// journal.
+pub const COMPACT_EVERY: usize = 64;
 
 /// Why the state directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +55,14 @@ impl Journal {
         Journal {
             file: None,
             path: PathBuf::new(),
+            len: 0,
+            finished_since_compaction: 0,
         }
+    }
+
+    /// Whether changes are kept (a state directory was given).
+    pub fn durable(&self) -> bool {
+        self.file.is_some()
     }
 
     /// Opens (creating) the journal in `dir` and returns what it held,
@@ -57,12 +71,37 @@ impl Journal {
     /// Fails if the directory cannot be created or the journal cannot be
     /// read, or is damaged other than at its very end.
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
-        let path = dir.join(FILE);
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let mut journal = Journal {
+            file: None,
+            path: dir.join(FILE),
+            len: 0,
+            finished_since_compaction: 0,
+        };
+        let records = journal.compact()?;
+        Ok((journal, records))
+    }
+
+    /// Rewrites the journal with only what a restart needs (see
+    /// [`compact`]); returns that. Done on start and, while running, after
+    /// every [`COMPACT_EVERY`] finished jobs, so it does not grow without
+    /// bound.
+    ///
+    /// Fails if the journal cannot be read or written.
+    pub fn compact(&mut self) -> Result<Vec<Record>, JournalError> {
+        let dir = self
+            .path
+            .parent()
+            .expect("the journal is in a directory")
+            .to_path_buf();
         let io = |source| JournalError::Io {
             path: dir.display().to_string(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = self.path.clone();
         let mut records = Vec::new();
         match File::open(&path) {
             Ok(f) => {
@@ -96,7 +135,7 @@ impl Journal {
         }
         let records = compact(records);
         // Rewrite the compacted journal atomically, then append to it.
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
         {
             let mut w = std::io::BufWriter::new(tmp.as_file());
             for r in &records {
@@ -108,13 +147,10 @@ impl Journal {
         tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(&path).map_err(|e| io(e.error))?;
         let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        Ok((
-            Journal {
-                file: Some(file),
-                path,
-            },
-            records,
-        ))
+        self.len = file.metadata().map_err(io)?.len();
+        self.file = Some(file);
+        self.finished_since_compaction = 0;
+        Ok(records)
     }
 
     /// Appends a record.
@@ -127,9 +163,22 @@ impl Journal {
         };
         let mut line = serde_json::to_vec(r).expect("a record serializes");
         line.push(b'\n');
-        f.write_all(&line)?;
+        if let Err(e) = f.write_all(&line) {
+            // Cut a partial line off, so later lines stay readable.
+            let _ = f.set_len(self.len);
+            return Err(e);
+        }
+        self.len += line.len() as u64;
         if matches!(r, Record::Submitted { .. } | Record::Finished { .. }) {
             f.sync_data()?;
+        }
+        if matches!(r, Record::Finished { .. }) {
+            self.finished_since_compaction += 1;
+            if self.finished_since_compaction >= COMPACT_EVERY {
+                if let Err(e) = self.compact() {
+                    tracing::warn!("cannot compact the journal: {e}");
+                }
+            }
         }
         Ok(())
     }
@@ -172,7 +221,7 @@ fn compact(records: Vec<Record>) -> Vec<Record> {
         Record::Worker { .. } => false,
         Record::Submitted { job, .. } | Record::Finished { job, .. } => !forgotten.contains(job),
         Record::Started { key, .. } | Record::Ended { key, .. } => !finished.contains(&key.job),
-        Record::Lost { job, .. } => !finished.contains(job),
+        Record::Lost { job, .. } | Record::Committing { job } => !finished.contains(job),
     }));
     out
 }

@@ -190,7 +190,7 @@ impl Loop {
     /// On the way out: jobs that will resume (with a journal) keep their
     /// `_temporary`; without a journal they are lost, and say so.
     fn stop(&mut self) {
-        let resumable = self.journal.path() != std::path::Path::new("");
+        let resumable = self.journal.durable();
         for (job, out) in self.outputs.drain() {
             if resumable {
                 tracing::info!(%job, "job left to resume when the coordinator restarts");
@@ -232,9 +232,15 @@ pub async fn serve(
     })?;
     let mut outputs = HashMap::new();
     for (job, output) in state.unfinished_jobs() {
-        match OutputDir::reclaim(&output).and_then(|o| o.work_dir(&job.0).map(|_| o)) {
-            Ok(o) => {
+        match OutputDir::reclaim(&output).and_then(|o| o.work_dir(&job.0).map(|w| (o, w))) {
+            Ok((o, work)) => {
                 tracing::info!(%job, "resuming job");
+                let present = |r: u32, committing: bool| {
+                    let name = format!("mr-out-{r}");
+                    work.join(mr_core::output::COMMITTED).join(&name).is_file()
+                        || (committing && output.join(&name).is_file())
+                };
+                state.resume(now, &job, present);
                 outputs.insert(job, o);
             }
             Err(e) => state.fail_job(
@@ -271,6 +277,9 @@ pub async fn serve(
             let now;
             let mut reply: Option<Reply> = None;
             tokio::select! {
+                // Calls first: heartbeats queued during a stall must land
+                // before the tick judges who is alive.
+                biased;
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     now = Now::real();
@@ -466,12 +475,18 @@ impl Coordinator for Server {
     }
 
     async fn submit(self, _: tarpc::context::Context, spec: JobSpec) -> Result<JobId, RpcError> {
-        if !self.shared.apps.has(&spec.app.sha256) {
+        if self.shared.apps.size(&spec.app.sha256) != Some(spec.app.size) {
             return Err(RpcError::Invalid(format!(
-                "the coordinator does not have the app {} ({}); upload it first",
-                spec.app.name, spec.app.sha256
+                "the coordinator does not have the app {} ({}, {} bytes); upload it first",
+                spec.app.name, spec.app.sha256, spec.app.size
             )));
         }
+        // Checked before the output directory is locked (and, with
+        // --force, cleared): a job refused leaves it as it was.
+        let check = spec.clone();
+        self.shared
+            .state(move |s, _| s.check_submit(&check))
+            .await??;
         let (output, force) = (spec.output.clone(), spec.force);
         let out = tokio::task::spawn_blocking(move || OutputDir::acquire(&output, force))
             .await

@@ -58,6 +58,9 @@ use serde::{Deserialize, Serialize};
 /// Their reports stay in their output directories.
 pub const FINISHED_KEPT: usize = 256;
 
+/// Most reduce tasks per job: every map task's output has a segment per
+/// reduce, and every reduce assignment lists every map task.
+pub const MAX_REDUCES: u32 = 100_000;
 /// Timing rules.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -69,6 +72,10 @@ pub struct Config {
     pub worker_timeout: Duration,
     /// How often workers heartbeat.
     pub heartbeat: Duration,
+    /// When the coordinator itself did not run for longer than this
+    /// (paused, or its machine was), that time is not held against workers
+    /// and attempts.
+    pub stall: Duration,
 }
 
 impl Default for Config {
@@ -77,6 +84,7 @@ impl Default for Config {
             task_timeout: Duration::from_secs(10),
             worker_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
+            stall: Duration::from_secs(2),
         }
     }
 }
@@ -157,8 +165,15 @@ pub enum Record {
         ms: u64,
         done: Option<DoneOutput>,
     },
-    /// A done map task's output is gone; the task runs again.
-    Lost { job: JobId, map: u32, why: String },
+    /// A done task's output is gone; the task runs again.
+    Lost {
+        job: JobId,
+        task: TaskId,
+        why: String,
+    },
+    /// Every task is done; moving the output into place has begun (so
+    /// files already in the output directory are this job's).
+    Committing { job: JobId },
     Finished {
         job: JobId,
         state: JobState,
@@ -195,6 +210,8 @@ struct Worker {
     pid: u32,
     slots: u32,
     last_seen: Instant,
+    /// When its previous heartbeat arrived.
+    last_heartbeat: Option<Instant>,
     /// Attempts it must stop, told in its next heartbeat reply.
     cancel: Vec<AttemptKey>,
     /// Jobs whose data it may delete.
@@ -209,6 +226,8 @@ struct Running {
     start_ms: u64,
     last_progress: Instant,
     progress: u64,
+    /// When it was handed out.
+    assigned: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -294,6 +313,7 @@ pub struct State {
     /// Set by `shutdown`: when to exit even if workers have not left.
     shutdown: Option<Instant>,
     exited: bool,
+    last_tick: Option<Instant>,
     actions: Vec<Action>,
 }
 
@@ -309,6 +329,7 @@ impl State {
             next_job: 1,
             shutdown: None,
             exited: false,
+            last_tick: None,
             actions: Vec::new(),
         }
     }
@@ -338,7 +359,6 @@ impl State {
                     );
                 }
             }
-            s.maybe_commit(now, j);
         }
         s.prune_finished();
         s.actions.push(Action::WorkAvailable);
@@ -366,6 +386,36 @@ impl State {
             i += 1;
             !drop.contains(&(i - 1))
         });
+    }
+
+    /// Resumes a recovered job once its output directory is locked again:
+    /// a done reduce whose output is not where it should be (`present`
+    /// says, for a partition and whether the job had begun its commit) is
+    /// run again; a job whose every task is done is committed.
+    pub fn resume(&mut self, now: Now, job: &JobId, present: impl Fn(u32, bool) -> bool) {
+        let Some(j) = self.job_index(job) else {
+            return;
+        };
+        let committing = self.jobs[j].state == JobState::Committing;
+        let maps = self.jobs[j].maps();
+        for t in maps..self.jobs[j].tasks.len() {
+            let TaskId::Reduce(r) = self.jobs[j].tasks[t].id else {
+                continue;
+            };
+            if matches!(self.jobs[j].tasks[t].state, TaskState::Done(_)) && !present(r, committing)
+            {
+                let id = self.jobs[j].id.clone();
+                self.record(
+                    now,
+                    Record::Lost {
+                        job: id,
+                        task: TaskId::Reduce(r),
+                        why: "its committed output is no longer in the output directory".into(),
+                    },
+                );
+            }
+        }
+        self.maybe_commit(now, j);
     }
 
     /// The jobs that are not over, for the event loop to reclaim their
@@ -443,6 +493,7 @@ impl State {
                     start_ms: ms,
                     last_progress: now.at,
                     progress: 0,
+                    assigned: now.at,
                 });
             }
             Record::Ended {
@@ -481,8 +532,8 @@ impl State {
                     None => TaskState::Idle,
                 };
             }
-            Record::Lost { job, map, why } => {
-                let Some(t) = self.task_mut(&job, TaskId::Map(map)) else {
+            Record::Lost { job, task, why } => {
+                let Some(t) = self.task_mut(&job, task) else {
                     return;
                 };
                 if let TaskState::Done(d) = &t.state {
@@ -490,6 +541,16 @@ impl State {
                         h.outcome = format!("succeeded, then lost: {why}");
                     }
                     t.state = TaskState::Idle;
+                }
+                if let Some(j) = self.job_index(&job) {
+                    if self.jobs[j].state == JobState::Committing {
+                        self.jobs[j].state = JobState::Running;
+                    }
+                }
+            }
+            Record::Committing { job } => {
+                if let Some(j) = self.job_index(&job) {
+                    self.jobs[j].state = JobState::Committing;
                 }
             }
             Record::Finished {
@@ -555,6 +616,7 @@ impl State {
                 pid: req.pid,
                 slots: req.slots,
                 last_seen: now.at,
+                last_heartbeat: None,
                 cancel: Vec::new(),
                 forget: Vec::new(),
             },
@@ -578,6 +640,7 @@ impl State {
         if !self.workers.contains_key(worker) {
             return Err(RpcError::UnknownWorker);
         }
+        let listed: BTreeSet<AttemptKey> = running.iter().map(|r| r.key.clone()).collect();
         let mut stale = Vec::new();
         for r in running {
             let current = self
@@ -600,8 +663,32 @@ impl State {
                 None => stale.push(r.key),
             }
         }
+        // An attempt handed to this worker before its previous heartbeat
+        // that it does not list never reached it (the reply was lost): it
+        // is killed, not failed, and runs again.
+        let previous = self.workers[worker].last_heartbeat;
+        if let Some(previous) = previous {
+            for j in 0..self.jobs.len() {
+                for t in 0..self.jobs[j].tasks.len() {
+                    let TaskState::Running(run) = &self.jobs[j].tasks[t].state else {
+                        continue;
+                    };
+                    let key = AttemptKey {
+                        job: self.jobs[j].id.clone(),
+                        task: self.jobs[j].tasks[t].id,
+                        attempt: run.attempt,
+                    };
+                    if &run.worker == worker && run.assigned < previous && !listed.contains(&key) {
+                        let why = "killed: its worker never started it (the assignment was lost on the way)";
+                        self.end_attempt(now, j, t, why.into(), false, None);
+                        self.actions.push(Action::WorkAvailable);
+                    }
+                }
+            }
+        }
         let w = self.workers.get_mut(worker).expect("checked above");
         w.last_seen = now.at;
+        w.last_heartbeat = Some(now.at);
         let mut cancel = std::mem::take(&mut w.cancel);
         for k in stale {
             if !cancel.contains(&k) {
@@ -876,7 +963,7 @@ impl State {
             now,
             Record::Lost {
                 job,
-                map,
+                task: TaskId::Map(map),
                 why: format!("reducers cannot fetch it from {worker}: {why}"),
             },
         );
@@ -888,7 +975,6 @@ impl State {
                 let msg = self.failure_message(
                     j,
                     t,
-                    failures,
                     "",
                     &format!("its output could not be fetched from worker {worker}: {why}"),
                 );
@@ -915,20 +1001,31 @@ impl State {
         } else {
             " and was not retried (without clock or random grants the guest is deterministic: it would fail the same way again)"
         };
-        let msg = self.failure_message(j, t, task.attempts, note, &message);
+        let msg = self.failure_message(j, t, note, &message);
         self.end_job(now, j, JobState::Failed, Some(msg));
     }
 
-    fn failure_message(&self, j: usize, t: usize, attempt: u32, note: &str, error: &str) -> String {
+    fn failure_message(&self, j: usize, t: usize, note: &str, error: &str) -> String {
         let job = &self.jobs[j];
         let task = &job.tasks[t];
         let input = match task.id {
             TaskId::Map(i) => format!(" (input {})", job.splits[i as usize].input),
             TaskId::Reduce(_) => String::new(),
         };
+        let max = job.spec.max_attempts;
+        // Killed attempts (lost workers and the like) have numbers too but
+        // do not count toward the limit.
+        let which = if task.attempts == task.failures {
+            format!("attempt {} of at most {max}", task.attempts)
+        } else {
+            format!(
+                "attempt {} (its failure {} of at most {max}; the other attempts were lost through no fault of the task)",
+                task.attempts, task.failures
+            )
+        };
         format!(
-            "app {}: {}{input} failed on attempt {attempt} of at most {}{note}: {error}",
-            job.spec.app.name, task.id, job.spec.max_attempts
+            "app {}: {}{input} failed on {which}{note}: {error}",
+            job.spec.app.name, task.id
         )
     }
 
@@ -963,12 +1060,14 @@ impl State {
 
     /// Commits the job if every reduce is done.
     fn maybe_commit(&mut self, now: Now, j: usize) {
-        let job = &mut self.jobs[j];
-        if job.state != JobState::Running || !job.reduces_done() {
+        let job = &self.jobs[j];
+        if job.state.is_final() || !job.reduces_done() {
             return;
         }
-        job.state = JobState::Committing;
         let (id, work, reduces) = (job.id.clone(), job.work_dir(), job.spec.reduces);
+        if job.state != JobState::Committing {
+            self.record(now, Record::Committing { job: id.clone() });
+        }
         let mut report = self.report_of(j);
         report.status = "succeeded".into();
         report.finished_ms = now.ms;
@@ -1080,6 +1179,9 @@ impl State {
     fn worker_lost(&mut self, now: Now, worker: &WorkerId, why: String) {
         tracing::warn!(%worker, "{why}");
         self.workers.remove(worker);
+        if self.gone.len() >= 100_000 {
+            self.gone.clear(); // ids are never handed out twice anyway
+        }
         self.gone.insert(worker.clone());
         for j in 0..self.jobs.len() {
             if self.jobs[j].state.is_final() {
@@ -1104,7 +1206,7 @@ impl State {
                             now,
                             Record::Lost {
                                 job,
-                                map,
+                                task: TaskId::Map(map),
                                 why: format!("{why}, and its output with it"),
                             },
                         );
@@ -1120,6 +1222,23 @@ impl State {
     /// again, and a shutdown completes.
     pub fn tick(&mut self, now: Now) {
         self.prune_finished();
+        if let Some(prev) = self.last_tick {
+            let gap = now.at.saturating_duration_since(prev);
+            if gap > self.config.stall {
+                tracing::warn!("the coordinator did not run for {gap:?}; that time is not held against workers or attempts");
+                for w in self.workers.values_mut() {
+                    w.last_seen = (w.last_seen + gap).min(now.at);
+                }
+                for job in &mut self.jobs {
+                    for t in &mut job.tasks {
+                        if let TaskState::Running(r) = &mut t.state {
+                            r.last_progress = (r.last_progress + gap).min(now.at);
+                        }
+                    }
+                }
+            }
+        }
+        self.last_tick = Some(now.at);
         let dead: Vec<WorkerId> = self
             .workers
             .iter()
@@ -1156,7 +1275,7 @@ impl State {
                     w.cancel.push(key);
                 }
                 let msg = format!(
-                    "no progress for {timeout:?} (stuck, e.g. asleep, or its worker is overloaded); handed to another worker"
+                    "no progress for {timeout:?}: stuck (e.g. asleep in a host call) or its worker is hung (mr coordinator --task-timeout)"
                 );
                 self.attempt_failed(now, j, t, msg, true);
                 if self.jobs[j].state != JobState::Running {
@@ -1180,15 +1299,37 @@ impl State {
 
     // --- clients ---------------------------------------------------------
 
-    /// Queues a job. The caller has checked its inputs and locked its
-    /// output directory.
+    /// Whether a job could be queued now: checked before its output
+    /// directory is locked (and, with `--force`, cleared).
     ///
-    /// Fails if the spec is unusable.
-    pub fn submit(&mut self, now: Now, spec: JobSpec) -> Result<JobId, RpcError> {
+    /// Fails if the coordinator is shutting down, the spec is unusable, or
+    /// another unfinished job of this coordinator writes to the same
+    /// directory.
+    pub fn check_submit(&self, spec: &JobSpec) -> Result<(), RpcError> {
         if self.shutdown.is_some() {
             return Err(RpcError::Refused("the coordinator is shutting down".into()));
         }
-        validate(&spec)?;
+        validate(spec)?;
+        if let Some(other) = self
+            .jobs
+            .iter()
+            .find(|j| !j.state.is_final() && j.spec.output == spec.output)
+        {
+            return Err(RpcError::Invalid(format!(
+                "job {} is still writing to {}; wait for it to finish or choose another output directory",
+                other.id,
+                spec.output.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues a job. The caller has checked its inputs and locked its
+    /// output directory.
+    ///
+    /// Fails as [`State::check_submit`] does.
+    pub fn submit(&mut self, now: Now, spec: JobSpec) -> Result<JobId, RpcError> {
+        self.check_submit(&spec)?;
         let seq = self.next_job;
         let job = JobId(format!("job-{}-{seq}", now.ms));
         self.record(
@@ -1385,6 +1526,12 @@ fn validate(spec: &JobSpec) -> Result<(), RpcError> {
     }
     if spec.max_attempts == 0 {
         return bad("--max-attempts must be at least 1");
+    }
+    if spec.reduces > MAX_REDUCES {
+        return Err(RpcError::Invalid(format!(
+            "--reduces {} is more than this coordinator handles ({MAX_REDUCES})",
+            spec.reduces
+        )));
     }
     if !spec.output.is_absolute() || spec.inputs.iter().any(|i| !i.path.is_absolute()) {
         return bad("input and output paths must be absolute (mr submit makes them so)");

@@ -84,18 +84,14 @@ pub fn precheck(output: &Path, force: bool) -> Result<(), OutputError> {
     if locked(output) {
         return Err(busy(output));
     }
-    check_empty(output, false)
+    check_empty(output)
 }
 
-/// Refuses a non-empty output directory (ignoring our own `_temporary`
-/// when we hold its lock).
-fn check_empty(dir: &Path, ignore_temporary: bool) -> Result<(), OutputError> {
+/// Refuses a non-empty output directory.
+fn check_empty(dir: &Path) -> Result<(), OutputError> {
     match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            let other = entries
-                .flatten()
-                .any(|e| !(ignore_temporary && e.file_name() == TEMPORARY));
-            if other {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
                 return Err(OutputError::Invalid(format!(
                     "output directory {} is not empty; choose a new one, or pass --force to replace the output of an earlier job there",
                     dir.display()
@@ -223,13 +219,17 @@ impl OutputDir {
             "cannot create output directory {}",
             output.display()
         )))?;
-        let out = Self::lock(output)?;
+        let mut out = Self::lock(output)?;
+        // Until it is ours, leave `_temporary` alone whatever happens.
+        out.keep = true;
         if force {
             clear_output(output)?;
         } else {
-            // Another job may have finished here since `precheck` looked.
-            check_empty(output, true)?;
+            // Another job may have finished here since `precheck` looked;
+            // a `_temporary` left by a killed job counts as not empty.
+            check_empty(output)?;
         }
+        out.keep = false;
         std::fs::create_dir_all(&out.temporary)
             .map_err(io_err(format!("cannot create {}", out.temporary.display())))?;
         Ok(out)

@@ -40,7 +40,7 @@ use tokio::sync::{oneshot, Notify, OnceCell};
 
 use crate::map::MapTask;
 use crate::reduce::ReduceTask;
-use crate::shuffle::{self, FetchRequest};
+use crate::shuffle::{self, FetchError, FetchRequest};
 use crate::{spawn_task, task_seed, TaskError, WATCHDOG_GRACE};
 
 /// Segments a reduce attempt fetches at once.
@@ -245,7 +245,8 @@ struct Link {
 
 struct RunningTask {
     control: TaskControl,
-    /// Set while the app is fetched and compiled: that counts as progress.
+    /// Set while the attempt waits on bounded host work (fetching and
+    /// compiling the app, fetching map output): that counts as progress.
     preparing: Arc<AtomicBool>,
 }
 
@@ -328,6 +329,9 @@ impl Worker {
     where
         Fut: Future<Output = Call<T>>,
     {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut warned = None;
         loop {
             let (client, id) = self.client().await?;
             match call(client, context(timeout), id.clone()).await {
@@ -340,12 +344,10 @@ impl Worker {
                 }
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    tracing::warn!(
-                        "lost the coordinator at {} ({e}); reconnecting",
-                        self.options.coordinator
-                    );
-                    let mut link = self.link.lock().await;
-                    link.client = None;
+                    self.link.lock().await.client = None;
+                    let why = format!("lost the connection ({e})");
+                    retry_or_give_up(&self.options, started, &mut backoff, &mut warned, why)
+                        .await?;
                 }
             }
         }
@@ -479,7 +481,6 @@ impl Worker {
         } else {
             self.execute(&a, &control, &preparing).await
         };
-        self.running.lock().expect("running lock").remove(&a.key);
         match &outcome {
             Outcome::Failed { message, .. } => {
                 let first = message.lines().next().unwrap_or("");
@@ -488,8 +489,10 @@ impl Worker {
             Outcome::FetchFailed { map, message, .. } => {
                 tracing::warn!(key = %a.key, "cannot fetch map-{map}'s output: {message}")
             }
-            o => {
-                tracing::info!(key = %a.key, ms = started.elapsed().as_millis() as u64, outcome = ?std::mem::discriminant(o), "attempt ended")
+            Outcome::Cancelled => tracing::info!(key = %a.key, "attempt cancelled"),
+            Outcome::MapDone { .. } | Outcome::ReduceDone => {
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(key = %a.key, ms, "attempt succeeded")
             }
         }
         let result = AttemptResult {
@@ -508,6 +511,9 @@ impl Worker {
             Ok(Err(e)) => tracing::warn!(key = %a.key, "the coordinator refused the report: {e}"),
             Err(e) => tracing::warn!(key = %a.key, "cannot report: {e}"),
         }
+        // Listed in heartbeats until reported, so the coordinator never
+        // takes it for an attempt that did not reach this worker.
+        self.running.lock().expect("running lock").remove(&a.key);
         self.free.lock().expect("free lock").insert(a.slot);
         self.freed.notify_waiters();
     }
@@ -591,18 +597,25 @@ impl Worker {
                     };
                     return (failed(e), Counters::default());
                 }
-                preparing.store(false, Ordering::SeqCst);
+                // Waiting on fetches counts as progress: each has its own
+                // time limit, and a peer that stalls is reported below.
                 let fetched = fetch_all(&a.key.job, *partition, inputs, &dir, control).await;
+                preparing.store(false, Ordering::SeqCst);
                 let outcome = match fetched {
-                    Err((map, attempt, message)) => (
-                        if control.is_cancelled() {
-                            Outcome::Cancelled
-                        } else {
-                            Outcome::FetchFailed {
-                                map,
-                                attempt,
-                                message,
-                            }
+                    Err((_, _, FetchError::Cancelled)) => (Outcome::Cancelled, Counters::default()),
+                    Err(_) if control.is_cancelled() => (Outcome::Cancelled, Counters::default()),
+                    Err((_, _, FetchError::Local(message))) => (
+                        Outcome::Failed {
+                            message,
+                            retryable: true,
+                        },
+                        Counters::default(),
+                    ),
+                    Err((map, attempt, e)) => (
+                        Outcome::FetchFailed {
+                            map,
+                            attempt,
+                            message: e.to_string(),
                         },
                         Counters::default(),
                     ),
@@ -690,7 +703,7 @@ impl Worker {
             return Ok(path);
         }
         let started = Instant::now();
-        let mut bytes = Vec::with_capacity(app.size.min(1 << 30) as usize);
+        let mut bytes = Vec::with_capacity(app.size.min(64 << 20) as usize);
         while (bytes.len() as u64) < app.size {
             let offset = bytes.len() as u64;
             let sha = app.sha256.clone();
@@ -739,7 +752,12 @@ impl Worker {
         if !say_goodbye {
             return;
         }
-        let link = self.link.lock().await;
+        // The link may be held by a call retrying against a coordinator
+        // that is down: do not wait for it.
+        let Ok(link) = tokio::time::timeout(Duration::from_secs(2), self.link.lock()).await else {
+            tracing::info!("the coordinator is unreachable; leaving without saying goodbye");
+            return;
+        };
         if let (Some(c), Some(id)) = (&link.client, &link.id) {
             match c.goodbye(context(Duration::from_secs(2)), id.clone()).await {
                 Ok(Ok(())) => tracing::info!(worker = %id, "left the coordinator"),
@@ -802,7 +820,7 @@ async fn fetch_all(
     inputs: &[MapLocation],
     dir: &Path,
     control: &TaskControl,
-) -> Result<Vec<(PathBuf, SegmentInfo)>, (u32, u32, String)> {
+) -> Result<Vec<(PathBuf, SegmentInfo)>, (u32, u32, FetchError)> {
     let fetches: Vec<_> = inputs
         .iter()
         .filter(|l| l.segment.records > 0)
@@ -819,28 +837,24 @@ async fn fetch_all(
     Ok(got.into_iter().map(|(_, p, s)| (p, s)).collect())
 }
 
-/// Fetches one segment, with a few tries.
+/// Fetches one segment, trying again (a few times, with backoff) when
+/// the serving worker refused or failed, but not when it stalled, or this
+/// worker's disk failed.
 async fn fetch_one(
     job: JobId,
     partition: u32,
     l: MapLocation,
     dest: PathBuf,
     control: TaskControl,
-) -> Result<(u32, PathBuf, SegmentInfo), (u32, u32, String)> {
+) -> Result<(u32, PathBuf, SegmentInfo), (u32, u32, FetchError)> {
     let req = FetchRequest {
         job,
         map: l.map,
         attempt: l.attempt,
         partition,
     };
-    let mut last = String::new();
-    for i in 0..FETCH_TRIES {
-        if control.is_cancelled() {
-            return Err((l.map, l.attempt, "cancelled".to_string()));
-        }
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(250 << (2 * (i - 1)))).await;
-        }
+    let mut tries = 0;
+    loop {
         match shuffle::fetch(l.addr, &req, l.segment, &dest, &control).await {
             Ok(()) => {
                 let local = SegmentInfo {
@@ -849,13 +863,14 @@ async fn fetch_one(
                 };
                 return Ok((l.map, dest, local));
             }
-            Err(e) => {
-                tracing::debug!(map = l.map, try_ = i + 1, "fetch failed: {e}");
-                last = e;
+            Err(FetchError::Peer(e)) if tries + 1 < FETCH_TRIES && !control.is_cancelled() => {
+                tracing::debug!(map = l.map, "fetch failed, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(250 << (2 * tries))).await;
+                tries += 1;
             }
+            Err(e) => return Err((l.map, l.attempt, e)),
         }
     }
-    Err((l.map, l.attempt, last))
 }
 
 /// The worker's data directory: `jobs/` (map output) and `apps/`.

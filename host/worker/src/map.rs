@@ -217,6 +217,9 @@ impl SortBuffer {
     }
 
     fn add(&mut self, pairs: Vec<Kv>) -> Result<(), SpillError> {
+        if self.control.is_cancelled() {
+            return Err(cancelled().into());
+        }
         for kv in pairs {
             let (k, v) = (kv.key.as_bytes(), kv.value.as_bytes());
             self.counters.map_output_records += 1;
@@ -365,6 +368,9 @@ impl SortBuffer {
                 w.write(r, m.key(), m.value())?;
                 n = n.wrapping_add(1);
                 if n.is_multiple_of(65536) {
+                    if self.control.is_cancelled() {
+                        return Err(cancelled().into());
+                    }
                     self.control.bump();
                 }
             }
@@ -380,6 +386,11 @@ impl SortBuffer {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// The error a cancelled attempt's host side stops with.
+fn cancelled() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Interrupted, "the attempt was cancelled")
 }
 
 fn value<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {

@@ -125,6 +125,15 @@ pub fn run(
         .map_err(TaskError::io("cannot read map output"))?
     {
         batch.counters.reduce_input_records += 1;
+        if batch.counters.reduce_input_records.is_multiple_of(65536) && control.is_cancelled() {
+            return Err(TaskError::Io {
+                what: "reducing".into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the attempt was cancelled",
+                ),
+            });
+        }
         let key = merger.key();
         let same = current.as_ref().is_some_and(|g| g.key.as_bytes() == key);
         if !same {

@@ -27,7 +27,7 @@ const MAGIC: &[u8; 4] = b"MRS1";
 const MAX_REQUEST: u32 = 4096;
 /// How long a fetch waits to connect, or for the next bytes, before it
 /// gives the server up (a stopped or unreachable worker).
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which segment a reducer wants.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,83 +130,112 @@ async fn refuse(stream: &mut TcpStream, msg: &str) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
+/// Why a fetch failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchError {
+    /// The serving worker could not be reached, refused, or sent bytes
+    /// that do not check out; trying again may help.
+    Peer(String),
+    /// The serving worker stopped answering for [`FETCH_TIMEOUT`]: it is
+    /// hung or unreachable; trying again would only wait again.
+    Stalled(String),
+    /// This worker's own disk failed: not the map output's fault.
+    Local(String),
+    /// The attempt was cancelled.
+    Cancelled,
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Peer(m) | FetchError::Stalled(m) | FetchError::Local(m) => f.write_str(m),
+            FetchError::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+/// Runs `fut` for at most [`FETCH_TIMEOUT`].
+async fn timed<T>(
+    what: &str,
+    addr: SocketAddr,
+    fut: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, FetchError> {
+    match tokio::time::timeout(FETCH_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(FetchError::Peer(format!("{what} {addr}: {e}"))),
+        Err(_) => Err(FetchError::Stalled(format!(
+            "{what} {addr}: no answer within {FETCH_TIMEOUT:?}"
+        ))),
+    }
+}
+
 /// Fetches one segment from the worker at `addr` into `dest`, checking it
 /// is the segment the coordinator described (`expect`). Every MiB counts
-/// as progress of the attempt.
+/// as progress of the attempt; a cancelled attempt stops.
 ///
-/// Fails with a message when the server cannot be reached, stalls for
-/// [`FETCH_TIMEOUT`], refuses, or sends bytes that do not check out.
+/// Fails when the server cannot be reached, stalls for [`FETCH_TIMEOUT`],
+/// refuses, or sends bytes that do not check out, or when `dest` cannot be
+/// written.
 pub async fn fetch(
     addr: SocketAddr,
     req: &FetchRequest,
     expect: SegmentInfo,
     dest: &Path,
     control: &TaskControl,
-) -> Result<(), String> {
-    let timed = |what: &'static str| move |_| format!("{what}: no answer within {FETCH_TIMEOUT:?}");
-    let mut stream = tokio::time::timeout(FETCH_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(timed("cannot connect"))?
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+) -> Result<(), FetchError> {
+    let mut stream = timed("cannot connect to", addr, TcpStream::connect(addr)).await?;
     let _ = stream.set_nodelay(true);
     let body = postcard::to_stdvec(req).expect("a request serializes");
     let mut msg = MAGIC.to_vec();
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(&body);
-    stream
-        .write_all(&msg)
-        .await
-        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
-    let io = |e: std::io::Error| format!("reading from {addr}: {e}");
+    timed("cannot send to", addr, stream.write_all(&msg)).await?;
     let mut status = [0u8];
-    tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut status))
-        .await
-        .map_err(timed("waiting for the answer"))?
-        .map_err(io)?;
+    timed("reading from", addr, stream.read_exact(&mut status)).await?;
     if status[0] != 0 {
         let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await.map_err(io)?;
+        timed("reading from", addr, stream.read_exact(&mut len)).await?;
         let len = u32::from_le_bytes(len).min(MAX_REQUEST) as usize;
         let mut text = vec![0u8; len];
-        stream.read_exact(&mut text).await.map_err(io)?;
-        return Err(format!(
+        timed("reading from", addr, stream.read_exact(&mut text)).await?;
+        return Err(FetchError::Peer(format!(
             "{addr} refused: {}",
             String::from_utf8_lossy(&text)
-        ));
+        )));
     }
     let mut head = [0u8; 20];
-    stream.read_exact(&mut head).await.map_err(io)?;
+    timed("reading from", addr, stream.read_exact(&mut head)).await?;
     let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
     let records = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
     let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
     if (len, records, crc) != (expect.len, expect.records, expect.crc32) {
-        return Err(format!(
+        return Err(FetchError::Peer(format!(
             "{addr} serves a different output than the coordinator recorded (the map output changed)"
-        ));
+        )));
     }
+    let local =
+        |e: std::io::Error| FetchError::Local(format!("cannot write {}: {e}", dest.display()));
     let mut file = tokio::io::BufWriter::with_capacity(
         256 * 1024,
-        tokio::fs::File::create(dest)
-            .await
-            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?,
+        tokio::fs::File::create(dest).await.map_err(local)?,
     );
     let mut hasher = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut left = len;
     let mut since_bump = 0usize;
     while left > 0 {
+        if control.is_cancelled() {
+            return Err(FetchError::Cancelled);
+        }
         let want = buf.len().min(left as usize);
-        let n = tokio::time::timeout(FETCH_TIMEOUT, stream.read(&mut buf[..want]))
-            .await
-            .map_err(timed("the transfer stalled"))?
-            .map_err(io)?;
+        let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
         if n == 0 {
-            return Err(format!("{addr} closed the connection {left} bytes early"));
+            return Err(FetchError::Peer(format!(
+                "{addr} closed the connection {left} bytes early"
+            )));
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .await
-            .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+        file.write_all(&buf[..n]).await.map_err(local)?;
         left -= n as u64;
         since_bump += n;
         if since_bump >= 1 << 20 {
@@ -214,11 +243,11 @@ pub async fn fetch(
             since_bump = 0;
         }
     }
-    file.flush()
-        .await
-        .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+    file.flush().await.map_err(local)?;
     if hasher.finalize() != expect.crc32 {
-        return Err(format!("the bytes from {addr} fail their checksum"));
+        return Err(FetchError::Peer(format!(
+            "the bytes from {addr} fail their checksum"
+        )));
     }
     control.bump();
     Ok(())
@@ -268,7 +297,8 @@ mod tests {
         };
         let err = fetch(addr, &missing, idx[1], &dest, &control)
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("has no output of job-1-1 map-3 attempt 1"),
             "{err}"
@@ -277,7 +307,21 @@ mod tests {
         let mut wrong = idx[1];
         wrong.crc32 ^= 1;
         let err = fetch(addr, &req, wrong, &dest, &control).await.unwrap_err();
-        assert!(err.contains("different output"), "{err}");
+        assert!(
+            matches!(&err, FetchError::Peer(m) if m.contains("different output")),
+            "{err}"
+        );
+        // This worker's own disk failing is not the map output's fault.
+        let err = fetch(
+            addr,
+            &req,
+            idx[1],
+            Path::new("/nonexistent/dir/x"),
+            &control,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, FetchError::Local(_)), "{err}");
         // Path tricks are refused.
         let evil = FetchRequest {
             job: JobId("../../etc".into()),
@@ -307,6 +351,37 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(err.contains("cannot connect"), "{err}");
+        assert!(
+            matches!(&err, FetchError::Peer(m) if m.contains("cannot connect")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_stops_answering_is_a_stall_not_a_hang() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts, reads nothing, answers nothing.
+        tokio::spawn(async move {
+            let (_s, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let req = FetchRequest {
+            job: JobId("job-1".into()),
+            map: 0,
+            attempt: 1,
+            partition: 0,
+        };
+        let err = fetch(
+            addr,
+            &req,
+            SegmentInfo::default(),
+            &dir.path().join("x"),
+            &TaskControl::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, FetchError::Stalled(_)), "{err}");
     }
 }
