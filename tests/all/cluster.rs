@@ -188,6 +188,17 @@ impl Cluster {
         last.unwrap()
     }
 
+    /// Waits (at most `limit`) for a background `mr submit` to succeed.
+    fn finished(&self, submit: &mut Child, limit: Duration) {
+        let exited = wait_for(limit, || submit.try_wait().unwrap().is_some());
+        assert!(
+            exited,
+            "mr submit finished within {limit:?}\n{}",
+            self.logs()
+        );
+        assert!(submit.wait().unwrap().success(), "{}", self.logs());
+    }
+
     fn out(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -591,15 +602,7 @@ fn map_output_lost_with_its_worker_is_recomputed() {
     let a_id = before["tasks"][1]["attempts"][0]["worker"].clone();
     assert_ne!(a_id, before["tasks"][0]["attempts"][0]["worker"]);
     c.kill_worker(a);
-    assert!(
-        wait_for(Duration::from_secs(60), || submit
-            .try_wait()
-            .unwrap()
-            .is_some()),
-        "{}",
-        c.logs()
-    );
-    assert!(submit.wait().unwrap().success(), "{}", c.logs());
+    c.finished(&mut submit, Duration::from_secs(60));
     assert!(c.alive(b));
     assert_eq!(read_output(&out), reference_wc(&bodies));
     let r = success(&out);
@@ -892,15 +895,7 @@ fn a_restarted_coordinator_resumes_the_job() {
     c.kill_coordinator();
     std::thread::sleep(Duration::from_millis(500));
     c.start_coordinator(&addr);
-    assert!(
-        wait_for(Duration::from_secs(120), || submit
-            .try_wait()
-            .unwrap()
-            .is_some()),
-        "{}",
-        c.logs()
-    );
-    assert!(submit.wait().unwrap().success(), "{}", c.logs());
+    c.finished(&mut submit, Duration::from_secs(120));
     assert_eq!(read_output(&out), reference_wc(&names(&books())));
     let r = success(&out);
     let all = attempts(&r, "map");

@@ -155,6 +155,19 @@ impl SubmitArgs {
         }
     }
 
+    /// Connects again after losing the coordinator (it may be restarting).
+    async fn reconnect(
+        &self,
+        bars: &Bars,
+        e: tarpc::client::RpcError,
+    ) -> anyhow::Result<CoordinatorClient> {
+        bars.line(format!(
+            "lost the coordinator at {} ({e}); waiting up to {:?} for it to come back",
+            self.coordinator.coordinator, self.reconnect_for
+        ));
+        self.coordinator.connect(self.reconnect_for).await
+    }
+
     /// Polls the job until it is over, showing progress and failures.
     async fn wait(
         &self,
@@ -179,11 +192,7 @@ impl SubmitArgs {
             let s = match client.summary(context(CALL), job.clone()).await {
                 Ok(r) => r.map_err(lost)?,
                 Err(e) => {
-                    bars.line(format!(
-                        "lost the coordinator at {addr} ({e}); waiting up to {:?} for it to come back",
-                        self.reconnect_for
-                    ));
-                    client = self.coordinator.connect(self.reconnect_for).await?;
+                    client = self.reconnect(bars, e).await?;
                     continue;
                 }
             };
@@ -214,11 +223,7 @@ impl SubmitArgs {
                 let detail = match client.job(context(CALL), job.clone()).await {
                     Ok(r) => r.map_err(lost)?,
                     Err(e) => {
-                        bars.line(format!(
-                            "lost the coordinator at {addr} ({e}); waiting up to {:?} for it to come back",
-                            self.reconnect_for
-                        ));
-                        client = self.coordinator.connect(self.reconnect_for).await?;
+                        client = self.reconnect(bars, e).await?;
                         continue;
                     }
                 };

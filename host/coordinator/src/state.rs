@@ -569,6 +569,15 @@ impl State {
         }
     }
 
+    /// The key of attempt `attempt` of task `t` of job `j`.
+    fn key(&self, j: usize, t: usize, attempt: u32) -> AttemptKey {
+        AttemptKey {
+            job: self.jobs[j].id.clone(),
+            task: self.jobs[j].tasks[t].id,
+            attempt,
+        }
+    }
+
     fn task_mut(&mut self, job: &JobId, task: TaskId) -> Option<&mut Task> {
         let j = self.job_index(job)?;
         let t = self.jobs[j].index(task)?;
@@ -673,11 +682,7 @@ impl State {
                     let TaskState::Running(run) = &self.jobs[j].tasks[t].state else {
                         continue;
                     };
-                    let key = AttemptKey {
-                        job: self.jobs[j].id.clone(),
-                        task: self.jobs[j].tasks[t].id,
-                        attempt: run.attempt,
-                    };
+                    let key = self.key(j, t, run.attempt);
                     if &run.worker == worker && run.assigned < previous && !listed.contains(&key) {
                         let why = "killed: its worker never started it (the assignment was lost on the way)";
                         self.end_attempt(now, j, t, why.into(), false, None);
@@ -1041,11 +1046,7 @@ impl State {
         let TaskState::Running(run) = &self.jobs[j].tasks[t].state else {
             return;
         };
-        let key = AttemptKey {
-            job: self.jobs[j].id.clone(),
-            task: self.jobs[j].tasks[t].id,
-            attempt: run.attempt,
-        };
+        let key = self.key(j, t, run.attempt);
         self.record(
             now,
             Record::Ended {
@@ -1127,11 +1128,7 @@ impl State {
         };
         for t in 0..self.jobs[j].tasks.len() {
             if let TaskState::Running(run) = &self.jobs[j].tasks[t].state {
-                let key = AttemptKey {
-                    job: self.jobs[j].id.clone(),
-                    task: self.jobs[j].tasks[t].id,
-                    attempt: run.attempt,
-                };
+                let key = self.key(j, t, run.attempt);
                 if let Some(w) = self.workers.get_mut(&run.worker) {
                     w.cancel.push(key);
                 }
@@ -1266,11 +1263,7 @@ impl State {
                 if now.at.saturating_duration_since(run.last_progress) <= timeout {
                     continue;
                 }
-                let key = AttemptKey {
-                    job: self.jobs[j].id.clone(),
-                    task: self.jobs[j].tasks[t].id,
-                    attempt: run.attempt,
-                };
+                let key = self.key(j, t, run.attempt);
                 if let Some(w) = self.workers.get_mut(&run.worker) {
                     w.cancel.push(key);
                 }
