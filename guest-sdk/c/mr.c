@@ -390,6 +390,14 @@ static void keep(int which, mr_str v) {
     pending[which].values[pending[which].n++] = mr_string_copy(v);
 }
 
+static void drop_pending(int which) {
+    for (size_t j = 0; j < pending[which].n; j++)
+        free(pending[which].values[j].ptr);
+    free(pending[which].key.ptr);
+    pending[which].n = 0;
+    pending[which].active = false;
+}
+
 const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn f,
                        mr_string *out, size_t *n_out) {
     size_t k = 0;
@@ -397,8 +405,11 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
         const mr_group *g = &groups[i];
         if (pending[which].active) {
             mr_str pkey = {pending[which].key.ptr, pending[which].key.len};
-            if (!mr_str_eq(pkey, g->key))
+            if (!mr_str_eq(pkey, g->key)) {
+                drop_pending(which);
+                *n_out = k;
                 return "host protocol error: a key ended without its last group";
+            }
             for (size_t j = 0; j < g->n; j++)
                 keep(which, g->values[j]);
             if (!g->last)
@@ -409,11 +420,7 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
                 all[j] = (mr_str){pending[which].values[j].ptr, pending[which].values[j].len};
             out[k++] = f(g->key, all, total);
             free(all);
-            for (size_t j = 0; j < total; j++)
-                free(pending[which].values[j].ptr);
-            free(pending[which].key.ptr);
-            pending[which].n = 0;
-            pending[which].active = false;
+            drop_pending(which);
         } else if (g->last) {
             out[k++] = f(g->key, g->values, g->n);
         } else {

@@ -59,9 +59,9 @@ _NON_LETTER = re.compile("[^" + _LETTER_CLASS + "]")
 def words(text):
     """Yields the words of `text` the way the MIT 6.5840 lab splits them
     (Go's `unicode.IsLetter`): maximal runs of Unicode letters (general
-    category L), case kept. The letters are the Rust SDK's, table for table
-    (Python's own `str.isalpha` also accepts other categories, and its
-    Unicode version differs)."""
+    category L), case kept. The letters are the Rust SDK's, table for table:
+    `str.isalpha` is category L too, but of the Unicode version of the
+    Python that runs the app, which differs."""
     n = len(text)
     start = 0
     while start < n:
