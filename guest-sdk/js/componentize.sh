@@ -42,6 +42,15 @@ if ! cmp -s "$sdk/package-lock.json" "$tools/package-lock.json" || [ ! -f "$tool
 fi
 
 mkdir -p "$(dirname "$out")"
+out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
+# componentize-js resolves the app's imports (this SDK's mr.js among them)
+# inside the current directory when the app is in it: work from the
+# deepest directory that holds both the app and this SDK.
+root=$(dirname "$src")
+while [ "$root" != / ] && [[ "$sdk/" != "$root/"* ]]; do
+    root=$(dirname "$root")
+done
+cd "$root"
 # No wasi:http (the sandbox has no network): disable the features that
 # would import it.
 node "$tools/node_modules/@bytecodealliance/componentize-js/src/cli.js" \

@@ -4,6 +4,7 @@
 mod apps;
 mod errors;
 mod kill;
+mod languages;
 mod sandbox;
 mod splits;
 
