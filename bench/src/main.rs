@@ -277,7 +277,10 @@ fn bench(a: RunArgs) -> Result<()> {
     let mr_out = a.dir.join("mr-wc");
     let mr = run_mr(&a, &a.app, &corpus, &mr_out)?;
 
-    let (want, got) = (sorted_lines(&[native_out])?, sorted_lines(&outputs(&mr_out))?);
+    let (want, got) = (
+        sorted_lines(&[native_out])?,
+        sorted_lines(&outputs(&mr_out))?,
+    );
     if want != got {
         bail!(
             "mr's output differs from native ({} vs {} lines)",
@@ -325,7 +328,13 @@ fn run_mr(a: &RunArgs, app: &Path, corpus: &[PathBuf], out: &Path) -> Result<Mea
             .arg("run")
             .arg(app)
             .args(corpus)
-            .args(["--reduces", &REDUCES.to_string(), "--force", "--quiet", "--output"])
+            .args([
+                "--reduces",
+                &REDUCES.to_string(),
+                "--force",
+                "--quiet",
+                "--output",
+            ])
             .arg(out)
             .args(&a.mr_args)
             .stdout(std::process::Stdio::null()),
@@ -341,7 +350,8 @@ fn outputs(dir: &Path) -> Vec<PathBuf> {
 /// The Rust wc app and the other languages' on a smaller corpus.
 fn languages(a: &RunArgs) -> Result<()> {
     let corpus = generate(
-        &a.dir.join(format!("corpus-{}m-{}", a.lang_size_mib, a.files)),
+        &a.dir
+            .join(format!("corpus-{}m-{}", a.lang_size_mib, a.files)),
         a.lang_size_mib << 20,
         a.files,
     )?;

@@ -44,17 +44,17 @@ fi
 mkdir -p "$(dirname "$out")"
 out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 # componentize-js resolves the app's imports (this SDK's mr.js among them)
-# inside the current directory when the app is in it: work from the
-# deepest directory that holds both the app and this SDK.
-root=$(dirname "$src")
-while [ "$root" != / ] && [[ "$sdk/" != "$root/"* ]]; do
-    root=$(dirname "$root")
+# only inside the current directory, and mishandles `/` as that directory:
+# stage the app's folder and this SDK in a scratch directory, at their own
+# absolute paths under it, so relative imports between them still work.
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+for dir in "$(dirname "$src")" "$sdk"; do
+    tar -C / --exclude=node_modules --exclude='*.wasm' -cf - "${dir#/}" | tar -C "$stage" -xf -
 done
-cd "$root"
-# No wasi:http (the sandbox has no network): disable the features that
-# would import it.
+cd "$stage"
 node "$tools/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
     --wit "$repo/wit" --world-name mapreduce -d http -d fetch-event \
-    -o "$out.tmp" "$src"
+    -o "$out.tmp" "${src#/}"
 mv "$out.tmp" "$out"
 echo "built $out"

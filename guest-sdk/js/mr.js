@@ -91,8 +91,9 @@ export class Emitter {
         return;
       }
       this._combining = true;
-      values.length = 1;
-      values[0] = combined;
+      // A new array: truncating the old one in place measured slower in
+      // the engine's interpreter.
+      this._table.set(key, [combined]);
     }
   }
 
