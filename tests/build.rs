@@ -6,7 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const APPS: &[&str] = &["wc", "indexer", "nocrash", "crash", "early_exit", "hostile"];
+const APPS: &[&str] = &[
+    "wc",
+    "indexer",
+    "nocrash",
+    "crash",
+    "early_exit",
+    "hostile",
+    "timing",
+];
 
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap())

@@ -13,6 +13,7 @@ pub const NOCRASH: &str = env!("MR_GUEST_NOCRASH");
 pub const CRASH: &str = env!("MR_GUEST_CRASH");
 pub const EARLY_EXIT: &str = env!("MR_GUEST_EARLY_EXIT");
 pub const HOSTILE: &str = env!("MR_GUEST_HOSTILE");
+pub const TIMING: &str = env!("MR_GUEST_TIMING");
 pub const REPO_ROOT: &str = env!("MR_REPO_ROOT");
 
 /// The eight books of the lab, as paths.

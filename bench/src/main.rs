@@ -3,11 +3,14 @@
 //! 1. Generates a text corpus (default 256 MiB in 4 files) whose words follow
 //!    a Zipf law over a 300k-word vocabulary: a long tail, like real text.
 //! 2. Runs, as separate processes and in the same run: a native Rust word
-//!    count (single thread, the lab's semantics) and `mr run` with the `wc`
-//!    app; checks that their outputs agree.
+//!    count (single thread, the lab's semantics), `mr run` with the `wc`
+//!    app, and the same job on a cluster on this machine (`mr coordinator`
+//!    and `--workers` `mr worker`s, timed from `mr submit` to its exit);
+//!    checks that their outputs agree.
 //! 3. Prints wall time, MB/s and peak RSS (from `wait4`) of each, and ratios
-//!    against native: the machines are shared and noisy, so only ratios
-//!    measured in one run are comparable.
+//!    against native and `mr run`: the machines are shared and noisy, so
+//!    only ratios measured in one run are comparable. With `--runs N` each
+//!    is run N times, interleaved, and the fastest run of each counts.
 //! 4. With `--lang-app NAME=PATH` (bench/run.sh passes the C, Python and
 //!    JavaScript word counts): runs the Rust `wc` app and each of those on a
 //!    smaller corpus (`--lang-size-mib`, the slow languages take minutes on
@@ -15,9 +18,10 @@
 //!    checks their outputs equal the Rust app's, and prints each one's
 //!    throughput as a ratio of the Rust app's.
 
+use std::io::BufRead;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -61,6 +65,16 @@ struct RunArgs {
     /// Extra arguments for `mr run` (e.g. --parallelism 1).
     #[arg(long, allow_hyphen_values = true, num_args = 1..)]
     mr_args: Vec<String>,
+    /// Workers in the cluster run (0: no cluster run).
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Slots per worker [default: cores / workers, at least 1: on one
+    /// machine the cluster runs as many tasks at once as `mr run`].
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Runs of each command; the fastest of each counts.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
     /// An app in another language to compare with the Rust wc app, as
     /// NAME=PATH (repeatable).
     #[arg(long = "lang-app", value_parser = parse_lang_app)]
@@ -212,27 +226,91 @@ struct Measured {
 }
 
 /// Runs `cmd`, returning wall time and the child's peak RSS.
-#[allow(unsafe_code)]
 fn measure(cmd: &mut Command) -> Result<Measured> {
     let start = Instant::now();
     let child = cmd.spawn().context("starting a benchmark process")?;
+    let peak_rss_mib = reap(child, &format!("{cmd:?}"))?;
+    Ok(Measured {
+        secs: start.elapsed().as_secs_f64(),
+        peak_rss_mib,
+    })
+}
+
+/// Waits for `child` to exit successfully; returns its peak RSS in MiB.
+#[allow(unsafe_code)]
+fn reap(child: Child, what: &str) -> Result<f64> {
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value to be filled in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: pid is our own child, not yet reaped; the pointers are valid.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let secs = start.elapsed().as_secs_f64();
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        bail!("{cmd:?} failed with status {status}");
+        bail!("{what} failed with status {status}");
     }
-    Ok(Measured {
-        secs,
-        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
-    })
+    Ok(usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// A coordinator and workers on this machine.
+struct Cluster {
+    addr: String,
+    coordinator: Child,
+    workers: Vec<Child>,
+}
+
+impl Cluster {
+    fn start(mr: &Path, workers: u32, slots: Option<u32>) -> Result<Cluster> {
+        let mut coordinator = Command::new(mr)
+            .args(["coordinator", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mr coordinator")?;
+        let mut line = String::new();
+        std::io::BufReader::new(coordinator.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("mr coordinator listening on ")
+            .context("mr coordinator did not start")?
+            .to_string();
+        let workers = (0..workers)
+            .map(|_| {
+                let mut c = Command::new(mr);
+                c.args(["worker", "--coordinator", &addr]);
+                if let Some(k) = slots {
+                    c.args(["--slots", &k.to_string()]);
+                }
+                c.stderr(Stdio::null())
+                    .spawn()
+                    .context("starting mr worker")
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cluster {
+            addr,
+            coordinator,
+            workers,
+        })
+    }
+
+    /// Shuts the cluster down; returns the largest peak RSS of a worker.
+    fn stop(self, mr: &Path) -> Result<f64> {
+        let status = Command::new(mr)
+            .args(["shutdown", "--coordinator", &self.addr])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("mr shutdown failed");
+        }
+        let mut peak = 0f64;
+        for w in self.workers {
+            peak = peak.max(reap(w, "mr worker")?);
+        }
+        reap(self.coordinator, "mr coordinator")?;
+        Ok(peak)
+    }
 }
 
 fn sorted_lines(paths: &[PathBuf]) -> Result<Vec<String>> {
@@ -267,26 +345,79 @@ fn bench(a: RunArgs) -> Result<()> {
 
     let native_out = a.dir.join("native-wc.txt");
     let me = std::env::current_exe()?;
-    let native = measure(
-        Command::new(&me)
-            .arg("native-wc")
-            .arg(&native_out)
-            .args(&corpus),
-    )?;
-
     let mr_out = a.dir.join("mr-wc");
-    let mr = run_mr(&a, &a.app, &corpus, &mr_out)?;
-
-    let (want, got) = (
-        sorted_lines(&[native_out])?,
-        sorted_lines(&outputs(&mr_out))?,
-    );
-    if want != got {
-        bail!(
-            "mr's output differs from native ({} vs {} lines)",
-            got.len(),
-            want.len()
+    let cluster_out = a.dir.join("mr-cluster-wc");
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+    let slots = a.slots.unwrap_or((cores / a.workers.max(1)).max(1));
+    let cluster = if a.workers > 0 {
+        Some(Cluster::start(&a.mr, a.workers, Some(slots))?)
+    } else {
+        None
+    };
+    let best = |acc: Option<Measured>, m: Measured| match acc {
+        Some(b) if b.secs <= m.secs => Some(b),
+        _ => Some(m),
+    };
+    let (mut native, mut mr, mut dist) = (None, None, None);
+    for run in 0..a.runs.max(1) {
+        eprintln!("run {} of {} ...", run + 1, a.runs.max(1));
+        native = best(
+            native,
+            measure(
+                Command::new(&me)
+                    .arg("native-wc")
+                    .arg(&native_out)
+                    .args(&corpus),
+            )?,
         );
+        mr = best(
+            mr,
+            measure(
+                Command::new(&a.mr)
+                    .arg("run")
+                    .arg(&a.app)
+                    .args(&corpus)
+                    .args(["--reduces", "8", "--force", "--quiet", "--output"])
+                    .arg(&mr_out)
+                    .args(&a.mr_args)
+                    .stdout(Stdio::null()),
+            )?,
+        );
+        if let Some(c) = &cluster {
+            dist = best(
+                dist,
+                measure(
+                    Command::new(&a.mr)
+                        .args(["submit", "--coordinator", &c.addr])
+                        .arg(&a.app)
+                        .args(&corpus)
+                        .args(["--reduces", "8", "--force", "--quiet", "--output"])
+                        .arg(&cluster_out)
+                        .stdout(Stdio::null()),
+                )?,
+            );
+        }
+    }
+    let (native, mr) = (native.expect("one run"), mr.expect("one run"));
+    let worker_rss = match cluster {
+        Some(c) => Some(c.stop(&a.mr)?),
+        None => None,
+    };
+
+    let want = sorted_lines(&[native_out])?;
+    for (what, dir) in [("mr run", &mr_out), ("the cluster", &cluster_out)] {
+        if what == "the cluster" && dist.is_none() {
+            continue;
+        }
+        let outs: Vec<PathBuf> = (0..8).map(|r| dir.join(format!("mr-out-{r}"))).collect();
+        let got = sorted_lines(&outs)?;
+        if want != got {
+            bail!(
+                "{what}'s output differs from native ({} vs {} lines)",
+                got.len(),
+                want.len()
+            );
+        }
     }
 
     println!(
@@ -299,7 +430,15 @@ fn bench(a: RunArgs) -> Result<()> {
         "{:<26} {:>9} {:>9} {:>14}",
         "", "wall s", "MB/s", "peak RSS MiB"
     );
-    for (name, m) in [("native Rust, 1 thread", &native), ("mr run wc", &mr)] {
+    let mut rows = vec![
+        ("native Rust, 1 thread".to_string(), &native),
+        ("mr run wc".to_string(), &mr),
+    ];
+    let dist_name = format!("mr submit, {}x{} slots", a.workers, slots);
+    if let Some(d) = &dist {
+        rows.push((dist_name, d));
+    }
+    for (name, m) in rows {
         println!(
             "{name:<26} {:>9.2} {:>9.1} {:>14.0}",
             m.secs,
@@ -312,6 +451,14 @@ fn bench(a: RunArgs) -> Result<()> {
         native.secs / mr.secs,
         mr.peak_rss_mib / native.peak_rss_mib
     );
+    if let (Some(d), Some(rss)) = (&dist, worker_rss) {
+        println!("(mr submit's own RSS is the client's; largest worker peak RSS {rss:.0} MiB)");
+        println!(
+            "ratio cluster/mr run: throughput {:.2}x; cluster/native: {:.2}x",
+            mr.secs / d.secs,
+            native.secs / d.secs
+        );
+    }
     if !a.lang_apps.is_empty() {
         languages(&a)?;
     }

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mr_tests::*;
 
-use crate::mr;
+use crate::{mr, wait_for};
 
 /// `mr run` of early_exit over the books (its reduces sleep 3 s each, one
 /// sandbox at a time), writing to `out`.
@@ -20,18 +20,6 @@ fn early_exit(out: &Path, reduces: &str) -> Command {
         .arg(out)
         .args(book_names());
     c
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! One integration binary with modules, so there is one link step.
 
 mod apps;
+mod cluster;
 mod errors;
 mod kill;
 mod languages;
@@ -10,6 +11,7 @@ mod splits;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The `mr` binary, with the compiled-app cache in the test target dir.
 pub fn mr() -> Command {
@@ -60,4 +62,16 @@ pub fn report(dir: &Path, name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(dir.join(name))
         .unwrap_or_else(|e| panic!("no {name} in {}: {e}", dir.display()));
     serde_json::from_str(&text).expect("a JSON report")
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }

@@ -1,7 +1,16 @@
 //! The `mr` command. One file per subcommand; this file parses arguments,
 //! sets up logging and turns errors into a message and an exit code.
 
+mod cancel;
+mod client;
+mod coordinator;
+mod job_args;
+mod progress;
 mod run;
+mod shutdown;
+mod status;
+mod submit;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -22,30 +31,40 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Coordinator(coordinator::CoordinatorArgs),
+    Worker(worker::WorkerArgs),
+    Submit(submit::SubmitArgs),
+    Status(status::StatusArgs),
+    Cancel(cancel::CancelArgs),
+    Shutdown(shutdown::ShutdownArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Services say what they do by default; one-shot commands only warn.
+    let level = match cli.command {
+        Command::Coordinator(_) | Command::Worker(_) => {
+            "warn,mr_coordinator=info,mr_worker=info,mr_runtime=info"
+        }
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // Ctrl-C (or SIGTERM): remove the running job's temporary files and
-    // exit; nothing partial was committed, so nothing else needs undoing.
-    let _ = ctrlc::set_handler(|| {
-        if mr_worker::local::interrupt() {
-            eprintln!("interrupted after the job had committed its output (see its _SUCCESS)");
-        } else {
-            eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
-        }
-        std::process::exit(130);
-    });
     raise_open_file_limit();
     let result = match cli.command {
         Command::Run(args) => args.run(),
+        Command::Coordinator(args) => args.run(),
+        Command::Worker(args) => args.run(),
+        Command::Submit(args) => args.run(),
+        Command::Status(args) => args.run(),
+        Command::Cancel(args) => args.run(),
+        Command::Shutdown(args) => args.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

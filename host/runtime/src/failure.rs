@@ -57,6 +57,9 @@ pub enum FailureKind {
     Host,
     /// It broke the contract (e.g. returned the wrong number of values).
     Protocol,
+    /// The host cancelled the attempt (another attempt won, or the job
+    /// stopped); not the guest's fault.
+    Cancelled,
 }
 
 impl FailureKind {
@@ -65,7 +68,10 @@ impl FailureKind {
     /// then a pure function of its input). Timeouts and host failures
     /// depend on the machine, so they are worth retrying.
     pub fn deterministic(self) -> bool {
-        !matches!(self, FailureKind::Timeout | FailureKind::Host)
+        !matches!(
+            self,
+            FailureKind::Timeout | FailureKind::Host | FailureKind::Cancelled
+        )
     }
 }
 
@@ -136,6 +142,9 @@ pub(crate) fn classify(
     config: &SandboxConfig,
 ) -> GuestFailure {
     let state = store.data();
+    if state.cancelled {
+        return GuestFailure::new(FailureKind::Cancelled, "the attempt was cancelled");
+    }
     if let Some(p) = &state.protocol_error {
         return GuestFailure::new(FailureKind::Protocol, p.clone());
     }

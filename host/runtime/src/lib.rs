@@ -28,10 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::{Config, Engine, Store, UpdateDeadline};
 
 pub use failure::{FailureKind, GuestFailure, LoadError};
-pub use wasi::{Grants, MemoryBudget};
+pub use wasi::{Grants, TaskControl};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -46,8 +46,12 @@ use bindings::{Mapreduce, MapreducePre};
 
 /// The name and version of the world apps implement.
 pub const WORLD: &str = "mr:app/mapreduce@0.1.0";
-/// How often the epoch advances; the granularity of task time limits.
+/// How often the epoch advances.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Epoch ticks between a running guest's checks of its time limit and
+/// cancel flag (each check also counts as progress): the granularity of
+/// time limits and how soon a cancelled guest stops.
+pub const PROGRESS_TICKS: u64 = 10;
 
 /// Limits and grants for every task of a job.
 #[derive(Clone, Debug)]
@@ -220,14 +224,29 @@ impl Sandbox {
         &self,
         seed: u64,
         sink: Option<wasi::Sink>,
-        budget: &MemoryBudget,
+        control: &TaskControl,
     ) -> Result<(Store<wasi::TaskState>, Mapreduce), GuestFailure> {
-        let state = wasi::TaskState::new(&self.config, seed, sink, budget);
+        let state = wasi::TaskState::new(&self.config, seed, sink, control);
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let ticks = (self.config.task_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Every PROGRESS_TICKS the guest, if it is running wasm code, is
+        // checked: cancelled or past its time limit, it is interrupted;
+        // otherwise that counts as progress.
+        let started = std::time::Instant::now();
+        let limit = self.config.task_timeout;
+        let control = control.clone();
+        store.set_epoch_deadline(PROGRESS_TICKS);
+        store.epoch_deadline_callback(move |mut ctx| {
+            if control.is_cancelled() {
+                ctx.data_mut().cancelled = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            if started.elapsed() >= limit {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            control.bump();
+            Ok(UpdateDeadline::Continue(PROGRESS_TICKS))
+        });
         let bindings = self
             .pre
             .instantiate(&mut store)
@@ -238,18 +257,19 @@ impl Sandbox {
     /// Runs `map(input, contents)` in a fresh instance; every batch the guest
     /// emits goes to `sink`, whose error fails the task. `seed` makes the
     /// not-granted "randomness" differ per task while staying repeatable;
-    /// the instance's memory is charged to the task's `budget`.
+    /// the instance's memory is charged to the task's `control`, which also
+    /// records its progress and can cancel it.
     ///
     /// Fails with the guest's failure, classified.
     pub fn run_map(
         &self,
         seed: u64,
-        budget: &MemoryBudget,
+        control: &TaskControl,
         input: &str,
         contents: &str,
         sink: impl FnMut(Vec<Kv>) -> Result<(), String> + Send + 'static,
     ) -> Result<TaskOutput, GuestFailure> {
-        let (mut store, bindings) = self.instantiate(seed, Some(Box::new(sink)), budget)?;
+        let (mut store, bindings) = self.instantiate(seed, Some(Box::new(sink)), control)?;
         let result = bindings.call_map(&mut store, input, contents);
         let out = match result {
             Ok(Ok(())) => Ok(()),
@@ -266,11 +286,11 @@ impl Sandbox {
     }
 
     /// A fresh instance for one reduce task (or a map task's combiner),
-    /// which may call it many times; its memory is charged to `budget`.
+    /// which may call it many times; its memory is charged to `control`.
     ///
     /// Fails if the instance cannot be created (e.g. its start traps).
-    pub fn reducer(&self, seed: u64, budget: &MemoryBudget) -> Result<Reducer, GuestFailure> {
-        let (store, bindings) = self.instantiate(seed, None, budget)?;
+    pub fn reducer(&self, seed: u64, control: &TaskControl) -> Result<Reducer, GuestFailure> {
+        let (store, bindings) = self.instantiate(seed, None, control)?;
         Ok(Reducer {
             config: self.config.clone(),
             store,

@@ -2,7 +2,7 @@
 //! limiter, captured guest output and the map output sink.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,38 +18,7 @@ use crate::bindings::mr::app::host::Host;
 use crate::bindings::mr::app::types::Kv;
 use crate::SandboxConfig;
 
-/// Capabilities a job may grant its guests. Everything else (files,
-/// network, environment) is never granted in this version.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Grants {
-    /// The real wall and monotonic clocks and timers. Without it the wall
-    /// clock reads 1970-01-01, the monotonic clock stands still and sleeps
-    /// return at once.
-    pub clock: bool,
-    /// Real randomness. Without it the guest gets a fixed sequence derived
-    /// from the task, so a run is repeatable.
-    pub random: bool,
-}
-
-impl Grants {
-    /// The names of the granted capabilities, for reports.
-    pub fn names(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.clock {
-            v.push("clock".to_string());
-        }
-        if self.random {
-            v.push("random".to_string());
-        }
-        v
-    }
-
-    /// Whether a guest can behave differently on two runs over the same
-    /// input: without clock and randomness it is a pure function of it.
-    pub fn nondeterministic(&self) -> bool {
-        self.clock || self.random
-    }
-}
+pub use mr_core::job::Grants;
 
 pub(crate) type Sink = Box<dyn FnMut(Vec<Kv>) -> Result<(), String> + Send>;
 
@@ -64,6 +33,9 @@ pub(crate) struct TaskState {
     pub(crate) host_error: Option<String>,
     /// Set when the guest broke the contract in a host call.
     pub(crate) protocol_error: Option<String>,
+    /// Set when the epoch callback interrupted the guest because the task
+    /// was cancelled (rather than out of time).
+    pub(crate) cancelled: bool,
 }
 
 impl TaskState {
@@ -71,7 +43,7 @@ impl TaskState {
         config: &SandboxConfig,
         seed: u64,
         sink: Option<Sink>,
-        budget: &MemoryBudget,
+        control: &TaskControl,
     ) -> Self {
         let output = CappedPipe::new(config.output_limit);
         let mut b = WasiCtxBuilder::new();
@@ -103,7 +75,7 @@ impl TaskState {
             table: ResourceTable::new(),
             limiter: Limiter {
                 limit: config.memory_limit,
-                shared: budget.clone(),
+                shared: control.clone(),
                 mine: 0,
                 exceeded: None,
             },
@@ -111,6 +83,7 @@ impl TaskState {
             sink,
             host_error: None,
             protocol_error: None,
+            cancelled: false,
         }
     }
 
@@ -153,24 +126,60 @@ impl Host for TaskState {
 
 impl crate::bindings::mr::app::types::Host for TaskState {}
 
-/// The memory one task may use, shared by all its instances (a map task's
-/// `map` instance and the instance that runs its combiner on spills).
+/// One task attempt's handle, shared by all its instances (a map task's
+/// `map` instance and the instance that runs its combiner on spills) and by
+/// the host code around them:
+/// - the **memory** charged to the task (all its instances together);
+/// - a **progress** counter, advanced while the guest runs wasm code (by the
+///   epoch callback, every [`crate::PROGRESS_TICKS`]) and by host work on
+///   the task's data ([`TaskControl::bump`]). A task whose counter stands
+///   still is stuck (e.g. asleep in a host call), not merely slow;
+/// - a **cancel** flag: a cancelled guest is interrupted at its next epoch
+///   check and fails with [`crate::FailureKind::Cancelled`].
 #[derive(Clone, Debug, Default)]
-pub struct MemoryBudget(Arc<AtomicUsize>);
+pub struct TaskControl(Arc<Control>);
 
-impl MemoryBudget {
+#[derive(Debug, Default)]
+struct Control {
+    memory: AtomicUsize,
+    progress: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl TaskControl {
     /// Bytes currently charged to the task.
-    pub fn used(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+    pub fn memory_used(&self) -> usize {
+        self.0.memory.load(Ordering::SeqCst)
+    }
+
+    /// The progress counter.
+    pub fn progress(&self) -> u64 {
+        self.0.progress.load(Ordering::Relaxed)
+    }
+
+    /// Records that the task did some work.
+    pub fn bump(&self) {
+        self.0.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asks the task to stop: its guest is interrupted within a tick or two
+    /// (unless it is blocked in a host call, which the caller must bound).
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`TaskControl::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::SeqCst)
     }
 }
 
 /// Caps the linear memories and tables of one instance, charging them to
-/// the task's [`MemoryBudget`]; what an instance used is given back when
+/// the task's [`TaskControl`]; what an instance used is given back when
 /// its store is dropped.
 pub(crate) struct Limiter {
     limit: usize,
-    shared: MemoryBudget,
+    shared: TaskControl,
     /// What this store has charged.
     mine: usize,
     /// The task total a refused growth asked for.
@@ -180,9 +189,9 @@ pub(crate) struct Limiter {
 impl Limiter {
     fn charge(&mut self, current: usize, desired: usize) -> wasmtime::Result<bool> {
         let delta = desired.saturating_sub(current);
-        let total = self.shared.0.fetch_add(delta, Ordering::SeqCst) + delta;
+        let total = self.shared.0.memory.fetch_add(delta, Ordering::SeqCst) + delta;
         if total > self.limit {
-            self.shared.0.fetch_sub(delta, Ordering::SeqCst);
+            self.shared.0.memory.fetch_sub(delta, Ordering::SeqCst);
             self.exceeded = Some(total);
             // An error (not `Ok(false)`) traps at once, so the guest cannot
             // turn the refusal into an abort with a misleading message.
@@ -195,7 +204,7 @@ impl Limiter {
 
 impl Drop for Limiter {
     fn drop(&mut self) {
-        self.shared.0.fetch_sub(self.mine, Ordering::SeqCst);
+        self.shared.0.memory.fetch_sub(self.mine, Ordering::SeqCst);
     }
 }
 

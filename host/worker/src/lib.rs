@@ -6,10 +6,17 @@
 //!   guest's `reduce` in batches of keys, and write `mr-out-<r>`.
 //! - [`local`]: `mr run`: a whole job in one process, with a pool of sandbox
 //!   slots, retries, a watchdog and an atomic commit.
+//! - [`cluster`]: `mr worker`: a long-running worker that takes tasks from a
+//!   coordinator, runs them in the sandbox and heart-beats.
+//! - [`shuffle`]: serving map output to reducers, and fetching it.
 
+pub mod cluster;
 pub mod local;
 pub mod map;
 pub mod reduce;
+pub mod shuffle;
+
+use std::time::Duration;
 
 use mr_runtime::{Grants, GuestFailure};
 
@@ -45,6 +52,41 @@ impl TaskError {
             TaskError::Io { .. } | TaskError::Watchdog(_) | TaskError::Panic(_) => true,
         }
     }
+}
+
+/// Time a watchdog adds to the task time limit before it gives up on an
+/// attempt (epoch interruption normally stops the guest first), and waits
+/// for a cancelled attempt to stop.
+pub(crate) const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
+/// Native stack of a task thread; wasm runs on it, so it must exceed the
+/// engine's wasm stack limit.
+const TASK_THREAD_STACK: usize = 8 << 20;
+
+/// Runs `f` on a thread of its own (wasm needs a large native stack) and
+/// hands its result, a panic turned into [`TaskError::Panic`], to `done`.
+///
+/// Fails if the thread cannot be started.
+pub(crate) fn spawn_task<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
+    done: impl FnOnce(Result<T, TaskError>) + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .stack_size(TASK_THREAD_STACK)
+        .spawn(move || {
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(TaskError::Panic(msg))
+                });
+            done(result);
+        })
+        .map(|_| ())
 }
 
 /// A seed for the not-granted "randomness" of a task: fixed per task so

@@ -22,27 +22,16 @@ use std::time::{Duration, Instant};
 
 use mr_core::ids::{JobId, TaskId};
 use mr_core::now_ms;
+use mr_core::output::{OutputDir, OutputError, COMMITTED};
 use mr_core::report::{AppInfo, AttemptReport, Counters, InputInfo, JobReport, TaskReport};
 use mr_core::split::{plan, Split};
-use mr_runtime::{LoadError, Sandbox, SandboxConfig, SandboxEngine};
+use mr_runtime::{LoadError, Sandbox, SandboxConfig, SandboxEngine, TaskControl};
 
 use crate::map::{MapOutput, MapTask};
 use crate::reduce::{ReduceOutput, ReduceTask};
-use crate::{task_seed, TaskError};
+use crate::{spawn_task, task_seed, TaskError, WATCHDOG_GRACE};
 
-/// Names of what a successful job leaves in its output directory.
-pub const SUCCESS: &str = "_SUCCESS";
-/// The report of a failed job.
-pub const FAILED: &str = "_FAILED";
-/// Work in progress inside the output directory.
-pub const TEMPORARY: &str = "_temporary";
-
-/// Time a watchdog adds to the task timeout before it gives up on an
-/// attempt (epoch interruption normally stops the guest first).
-const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
-/// Native stack of a task thread; wasm runs on it, so it must exceed the
-/// engine's wasm stack limit.
-const TASK_THREAD_STACK: usize = 8 << 20;
+pub use mr_core::output::{FAILED, SUCCESS, TEMPORARY};
 
 /// A job for `mr run`, already validated by the CLI's argument parser.
 #[derive(Clone, Debug)]
@@ -111,6 +100,15 @@ impl std::fmt::Display for TaskFailure {
     }
 }
 
+impl From<OutputError> for JobError {
+    fn from(e: OutputError) -> Self {
+        match e {
+            OutputError::Invalid(m) => JobError::Invalid(m),
+            OutputError::Io { what, source } => JobError::Io { what, source },
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JobError {
     let what = what.into();
     move |source| JobError::Io { what, source }
@@ -144,126 +142,13 @@ fn validate(job: &LocalJob) -> Result<Vec<u64>, JobError> {
     if job.inputs.is_empty() {
         return Err(JobError::Invalid("no input files given".into()));
     }
-    let mut sizes = Vec::new();
-    for input in &job.inputs {
-        let meta = std::fs::metadata(input).map_err(|e| {
-            JobError::Invalid(match e.kind() {
-                std::io::ErrorKind::NotFound => format!("input {input} does not exist"),
-                _ => format!("cannot read input {input}: {e}"),
-            })
-        })?;
-        if meta.is_dir() {
-            return Err(JobError::Invalid(format!(
-                "input {input} is a directory; pass the files in it instead (e.g. {input}/*)"
-            )));
-        }
-        if !meta.is_file() {
-            return Err(JobError::Invalid(format!(
-                "input {input} is not a regular file (a pipe or device?); mr reads inputs by byte ranges, so save it to a file first"
-            )));
-        }
-        std::fs::File::open(input)
-            .map_err(|e| JobError::Invalid(format!("cannot read input {input}: {e}")))?;
-        if job.force && would_be_removed(Path::new(input), &job.output) {
-            return Err(JobError::Invalid(format!(
-                "input {input} is part of the output in {} that --force would remove; copy it elsewhere first",
-                job.output.display()
-            )));
-        }
-        sizes.push(meta.len());
-    }
-    if !job.force {
-        if locked(&job.output) {
-            return Err(busy(&job.output));
-        }
-        check_empty(&job.output, false)?;
-    }
+    let sizes = job
+        .inputs
+        .iter()
+        .map(|input| mr_core::output::check_input(input, &job.output, job.force))
+        .collect::<Result<Vec<u64>, _>>()?;
+    mr_core::output::precheck(&job.output, job.force)?;
     Ok(sizes)
-}
-
-/// Refuses a non-empty output directory (ignoring our own `_temporary`
-/// when we hold its lock).
-fn check_empty(dir: &Path, ignore_temporary: bool) -> Result<(), JobError> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            let other = entries
-                .flatten()
-                .any(|e| !(ignore_temporary && e.file_name() == TEMPORARY));
-            if other {
-                return Err(JobError::Invalid(format!(
-                    "output directory {} is not empty; choose a new one, or pass --force to replace the output of an earlier job there",
-                    dir.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(JobError::Invalid(format!(
-            "cannot use output directory {}: {e}",
-            dir.display()
-        ))),
-    }
-}
-
-/// Whether `--force` removes an entry of the output directory by this name.
-fn removed_by_force(name: &str) -> bool {
-    name == SUCCESS || name == FAILED || name == TEMPORARY || name.starts_with("mr-out-")
-}
-
-/// Whether `input` lies among what `--force` removes from `output`.
-fn would_be_removed(input: &Path, output: &Path) -> bool {
-    let (Ok(input), Ok(output)) = (input.canonicalize(), output.canonicalize()) else {
-        return false;
-    };
-    input
-        .strip_prefix(&output)
-        .ok()
-        .and_then(|rest| rest.components().next())
-        .is_some_and(|first| removed_by_force(&first.as_os_str().to_string_lossy()))
-}
-
-/// Removes an earlier job's output (for `--force`): `_SUCCESS` first, so
-/// no reader ever sees it next to a mix of old and new files.
-fn clear_output(dir: &Path) -> Result<(), JobError> {
-    for name in [SUCCESS, FAILED] {
-        match std::fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err(format!(
-                    "cannot remove {}",
-                    dir.join(name).display()
-                ))(e))
-            }
-            _ => {}
-        }
-    }
-    let entries =
-        std::fs::read_dir(dir).map_err(io_err(format!("cannot list {}", dir.display())))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        let res = if name == TEMPORARY {
-            // Ours now (we hold the lock): empty it.
-            clear_dir(&path)
-        } else if name.starts_with("mr-out-") {
-            std::fs::remove_file(&path)
-        } else {
-            continue;
-        };
-        res.map_err(io_err(format!("cannot remove {}", path.display())))?;
-    }
-    Ok(())
-}
-
-fn clear_dir(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        } else {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 /// Runs `job` to completion and returns its report (also in `_SUCCESS`).
@@ -275,18 +160,10 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
     let sizes = validate(job)?;
     let engine = SandboxEngine::new()?;
     let sandbox = Arc::new(Sandbox::load(&engine, &job.app, job.sandbox.clone())?);
+    let out = OutputDir::acquire(&job.output, job.force)?;
     let temporary = job.output.join(TEMPORARY);
-    let lock = lock_output(&temporary, &job.output)?;
-    if job.force {
-        clear_output(&job.output)?;
-    } else {
-        // Another job may have finished here since `validate` looked.
-        check_empty(&job.output, true)?;
-    }
     let job_id = JobId::generate();
-    let work = temporary.join(&job_id.0);
-    std::fs::create_dir_all(work.join("committed"))
-        .map_err(io_err(format!("cannot create {}", work.display())))?;
+    let work = out.work_dir(&job_id.0)?;
     let intermediate = match &job.tmp_dir {
         Some(d) => tempfile::Builder::new().prefix("mr-").tempdir_in(d),
         None => tempfile::Builder::new().prefix("mr-").tempdir(),
@@ -335,13 +212,13 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
         observer,
     );
     report.finished_ms = now_ms();
-    let result = result.and_then(|()| commit(&job.output, &work, job.reduces, &mut report));
+    let result = result.and_then(|()| commit(&out, &work, job.reduces, &mut report));
     if let Err(e) = &result {
         report.status = "failed".into();
         report.error = Some(e.to_string());
-        write_report(&job.output.join(FAILED), &temporary, &report)?;
+        out.fail(&report)?;
     }
-    drop(lock);
+    drop(out);
     match result {
         Ok(()) => {
             tracing::info!(job = %job_id, ms = report.finished_ms - report.started_ms, "job succeeded");
@@ -349,61 +226,6 @@ pub fn run(job: &LocalJob, observer: &dyn Observer) -> Result<JobReport, JobErro
         }
         Err(e) => Err(e),
     }
-}
-
-/// The lock on an output directory. Dropping it removes `DIR/_temporary`
-/// (all of it is this job's while it holds the lock), on success, failure
-/// or an early error alike, and then releases the lock.
-struct OutputLock {
-    _dir: std::fs::File,
-    temporary: PathBuf,
-}
-
-impl Drop for OutputLock {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.temporary) {
-            tracing::warn!("cannot remove {}: {e}", self.temporary.display());
-        }
-    }
-}
-
-/// Locks the output directory for this job (an advisory lock on the
-/// directory itself, which mr never removes), so that a second job, or a
-/// second `--force`, cannot interleave with it; then creates `_temporary`.
-fn lock_output(temporary: &Path, output: &Path) -> Result<OutputLock, JobError> {
-    std::fs::create_dir_all(output).map_err(io_err(format!(
-        "cannot create output directory {}",
-        output.display()
-    )))?;
-    let dir =
-        std::fs::File::open(output).map_err(io_err(format!("cannot open {}", output.display())))?;
-    match dir.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Err(busy(output)),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(io_err(format!("cannot lock {}", output.display()))(e))
-        }
-    }
-    let lock = OutputLock {
-        _dir: dir,
-        temporary: temporary.to_path_buf(),
-    };
-    std::fs::create_dir_all(temporary)
-        .map_err(io_err(format!("cannot create {}", temporary.display())))?;
-    Ok(lock)
-}
-
-fn busy(output: &Path) -> JobError {
-    JobError::Invalid(format!(
-        "another mr job is writing to {}; wait for it to finish or choose another output directory",
-        output.display()
-    ))
-}
-
-/// Whether another process holds the lock on `path` (a directory).
-fn locked(path: &Path) -> bool {
-    std::fs::File::open(path)
-        .is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Work directories of running jobs, for [`interrupt`].
@@ -457,49 +279,18 @@ impl Drop for WorkDirs {
     }
 }
 
-/// Writes `report` to `path` atomically, through a temporary file in
-/// `scratch` (on the same file system, and removed on any exit path).
-fn write_report(path: &Path, scratch: &Path, report: &JobReport) -> Result<(), JobError> {
-    let json = serde_json::to_vec_pretty(report).expect("a report serializes");
-    let tmp = tempfile::NamedTempFile::new_in(scratch)
-        .map_err(io_err(format!("cannot write {}", path.display())))?;
-    std::fs::write(tmp.path(), &json)
-        .map_err(io_err(format!("cannot write {}", path.display())))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(io_err(format!("cannot sync {}", path.display())))?;
-    tmp.persist(path)
-        .map_err(|e| io_err(format!("cannot write {}", path.display()))(e.error))?;
-    Ok(())
-}
-
-/// Moves every committed `mr-out-*` into place, then writes `_SUCCESS`.
-/// If that fails, the files already moved are taken back out, so a failed
-/// job shows no output.
-fn commit(out: &Path, work: &Path, reduces: u32, report: &mut JobReport) -> Result<(), JobError> {
+/// Commits the job's output (see [`OutputDir::commit`]) unless Ctrl-C
+/// came first; holds [`COMMIT`] meanwhile so that Ctrl-C waits for it.
+fn commit(
+    out: &OutputDir,
+    work: &Path,
+    reduces: u32,
+    report: &mut JobReport,
+) -> Result<(), JobError> {
     let mut committed = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
-    let scratch = work.parent().expect("work lives in _temporary");
-    let result = (|| {
-        for r in 0..reduces {
-            let name = format!("mr-out-{r}");
-            std::fs::rename(work.join("committed").join(&name), out.join(&name)).map_err(
-                io_err(format!("cannot commit {}", out.join(&name).display())),
-            )?;
-        }
-        if let Ok(d) = std::fs::File::open(out) {
-            let _ = d.sync_all();
-        }
-        report.status = "succeeded".into();
-        write_report(&out.join(SUCCESS), scratch, report)
-    })();
+    let result = out.commit(work, reduces, report);
     *committed = result.is_ok();
-    if result.is_err() {
-        report.status = "failed".into();
-        for r in 0..reduces {
-            let _ = std::fs::remove_file(out.join(format!("mr-out-{r}")));
-        }
-    }
-    result
+    Ok(result?)
 }
 
 fn run_phases(
@@ -536,7 +327,9 @@ fn run_phases(
     {
         let tasks = Arc::new(map_tasks);
         let sb = sandbox.clone();
-        let exec = move |i: usize, attempt: u32| crate::map::run(&sb, &tasks[i], attempt);
+        let exec = move |i: usize, attempt: u32| {
+            crate::map::run(&sb, &tasks[i], attempt, &TaskControl::default())
+        };
         run_phase(
             job,
             Phase::Map,
@@ -584,7 +377,7 @@ fn run_phases(
     let exec = move |i: usize, attempt: u32| {
         let mut t = tasks[i].clone();
         t.output = t.output.with_extension(format!("attempt{attempt}"));
-        crate::reduce::run(&sb, &t)
+        crate::reduce::run(&sb, &t, &TaskControl::default())
     };
     let mut counters = Counters::default();
     run_phase(
@@ -595,7 +388,7 @@ fn run_phases(
         observer,
         exec,
         |i, _a, out: ReduceOutput| {
-            let dest = work.join("committed").join(format!("mr-out-{i}"));
+            let dest = work.join(COMMITTED).join(format!("mr-out-{i}"));
             std::fs::rename(&out.output, &dest)
                 .map_err(io_err(format!("cannot commit {}", dest.display())))?;
             counters.add(&out.counters);
@@ -645,23 +438,14 @@ fn run_phase<T: Send + 'static>(
             let task = report.tasks[first + i].task;
             tracing::debug!(%task, attempt, slot, "attempt started");
             let (tx, exec) = (tx.clone(), exec.clone());
-            std::thread::Builder::new()
-                .name(format!("{task}"))
-                .stack_size(TASK_THREAD_STACK)
-                .spawn(move || {
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exec(i, attempt)))
-                            .unwrap_or_else(|panic| {
-                                let msg = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "unknown panic".into());
-                                Err(TaskError::Panic(msg))
-                            });
+            spawn_task(
+                task.to_string(),
+                move || exec(i, attempt),
+                move |result| {
                     let _ = tx.send((i, attempt, result));
-                })
-                .map_err(io_err("cannot start a task thread"))?;
+                },
+            )
+            .map_err(io_err("cannot start a task thread"))?;
             running.insert(
                 (i, attempt),
                 Running {

@@ -8,7 +8,7 @@ use mr_core::partition::partition;
 use mr_core::report::Counters;
 use mr_core::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader};
 use mr_core::split::{read_split, Split};
-use mr_runtime::{Group, GuestFailure, Kv, MemoryBudget, Reducer, Sandbox};
+use mr_runtime::{Group, GuestFailure, Kv, Reducer, Sandbox, TaskControl};
 
 use crate::TaskError;
 
@@ -33,11 +33,17 @@ pub struct MapOutput {
     pub counters: Counters,
 }
 
-/// Runs one map task attempt; `attempt` names its files.
+/// Runs one map task attempt; `attempt` names its files. `control` carries
+/// the attempt's memory budget, progress and cancel flag.
 ///
 /// Fails if the input cannot be read, the guest fails, or the output cannot
 /// be written.
-pub fn run(sandbox: &Arc<Sandbox>, task: &MapTask, attempt: u32) -> Result<MapOutput, TaskError> {
+pub fn run(
+    sandbox: &Arc<Sandbox>,
+    task: &MapTask,
+    attempt: u32,
+    control: &TaskControl,
+) -> Result<MapOutput, TaskError> {
     let split = &task.split;
     let bytes = read_split(split).map_err(TaskError::io(format!(
         "cannot read input {} (bytes {}..{})",
@@ -61,17 +67,19 @@ pub fn run(sandbox: &Arc<Sandbox>, task: &MapTask, attempt: u32) -> Result<MapOu
             String::from_utf8_lossy(e.as_bytes()).into_owned()
         }
     };
+    control.bump();
     let prefix = format!("map-{}-a{attempt}", task.index);
     // The map instance and the combiner's share one memory limit.
-    let budget = MemoryBudget::default();
     let buffer = Arc::new(Mutex::new(SortBuffer::new(
         task,
         &prefix,
         sandbox.clone(),
-        budget.clone(),
+        control.clone(),
     )));
     let sink_buffer = buffer.clone();
-    let out = sandbox.run_map(task.seed, &budget, &split.input, &contents, move |pairs| {
+    let sink_control = control.clone();
+    let out = sandbox.run_map(task.seed, control, &split.input, &contents, move |pairs| {
+        sink_control.bump();
         sink_buffer
             .lock()
             .expect("sort buffer lock")
@@ -140,6 +148,8 @@ struct SortBuffer {
     combiner: Combiner,
     /// Why the combiner failed, if it did (the task fails with it).
     combine_failure: Option<GuestFailure>,
+    /// The attempt's progress: spilling and merging count.
+    control: TaskControl,
 }
 
 /// The app's combiner, run on each sorted spill (Hadoop's place for it): a
@@ -149,7 +159,7 @@ enum Combiner {
     Untried {
         sandbox: Arc<Sandbox>,
         seed: u64,
-        budget: MemoryBudget,
+        control: TaskControl,
     },
     Ready(Reducer),
     Absent,
@@ -181,7 +191,7 @@ enum Pending {
 }
 
 impl SortBuffer {
-    fn new(task: &MapTask, prefix: &str, sandbox: Arc<Sandbox>, budget: MemoryBudget) -> Self {
+    fn new(task: &MapTask, prefix: &str, sandbox: Arc<Sandbox>, control: TaskControl) -> Self {
         SortBuffer {
             reduces: task.reduces,
             limit: task.sort_buffer,
@@ -195,9 +205,10 @@ impl SortBuffer {
                 sandbox,
                 // Not the map instance's seed: the two instances are apart.
                 seed: task.seed ^ 0x636f_6d62_696e_6572,
-                budget,
+                control: control.clone(),
             },
             combine_failure: None,
+            control,
         }
     }
 
@@ -316,6 +327,7 @@ impl SortBuffer {
             return Err(e);
         }
         tracing::debug!(spill = %path.display(), "spilled map output");
+        self.control.bump();
         self.spills.push(path);
         self.counters.map_spills += 1;
         Ok(())
@@ -348,9 +360,15 @@ impl SortBuffer {
                 .map(|(p, idx)| SegmentReader::open(p, idx[r as usize]))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let mut m = Merger::new(readers)?;
+            let mut n = 0u32;
             while m.advance()? {
                 w.write(r, m.key(), m.value())?;
+                n = n.wrapping_add(1);
+                if n.is_multiple_of(65536) {
+                    self.control.bump();
+                }
             }
+            self.control.bump();
         }
         let segments = w.finish()?;
         self.discard();
@@ -393,10 +411,10 @@ fn flush_combined(
     if let Combiner::Untried {
         sandbox,
         seed,
-        budget,
+        control,
     } = combiner
     {
-        *combiner = Combiner::Ready(sandbox.reducer(*seed, budget).map_err(SpillError::Guest)?);
+        *combiner = Combiner::Ready(sandbox.reducer(*seed, control).map_err(SpillError::Guest)?);
     }
     let combined = match combiner {
         Combiner::Ready(r) => r.combine(groups).map_err(SpillError::Guest)?,

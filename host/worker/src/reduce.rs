@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use mr_core::report::Counters;
 use mr_core::runfile::{Merger, SegmentInfo, SegmentReader};
-use mr_runtime::{Group, Reducer, Sandbox};
+use mr_runtime::{Group, Reducer, Sandbox, TaskControl};
 
 use crate::TaskError;
 
@@ -39,6 +39,7 @@ pub struct ReduceOutput {
 
 struct Batch {
     reducer: Reducer,
+    control: TaskControl,
     groups: Vec<Group>,
     bytes: usize,
     out: BufWriter<File>,
@@ -60,6 +61,7 @@ impl Batch {
             return Ok(());
         }
         let values = self.reducer.reduce(&self.groups)?;
+        self.control.bump();
         let mut values = values.into_iter();
         for g in self.groups.iter().filter(|g| g.last) {
             let v = values
@@ -87,11 +89,16 @@ fn text(bytes: &[u8], what: &str) -> Result<String, TaskError> {
     })
 }
 
-/// Runs one reduce task attempt.
+/// Runs one reduce task attempt; `control` carries its memory budget,
+/// progress and cancel flag.
 ///
 /// Fails if map output cannot be read (or is corrupt), the guest fails, or
 /// the output cannot be written.
-pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskError> {
+pub fn run(
+    sandbox: &Sandbox,
+    task: &ReduceTask,
+    control: &TaskControl,
+) -> Result<ReduceOutput, TaskError> {
     let readers = task
         .inputs
         .iter()
@@ -104,7 +111,8 @@ pub fn run(sandbox: &Sandbox, task: &ReduceTask) -> Result<ReduceOutput, TaskErr
         task.output.display()
     )))?;
     let mut batch = Batch {
-        reducer: sandbox.reducer(task.seed, &mr_runtime::MemoryBudget::default())?,
+        reducer: sandbox.reducer(task.seed, control)?,
+        control: control.clone(),
         groups: Vec::new(),
         bytes: 0,
         out: BufWriter::with_capacity(256 * 1024, file),

@@ -1,0 +1,82 @@
+//! `mr coordinator`: the long-running service that accepts jobs and hands
+//! their tasks to workers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use mr_coordinator::state::Config;
+use mr_coordinator::Options;
+
+use crate::client::{interrupted, runtime, DEFAULT_ADDR};
+
+/// Run the coordinator: accept jobs from `mr submit`, hand their tasks to
+/// workers (`mr worker`), re-assign what stalls, commit the output.
+///
+/// Prints `mr coordinator listening on ADDR` on stdout once it listens.
+/// Ctrl-C stops it; with --state-dir, unfinished jobs resume when it is
+/// started again with the same directory, and workers rejoin by themselves.
+/// `mr shutdown` stops it and every worker.
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address to listen on (port 0: any free port, printed on start).
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    listen: String,
+
+    /// Keep jobs and apps here, so that a restarted coordinator resumes
+    /// unfinished jobs. Without it, a restart forgets every job.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+
+    /// An attempt that makes no progress for this long (its guest neither
+    /// runs nor emits; e.g. it sleeps, or its worker hangs) is given up and
+    /// handed to another worker.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    task_timeout: Duration,
+
+    /// A worker not heard from for this long is declared dead: its tasks
+    /// are handed out again and its map output is recomputed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    worker_timeout: Duration,
+
+    /// How often workers heartbeat.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, hide = true)]
+    heartbeat: Duration,
+}
+
+impl CoordinatorArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.heartbeat < self.worker_timeout,
+            "--worker-timeout must be longer than the heartbeat interval ({:?})",
+            self.heartbeat
+        );
+        anyhow::ensure!(
+            !self.task_timeout.is_zero(),
+            "--task-timeout must be positive"
+        );
+        let options = Options {
+            state_dir: self.state_dir,
+            timing: Config {
+                task_timeout: self.task_timeout,
+                worker_timeout: self.worker_timeout,
+                heartbeat: self.heartbeat,
+            },
+        };
+        runtime()?.block_on(async {
+            let listener = tokio::net::TcpListener::bind(&self.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", self.listen))?;
+            let addr = listener.local_addr()?;
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                writeln!(out, "mr coordinator listening on {addr}")?;
+                out.flush()?;
+            }
+            mr_coordinator::serve(listener, options, interrupted()).await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,108 @@
+//! Progress on a terminal: one bar per phase, and a line per failed
+//! attempt (printed everywhere, bars or not).
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use mr_core::ids::TaskId;
+use mr_core::report::JobReport;
+use mr_worker::local::{Observer, Phase};
+
+/// Progress bars on a terminal (one per phase, added when it starts);
+/// plain lines about failed attempts everywhere.
+pub struct Bars {
+    multi: MultiProgress,
+    map: OnceLock<ProgressBar>,
+    reduce: OnceLock<ProgressBar>,
+}
+
+impl Bars {
+    pub fn new(quiet: bool) -> Self {
+        let multi = MultiProgress::new();
+        if quiet {
+            multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        Bars {
+            multi,
+            map: OnceLock::new(),
+            reduce: OnceLock::new(),
+        }
+    }
+
+    fn slot(&self, phase: Phase) -> &OnceLock<ProgressBar> {
+        match phase {
+            Phase::Map => &self.map,
+            Phase::Reduce => &self.reduce,
+        }
+    }
+
+    /// Whether bars are not drawn (quiet, or not a terminal).
+    pub fn hidden(&self) -> bool {
+        self.multi.is_hidden()
+    }
+
+    /// Prints a line above the bars (or plainly, without bars).
+    pub fn line(&self, line: String) {
+        if self.multi.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
+    }
+
+    pub fn finish(&self) {
+        for b in [&self.map, &self.reduce]
+            .into_iter()
+            .filter_map(OnceLock::get)
+        {
+            b.finish();
+        }
+    }
+}
+
+impl Observer for Bars {
+    fn phase_started(&self, phase: Phase, tasks: usize) {
+        let style = ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+        let bar = self.multi.add(ProgressBar::new(tasks as u64));
+        bar.set_style(style);
+        bar.set_prefix(match phase {
+            Phase::Map => "map",
+            Phase::Reduce => "reduce",
+        });
+        let _ = self.slot(phase).set(bar);
+    }
+    fn task_done(&self, phase: Phase, done: usize, _tasks: usize) {
+        if let Some(b) = self.slot(phase).get() {
+            b.set_position(done as u64);
+        }
+    }
+    fn attempt_failed(&self, task: TaskId, attempt: u32, error: &str, will_retry: bool) {
+        let first_line = error.lines().next().unwrap_or("");
+        let what = if will_retry { "retrying" } else { "giving up" };
+        self.line(format!(
+            "{task} attempt {attempt} failed ({what}): {first_line}"
+        ));
+    }
+}
+
+/// The line a successful job ends with, for `mr run` and `mr submit` alike.
+pub fn success_line(report: &JobReport, output: &Path) -> String {
+    let secs = report.finished_ms.saturating_sub(report.started_ms) as f64 / 1000.0;
+    let maps = report
+        .tasks
+        .iter()
+        .filter(|t| matches!(t.task, TaskId::Map(_)))
+        .count();
+    format!(
+        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {}/mr-out-* (report: {}/_SUCCESS)",
+        report.job_id.as_ref().map(|j| j.0.as_str()).unwrap_or("?"),
+        report.reduces,
+        report.counters.map_input_bytes,
+        report.counters.reduce_output_records,
+        output.display(),
+        output.display(),
+    )
+}

@@ -1,0 +1,81 @@
+//! `mr status`: jobs on a coordinator and their progress.
+
+use std::time::Duration;
+
+use clap::Args;
+use mr_core::ids::JobId;
+use mr_core::rpc::context;
+
+use crate::client::{answer, runtime, CoordinatorArg, CALL};
+
+/// Show the coordinator's jobs, or one job in detail.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A job id (as `mr submit` prints it); without it, every job.
+    job: Option<String>,
+
+    /// Print the job's report (the same JSON as its _SUCCESS) instead.
+    #[arg(long, requires = "job")]
+    json: bool,
+
+    #[command(flatten)]
+    coordinator: CoordinatorArg,
+}
+
+impl StatusArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        runtime()?.block_on(async {
+            let addr = &self.coordinator.coordinator;
+            let client = self.coordinator.connect(Duration::from_secs(2)).await?;
+            let Some(job) = self.job.clone() else {
+                let jobs = answer(addr, client.jobs(context(CALL)).await)?;
+                if jobs.is_empty() {
+                    println!("no jobs on {addr}");
+                }
+                for s in jobs {
+                    println!(
+                        "{}  {:<10} map {}/{}  reduce {}/{}  running {}  failed attempts {}  {} -> {}",
+                        s.job,
+                        s.state.to_string(),
+                        s.maps_done,
+                        s.maps,
+                        s.reduces_done,
+                        s.reduces,
+                        s.running,
+                        s.failed_attempts,
+                        s.app,
+                        s.output.display()
+                    );
+                }
+                return Ok(());
+            };
+            let detail = answer(addr, client.job(context(CALL), JobId(job)).await)?;
+            if self.json {
+                let report: serde_json::Value = serde_json::from_str(&detail.report_json)?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            let s = &detail.summary;
+            println!("job      {}", s.job);
+            println!("state    {}", s.state);
+            println!("app      {}", s.app);
+            println!("output   {}", s.output.display());
+            println!("map      {}/{} done", s.maps_done, s.maps);
+            println!("reduce   {}/{} done", s.reduces_done, s.reduces);
+            println!("running  {} attempts", s.running);
+            println!("failed   {} attempts", s.failed_attempts);
+            if let Some(e) = &s.error {
+                println!("error    {e}");
+            }
+            for t in detail.report()?.tasks {
+                for a in t.attempts {
+                    if a.outcome != "succeeded" {
+                        let first = a.outcome.lines().next().unwrap_or("");
+                        println!("  {} attempt {} on {}: {first}", t.task, a.attempt, a.worker);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}

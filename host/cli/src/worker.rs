@@ -1,0 +1,70 @@
+//! `mr worker`: runs tasks for a coordinator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use mr_worker::cluster::{self, WorkerOptions};
+
+use crate::client::{interrupted, runtime, DEFAULT_ADDR};
+use crate::job_args::CacheArgs;
+
+/// Run a worker: register with the coordinator, run its tasks in the
+/// sandbox (up to --slots at once), serve map output to other workers.
+///
+/// It keeps running across jobs. Ctrl-C (or SIGTERM) stops it cleanly, as
+/// does `mr shutdown`. If the coordinator cannot be reached it retries,
+/// saying why, and exits with status 1 after --give-up-after.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The coordinator's address, host:port.
+    #[arg(long, env = "MR_COORDINATOR", default_value = DEFAULT_ADDR)]
+    coordinator: String,
+
+    /// Tasks run at once [default: number of cores].
+    #[arg(long)]
+    slots: Option<u32>,
+
+    /// Where map output and fetched apps go [default: a temporary directory
+    /// removed on exit]. One worker per directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+
+    /// Address to serve map output on [default: this machine's address
+    /// toward the coordinator, any free port].
+    #[arg(long)]
+    shuffle_listen: Option<SocketAddr>,
+
+    /// Give up (exit 1) when the coordinator stays unreachable this long.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    give_up_after: Duration,
+
+    #[command(flatten)]
+    cache: CacheArgs,
+
+    /// Announce another protocol version (for testing the refusal).
+    #[arg(long, hide = true, default_value_t = mr_core::rpc::PROTOCOL_VERSION)]
+    protocol_version: u32,
+}
+
+impl WorkerArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        let slots = match self.slots {
+            Some(0) => anyhow::bail!("--slots must be at least 1"),
+            Some(k) => k,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+        };
+        let options = WorkerOptions {
+            coordinator: self.coordinator,
+            slots,
+            data_dir: self.data_dir,
+            shuffle_listen: self.shuffle_listen,
+            give_up_after: self.give_up_after,
+            cache_dir: self.cache.resolve(),
+            protocol_version: self.protocol_version,
+        };
+        runtime()?.block_on(cluster::run(options, interrupted()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! The state directory's journal: every durable change of the state
+//! ([`Record`]) as one JSON line in `DIR/journal.jsonl`, appended before the
+//! caller gets its answer. On start the journal is read back (a torn last
+//! line from a crash is dropped), compacted (finished jobs keep only their
+//! submission and their end) and replayed by [`crate::state::State::recover`].
+//!
+//! Lines go straight to the kernel (no user-space buffer), so a killed
+//! coordinator loses nothing; job submissions and ends are also synced to
+//! disk.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use mr_core::ids::JobId;
+
+use crate::state::{Record, FINISHED_KEPT};
+
+/// The journal, or nothing when the coordinator keeps no state directory.
+pub struct Journal {
+    file: Option<File>,
+    path: PathBuf,
+}
+
+/// Why the state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot use the state directory {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the journal {path} is damaged at line {line}: {detail}; move it away to start afresh (its jobs are then forgotten)")]
+    Corrupt {
+        path: String,
+        line: usize,
+        detail: String,
+    },
+}
+
+const FILE: &str = "journal.jsonl";
+
+impl Journal {
+    /// A journal that records nothing.
+    pub fn none() -> Self {
+        Journal {
+            file: None,
+            path: PathBuf::new(),
+        }
+    }
+
+    /// Opens (creating) the journal in `dir` and returns what it held,
+    /// compacted.
+    ///
+    /// Fails if the directory cannot be created or the journal cannot be
+    /// read, or is damaged other than at its very end.
+    pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
+        let path = dir.join(FILE);
+        let io = |source| JournalError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut records = Vec::new();
+        match File::open(&path) {
+            Ok(f) => {
+                let lines: Vec<String> = BufReader::new(f)
+                    .lines()
+                    .collect::<Result<_, _>>()
+                    .map_err(io)?;
+                let n = lines.len();
+                for (i, line) in lines.iter().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<Record>(line) {
+                        Ok(r) => records.push(r),
+                        // The coordinator died while writing its last line.
+                        Err(_) if i + 1 == n => {
+                            tracing::warn!("dropping a torn last line of {}", path.display())
+                        }
+                        Err(e) => {
+                            return Err(JournalError::Corrupt {
+                                path: path.display().to_string(),
+                                line: i + 1,
+                                detail: e.to_string(),
+                            })
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        let records = compact(records);
+        // Rewrite the compacted journal atomically, then append to it.
+        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        {
+            let mut w = std::io::BufWriter::new(tmp.as_file());
+            for r in &records {
+                serde_json::to_writer(&mut w, r).expect("a record serializes");
+                w.write_all(b"\n").map_err(io)?;
+            }
+            w.flush().map_err(io)?;
+        }
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        Ok((
+            Journal {
+                file: Some(file),
+                path,
+            },
+            records,
+        ))
+    }
+
+    /// Appends a record.
+    ///
+    /// Fails if it cannot be written (the state in memory is still right,
+    /// but a restart would forget this change).
+    pub fn append(&mut self, r: &Record) -> std::io::Result<()> {
+        let Some(f) = self.file.as_mut() else {
+            return Ok(());
+        };
+        let mut line = serde_json::to_vec(r).expect("a record serializes");
+        line.push(b'\n');
+        f.write_all(&line)?;
+        if matches!(r, Record::Submitted { .. } | Record::Finished { .. }) {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Where it is, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Keeps what a restart needs: every record of unfinished jobs; of the
+/// newest [`FINISHED_KEPT`] finished ones only their submission and their
+/// end (older ones are forgotten, as the running coordinator forgets
+/// them); the last worker number.
+fn compact(records: Vec<Record>) -> Vec<Record> {
+    let order: Vec<&JobId> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Finished { job, .. } => Some(job),
+            _ => None,
+        })
+        .collect();
+    let forgotten: BTreeSet<JobId> = order[..order.len().saturating_sub(FINISHED_KEPT)]
+        .iter()
+        .map(|j| (*j).clone())
+        .collect();
+    let finished: BTreeSet<JobId> = order.iter().map(|j| (*j).clone()).collect();
+    let last_worker = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Worker { n } => Some(*n),
+            _ => None,
+        })
+        .max();
+    let mut out: Vec<Record> = last_worker
+        .map(|n| Record::Worker { n })
+        .into_iter()
+        .collect();
+    out.extend(records.into_iter().filter(|r| match r {
+        Record::Worker { .. } => false,
+        Record::Submitted { job, .. } | Record::Finished { job, .. } => !forgotten.contains(job),
+        Record::Started { key, .. } | Record::Ended { key, .. } => !finished.contains(&key.job),
+        Record::Lost { job, .. } => !finished.contains(job),
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mr_core::ids::{TaskId, WorkerId};
+    use mr_core::rpc::{AttemptKey, JobState};
+
+    fn started(job: &str) -> Record {
+        Record::Started {
+            key: AttemptKey {
+                job: JobId(job.into()),
+                task: TaskId::Map(0),
+                attempt: 1,
+            },
+            worker: WorkerId("w1".into()),
+            slot: 0,
+            ms: 1,
+        }
+    }
+
+    #[test]
+    fn records_survive_a_reopen_and_a_torn_last_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, records) = Journal::open(dir.path()).unwrap();
+        assert!(records.is_empty());
+        j.append(&Record::Worker { n: 1 }).unwrap();
+        j.append(&started("job-a")).unwrap();
+        drop(j);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(FILE))
+            .unwrap();
+        f.write_all(b"{\"started\":{\"key").unwrap();
+        let (_, records) = Journal::open(dir.path()).unwrap();
+        assert_eq!(records, [Record::Worker { n: 1 }, started("job-a")]);
+    }
+
+    #[test]
+    fn damage_before_the_end_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), "garbage\n{\"worker\":{\"n\":1}}\n").unwrap();
+        let err = Journal::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn finished_jobs_are_compacted() {
+        let finished = Record::Finished {
+            job: JobId("job-a".into()),
+            state: JobState::Succeeded,
+            error: None,
+            ms: 2,
+        };
+        let out = compact(vec![
+            Record::Worker { n: 1 },
+            started("job-a"),
+            started("job-b"),
+            Record::Worker { n: 2 },
+            finished.clone(),
+        ]);
+        assert_eq!(out, [Record::Worker { n: 2 }, started("job-b"), finished]);
+    }
+}

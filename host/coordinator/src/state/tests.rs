@@ -1,0 +1,779 @@
+//! Every transition of the state machine, with injected time and no I/O.
+
+use std::time::Duration;
+
+use mr_core::job::{AppRef, Grants, InputFile};
+use mr_core::runfile::SegmentInfo;
+
+use super::*;
+
+/// A clock for tests: `at(s)` is `s` seconds after the start.
+struct Clock(Instant);
+
+impl Clock {
+    fn new() -> Self {
+        Clock(Instant::now())
+    }
+    fn at(&self, secs: f64) -> Now {
+        Now {
+            at: self.0 + Duration::from_secs_f64(secs),
+            ms: 1_000_000 + (secs * 1000.0) as u64,
+        }
+    }
+}
+
+fn spec(inputs: u32, reduces: u32) -> JobSpec {
+    JobSpec {
+        app: AppRef {
+            name: "wc.wasm".into(),
+            sha256: "ab".repeat(32),
+            size: 10,
+        },
+        inputs: (0..inputs)
+            .map(|i| InputFile {
+                name: format!("in{i}.txt"),
+                path: format!("/data/in{i}.txt").into(),
+                bytes: 100,
+            })
+            .collect(),
+        reduces,
+        output: "/out".into(),
+        force: false,
+        split_size: 64 << 20,
+        sort_buffer: 1 << 20,
+        max_attempts: 3,
+        memory_limit: 1 << 30,
+        time_limit: Duration::from_secs(600),
+        grants: Grants::default(),
+    }
+}
+
+fn register(s: &mut State, now: Now, port: u16) -> WorkerId {
+    s.register(
+        now,
+        Register {
+            version: PROTOCOL_VERSION,
+            host: "h".into(),
+            pid: port as u32,
+            slots: 2,
+            shuffle_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            previous: None,
+        },
+    )
+    .unwrap()
+    .worker
+}
+
+fn segments(reduces: u32) -> Vec<SegmentInfo> {
+    (0..reduces)
+        .map(|r| SegmentInfo {
+            offset: r as u64 * 10,
+            len: 10,
+            records: 1,
+            crc32: r,
+        })
+        .collect()
+}
+
+fn result(key: &AttemptKey, outcome: Outcome) -> AttemptResult {
+    AttemptResult {
+        key: key.clone(),
+        outcome,
+        counters: Counters {
+            map_input_bytes: 100,
+            ..Counters::default()
+        },
+    }
+}
+
+fn map_done(key: &AttemptKey, reduces: u32) -> AttemptResult {
+    result(
+        key,
+        Outcome::MapDone {
+            segments: segments(reduces),
+        },
+    )
+}
+
+fn failed(key: &AttemptKey, retryable: bool) -> AttemptResult {
+    result(
+        key,
+        Outcome::Failed {
+            message: "the guest trapped".into(),
+            retryable,
+        },
+    )
+}
+
+fn ask(s: &mut State, now: Now, w: &WorkerId, slots: u32) -> Vec<Assignment> {
+    s.request_tasks(now, w, (0..slots).collect()).unwrap()
+}
+
+fn tasks(a: &[Assignment]) -> Vec<String> {
+    a.iter()
+        .map(|a| format!("{}#{}", a.key.task, a.key.attempt))
+        .collect()
+}
+
+fn summary(s: &State, job: &JobId) -> JobSummary {
+    s.detail(job).unwrap().0
+}
+
+/// Runs every map of the (only running) job on worker `w` to completion.
+fn finish_maps(s: &mut State, now: Now, w: &WorkerId, reduces: u32) {
+    while s
+        .summaries()
+        .iter()
+        .any(|j| j.state == JobState::Running && j.maps_done < j.maps)
+    {
+        let a = ask(s, now, w, 1);
+        let a = a.first().expect("a map to run");
+        assert!(matches!(a.work, Work::Map { .. }), "only maps: {a:?}");
+        s.report(now, w, map_done(&a.key, reduces)).unwrap();
+    }
+}
+
+fn journal(actions: &[Action]) -> Vec<Record> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Journal(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_with_another_protocol_version_is_refused() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let err = s
+        .register(
+            c.at(0.0),
+            Register {
+                version: PROTOCOL_VERSION + 1,
+                host: "h".into(),
+                pid: 1,
+                slots: 1,
+                shuffle_addr: "127.0.0.1:1".parse().unwrap(),
+                previous: None,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Refused(_)));
+    assert!(err.to_string().contains("protocol version"), "{err}");
+    assert!(s.workers().is_empty());
+}
+
+#[test]
+fn workers_get_unique_ids_and_unknown_ones_must_register() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let a = register(&mut s, c.at(0.0), 1);
+    let b = register(&mut s, c.at(0.0), 2);
+    assert_ne!(a, b);
+    let ghost = WorkerId("w99".into());
+    assert_eq!(
+        s.heartbeat(c.at(1.0), &ghost, vec![]).unwrap_err(),
+        RpcError::UnknownWorker
+    );
+    assert_eq!(
+        s.request_tasks(c.at(1.0), &ghost, vec![0]).unwrap_err(),
+        RpcError::UnknownWorker
+    );
+}
+
+#[test]
+fn maps_first_then_reduces_only_when_every_map_is_done() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(3, 2)).unwrap();
+    let first = ask(&mut s, c.at(0.1), &w, 2);
+    assert_eq!(tasks(&first), ["map-0#1", "map-1#1"]);
+    assert_eq!(first[1].slot, 1);
+    let third = ask(&mut s, c.at(0.1), &w, 2);
+    assert_eq!(
+        tasks(&third),
+        ["map-2#1"],
+        "no reduce before every map is done"
+    );
+    for a in first.iter().chain(&third).take(2) {
+        s.report(c.at(0.2), &w, map_done(&a.key, 2)).unwrap();
+    }
+    assert!(ask(&mut s, c.at(0.2), &w, 2).is_empty(), "map-2 still runs");
+    s.report(c.at(0.3), &w, map_done(&third[0].key, 2)).unwrap();
+    let reduces = ask(&mut s, c.at(0.3), &w, 3);
+    assert_eq!(tasks(&reduces), ["reduce-0#1", "reduce-1#1"]);
+    let Work::Reduce {
+        partition,
+        inputs,
+        output,
+        ..
+    } = &reduces[1].work
+    else {
+        panic!("a reduce")
+    };
+    assert_eq!(*partition, 1);
+    assert_eq!(inputs.len(), 3);
+    assert!(inputs
+        .iter()
+        .all(|l| l.segment.crc32 == 1 && l.addr.port() == 1));
+    assert_eq!(
+        output,
+        &PathBuf::from(format!("/out/_temporary/{job}/mr-out-1.attempt1"))
+    );
+    let sum = summary(&s, &job);
+    assert_eq!((sum.maps_done, sum.reduces_done, sum.running), (3, 0, 2));
+}
+
+#[test]
+fn reduces_are_committed_once_and_the_job_commits_when_all_are_done() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 2)).unwrap();
+    finish_maps(&mut s, c.at(0.1), &w, 2);
+    let r = ask(&mut s, c.at(0.2), &w, 2);
+    s.drain_actions();
+    s.report(c.at(0.3), &w, result(&r[0].key, Outcome::ReduceDone))
+        .unwrap();
+    let actions = s.drain_actions();
+    let commits: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CommitTask { from, to, .. } => Some((from.clone(), to.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        commits,
+        [(
+            PathBuf::from(format!("/out/_temporary/{job}/mr-out-0.attempt1")),
+            PathBuf::from(format!("/out/_temporary/{job}/committed/mr-out-0"))
+        )]
+    );
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::CommitJob { .. })));
+    s.report(c.at(0.4), &w, result(&r[1].key, Outcome::ReduceDone))
+        .unwrap();
+    let actions = s.drain_actions();
+    let Some(Action::CommitJob {
+        reduces, report, ..
+    }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::CommitJob { .. }))
+    else {
+        panic!("the job commits: {actions:?}")
+    };
+    assert_eq!(*reduces, 2);
+    assert_eq!(report.status, "succeeded");
+    assert_eq!(
+        report.finished_ms,
+        c.at(0.4).ms,
+        "the report says when the job ended"
+    );
+    // Summed over the done tasks: one map and two reduces, 100 each.
+    assert_eq!(report.counters.map_input_bytes, 300);
+    assert_eq!(summary(&s, &job).state, JobState::Committing);
+    s.job_committed(c.at(0.5), &job, Ok(()));
+    let sum = summary(&s, &job);
+    assert_eq!(sum.state, JobState::Succeeded);
+    assert_eq!(sum.finished_ms, Some(c.at(0.5).ms));
+    // Workers are told to delete the job's data.
+    let reply = s.heartbeat(c.at(0.6), &w, vec![]).unwrap();
+    assert_eq!(reply.forget_jobs, [job]);
+}
+
+#[test]
+fn a_late_attempt_changes_nothing_and_its_reduce_output_is_discarded() {
+    let c = Clock::new();
+    let mut s = State::new(Config {
+        task_timeout: Duration::from_secs(10),
+        ..Config::default()
+    });
+    let slow = register(&mut s, c.at(0.0), 1);
+    let fast = register(&mut s, c.at(0.0), 2);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    finish_maps(&mut s, c.at(0.0), &fast, 1);
+    let first = ask(&mut s, c.at(1.0), &slow, 1);
+    // `slow` heartbeats but makes no progress; after the task timeout the
+    // task moves on.
+    for t in [5.0, 10.0] {
+        let running = vec![RunningAttempt {
+            key: first[0].key.clone(),
+            progress: 7,
+        }];
+        s.heartbeat(c.at(t), &slow, running).unwrap();
+        s.heartbeat(c.at(t), &fast, vec![]).unwrap();
+        s.tick(c.at(t));
+    }
+    s.tick(c.at(15.5));
+    let reply = s.heartbeat(c.at(15.6), &slow, vec![]).unwrap();
+    assert_eq!(
+        reply.cancel,
+        [first[0].key.clone()],
+        "the stuck attempt is cancelled"
+    );
+    let second = ask(&mut s, c.at(15.6), &fast, 1);
+    assert_eq!(tasks(&second), ["reduce-0#2"]);
+    s.report(
+        c.at(16.0),
+        &fast,
+        result(&second[0].key, Outcome::ReduceDone),
+    )
+    .unwrap();
+    s.drain_actions();
+    // The slow attempt finishes after all: ignored, its file removed.
+    s.report(
+        c.at(17.0),
+        &slow,
+        result(&first[0].key, Outcome::ReduceDone),
+    )
+    .unwrap();
+    let actions = s.drain_actions();
+    assert!(
+        matches!(&actions[..], [Action::Discard(p)] if p.ends_with("mr-out-0.attempt1")),
+        "{actions:?}"
+    );
+    let (sum, report) = s.detail(&job).unwrap();
+    assert_eq!(sum.reduces_done, 1);
+    let attempts = &report.tasks[1].attempts;
+    assert!(
+        attempts[0].outcome.starts_with("failed: no progress"),
+        "{attempts:?}"
+    );
+    assert_eq!(attempts[1].outcome, "succeeded");
+    assert_eq!(attempts[1].worker, fast.0);
+}
+
+#[test]
+fn progress_reported_in_heartbeats_keeps_a_long_attempt_alive() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 1);
+    for i in 1..=30u64 {
+        let now = c.at(i as f64);
+        let running = vec![RunningAttempt {
+            key: a[0].key.clone(),
+            progress: i,
+        }];
+        assert!(s.heartbeat(now, &w, running).unwrap().cancel.is_empty());
+        s.tick(now);
+    }
+    assert_eq!(summary(&s, &job).running, 1);
+    assert_eq!(summary(&s, &job).failed_attempts, 0);
+    // Then it stops moving, though its worker still heartbeats.
+    for t in [35.0, 39.5] {
+        let running = vec![RunningAttempt {
+            key: a[0].key.clone(),
+            progress: 30,
+        }];
+        s.heartbeat(c.at(t), &w, running).unwrap();
+        s.tick(c.at(t));
+    }
+    assert_eq!(summary(&s, &job).failed_attempts, 0);
+    s.tick(c.at(41.0));
+    assert_eq!(summary(&s, &job).failed_attempts, 1);
+}
+
+#[test]
+fn a_retryable_failure_is_retried_and_attempts_are_bounded() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    for attempt in 1..=3 {
+        let a = ask(&mut s, c.at(attempt as f64), &w, 1);
+        assert_eq!(tasks(&a), [format!("map-0#{attempt}")]);
+        s.report(c.at(attempt as f64), &w, failed(&a[0].key, true))
+            .unwrap();
+    }
+    let sum = summary(&s, &job);
+    assert_eq!(sum.state, JobState::Failed);
+    assert_eq!(sum.failed_attempts, 3);
+    let err = sum.error.unwrap();
+    assert!(
+        err.contains("map-0 (input in0.txt) failed on attempt 3 of at most 3: the guest trapped"),
+        "{err}"
+    );
+    let actions = s.drain_actions();
+    assert!(actions.iter().any(|a| matches!(a, Action::AbortJob { .. })));
+    assert!(
+        ask(&mut s, c.at(5.0), &w, 1).is_empty(),
+        "nothing more runs"
+    );
+}
+
+#[test]
+fn a_deterministic_failure_fails_the_job_at_once() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(2, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 2);
+    s.report(c.at(0.1), &w, failed(&a[0].key, false)).unwrap();
+    let sum = summary(&s, &job);
+    assert_eq!(sum.state, JobState::Failed);
+    assert!(sum.error.unwrap().contains("was not retried"));
+    // The other running attempt is cancelled on its worker.
+    let reply = s.heartbeat(c.at(0.2), &w, vec![]).unwrap();
+    assert_eq!(reply.cancel, [a[1].key.clone()]);
+    assert_eq!(reply.forget_jobs, std::slice::from_ref(&job));
+    let report = s.detail(&job).unwrap().1;
+    assert_eq!(
+        report.tasks[1].attempts[0].outcome,
+        "killed: the job failed"
+    );
+}
+
+#[test]
+fn other_jobs_are_unaffected_by_a_failing_one() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let bad = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let good = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 2);
+    assert_eq!(a[0].key.job, bad);
+    assert_eq!(a[1].key.job, good, "a second job shares the workers");
+    s.report(c.at(0.1), &w, failed(&a[0].key, false)).unwrap();
+    s.report(c.at(0.1), &w, map_done(&a[1].key, 1)).unwrap();
+    let r = ask(&mut s, c.at(0.2), &w, 2);
+    assert_eq!(tasks(&r), ["reduce-0#1"]);
+    s.report(c.at(0.3), &w, result(&r[0].key, Outcome::ReduceDone))
+        .unwrap();
+    s.job_committed(c.at(0.4), &good, Ok(()));
+    assert_eq!(summary(&s, &bad).state, JobState::Failed);
+    assert_eq!(summary(&s, &good).state, JobState::Succeeded);
+}
+
+#[test]
+fn a_job_waiting_for_its_maps_lets_the_next_job_run() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let first = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let second = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 1);
+    assert_eq!(a[0].key.job, first);
+    let b = ask(&mut s, c.at(0.0), &w, 1);
+    assert_eq!(b[0].key.job, second);
+}
+
+#[test]
+fn a_dead_worker_loses_its_attempts_and_its_map_output() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let dies = register(&mut s, c.at(0.0), 1);
+    let lives = register(&mut s, c.at(0.0), 2);
+    let job = s.submit(c.at(0.0), spec(3, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &dies, 2);
+    s.report(c.at(0.5), &dies, map_done(&a[0].key, 1)).unwrap();
+    let b = ask(&mut s, c.at(0.5), &lives, 1);
+    s.report(c.at(0.6), &lives, map_done(&b[0].key, 1)).unwrap();
+    // `dies` goes silent; `lives` keeps heart-beating.
+    for t in 1..=11 {
+        s.heartbeat(c.at(t as f64), &lives, vec![]).unwrap();
+        s.tick(c.at(t as f64));
+    }
+    let (sum, report) = s.detail(&job).unwrap();
+    assert_eq!(sum.maps_done, 1, "map-0's output went with its worker");
+    assert_eq!(sum.failed_attempts, 0, "killed attempts do not count");
+    assert!(report.tasks[0].attempts[0]
+        .outcome
+        .starts_with("succeeded, then lost: worker w1 stopped heart-beating"));
+    assert!(report.tasks[1].attempts[0]
+        .outcome
+        .starts_with("killed: worker w1"));
+    // Both are handed out again, to the live worker.
+    let again = ask(&mut s, c.at(11.0), &lives, 2);
+    assert_eq!(tasks(&again), ["map-0#2", "map-1#2"]);
+    // What the dead worker says later is ignored.
+    assert_eq!(
+        s.heartbeat(c.at(12.0), &dies, vec![]).unwrap_err(),
+        RpcError::UnknownWorker
+    );
+    s.report(c.at(12.0), &dies, map_done(&a[1].key, 1)).unwrap();
+    assert_eq!(summary(&s, &job).maps_done, 1);
+}
+
+#[test]
+fn a_worker_that_leaves_is_given_up_at_once() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    ask(&mut s, c.at(0.0), &w, 1);
+    s.goodbye(c.at(0.1), &w);
+    let sum = summary(&s, &job);
+    assert_eq!((sum.running, sum.failed_attempts), (0, 0));
+    let v = register(&mut s, c.at(0.2), 2);
+    assert_eq!(tasks(&ask(&mut s, c.at(0.2), &v, 1)), ["map-0#2"]);
+}
+
+#[test]
+fn a_fetch_failure_reruns_the_map_and_bounds_a_broken_worker() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    for round in 1..=3u32 {
+        finish_maps(&mut s, c.at(round as f64), &w, 1);
+        let r = ask(&mut s, c.at(round as f64), &w, 1);
+        assert_eq!(tasks(&r), [format!("reduce-0#{round}")]);
+        s.report(
+            c.at(round as f64),
+            &w,
+            result(
+                &r[0].key,
+                Outcome::FetchFailed {
+                    map: 0,
+                    attempt: round,
+                    message: "connection refused".into(),
+                },
+            ),
+        )
+        .unwrap();
+        let (sum, report) = s.detail(&job).unwrap();
+        assert!(
+            report.tasks[1].attempts[round as usize - 1]
+                .outcome
+                .starts_with("killed: cannot fetch the output of map-0"),
+            "{report:?}"
+        );
+        if round < 3 {
+            assert_eq!(sum.state, JobState::Running);
+            assert_eq!(sum.maps_done, 0, "the map runs again");
+        }
+    }
+    // The worker is alive yet never serves its output: counted against the
+    // map, the job fails after max_attempts.
+    let sum = summary(&s, &job);
+    assert_eq!(sum.state, JobState::Failed);
+    assert!(sum.error.unwrap().contains("could not be fetched"));
+}
+
+#[test]
+fn a_fetch_failure_from_a_dead_worker_does_not_count() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let a = register(&mut s, c.at(0.0), 1);
+    let b = register(&mut s, c.at(0.0), 2);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    finish_maps(&mut s, c.at(0.0), &a, 1);
+    let r = ask(&mut s, c.at(0.0), &b, 1);
+    s.goodbye(c.at(0.1), &a);
+    s.report(
+        c.at(0.2),
+        &b,
+        result(
+            &r[0].key,
+            Outcome::FetchFailed {
+                map: 0,
+                attempt: 1,
+                message: "refused".into(),
+            },
+        ),
+    )
+    .unwrap();
+    let sum = summary(&s, &job);
+    assert_eq!((sum.state, sum.failed_attempts), (JobState::Running, 0));
+    assert_eq!(tasks(&ask(&mut s, c.at(0.3), &b, 2)), ["map-0#2"]);
+}
+
+#[test]
+fn cancel_stops_a_job_and_its_attempts() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(2, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 1);
+    s.drain_actions();
+    let sum = s.cancel(c.at(0.5), &job).unwrap();
+    assert_eq!(sum.state, JobState::Cancelled);
+    let actions = s.drain_actions();
+    let Some(Action::AbortJob { report, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::AbortJob { .. }))
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(report.status, "cancelled");
+    assert_eq!(
+        s.heartbeat(c.at(0.6), &w, vec![]).unwrap().cancel,
+        [a[0].key.clone()]
+    );
+    assert!(ask(&mut s, c.at(0.6), &w, 2).is_empty());
+    assert_eq!(
+        s.cancel(c.at(0.7), &JobId("job-x".into())).unwrap_err(),
+        RpcError::UnknownJob(JobId("job-x".into()))
+    );
+}
+
+#[test]
+fn heartbeats_cancel_attempts_the_coordinator_does_not_know() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let stray = AttemptKey {
+        job: JobId("job-old".into()),
+        task: TaskId::Map(0),
+        attempt: 7,
+    };
+    let reply = s
+        .heartbeat(
+            c.at(1.0),
+            &w,
+            vec![RunningAttempt {
+                key: stray.clone(),
+                progress: 3,
+            }],
+        )
+        .unwrap();
+    assert_eq!(reply.cancel, [stray]);
+}
+
+#[test]
+fn shutdown_waits_for_jobs_then_tells_workers_and_exits_when_they_leave() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let err = s.shutdown(c.at(0.1)).unwrap_err();
+    assert!(err.to_string().contains(&job.0), "{err}");
+    s.cancel(c.at(0.2), &job).unwrap();
+    s.shutdown(c.at(0.3)).unwrap();
+    assert!(s.heartbeat(c.at(0.4), &w, vec![]).unwrap().shutdown);
+    assert!(s.submit(c.at(0.4), spec(1, 1)).is_err());
+    s.drain_actions();
+    s.goodbye(c.at(0.5), &w);
+    assert!(s.drain_actions().iter().any(|a| matches!(a, Action::Exit)));
+}
+
+#[test]
+fn shutdown_exits_after_the_worker_timeout_if_workers_stay_silent() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    register(&mut s, c.at(0.0), 1);
+    s.shutdown(c.at(0.0)).unwrap();
+    s.tick(c.at(5.0));
+    assert!(!s.drain_actions().iter().any(|a| matches!(a, Action::Exit)));
+    s.tick(c.at(10.5));
+    assert!(s.drain_actions().iter().any(|a| matches!(a, Action::Exit)));
+}
+
+#[test]
+fn recovery_resumes_jobs_from_the_journal() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let done = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    finish_maps(&mut s, c.at(0.1), &w, 1);
+    let r = ask(&mut s, c.at(0.1), &w, 1);
+    s.report(c.at(0.2), &w, result(&r[0].key, Outcome::ReduceDone))
+        .unwrap();
+    s.job_committed(c.at(0.3), &done, Ok(()));
+    let job = s.submit(c.at(1.0), spec(2, 1)).unwrap();
+    let a = ask(&mut s, c.at(1.0), &w, 2);
+    s.report(c.at(1.1), &w, map_done(&a[0].key, 1)).unwrap();
+    let records = journal(&s.drain_actions());
+
+    // The coordinator restarts: map-0 is done (on w1), map-1 was running.
+    let mut t = State::recover(Config::default(), records, c.at(2.0));
+    assert_eq!(summary(&t, &done).state, JobState::Succeeded);
+    let sum = summary(&t, &job);
+    assert_eq!(
+        (sum.state, sum.maps_done, sum.running),
+        (JobState::Running, 1, 0)
+    );
+    let report = t.detail(&job).unwrap().1;
+    assert_eq!(
+        report.tasks[1].attempts[0].outcome,
+        "killed: the coordinator restarted while it ran"
+    );
+    // Its journal records that too.
+    assert!(journal(&t.drain_actions())
+        .iter()
+        .any(|r| matches!(r, Record::Ended { key, .. } if key == &a[1].key)));
+    // The worker comes back under its old id; numbering continues.
+    let back = t
+        .register(
+            c.at(2.1),
+            Register {
+                version: PROTOCOL_VERSION,
+                host: "h".into(),
+                pid: 1,
+                slots: 2,
+                shuffle_addr: "127.0.0.1:1".parse().unwrap(),
+                previous: Some(w.clone()),
+            },
+        )
+        .unwrap();
+    assert_eq!(back.worker, w);
+    let fresh = register(&mut t, c.at(2.1), 3);
+    assert_eq!(fresh.0, "w2");
+    let again = ask(&mut t, c.at(2.2), &w, 2);
+    assert_eq!(tasks(&again), ["map-1#2"], "attempt numbers are not reused");
+    let job2 = t.submit(c.at(3.0), spec(1, 1)).unwrap();
+    assert!(job2 != job && job2 != done);
+}
+
+#[test]
+fn recovery_commits_a_job_whose_tasks_were_all_done() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    finish_maps(&mut s, c.at(0.1), &w, 1);
+    let r = ask(&mut s, c.at(0.1), &w, 1);
+    s.report(c.at(0.2), &w, result(&r[0].key, Outcome::ReduceDone))
+        .unwrap();
+    // Crash before job_committed.
+    let records = journal(&s.drain_actions());
+    let mut t = State::recover(Config::default(), records, c.at(1.0));
+    assert_eq!(summary(&t, &job).state, JobState::Committing);
+    assert!(t
+        .drain_actions()
+        .iter()
+        .any(|a| matches!(a, Action::CommitJob { job: j, .. } if j == &job)));
+    assert_eq!(t.unfinished_jobs().len(), 1);
+}
+
+#[test]
+fn invalid_specs_are_refused() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let mut bad = spec(1, 0);
+    assert!(s.submit(c.at(0.0), bad.clone()).is_err());
+    bad.reduces = 1;
+    bad.output = "relative".into();
+    assert!(s.submit(c.at(0.0), bad).is_err());
+    assert!(s.submit(c.at(0.0), spec(0, 1)).is_err());
+    assert!(s.summaries().is_empty());
+}
+
+#[test]
+fn only_the_newest_finished_jobs_are_remembered() {
+    let c = Clock::new();
+    let mut s = State::new(Config::default());
+    let first = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    for _ in 0..FINISHED_KEPT {
+        let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+        s.cancel(c.at(0.1), &job).unwrap();
+    }
+    let running = s.submit(c.at(0.2), spec(1, 1)).unwrap();
+    s.cancel(c.at(0.3), &first).unwrap();
+    s.tick(c.at(0.4));
+    assert_eq!(s.summaries().len(), FINISHED_KEPT + 1);
+    assert!(s.detail(&running).is_ok(), "running jobs are kept");
+    assert!(s.detail(&first).is_ok(), "the newest finished job is kept");
+    let oldest_cancelled = JobId(format!("job-{}-2", c.at(0.0).ms));
+    assert!(
+        s.detail(&oldest_cancelled).is_err(),
+        "the oldest finished one is gone"
+    );
+}

@@ -1,0 +1,399 @@
+//! The coordinator's RPC interface and its wire types; no logic lives here.
+//!
+//! Workers and the CLI talk to the coordinator with [tarpc] over TCP, each
+//! message a length-delimited frame encoded with [postcard] (the
+//! [`Postcard`] codec). Frames are capped at [`MAX_FRAME`]; bulk data does
+//! not travel here: apps go in [`APP_CHUNK`]-sized pieces, and map output
+//! goes from worker to worker over the shuffle protocol (`mr-worker`'s
+//! `shuffle` module), never through the coordinator.
+//!
+//! A worker's first call is [`Coordinator::register`], which carries
+//! [`PROTOCOL_VERSION`]; a coordinator speaking another version refuses it
+//! with a message naming both. CLI commands call [`Coordinator::hello`]
+//! first for the same check.
+
+use std::io;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, TaskId, WorkerId};
+use crate::job::{AppRef, Grants, JobSpec};
+use crate::report::{Counters, JobReport};
+use crate::runfile::SegmentInfo;
+use crate::split::Split;
+
+/// The version of this protocol. Bump it on any change to the service or
+/// its types; mismatched peers are refused at `register`/`hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side sends or accepts. The largest messages are
+/// app chunks (4 MiB) and reduce assignments (one map location of ~40
+/// bytes per map task: 64 MiB is room for over a million map tasks).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// Bytes of an app per upload or download call.
+pub const APP_CHUNK: usize = 4 << 20;
+
+/// How long a worker's `request_tasks` may be held open when there is no
+/// work (a long poll: new work is handed out as soon as it appears).
+pub const LONG_POLL: Duration = Duration::from_secs(2);
+
+/// The coordinator's service.
+#[tarpc::service]
+pub trait Coordinator {
+    // --- workers ---
+
+    /// A worker joins (or rejoins after the coordinator restarted, asking
+    /// for its `previous` id back). Refused on a protocol mismatch.
+    async fn register(req: Register) -> Result<Registered, RpcError>;
+
+    /// A worker is alive and running these attempts. The reply tells it
+    /// which attempts to cancel, which jobs' data to delete, and whether to
+    /// shut down. [`RpcError::UnknownWorker`] means: register again.
+    async fn heartbeat(
+        worker: WorkerId,
+        running: Vec<RunningAttempt>,
+    ) -> Result<HeartbeatReply, RpcError>;
+
+    /// Asks for up to one task per free slot (slot numbers given). Held
+    /// open up to [`LONG_POLL`] when there is nothing to do.
+    async fn request_tasks(
+        worker: WorkerId,
+        free_slots: Vec<u32>,
+    ) -> Result<Vec<Assignment>, RpcError>;
+
+    /// The end of an attempt.
+    async fn report(worker: WorkerId, result: AttemptResult) -> Result<(), RpcError>;
+
+    /// A worker leaves (Ctrl-C): its running attempts and map outputs are
+    /// given up at once rather than after a missed heartbeat.
+    async fn goodbye(worker: WorkerId) -> Result<(), RpcError>;
+
+    /// Up to [`APP_CHUNK`] bytes of an app, from `offset`.
+    async fn fetch_app(sha256: String, offset: u64) -> Result<Chunk, RpcError>;
+
+    // --- the CLI ---
+
+    /// Checks the caller's protocol version; returns the coordinator's
+    /// description of itself.
+    async fn hello(version: u32) -> Result<String, RpcError>;
+
+    /// Stores (part of) an app. Chunks go in order from offset 0; the app
+    /// is kept once its size is reached and its sha256 matches. Returns
+    /// `true` when the coordinator already has the whole app.
+    async fn upload_app(app: AppRef, offset: u64, chunk: Chunk) -> Result<bool, RpcError>;
+
+    /// Whether the coordinator has this app already (so no upload).
+    async fn has_app(sha256: String) -> Result<bool, RpcError>;
+
+    /// Queues a job whose app was uploaded. Fails if the job is invalid,
+    /// e.g. its output directory is busy or not empty.
+    async fn submit(spec: JobSpec) -> Result<JobId, RpcError>;
+
+    /// Every job the coordinator knows, oldest first.
+    async fn jobs() -> Result<Vec<JobSummary>, RpcError>;
+
+    /// One job at a glance (cheap: for polling).
+    async fn summary(job: JobId) -> Result<JobSummary, RpcError>;
+
+    /// One job in detail: its summary and its report so far.
+    async fn job(job: JobId) -> Result<JobDetail, RpcError>;
+
+    /// Stops a job: no new attempts, running ones cancelled, no output.
+    async fn cancel(job: JobId) -> Result<JobSummary, RpcError>;
+
+    /// Tells every worker to exit, then the coordinator exits too.
+    async fn shutdown() -> Result<(), RpcError>;
+}
+
+/// Why the coordinator refused a call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RpcError {
+    /// A protocol version mismatch (or another reason to refuse a peer).
+    #[error("{0}")]
+    Refused(String),
+    /// The coordinator does not know this worker (it restarted, or gave the
+    /// worker up): register again.
+    #[error("the coordinator does not know this worker (it restarted or declared it dead)")]
+    UnknownWorker,
+    #[error("no job {0} on this coordinator")]
+    UnknownJob(JobId),
+    /// The request cannot work, e.g. a bad job spec.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Bytes on the wire, encoded as one byte string.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// A worker's registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub version: u32,
+    /// The worker's host name and process id, for people.
+    pub host: String,
+    pub pid: u32,
+    /// Tasks it runs at once.
+    pub slots: u32,
+    /// Where reducers fetch its map output.
+    pub shuffle_addr: SocketAddr,
+    /// The id it had before the coordinator restarted, if any.
+    pub previous: Option<WorkerId>,
+}
+
+/// The coordinator's answer to a registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub worker: WorkerId,
+    /// How often to heartbeat.
+    #[serde(with = "crate::job::millis")]
+    pub heartbeat: Duration,
+}
+
+/// One attempt at one task of one job.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AttemptKey {
+    pub job: JobId,
+    pub task: TaskId,
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for AttemptKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} attempt {}", self.job, self.task, self.attempt)
+    }
+}
+
+/// An attempt a worker is running, with its progress counter (see
+/// `mr_runtime::TaskControl`): a counter that stops moving means the
+/// attempt is stuck.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningAttempt {
+    pub key: AttemptKey,
+    pub progress: u64,
+}
+
+/// What the coordinator wants from a worker, in answer to a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// Attempts to stop (another attempt replaced them, or their job ended).
+    pub cancel: Vec<AttemptKey>,
+    /// Jobs that are over: delete their map output.
+    pub forget_jobs: Vec<JobId>,
+    /// Finish up and exit.
+    pub shutdown: bool,
+}
+
+/// The limits every task of a job runs under.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLimits {
+    pub memory_limit: u64,
+    #[serde(with = "crate::job::millis")]
+    pub time_limit: Duration,
+    pub grants: Grants,
+    pub sort_buffer: u64,
+    pub reduces: u32,
+}
+
+/// A task handed to a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub key: AttemptKey,
+    /// The worker's slot that runs it.
+    pub slot: u32,
+    pub app: AppRef,
+    pub limits: TaskLimits,
+    pub work: Work,
+}
+
+/// What a task does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Work {
+    /// Map one split; keep the output on local disk and serve it.
+    Map { split: Split },
+    /// Fetch partition `partition` of every map output, reduce it and write
+    /// `output` (a path in the job's output directory's `_temporary`).
+    Reduce {
+        partition: u32,
+        inputs: Vec<MapLocation>,
+        output: PathBuf,
+    },
+}
+
+/// Where one map task's output for one partition can be fetched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapLocation {
+    pub map: u32,
+    pub attempt: u32,
+    /// The shuffle endpoint of the worker that ran it.
+    pub addr: SocketAddr,
+    pub segment: SegmentInfo,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptResult {
+    pub key: AttemptKey,
+    pub outcome: Outcome,
+    pub counters: Counters,
+}
+
+/// How an attempt ended, in its own words.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// A map attempt finished; its output, one segment per partition, is
+    /// on the worker.
+    MapDone { segments: Vec<SegmentInfo> },
+    /// A reduce attempt wrote its whole output to the path it was given.
+    ReduceDone,
+    /// The attempt failed; `retryable` is false when another attempt would
+    /// certainly fail the same way (a deterministic guest's trap).
+    Failed { message: String, retryable: bool },
+    /// A reduce attempt could not fetch map task `map`'s output.
+    FetchFailed {
+        map: u32,
+        attempt: u32,
+        message: String,
+    },
+    /// The attempt stopped because it was told to.
+    Cancelled,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Tasks are being run (or wait for free workers).
+    Running,
+    /// Every task is done; the output is being moved into place.
+    Committing,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobState::Running => "running",
+            JobState::Committing => "committing",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// A job at a glance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub job: JobId,
+    pub state: JobState,
+    pub app: String,
+    pub output: PathBuf,
+    pub maps: u32,
+    pub maps_done: u32,
+    pub reduces: u32,
+    pub reduces_done: u32,
+    /// Attempts running now.
+    pub running: u32,
+    /// Attempts that failed (counted toward `max_attempts`).
+    pub failed_attempts: u32,
+    pub submitted_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A job in detail.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobDetail {
+    pub summary: JobSummary,
+    /// The job report so far (the final one is also in `_SUCCESS` or
+    /// `_FAILED`), serialized as JSON: the report's fields are made for
+    /// people and files, not for postcard.
+    pub report_json: String,
+}
+
+impl JobDetail {
+    /// The report.
+    ///
+    /// Fails if the coordinator sent a malformed one (a bug).
+    pub fn report(&self) -> Result<JobReport, serde_json::Error> {
+        serde_json::from_str(&self.report_json)
+    }
+}
+
+/// A tarpc codec that encodes messages with postcard.
+pub struct Postcard<Item, SinkItem>(PhantomData<fn(SinkItem) -> Item>);
+
+impl<Item, SinkItem> Default for Postcard<Item, SinkItem> {
+    fn default() -> Self {
+        Postcard(PhantomData)
+    }
+}
+
+impl<Item, SinkItem: Serialize> tarpc::tokio_serde::Serializer<SinkItem>
+    for Postcard<Item, SinkItem>
+{
+    type Error = io::Error;
+
+    fn serialize(self: Pin<&mut Self>, item: &SinkItem) -> io::Result<Bytes> {
+        postcard::to_stdvec(item)
+            .map(Bytes::from)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+impl<Item: DeserializeOwned, SinkItem> tarpc::tokio_serde::Deserializer<Item>
+    for Postcard<Item, SinkItem>
+{
+    type Error = io::Error;
+
+    fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> io::Result<Item> {
+        postcard::from_bytes(src).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("cannot decode a message from the peer ({e}); do both sides run the same mr version?"),
+            )
+        })
+    }
+}
+
+/// Connects to the coordinator at `addr` (`host:port`).
+///
+/// Fails if the address cannot be resolved or nothing accepts the
+/// connection.
+pub async fn connect(addr: &str) -> io::Result<CoordinatorClient> {
+    let mut connecting = tarpc::serde_transport::tcp::connect(addr, Postcard::default);
+    connecting.config_mut().max_frame_length(MAX_FRAME);
+    let transport = connecting.await?;
+    Ok(CoordinatorClient::new(tarpc::client::Config::default(), transport).spawn())
+}
+
+/// A tarpc context whose deadline is `timeout` from now.
+pub fn context(timeout: Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = std::time::Instant::now() + timeout;
+    ctx
+}
