@@ -1,10 +1,37 @@
 #!/usr/bin/env bash
 # The word-count benchmark: builds mr, the wc app and the benchmark driver
-# (release), then runs mr-bench from the repository root. Arguments go to
-# mr-bench, e.g.  bench/run.sh --size-mib 64   or   bench/run.sh --mr-args --parallelism 1
+# (release), and the wc apps in C, Python and JavaScript with their own build
+# commands (installing their toolchains the first time), then runs mr-bench
+# from the repository root. Arguments go to mr-bench, e.g.
+#   bench/run.sh --size-mib 64 --lang-size-mib 8   or   bench/run.sh --mr-args --parallelism 1
+# MR_BENCH_LANGS=0 leaves the other languages out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
 cargo build --release -q -p mr-cli -p mr-bench
 cargo build --release -q --target wasm32-wasip2 --manifest-path apps/Cargo.toml -p wc
-exec target/release/mr-bench "$@"
+
+langs=()
+if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
+    apps=target/bench/apps
+    mkdir -p "$apps"
+    build() { # NAME COMMAND...
+        local name=$1 status=0
+        shift
+        "$@" >"$apps/$name.log" 2>&1 || status=$?
+        if [ $status -eq 0 ]; then
+            langs+=(--lang-app "$name=$apps/wc-$name.wasm")
+        elif [ $status -eq 77 ]; then
+            echo "warning: no $name toolchain on this machine, $name left out (see $apps/$name.log)" >&2
+        else
+            echo "building the $name app failed:" >&2
+            cat "$apps/$name.log" >&2
+            exit 1
+        fi
+    }
+    # toolchain.sh first: its exit status 77 means "not installable here".
+    build c bash -c "guest-sdk/c/toolchain.sh >/dev/null && make -C apps/wc-c OUT=$PWD/$apps/wc-c.wasm"
+    build python apps/wc-python/build.sh "$apps/wc-python.wasm"
+    build js apps/wc-js/build.sh "$apps/wc-js.wasm"
+fi
+exec target/release/mr-bench "${langs[@]}" "$@"

@@ -11,6 +11,12 @@
 //!    against native and `mr run`: the machines are shared and noisy, so
 //!    only ratios measured in one run are comparable. With `--runs N` each
 //!    is run N times, interleaved, and the fastest run of each counts.
+//! 4. With `--lang-app NAME=PATH` (bench/run.sh passes the C, Python and
+//!    JavaScript word counts): runs the Rust `wc` app and each of those on a
+//!    smaller corpus (`--lang-size-mib`, the slow languages take minutes on
+//!    the big one), after a warm-up run that compiles and caches each app,
+//!    checks their outputs equal the Rust app's, and prints each one's
+//!    throughput as a ratio of the Rust app's.
 
 use std::io::BufRead;
 use std::io::{BufWriter, Write};
@@ -69,6 +75,22 @@ struct RunArgs {
     /// Runs of each command; the fastest of each counts.
     #[arg(long, default_value_t = 1)]
     runs: u32,
+    /// An app in another language to compare with the Rust wc app, as
+    /// NAME=PATH (repeatable).
+    #[arg(long = "lang-app", value_parser = parse_lang_app)]
+    lang_apps: Vec<(String, PathBuf)>,
+    /// Corpus size in MiB for the comparison between languages.
+    #[arg(long, default_value_t = 32)]
+    lang_size_mib: u64,
+}
+
+fn parse_lang_app(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("expected NAME=PATH, got {s:?}")),
+    }
 }
 
 fn main() -> Result<()> {
@@ -435,6 +457,101 @@ fn bench(a: RunArgs) -> Result<()> {
             "ratio cluster/mr run: throughput {:.2}x; cluster/native: {:.2}x",
             mr.secs / d.secs,
             native.secs / d.secs
+        );
+    }
+    if !a.lang_apps.is_empty() {
+        languages(&a)?;
+    }
+    Ok(())
+}
+
+/// Reduce tasks of every benchmark job.
+const REDUCES: u32 = 8;
+
+/// Runs `mr run app corpus` into `out` and measures it.
+fn run_mr(a: &RunArgs, app: &Path, corpus: &[PathBuf], out: &Path) -> Result<Measured> {
+    measure(
+        Command::new(&a.mr)
+            .arg("run")
+            .arg(app)
+            .args(corpus)
+            .args([
+                "--reduces",
+                &REDUCES.to_string(),
+                "--force",
+                "--quiet",
+                "--output",
+            ])
+            .arg(out)
+            .args(&a.mr_args)
+            .stdout(std::process::Stdio::null()),
+    )
+}
+
+fn outputs(dir: &Path) -> Vec<PathBuf> {
+    (0..REDUCES)
+        .map(|r| dir.join(format!("mr-out-{r}")))
+        .collect()
+}
+
+/// The Rust wc app and the other languages' on a smaller corpus.
+fn languages(a: &RunArgs) -> Result<()> {
+    let corpus = generate(
+        &a.dir
+            .join(format!("corpus-{}m-{}", a.lang_size_mib, a.files)),
+        a.lang_size_mib << 20,
+        a.files,
+    )?;
+    let mb = corpus
+        .iter()
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum::<u64>() as f64
+        / 1e6;
+    let warm_up = a.dir.join("warm-up.txt");
+    std::fs::write(&warm_up, "warm up\n")?;
+    let mut apps = vec![("Rust".to_string(), a.app.clone())];
+    apps.extend(a.lang_apps.iter().cloned());
+    let mut results = Vec::new();
+    let mut want = None;
+    for (name, app) in &apps {
+        if !app.exists() {
+            bail!("{name} app {} not found", app.display());
+        }
+        let out = a.dir.join(format!("lang-{name}"));
+        // Compiles the app into mr's cache, so the timed run measures the
+        // job, not the compiler (a Python app takes seconds to compile).
+        run_mr(a, app, std::slice::from_ref(&warm_up), &out)?;
+        eprintln!("running {name} wc on {mb:.0} MB ...");
+        let m = run_mr(a, app, &corpus, &out)?;
+        let got = sorted_lines(&outputs(&out))?;
+        match &want {
+            None => want = Some(got),
+            Some(w) if *w == got => {}
+            Some(w) => bail!(
+                "the {name} app's output differs from the Rust app's ({} vs {} lines)",
+                got.len(),
+                w.len()
+            ),
+        }
+        results.push((name, m));
+    }
+    println!(
+        "\nlanguages (same outputs; {} files, {mb:.0} MB, mr run after a warm-up that compiles each app):",
+        corpus.len()
+    );
+    println!(
+        "{:<26} {:>9} {:>9} {:>14} {:>12}",
+        "", "wall s", "MB/s", "peak RSS MiB", "vs Rust app"
+    );
+    let rust_secs = results[0].1.secs;
+    for (name, m) in &results {
+        println!(
+            "{:<26} {:>9.2} {:>9.2} {:>14.0} {:>11.3}x",
+            format!("mr run wc ({name})"),
+            m.secs,
+            mb / m.secs,
+            m.peak_rss_mib,
+            rust_secs / m.secs
         );
     }
     Ok(())

@@ -5,6 +5,7 @@ mod apps;
 mod cluster;
 mod errors;
 mod kill;
+mod languages;
 mod sandbox;
 mod splits;
 

@@ -1,0 +1,154 @@
+// The C SDK for `mr` apps: write three functions, export them with
+// MR_EXPORT_APP, build with `make` (guest-sdk/c/mr.mk; see apps/wc-c).
+//
+//   #include "mr.h"
+//
+//   static void wc_map(mr_str input, mr_str contents) {
+//       mr_str word;
+//       while (mr_next_word(&contents, &word))
+//           mr_emit(word, MR_STR("1"));
+//   }
+//
+//   static mr_string wc_reduce(mr_str key, const mr_str *values, size_t n) {
+//       uint64_t total = 0;
+//       for (size_t i = 0; i < n; i++)
+//           total += mr_parse_u64(values[i]);
+//       return mr_string_u64(total);
+//   }
+//
+//   MR_EXPORT_APP(wc_map, wc_reduce, wc_reduce);  // the combiner is the reduce
+//
+// What the SDK does for the app, as the Rust SDK does:
+// - Batching: mr_emit copies pairs into a buffer handed to the host in
+//   lists of up to 8192 pairs or 1 MiB.
+// - Combining: with a combiner, map output is combined inside the guest
+//   before it is emitted, in a hash table of bounded size.
+// - Streaming keys: the host may deliver a key with very many values in
+//   several groups; the SDK gathers them and calls reduce once.
+// - Failing: mr_fail (or abort) fails the task; what the app printed to
+//   stderr is quoted in the error.
+//
+// Strings are UTF-8 and not NUL-terminated: an mr_str is borrowed (valid
+// during the call), an mr_string is owned (malloc'd; returning it hands it
+// to the SDK).
+
+#ifndef MR_H
+#define MR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// A borrowed string: `len` bytes of UTF-8 at `ptr`.
+typedef struct {
+    const char *ptr;
+    size_t len;
+} mr_str;
+
+/// An owned string: `len` bytes at `ptr`, allocated with malloc.
+typedef struct {
+    char *ptr;
+    size_t len;
+} mr_string;
+
+/// An mr_str of a string literal.
+#define MR_STR(lit) ((mr_str){(lit), sizeof(lit) - 1})
+
+/// An mr_str of a NUL-terminated string.
+mr_str mr_str_c(const char *s);
+
+/// Whether two strings have the same bytes.
+bool mr_str_eq(mr_str a, mr_str b);
+
+/// A malloc'd copy of `s`.
+mr_string mr_string_copy(mr_str s);
+
+/// The decimal digits of `n`, malloc'd.
+mr_string mr_string_u64(uint64_t n);
+
+/// The value of a decimal number; fails the task (mr_fail) if `s` is not
+/// one or does not fit in 64 bits.
+uint64_t mr_parse_u64(mr_str s);
+
+/// Maps one input (or one split of it, cut at a line boundary): calls
+/// mr_emit for every output pair. `input` is the input's name exactly as the
+/// user gave it.
+typedef void (*mr_map_fn)(mr_str input, mr_str contents);
+
+/// Reduces all `n` values of one key to the output value. Values arrive in
+/// an order that depends on scheduling.
+typedef mr_string (*mr_reduce_fn)(mr_str key, const mr_str *values, size_t n);
+
+/// The optional combiner: merges some values of a key into one before the
+/// shuffle. It must be safe to apply any number of times (for word count it
+/// is the reduce).
+typedef mr_string (*mr_combine_fn)(mr_str key, const mr_str *values, size_t n);
+
+/// An app: its map, reduce and (or NULL) combine functions.
+typedef struct {
+    mr_map_fn map;
+    mr_reduce_fn reduce;
+    mr_combine_fn combine;
+} mr_app;
+
+/// Exports the app; use once, at file scope. `combine` may be NULL.
+#define MR_EXPORT_APP(map, reduce, combine) const mr_app mr_the_app = {(map), (reduce), (combine)}
+
+/// Emits one intermediate pair (copied; call it from map only).
+void mr_emit(mr_str key, mr_str value);
+
+/// Splits text into words the way the MIT 6.5840 lab does (Go's
+/// unicode.IsLetter): maximal runs of Unicode letters (general category L),
+/// case kept. Finds the next word in `*text`, stores it in `*word`, moves
+/// `*text` past it and returns true; returns false when no word is left.
+bool mr_next_word(mr_str *text, mr_str *word);
+
+/// Whether the code point `c` is a letter (general category L), by the Rust
+/// SDK's table.
+bool mr_is_letter(uint32_t c);
+
+/// Fails the task with a printf-style message (printed to stderr, which the
+/// host quotes in the failure). Does not return.
+_Noreturn void mr_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// ---- The SDK's internals, shared with mr_component.c and the tests. ----
+
+/// One pair of a batch; the same layout as the bindings' mr_app_types_kv_t.
+typedef struct {
+    mr_str key;
+    mr_str value;
+} mr_kv;
+
+/// Hands a batch to the host (mr_component.c: the `emit` import).
+void mr__host_emit(mr_kv *pairs, size_t n);
+
+/// Starts a map task's emitter (with the app's combiner, or NULL).
+void mr__emitter_start(mr_combine_fn combine);
+
+/// Hands everything the emitter still holds to the host.
+void mr__emitter_finish(void);
+
+/// One group of the host's: a key and some of its values.
+typedef struct {
+    mr_str key;
+    const mr_str *values;
+    size_t n;
+    bool last;
+} mr_group;
+
+/// Gathers groups into whole keys and calls `f` once per whole key, writing
+/// its results to `out` (one per group with `last`); `pending` keeps a key
+/// whose values are still arriving between calls (index 0: reduce,
+/// 1: combine). Returns NULL, or a message on a protocol error.
+const char *mr__gather(int pending, const mr_group *groups, size_t n, mr_reduce_fn f,
+                       mr_string *out, size_t *n_out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // MR_H

@@ -1,0 +1,221 @@
+// Unit tests of the C SDK's core (mr.c), built natively against a fake host
+// (`make -C guest-sdk/c test`; tests/all/languages.rs runs it). Exits
+// non-zero on the first failure.
+
+#define _POSIX_C_SOURCE 200809L
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mr.h"
+
+static int checks;
+
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        checks++;                                                                                  \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);              \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+static bool eq(mr_str s, const char *c) { return mr_str_eq(s, mr_str_c(c)); }
+
+// ---- A fake host: records every batch ----
+
+#define MAX_PAIRS 20000
+static struct {
+    char *keys[MAX_PAIRS], *values[MAX_PAIRS];
+    size_t value_lens[MAX_PAIRS];
+    size_t n, batches, largest_batch, largest_bytes;
+} host;
+
+void mr__host_emit(mr_kv *pairs, size_t n) {
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        CHECK(host.n < MAX_PAIRS);
+        mr_string k = mr_string_copy(pairs[i].key), v = mr_string_copy(pairs[i].value);
+        host.keys[host.n] = strndup(k.ptr, k.len);
+        host.values[host.n] = strndup(v.ptr, v.len);
+        host.value_lens[host.n] = v.len;
+        host.n++;
+        bytes += k.len + v.len;
+        free(k.ptr);
+        free(v.ptr);
+    }
+    host.batches++;
+    if (n > host.largest_batch)
+        host.largest_batch = n;
+    if (bytes > host.largest_bytes)
+        host.largest_bytes = bytes;
+}
+
+static void host_reset(void) {
+    for (size_t i = 0; i < host.n; i++) {
+        free(host.keys[i]);
+        free(host.values[i]);
+    }
+    memset(&host, 0, sizeof host);
+}
+
+// The host's total for `key` (values summed as numbers).
+static uint64_t host_total(const char *key) {
+    uint64_t t = 0;
+    for (size_t i = 0; i < host.n; i++)
+        if (strcmp(host.keys[i], key) == 0)
+            t += strtoull(host.values[i], NULL, 10);
+    return t;
+}
+
+static size_t combine_calls;
+
+static mr_string sum(mr_str key, const mr_str *values, size_t n) {
+    (void)key;
+    combine_calls++;
+    uint64_t t = 0;
+    for (size_t i = 0; i < n; i++)
+        t += mr_parse_u64(values[i]);
+    return mr_string_u64(t);
+}
+
+static mr_string join(mr_str key, const mr_str *values, size_t n) {
+    (void)key;
+    size_t len = 0;
+    for (size_t i = 0; i < n; i++)
+        len += values[i].len + 1;
+    char *p = malloc(len + 1), *q = p;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(q, values[i].ptr, values[i].len);
+        q += values[i].len;
+        *q++ = ',';
+    }
+    return (mr_string){p, n ? len - 1 : 0};
+}
+
+// ---- Tests ----
+
+static void test_words(void) {
+    // 'Ⅻ' (U+216B, a letter number) is alphabetic but not a letter; 'ǅ'
+    // (U+01C5) is a titlecase letter; U+FFFD and stray bytes are not letters.
+    const char *text = "Hello, w\xc3\xb6rld! it's 42x--\xc7\x85 \xe2\x85\xab\xef\xbf\xbd"
+                       "a\xff" "b\xe2\x82z \xf0\x90\x80\x80";
+    const char *want[] = {"Hello", "w\xc3\xb6rld", "it", "s", "x", "\xc7\x85", "a", "b",
+                          "z", "\xf0\x90\x80\x80"};
+    mr_str rest = mr_str_c(text), w;
+    size_t n = 0;
+    while (mr_next_word(&rest, &w)) {
+        CHECK(n < sizeof want / sizeof want[0]);
+        CHECK(eq(w, want[n]));
+        n++;
+    }
+    CHECK(n == sizeof want / sizeof want[0]);
+    CHECK(rest.len == 0);
+    mr_str empty = MR_STR("");
+    CHECK(!mr_next_word(&empty, &w));
+    CHECK(mr_is_letter('q') && !mr_is_letter('_') && mr_is_letter(0x4E00) && !mr_is_letter(0x216B));
+}
+
+static void test_numbers(void) {
+    mr_string s = mr_string_u64(0);
+    CHECK(s.len == 1 && s.ptr[0] == '0');
+    free(s.ptr);
+    s = mr_string_u64(UINT64_MAX);
+    CHECK(mr_str_eq((mr_str){s.ptr, s.len}, MR_STR("18446744073709551615")));
+    CHECK(mr_parse_u64((mr_str){s.ptr, s.len}) == UINT64_MAX);
+    free(s.ptr);
+    CHECK(mr_parse_u64(MR_STR("0042")) == 42);
+}
+
+static void test_batches_without_combiner(void) {
+    host_reset();
+    mr__emitter_start(NULL);
+    char key[16];
+    for (int i = 0; i < 10000; i++) {
+        int len = snprintf(key, sizeof key, "k%d", i % 7);
+        mr_emit((mr_str){key, (size_t)len}, MR_STR("1"));
+    }
+    mr__emitter_finish();
+    // Raw pairs, in order, in batches of at most 8192.
+    CHECK(host.n == 10000);
+    CHECK(host.batches == 2);
+    CHECK(host.largest_batch == 8192);
+    CHECK(strcmp(host.keys[9999], "k3") == 0);
+    // A batch is also cut at 1 MiB of keys and values.
+    host_reset();
+    mr__emitter_start(NULL);
+    char *big = malloc(600 << 10);
+    memset(big, 'v', 600 << 10);
+    for (int i = 0; i < 5; i++)
+        mr_emit(MR_STR("big"), (mr_str){big, 600 << 10});
+    mr__emitter_finish();
+    free(big);
+    CHECK(host.n == 5);
+    CHECK(host.batches == 3);
+    CHECK(host.largest_bytes < (2u << 20));
+    CHECK(host.value_lens[4] == 600 << 10);
+}
+
+static void test_combining(void) {
+    host_reset();
+    combine_calls = 0;
+    mr__emitter_start(sum);
+    for (int i = 0; i < 20; i++)
+        mr_emit(MR_STR("a"), MR_STR("1"));
+    mr_emit(MR_STR("b"), MR_STR("5"));
+    mr_emit(MR_STR(""), MR_STR("2"));
+    mr_emit(MR_STR(""), MR_STR("3"));
+    mr__emitter_finish();
+    // One pair per key: the table combined every 8 values, then at the end.
+    CHECK(host.n == 3);
+    CHECK(host_total("a") == 20);
+    CHECK(host_total("b") == 5);
+    CHECK(host_total("") == 5);
+    CHECK(combine_calls == 2 + 1 + 1);
+    // Many distinct keys (table growth), each with a few values.
+    host_reset();
+    mr__emitter_start(sum);
+    char key[16];
+    for (int round = 0; round < 3; round++)
+        for (int i = 0; i < 5000; i++) {
+            int len = snprintf(key, sizeof key, "w%d", i);
+            mr_emit((mr_str){key, (size_t)len}, MR_STR("2"));
+        }
+    mr__emitter_finish();
+    CHECK(host.n == 5000);
+    CHECK(host_total("w0") == 6 && host_total("w4999") == 6);
+}
+
+static void test_gather(void) {
+    mr_str v1[] = {MR_STR("1"), MR_STR("2")}, v2[] = {MR_STR("3")}, v3[] = {MR_STR("x")};
+    mr_string out[4];
+    size_t n = 0;
+    // Key "k" arrives in three groups over two calls; "m" whole.
+    mr_group first[] = {{MR_STR("a"), v3, 1, true}, {MR_STR("k"), v1, 2, false}};
+    CHECK(mr__gather(0, first, 2, join, out, &n) == NULL);
+    CHECK(n == 1 && mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("x")));
+    free(out[0].ptr);
+    mr_group second[] = {{MR_STR("k"), v2, 1, false}, {MR_STR("k"), v1, 1, true},
+                         {MR_STR("m"), v2, 1, true}};
+    CHECK(mr__gather(0, second, 3, join, out, &n) == NULL);
+    CHECK(n == 2);
+    CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("1,2,3,1")));
+    CHECK(mr_str_eq((mr_str){out[1].ptr, out[1].len}, MR_STR("3")));
+    free(out[0].ptr);
+    free(out[1].ptr);
+    // A key that ends without its last group is the host's error.
+    mr_group broken[] = {{MR_STR("p"), v1, 2, false}, {MR_STR("q"), v2, 1, true}};
+    CHECK(mr__gather(1, broken, 2, join, out, &n) != NULL);
+}
+
+int main(void) {
+    test_words();
+    test_numbers();
+    test_batches_without_combiner();
+    test_combining();
+    test_gather();
+    host_reset();
+    printf("C SDK: %d checks passed\n", checks);
+    return 0;
+}

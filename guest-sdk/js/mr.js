@@ -1,0 +1,225 @@
+// The JavaScript SDK for `mr` apps: write an object with map/reduce/combine,
+// export it, build it with componentize-js (see apps/wc-js).
+//
+//   import { emit } from 'mr:app/host@0.1.0';
+//   import { exportApp, words } from './mr.js';
+//
+//   const wordCount = {
+//     map(input, contents, out) {
+//       for (const word of words(contents)) out.emit(word, '1');
+//     },
+//     reduce(key, values) {
+//       let n = 0;
+//       for (const v of values) n += Number(v);
+//       return String(n);
+//     },
+//     combine(key, values) {
+//       return this.reduce(key, values);
+//     },
+//   };
+//
+//   export const { map, reduce, combine } = exportApp(wordCount, emit);
+//
+// What the SDK does for the app, as the Rust SDK does:
+// - Batching: `out.emit` buffers pairs and hands them to the host in
+//   arrays of up to 8192 pairs or 1 MiB.
+// - Combining: when the app's `combine` returns a string (not undefined),
+//   map output is combined inside the guest before it is emitted, in a
+//   table of bounded size.
+// - Streaming keys: the host may deliver a key with very many values in
+//   several groups; the SDK gathers them and calls `reduce` once.
+// - Errors: an exception in the app fails the task with its message and
+//   stack.
+//
+// `emit` is passed in (rather than imported here) so this module also runs
+// under Node for its tests.
+
+import { WORD } from './letters.js';
+
+/** Pairs and bytes (UTF-16 units, near enough) buffered before one emit. */
+export const BATCH_PAIRS = 8192;
+export const BATCH_BYTES = 1 << 20;
+/** Values of one key collected before the combiner folds them into one. */
+export const COMBINE_AT = 8;
+/** Estimated bytes the combining table may hold before it is flushed. */
+export const TABLE_BYTES = 48 << 20;
+/** Estimated bytes a table entry costs beyond its text. */
+const ENTRY_OVERHEAD = 120;
+
+/**
+ * The words of `text` as the MIT 6.5840 lab splits them (Go's
+ * `unicode.IsLetter`): maximal runs of Unicode letters (general category
+ * L), case kept, with the Rust SDK's letter table. Iterates lazily.
+ */
+export function* words(text) {
+  const re = new RegExp(WORD);
+  let m;
+  while ((m = re.exec(text)) !== null) yield m[0];
+}
+
+/** Collects map output; see the module comment. */
+export class Emitter {
+  constructor(combine, emit) {
+    this._combine = combine;
+    this._emit = emit;
+    this._combining = undefined; // unknown until the combiner is first asked
+    this._table = new Map();
+    this._tableBytes = 0;
+    this._batch = [];
+    this._batchBytes = 0;
+  }
+
+  /** Emits one intermediate pair of strings. */
+  emit(key, value) {
+    if (this._combining === false) {
+      this._push(key, value);
+      return;
+    }
+    const values = this._table.get(key);
+    if (values === undefined) {
+      this._table.set(key, [value]);
+      this._tableBytes += key.length + value.length + ENTRY_OVERHEAD;
+      if (this._tableBytes >= TABLE_BYTES) this._flushTable();
+      return;
+    }
+    values.push(value);
+    if (values.length >= COMBINE_AT) {
+      const combined = this._combine(key, values);
+      if (combined === undefined || combined === null) {
+        this._combining = false;
+        this._flushTable();
+        return;
+      }
+      this._combining = true;
+      // A new array: truncating the old one in place measured slower in
+      // the engine's interpreter.
+      this._table.set(key, [combined]);
+    }
+  }
+
+  _push(key, value) {
+    this._batch.push({ key, value });
+    this._batchBytes += key.length + value.length;
+    if (this._batch.length >= BATCH_PAIRS || this._batchBytes >= BATCH_BYTES) {
+      this._flushBatch();
+    }
+  }
+
+  _flushTable() {
+    const table = this._table;
+    this._table = new Map();
+    this._tableBytes = 0;
+    for (const [key, values] of table) {
+      if (values.length > 1 && this._combining !== false) {
+        const combined = this._combine(key, values);
+        if (combined !== undefined && combined !== null) {
+          this._combining = true;
+          this._push(key, combined);
+          continue;
+        }
+        this._combining = false;
+      }
+      for (const value of values) this._push(key, value);
+    }
+  }
+
+  _flushBatch() {
+    if (this._batch.length > 0) {
+      this._emit(this._batch);
+      this._batch = [];
+      this._batchBytes = 0;
+    }
+  }
+
+  /** Hands everything still held to the host (called after `map`). */
+  finish() {
+    this._flushTable();
+    this._flushBatch();
+  }
+}
+
+/**
+ * Gathers groups (a key's values may come in several, all but the last with
+ * `last: false`) into whole keys.
+ */
+export class Gatherer {
+  constructor() {
+    this._pending = null; // [key, values] still arriving
+  }
+
+  /** Calls `f(key, values)` once per whole key; returns the results, or
+   * undefined as soon as `f` returns undefined. */
+  run(groups, f) {
+    const out = [];
+    for (const g of groups) {
+      let key = g.key;
+      let values = g.values;
+      if (this._pending !== null) {
+        const [pkey, pvalues] = this._pending;
+        if (pkey !== g.key) {
+          throw new Error(`host protocol error: key ${JSON.stringify(pkey)} ended without its last group`);
+        }
+        for (const v of values) pvalues.push(v);
+        values = pvalues;
+        this._pending = null;
+      }
+      if (g.last) {
+        const r = f(key, values);
+        if (r === undefined || r === null) return undefined;
+        out.push(r);
+      } else {
+        this._pending = [key, Array.from(values)];
+      }
+    }
+    return out;
+  }
+}
+
+function failure(what, e) {
+  const detail = e instanceof Error ? `${e}\n${e.stack ?? ''}` : String(e);
+  return `${what} failed: ${detail}`;
+}
+
+/**
+ * The component's exports for `app` ({ map(input, contents, out),
+ * reduce(key, values), combine?(key, values) }); `emit` is the host's,
+ * imported from 'mr:app/host@0.1.0'. Export its `map`, `reduce` and
+ * `combine` from the app's module.
+ */
+export function exportApp(app, emit) {
+  const combine = app.combine ? (k, v) => app.combine(k, v) : () => undefined;
+  const reducing = new Gatherer();
+  const combining = new Gatherer();
+  const reduceOne = (key, values) => {
+    const r = app.reduce(key, values);
+    if (typeof r !== 'string') {
+      throw new TypeError(`reduce returned ${typeof r} for key ${JSON.stringify(key)}, not a string`);
+    }
+    return r;
+  };
+  return {
+    map(input, contents) {
+      try {
+        const out = new Emitter(combine, emit);
+        app.map(input, contents, out);
+        out.finish();
+      } catch (e) {
+        throw failure(`map of ${JSON.stringify(input)}`, e);
+      }
+    },
+    reduce(groups) {
+      try {
+        return reducing.run(groups, reduceOne);
+      } catch (e) {
+        throw failure('reduce', e);
+      }
+    },
+    combine(groups) {
+      try {
+        return combining.run(groups, combine);
+      } catch (e) {
+        throw failure('combine', e);
+      }
+    },
+  };
+}

@@ -1,0 +1,119 @@
+// Unit tests of the JavaScript SDK, run natively by Node's test runner:
+//   node --test guest-sdk/js/   (tests/all/languages.rs runs it)
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { Emitter, Gatherer, exportApp, words } from './mr.js';
+
+function fakeHost() {
+  const batches = [];
+  const emit = (batch) => batches.push(batch.map(({ key, value }) => [key, value]));
+  const pairs = () => batches.flat();
+  return { batches, emit, pairs };
+}
+
+const sum = (calls) => (key, values) => {
+  calls.push(values.length);
+  return String(values.reduce((a, v) => a + Number(v), 0));
+};
+
+test('words are runs of letters', () => {
+  // 'Ⅻ' (U+216B) is a letter number, not a letter; U+FFFD is not a letter;
+  // astral letters (U+10000, U+1E5D0) count.
+  const text = "Hello, wörld! it's 42x--ǅ Ⅻ\ufffda b\u{10000} \u{1e5d0}.";
+  assert.deepEqual([...words(text)], ['Hello', 'wörld', 'it', 's', 'x', 'ǅ', 'a', 'b\u{10000}', '\u{1e5d0}']);
+  assert.deepEqual([...words('')], []);
+  // Iterators are independent.
+  const a = words('x y');
+  const b = words('z');
+  assert.equal(a.next().value, 'x');
+  assert.equal(b.next().value, 'z');
+  assert.equal(a.next().value, 'y');
+});
+
+test('without a combiner pairs go out raw in bounded batches', () => {
+  const host = fakeHost();
+  const out = new Emitter(() => undefined, host.emit);
+  for (let i = 0; i < 10000; i++) out.emit(`k${i % 7}`, '1');
+  out.finish();
+  assert.equal(host.pairs().length, 10000);
+  assert.deepEqual(host.batches.map((b) => b.length), [8192, 1808]);
+});
+
+test('a batch is cut at a mebibyte', () => {
+  const host = fakeHost();
+  const out = new Emitter(() => undefined, host.emit);
+  for (let i = 0; i < 5; i++) out.emit('big', 'v'.repeat(600 << 10));
+  out.finish();
+  assert.deepEqual(host.batches.map((b) => b.length), [2, 2, 1]);
+});
+
+test('combining folds every eight values and at the end', () => {
+  const host = fakeHost();
+  const calls = [];
+  const out = new Emitter(sum(calls), host.emit);
+  for (let i = 0; i < 20; i++) out.emit('a', '1');
+  out.emit('b', '5');
+  out.emit('', '2');
+  out.emit('', '3');
+  out.finish();
+  assert.deepEqual(host.pairs().sort(), [['', '5'], ['a', '20'], ['b', '5']]);
+  assert.deepEqual(calls, [8, 8, 6, 2]);
+});
+
+test('no combiner found late loses nothing', () => {
+  const host = fakeHost();
+  const out = new Emitter(() => undefined, host.emit);
+  for (let i = 0; i < 50; i++) {
+    out.emit('x', String(i));
+    out.emit(`y${i}`, '1');
+  }
+  out.finish();
+  const xs = host.pairs().filter(([k]) => k === 'x').map(([, v]) => Number(v)).sort((p, q) => p - q);
+  assert.deepEqual(xs, [...Array(50).keys()]);
+  assert.equal(host.pairs().length, 100);
+});
+
+test('split groups are gathered into one call', () => {
+  const g = new Gatherer();
+  const join = (k, v) => `${k}:${v.join(',')}`;
+  assert.deepEqual(g.run([{ key: 'a', values: ['x'], last: true }, { key: 'k', values: ['1', '2'], last: false }], join), ['a:x']);
+  assert.deepEqual(
+    g.run(
+      [
+        { key: 'k', values: ['3'], last: false },
+        { key: 'k', values: ['4'], last: true },
+        { key: 'm', values: ['5'], last: true },
+      ],
+      join,
+    ),
+    ['k:1,2,3,4', 'm:5'],
+  );
+  assert.throws(() => new Gatherer().run([{ key: 'p', values: [], last: false }, { key: 'q', values: [], last: true }], join), /protocol error/);
+});
+
+test('exportApp wires map, reduce and combine, and turns exceptions into messages', () => {
+  const host = fakeHost();
+  const wc = {
+    map(input, contents, out) {
+      if (input === 'bad') throw new RangeError('no such thing');
+      for (const w of words(contents)) out.emit(w, '1');
+    },
+    reduce(key, values) {
+      return key === 'num' ? 42 : String(values.reduce((a, v) => a + Number(v), 0));
+    },
+    combine(key, values) {
+      return this.reduce(key, values);
+    },
+  };
+  const app = exportApp(wc, host.emit);
+  app.map('in.txt', 'a b a '.repeat(10));
+  assert.deepEqual(host.pairs().sort(), [['a', '20'], ['b', '10']]);
+  assert.deepEqual(app.reduce([{ key: 'a', values: ['1', '2'], last: false }]), []);
+  assert.deepEqual(app.reduce([{ key: 'a', values: ['3'], last: true }]), ['6']);
+  assert.deepEqual(app.combine([{ key: 'a', values: ['1', '2'], last: true }]), ['3']);
+  assert.throws(() => app.map('bad', ''), (e) => typeof e === 'string' && e.includes('map of "bad" failed: RangeError: no such thing'));
+  assert.throws(() => app.reduce([{ key: 'num', values: [], last: true }]), (e) => e.includes('reduce returned number for key "num"'));
+  const noCombiner = exportApp({ map() {}, reduce: () => '' }, host.emit);
+  assert.equal(noCombiner.combine([{ key: 'a', values: ['1', '2'], last: true }]), undefined);
+});

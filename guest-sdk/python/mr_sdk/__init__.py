@@ -1,0 +1,245 @@
+"""The Python SDK for `mr` apps: write a class, export it, build it with
+componentize-py (see apps/wc-python).
+
+    import mr_sdk
+
+    class WordCount(mr_sdk.App):
+        def map(self, input, contents, out):
+            for word in mr_sdk.words(contents):
+                out.emit(word, "1")
+
+        def reduce(self, key, values):
+            return str(sum(int(v) for v in values))
+
+        def combine(self, key, values):
+            return self.reduce(key, values)
+
+    WitWorld = mr_sdk.export(WordCount)
+
+componentize-py looks for the class `WitWorld` in the app's module; the
+module is named by the build (`componentize-py ... componentize app`).
+
+What the SDK does for the app, as the Rust SDK does:
+- Batching: `out.emit` buffers pairs and hands them to the host in lists
+  of up to 8192 pairs or 1 MiB (one boundary crossing is costly).
+- Combining: when the app's `combine` returns a value (not None), map
+  output is combined inside the guest before it is emitted, in a table
+  of bounded size.
+- Streaming keys: the host may deliver a key with very many values in
+  several groups; the SDK gathers them and calls `reduce` once.
+- Errors: an exception in the app fails the task with its traceback.
+"""
+
+import re
+import traceback
+
+from ._letters import CLASS as _LETTER_CLASS
+
+__all__ = ["App", "Emitter", "export", "words"]
+
+# Pairs and bytes buffered before one `emit` call hands them to the host.
+BATCH_PAIRS = 8192
+BATCH_BYTES = 1 << 20
+# Values of one key collected before the combiner folds them into one.
+COMBINE_AT = 8
+# Estimated bytes the combining table may hold before it is flushed to the
+# host: bounds guest memory for apps with huge vocabularies.
+TABLE_BYTES = 48 << 20
+# Estimated bytes a table entry costs beyond its text (a dict slot, a list,
+# the str objects' headers).
+ENTRY_OVERHEAD = 200
+# Characters of text scanned per regex call by `words` (so a large split
+# never becomes one list of millions of words).
+WORDS_CHUNK = 1 << 16
+
+_WORD = re.compile("[" + _LETTER_CLASS + "]+")
+_NON_LETTER = re.compile("[^" + _LETTER_CLASS + "]")
+
+
+def words(text):
+    """Yields the words of `text` the way the MIT 6.5840 lab splits them
+    (Go's `unicode.IsLetter`): maximal runs of Unicode letters (general
+    category L), case kept. The letters are the Rust SDK's, table for table:
+    `str.isalpha` is category L too, but of the Unicode version of the
+    Python that runs the app, which differs."""
+    n = len(text)
+    start = 0
+    while start < n:
+        end = start + WORDS_CHUNK
+        if end >= n:
+            end = n
+        else:
+            # Cut at a non-letter, so no word spans two chunks.
+            m = _NON_LETTER.search(text, end)
+            end = m.start() if m else n
+        yield from _WORD.findall(text, start, end)
+        start = end
+
+
+class App:
+    """A MapReduce app. The SDK makes one instance per task."""
+
+    def map(self, input, contents, out):
+        """Maps one input (or one split of it, cut at a line boundary):
+        calls `out.emit(key, value)` for every output pair. `input` is the
+        input's name exactly as the user gave it."""
+        raise NotImplementedError
+
+    def reduce(self, key, values):
+        """Reduces all values of one key (a list of str) to the output value
+        (a str). Values arrive in an order that depends on scheduling."""
+        raise NotImplementedError
+
+    def combine(self, key, values):
+        """The optional combiner: merges some values of a key into one str
+        before the shuffle; it must be safe to apply any number of times.
+        Return None (the default) for no combiner."""
+        return None
+
+
+class Emitter:
+    """Collects an app's map output and hands it to the host in batches,
+    combining it first when the app has a combiner."""
+
+    def __init__(self, combine, emit, kv):
+        self._combine = combine
+        self._emit = emit  # the host's emit(list of kv)
+        self._kv = kv  # the binding's pair type
+        self._combining = None  # unknown until the combiner is first asked
+        self._table = {}
+        self._table_bytes = 0
+        self._batch = []
+        self._batch_bytes = 0
+
+    def emit(self, key, value):
+        """Emits one intermediate pair (two str)."""
+        if self._combining is False:
+            self._push(key, value)
+            return
+        values = self._table.get(key)
+        if values is None:
+            self._table[key] = [value]
+            self._table_bytes += len(key) + len(value) + ENTRY_OVERHEAD
+            if self._table_bytes >= TABLE_BYTES:
+                self._flush_table()
+            return
+        values.append(value)
+        if len(values) >= COMBINE_AT:
+            combined = self._combine(key, values)
+            if combined is None:
+                self._combining = False
+                self._flush_table()
+                return
+            self._combining = True
+            values[:] = [combined]
+
+    def _push(self, key, value):
+        self._batch.append(self._kv(key, value))
+        self._batch_bytes += len(key) + len(value)
+        if len(self._batch) >= BATCH_PAIRS or self._batch_bytes >= BATCH_BYTES:
+            self._flush_batch()
+
+    def _flush_table(self):
+        table, self._table, self._table_bytes = self._table, {}, 0
+        for key, values in table.items():
+            if len(values) > 1 and self._combining is not False:
+                combined = self._combine(key, values)
+                if combined is not None:
+                    self._combining = True
+                    self._push(key, combined)
+                    continue
+                self._combining = False
+            for value in values:
+                self._push(key, value)
+
+    def _flush_batch(self):
+        if self._batch:
+            self._emit(self._batch)
+            self._batch = []
+            self._batch_bytes = 0
+
+    def finish(self):
+        """Hands everything still held to the host (the SDK calls it after
+        `map` returns)."""
+        self._flush_table()
+        self._flush_batch()
+
+
+class _Gatherer:
+    """Gathers groups (a key's values may come in several, all but the last
+    with `last = False`) into whole keys."""
+
+    def __init__(self):
+        self._pending = None  # (key, values) still arriving
+
+    def run(self, groups, f):
+        """Calls `f(key, values)` once per whole key; returns the results,
+        or None as soon as `f` returns None."""
+        out = []
+        for g in groups:
+            if self._pending is not None:
+                key, values = self._pending
+                if key != g.key:
+                    raise ValueError(
+                        f"host protocol error: key {key!r} ended without its last group"
+                    )
+                values.extend(g.values)
+                self._pending = None
+            else:
+                key, values = g.key, g.values
+            if g.last:
+                r = f(key, values)
+                if r is None:
+                    return None
+                out.append(r)
+            else:
+                self._pending = (key, list(values))
+        return out
+
+
+def _app_error(err_type, what):
+    return err_type(f"{what} failed:\n{traceback.format_exc()}")
+
+
+def export(app):
+    """Returns the `WitWorld` class componentize-py exports for `app` (an
+    `App` subclass or instance). Assign it to `WitWorld` in the app's
+    module."""
+    # Imported here: `wit_world` is generated by componentize-py for the
+    # build, and is not needed to use `words` or `Emitter` elsewhere.
+    import wit_world
+    from wit_world.imports import host, types
+    from componentize_py_types import Err
+
+    instance = app() if isinstance(app, type) else app
+    reducing = _Gatherer()
+    combining = _Gatherer()
+
+    def reduce_one(key, values):
+        r = instance.reduce(key, values)
+        if not isinstance(r, str):
+            raise TypeError(f"reduce returned {type(r).__name__} for key {key!r}, not str")
+        return r
+
+    class WitWorld(wit_world.WitWorld):
+        def map(self, input, contents):
+            try:
+                out = Emitter(instance.combine, host.emit, types.Kv)
+                instance.map(input, contents, out)
+                out.finish()
+            except Exception:
+                raise _app_error(Err, f"map of {input!r}")
+
+        def reduce(self, groups):
+            try:
+                return reducing.run(groups, reduce_one)
+            except Exception:
+                raise _app_error(Err, "reduce")
+
+        def combine(self, groups):
+            try:
+                return combining.run(groups, instance.combine)
+            except Exception:
+                raise _app_error(Err, "combine")
+
+    return WitWorld

@@ -1,0 +1,230 @@
+"""Unit tests of the Python SDK, run natively:
+
+    python -m unittest discover -s guest-sdk/python
+
+(tests/all/languages.rs runs them with the componentize-py virtualenv's
+python, so the `export` tests can generate the bindings they need.)"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import mr_sdk
+
+
+class Host:
+    """A fake host `emit`: records batches."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, batch):
+        self.batches.append([(kv.key, kv.value) for kv in batch])
+
+    def pairs(self):
+        return [p for b in self.batches for p in b]
+
+    def total(self, key):
+        return sum(int(v) for k, v in self.pairs() if k == key)
+
+
+class Kv:
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+
+
+class Group:
+    def __init__(self, key, values, last):
+        self.key, self.values, self.last = key, values, last
+
+
+def summing(calls):
+    def combine(key, values):
+        calls.append(len(values))
+        return str(sum(int(v) for v in values))
+
+    return combine
+
+
+class WordsTest(unittest.TestCase):
+    def test_words_are_runs_of_letters(self):
+        # 'Ⅻ' (U+216B) is a letter number, not a letter; U+FFFD is not a
+        # letter; U+1E5D0 is a letter since Unicode 16, whatever Python's own
+        # Unicode version says.
+        text = "Hello, wörld! it's 42x--ǅ Ⅻ\ufffda b𐀀 \U0001e5d0."
+        self.assertEqual(
+            list(mr_sdk.words(text)), ["Hello", "wörld", "it", "s", "x", "ǅ", "a", "b𐀀", "\U0001e5d0"]
+        )
+        self.assertEqual(list(mr_sdk.words("")), [])
+
+    def test_chunking_never_splits_a_word(self):
+        text = "alpha beta\ngamma-delta epsilon " * 50 + "z"
+        whole = list(mr_sdk.words(text))
+        old = mr_sdk.WORDS_CHUNK
+        try:
+            for chunk in (1, 3, 7, 64):
+                mr_sdk.WORDS_CHUNK = chunk
+                self.assertEqual(list(mr_sdk.words(text)), whole)
+        finally:
+            mr_sdk.WORDS_CHUNK = old
+
+
+class EmitterTest(unittest.TestCase):
+    def test_without_combiner_pairs_go_out_raw_in_bounded_batches(self):
+        host = Host()
+        out = mr_sdk.Emitter(lambda k, v: None, host, Kv)
+        for i in range(10000):
+            out.emit(f"k{i % 7}", "1")
+        out.finish()
+        self.assertEqual(len(host.pairs()), 10000)
+        self.assertEqual([len(b) for b in host.batches], [8192, 1808])
+        self.assertEqual(host.total("k3"), 1429)
+
+    def test_a_batch_is_cut_at_a_mebibyte(self):
+        host = Host()
+        out = mr_sdk.Emitter(lambda k, v: None, host, Kv)
+        for _ in range(5):
+            out.emit("big", "v" * (600 << 10))
+        out.finish()
+        self.assertEqual([len(b) for b in host.batches], [2, 2, 1])
+
+    def test_combining_folds_every_eight_values_and_at_the_end(self):
+        host, calls = Host(), []
+        out = mr_sdk.Emitter(summing(calls), host, Kv)
+        for _ in range(20):
+            out.emit("a", "1")
+        out.emit("b", "5")
+        out.emit("", "2")
+        out.emit("", "3")
+        out.finish()
+        self.assertEqual(sorted(host.pairs()), [("", "5"), ("a", "20"), ("b", "5")])
+        self.assertEqual(calls, [8, 8, 6, 2])
+
+    def test_a_full_table_is_flushed(self):
+        host = Host()
+        out = mr_sdk.Emitter(summing([]), host, Kv)
+        old = mr_sdk.TABLE_BYTES
+        try:
+            mr_sdk.TABLE_BYTES = 10 * (mr_sdk.ENTRY_OVERHEAD + 3)
+            for i in range(100):
+                out.emit(f"w{i:02}", "1")
+            self.assertGreater(len(host.pairs()) + len(out._batch), 0)
+            out.finish()
+        finally:
+            mr_sdk.TABLE_BYTES = old
+        self.assertEqual(sorted(host.pairs()), [(f"w{i:02}", "1") for i in range(100)])
+
+    def test_no_combiner_found_late_loses_nothing(self):
+        host = Host()
+        out = mr_sdk.Emitter(lambda k, v: None, host, Kv)
+        for i in range(50):
+            out.emit("x", str(i))
+            out.emit(f"y{i}", "1")
+        out.finish()
+        self.assertEqual(sorted(int(v) for k, v in host.pairs() if k == "x"), list(range(50)))
+        self.assertEqual(len(host.pairs()), 100)
+
+
+class GathererTest(unittest.TestCase):
+    def test_split_groups_are_gathered_into_one_call(self):
+        g = mr_sdk._Gatherer()
+        join = lambda k, v: f"{k}:{','.join(v)}"
+        self.assertEqual(g.run([Group("a", ["x"], True), Group("k", ["1", "2"], False)], join), ["a:x"])
+        self.assertEqual(
+            g.run([Group("k", ["3"], False), Group("k", ["4"], True), Group("m", ["5"], True)], join),
+            ["k:1,2,3,4", "m:5"],
+        )
+
+    def test_a_key_without_its_last_group_is_an_error(self):
+        g = mr_sdk._Gatherer()
+        with self.assertRaises(ValueError):
+            g.run([Group("p", ["1"], False), Group("q", ["2"], True)], lambda k, v: "")
+
+    def test_none_stops_early(self):
+        g = mr_sdk._Gatherer()
+        self.assertIsNone(g.run([Group("a", ["1"], True)], lambda k, v: None))
+
+
+COMPONENTIZE_PY = shutil.which("componentize-py", path=os.path.dirname(sys.executable))
+
+
+@unittest.skipUnless(COMPONENTIZE_PY, "componentize-py is not next to this python (run it from the build's venv)")
+class ExportTest(unittest.TestCase):
+    """`export` against the real generated bindings, with a fake `emit`."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp()
+        wit = os.path.join(os.path.dirname(__file__), "..", "..", "wit")
+        subprocess.run(
+            [COMPONENTIZE_PY, "-d", wit, "-w", "mapreduce", "bindings", cls.dir],
+            check=True,
+            capture_output=True,
+        )
+        sys.path.insert(0, cls.dir)
+        from wit_world.imports import host, types
+
+        cls.host, cls.types = host, types
+
+    @classmethod
+    def tearDownClass(cls):
+        sys.path.remove(cls.dir)
+        shutil.rmtree(cls.dir)
+
+    def world(self, app):
+        return mr_sdk.export(app)()
+
+    def test_map_reduce_and_combine_through_the_bindings(self):
+        class Wc(mr_sdk.App):
+            def map(self, input, contents, out):
+                for w in mr_sdk.words(contents):
+                    out.emit(w, "1")
+
+            def reduce(self, key, values):
+                return str(sum(int(v) for v in values))
+
+            def combine(self, key, values):
+                return self.reduce(key, values)
+
+        emitted = Host()
+        self.host.emit = emitted
+        w = self.world(Wc)
+        w.map("in.txt", "a b a " * 10)
+        self.assertEqual(sorted(emitted.pairs()), [("a", "20"), ("b", "10")])
+        G = self.types.Group
+        self.assertEqual(w.reduce([G("a", ["1", "2"], False)]), [])
+        self.assertEqual(w.reduce([G("a", ["3"], True), G("b", ["4"], True)]), ["6", "4"])
+        self.assertEqual(w.combine([G("a", ["1", "2"], True)]), ["3"])
+
+    def test_no_combiner_is_none(self):
+        class NoCombiner(mr_sdk.App):
+            def reduce(self, key, values):
+                return ""
+
+        self.assertIsNone(self.world(NoCombiner).combine([self.types.Group("a", ["1", "2"], True)]))
+
+    def test_an_exception_becomes_the_tasks_error_with_its_traceback(self):
+        from componentize_py_types import Err
+
+        class Broken(mr_sdk.App):
+            def map(self, input, contents, out):
+                raise KeyError("no such thing")
+
+            def reduce(self, key, values):
+                return 42  # not a str
+
+        w = self.world(Broken)
+        with self.assertRaises(Err) as e:
+            w.map("in.txt", "x")
+        self.assertIn("map of 'in.txt' failed", e.exception.value)
+        self.assertIn("KeyError: 'no such thing'", e.exception.value)
+        with self.assertRaises(Err) as e:
+            w.reduce([self.types.Group("k", ["1"], True)])
+        self.assertIn("reduce returned int for key 'k', not str", e.exception.value)
+
+
+if __name__ == "__main__":
+    unittest.main()
