@@ -360,43 +360,41 @@ fn bench(a: RunArgs) -> Result<()> {
     };
     let (mut native, mut mr, mut dist) = (None, None, None);
     for run in 0..a.runs.max(1) {
-        eprintln!("run {} of {} ...", run + 1, a.runs.max(1));
-        native = best(
-            native,
-            measure(
-                Command::new(&me)
-                    .arg("native-wc")
-                    .arg(&native_out)
-                    .args(&corpus),
-            )?,
-        );
-        mr = best(
-            mr,
-            measure(
+        eprint!("run {} of {}: ", run + 1, a.runs.max(1));
+        let n = measure(
+            Command::new(&me)
+                .arg("native-wc")
+                .arg(&native_out)
+                .args(&corpus),
+        )?;
+        eprint!("native {:.2} s", n.secs);
+        native = best(native, n);
+        let m = measure(
+            Command::new(&a.mr)
+                .arg("run")
+                .arg(&a.app)
+                .args(&corpus)
+                .args(["--reduces", "8", "--force", "--quiet", "--output"])
+                .arg(&mr_out)
+                .args(&a.mr_args)
+                .stdout(Stdio::null()),
+        )?;
+        eprint!(", mr run {:.2} s", m.secs);
+        mr = best(mr, m);
+        if let Some(c) = &cluster {
+            let d = measure(
                 Command::new(&a.mr)
-                    .arg("run")
+                    .args(["submit", "--coordinator", &c.addr])
                     .arg(&a.app)
                     .args(&corpus)
                     .args(["--reduces", "8", "--force", "--quiet", "--output"])
-                    .arg(&mr_out)
-                    .args(&a.mr_args)
+                    .arg(&cluster_out)
                     .stdout(Stdio::null()),
-            )?,
-        );
-        if let Some(c) = &cluster {
-            dist = best(
-                dist,
-                measure(
-                    Command::new(&a.mr)
-                        .args(["submit", "--coordinator", &c.addr])
-                        .arg(&a.app)
-                        .args(&corpus)
-                        .args(["--reduces", "8", "--force", "--quiet", "--output"])
-                        .arg(&cluster_out)
-                        .stdout(Stdio::null()),
-                )?,
-            );
+            )?;
+            eprint!(", cluster {:.2} s", d.secs);
+            dist = best(dist, d);
         }
+        eprintln!();
     }
     let (native, mr) = (native.expect("one run"), mr.expect("one run"));
     let worker_rss = match cluster {

@@ -116,7 +116,9 @@ impl SubmitArgs {
             println!("{job}");
             return Ok(());
         }
-        eprintln!("submitted {job} to {addr}; Ctrl-C cancels it");
+        if !self.quiet {
+            eprintln!("submitted {job} to {addr}; Ctrl-C cancels it");
+        }
         let bars = Bars::new(self.quiet);
         let waited = tokio::select! {
             r = self.wait(client, &job, &bars) => r,
