@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use mr_tests::{books, names, REPO_ROOT, WC};
 
-use crate::{mr_run, mr_run_ok, report, stderr};
+use crate::mr_run_ok;
 
 /// Time a build (a cold toolchain install included) may take.
 const BUILD_LIMIT: Duration = Duration::from_secs(600);
@@ -316,77 +316,12 @@ fn javascript_sdk_unit_tests_pass() {
     assert!(!ran.output.contains("# pass 0"), "{}", ran.output);
 }
 
-/// An input file named `name` (the hostile guest acts on the name).
-fn input(dir: &Path, name: &str, contents: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, contents).unwrap();
-    p.display().to_string()
-}
-
-/// Runs the hostile Python guest over `bad` between two ordinary inputs;
-/// expects the job to fail cleanly with `expect` in its message while the
-/// ordinary map tasks complete (as tests/all/sandbox.rs does in Rust).
 fn contained(app: &Path, bad: &str, extra: &[&str], expect: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let ok1 = input(tmp.path(), "ok1.txt", "alpha beta\n");
-    let bad = input(tmp.path(), bad, "x\n");
-    let ok2 = input(tmp.path(), "ok2.txt", "beta gamma\n");
-    let out = tmp.path().join("out");
-    let mut args = vec![
-        app.to_str().unwrap(),
-        &ok1,
-        &bad,
-        &ok2,
-        "--reduces",
-        "2",
-        "--parallelism",
-        "3",
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    let run = mr_run(&args);
-    assert_eq!(
-        run.status.code(),
-        Some(1),
-        "the job fails cleanly, no crash"
-    );
-    let err = stderr(&run);
-    assert!(err.contains("map-1"), "names the task: {err}");
-    assert!(err.contains(expect), "says why ({expect}): {err}");
-    let r = report(&out, "_FAILED");
-    let tasks = r["tasks"].as_array().unwrap();
-    for ok in [0, 2] {
-        let last = tasks[ok]["attempts"]
-            .as_array()
-            .unwrap()
-            .last()
-            .unwrap()
-            .clone();
-        assert_eq!(
-            last["outcome"], "succeeded",
-            "other tasks complete: {}",
-            tasks[ok]
-        );
-    }
-    assert!(!out.join("mr-out-0").exists());
+    crate::sandbox::contained_in(app.to_str().unwrap(), bad, extra, expect)
 }
 
-/// Runs the hostile Python guest over one probe input; its output lines.
 fn probe(app: &Path, name: &str, contents: &str) -> Vec<String> {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = input(tmp.path(), name, contents);
-    let out = tmp.path().join("out");
-    mr_run_ok(&[
-        app.to_str().unwrap(),
-        &p,
-        "-r",
-        "1",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    let text = std::fs::read_to_string(out.join("mr-out-0")).unwrap();
-    text.lines().map(str::to_string).collect()
+    crate::sandbox::probe_in(app.to_str().unwrap(), name, contents, &[])
 }
 
 /// One test, run in sequence: the first run compiles the 19 MB component,

@@ -18,13 +18,18 @@ fn input(dir: &Path, name: &str, contents: &str) -> PathBuf {
 /// job to fail with `expect` in its message and the ordinary map tasks to
 /// have completed (from the `_FAILED` report).
 fn contained(bad: &str, extra: &[&str], expect: &str) {
+    contained_in(HOSTILE, bad, extra, expect)
+}
+
+/// [`contained`] for any hostile `app` (also the other languages' guests).
+pub(crate) fn contained_in(app: &str, bad: &str, extra: &[&str], expect: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let bad_input = input(tmp.path(), bad, "x\n");
     let ok1 = input(tmp.path(), "ok1.txt", "alpha beta\n");
     let ok2 = input(tmp.path(), "ok2.txt", "beta gamma\n");
     let out = tmp.path().join("out");
     let mut args = vec![
-        HOSTILE,
+        app,
         ok1.to_str().unwrap(),
         bad_input.to_str().unwrap(),
         ok2.to_str().unwrap(),
@@ -108,11 +113,16 @@ fn deterministic_failures_are_not_retried_but_nondeterministic_ones_are() {
 
 /// Runs the hostile guest over one probe input and returns its output lines.
 fn probe(name: &str, contents: &str, extra: &[&str]) -> Vec<String> {
+    probe_in(HOSTILE, name, contents, extra)
+}
+
+/// [`probe`] for any hostile `app`.
+pub(crate) fn probe_in(app: &str, name: &str, contents: &str, extra: &[&str]) -> Vec<String> {
     let tmp = tempfile::tempdir().unwrap();
     let p = input(tmp.path(), name, contents);
     let out = tmp.path().join("out");
     let mut args = vec![
-        HOSTILE,
+        app,
         p.to_str().unwrap(),
         "--reduces",
         "1",
