@@ -4,15 +4,16 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A job, e.g. `job-1763731200000-3f2a`.
+/// A job, e.g. `job-1763731200000-3`: the coordinator's clock when it
+/// was submitted and its number there (the one format, `mr run`'s
+/// in-process coordinator included).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct JobId(pub String);
 
 impl JobId {
-    /// A fresh id from the clock and the process id.
-    pub fn generate() -> Self {
-        let salt = std::process::id() ^ (crate::now_ms() as u32).rotate_left(13);
-        JobId(format!("job-{}-{:04x}", crate::now_ms(), salt & 0xffff))
+    /// The id of job number `seq`, submitted at `ms` (since the epoch).
+    pub fn new(ms: u64, seq: u64) -> Self {
+        JobId(format!("job-{ms}-{seq}"))
     }
 }
 
@@ -54,7 +55,8 @@ impl fmt::Display for Attempt {
 }
 
 /// A worker, as named by the coordinator when it registers (`w1`, `w2`,
-/// ...; numbers are never reused by one coordinator state).
+/// ..., or `local-1` for `mr run`'s in-process worker; numbers are never
+/// reused by one coordinator state).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WorkerId(pub String);
 
@@ -74,5 +76,19 @@ impl JobId {
                 .0
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_safe_file_names() {
+        let id = JobId::new(1_763_731_200_000, 3);
+        assert_eq!(id.0, "job-1763731200000-3");
+        assert!(id.is_valid());
+        assert!(!JobId("../etc".into()).is_valid());
+        assert!(!JobId(String::new()).is_valid());
     }
 }

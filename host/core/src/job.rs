@@ -1,5 +1,8 @@
-//! What a job is: the spec `mr submit` hands the coordinator, and the
-//! capabilities its guests are granted.
+//! What a job is: the spec `mr run` and `mr submit` build from their flags
+//! and the coordinator receives, the capabilities its guests are granted,
+//! and the one place a spec is checked ([`JobSpec::validate`]): the CLI
+//! calls it before anything runs, and the coordinator calls it again on
+//! every spec that reaches it over the network.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Capabilities a job may grant its guests. Everything else (files,
 /// network, environment) is never granted in this version.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Grants {
     /// The real wall and monotonic clocks and timers. Without it the wall
     /// clock reads 1970-01-01, the monotonic clock stands still and sleeps
@@ -87,10 +90,163 @@ pub struct JobSpec {
     pub max_attempts: u32,
     /// Linear memory one task's guest may use, in bytes.
     pub memory_limit: u64,
-    /// Wall time one attempt's guest may run.
+    /// Wall time one attempt's guest may run (`--attempt-timeout`).
     #[serde(with = "millis")]
-    pub time_limit: Duration,
+    pub attempt_timeout: Duration,
+    /// An attempt whose progress stands still this long is given up
+    /// (`--progress-timeout`); `None`: the coordinator's default.
+    #[serde(with = "opt_millis")]
+    pub progress_timeout: Option<Duration>,
     pub grants: Grants,
+}
+
+/// The bounds [`JobSpec::validate`] enforces, and why each has its value.
+pub mod limits {
+    use std::time::Duration;
+
+    /// Reduce tasks per job: every map output has a segment per reduce,
+    /// and every reduce assignment lists every map task.
+    pub const MAX_REDUCES: u32 = 100_000;
+    /// Map tasks per job: the coordinator keeps every task (and its
+    /// attempts) in memory, ~200 bytes each.
+    pub const MAX_MAP_TASKS: u64 = 1_000_000;
+    /// A split is read whole into memory and handed to a wasm32 guest,
+    /// whose memory cannot exceed 4 GiB.
+    pub const MAX_SPLIT_SIZE: u64 = 4 << 30;
+    /// The sort buffer is host memory per running map task.
+    pub const MIN_SORT_BUFFER: u64 = 1 << 10;
+    pub const MAX_SORT_BUFFER: u64 = 16 << 30;
+    /// A wasm32 guest cannot address more than 4 GiB; below 1 MiB nothing
+    /// the SDKs build can even start.
+    pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
+    pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+    /// Failed attempts per task: enough for a flaky guest, and bounded so a
+    /// broken one cannot keep a cluster busy.
+    pub const MAX_ATTEMPTS: u32 = 1000;
+    /// The epoch ticks every 10 ms: a shorter attempt budget is not
+    /// measurable; a week is longer than any sane task.
+    pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(10);
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+    /// Progress arrives with heartbeats (every second by default).
+    pub const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Names and paths, in bytes.
+    pub const MAX_NAME: usize = 4096;
+}
+
+/// Why a job spec cannot run: a message that names the flag at fault and
+/// says what would work.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+fn size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+impl JobSpec {
+    /// Checks every field against its bound ([`limits`]) and the job's
+    /// shape (at least one input, absolute paths, at most
+    /// [`limits::MAX_MAP_TASKS`] map tasks). The CLI calls it before
+    /// anything runs and the coordinator on every spec it receives.
+    ///
+    /// Fails with a message naming the flag at fault.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        use limits::*;
+        let bad = |m: String| Err(SpecError(m));
+        if self.reduces == 0 {
+            return bad("--reduces must be at least 1 (it is the number of output files)".into());
+        }
+        if self.reduces > MAX_REDUCES {
+            return bad(format!(
+                "--reduces {} is more than mr handles ({MAX_REDUCES}); fewer, larger output files also read faster",
+                self.reduces
+            ));
+        }
+        if self.split_size == 0 || self.split_size > MAX_SPLIT_SIZE {
+            return bad(format!(
+                "--split-size must be between 1 byte and {} (a split is handed to the guest whole), not {}",
+                size(MAX_SPLIT_SIZE),
+                size(self.split_size)
+            ));
+        }
+        if !(MIN_SORT_BUFFER..=MAX_SORT_BUFFER).contains(&self.sort_buffer) {
+            return bad(format!(
+                "--sort-buffer must be between {} and {}, not {}",
+                size(MIN_SORT_BUFFER),
+                size(MAX_SORT_BUFFER),
+                size(self.sort_buffer)
+            ));
+        }
+        if !(MIN_MEMORY_LIMIT..=MAX_MEMORY_LIMIT).contains(&self.memory_limit) {
+            return bad(format!(
+                "--memory-limit must be between {} and {} (a wasm32 guest cannot use more), not {}",
+                size(MIN_MEMORY_LIMIT),
+                size(MAX_MEMORY_LIMIT),
+                size(self.memory_limit)
+            ));
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+            return bad(format!(
+                "--max-attempts must be between 1 and {MAX_ATTEMPTS}, not {}",
+                self.max_attempts
+            ));
+        }
+        if !(MIN_ATTEMPT_TIMEOUT..=MAX_TIMEOUT).contains(&self.attempt_timeout) {
+            return bad(format!(
+                "--attempt-timeout must be between {MIN_ATTEMPT_TIMEOUT:?} and 7 days, not {:?}",
+                self.attempt_timeout
+            ));
+        }
+        if let Some(p) = self.progress_timeout {
+            if !(MIN_PROGRESS_TIMEOUT..=MAX_TIMEOUT).contains(&p) {
+                return bad(format!(
+                    "--progress-timeout must be between {MIN_PROGRESS_TIMEOUT:?} (progress arrives with heartbeats) and 7 days, not {p:?}"
+                ));
+            }
+        }
+        if self.inputs.is_empty() {
+            return bad("no input files given".into());
+        }
+        let long = |s: &str| s.len() > MAX_NAME;
+        if long(&self.app.name) || self.inputs.iter().any(|i| long(&i.name)) {
+            return bad(format!(
+                "an app or input name is longer than {MAX_NAME} bytes"
+            ));
+        }
+        if self.app.sha256.len() != 64 || !self.app.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(format!("`{}` is not a sha256 in hex", self.app.sha256));
+        }
+        let absolute = |p: &std::path::Path| p.is_absolute() && p.as_os_str().len() <= MAX_NAME;
+        if !absolute(&self.output) || self.inputs.iter().any(|i| !absolute(&i.path)) {
+            return bad(
+                "input and output paths must be absolute, at most 4096 bytes (mr makes them so)"
+                    .into(),
+            );
+        }
+        let maps = self.map_tasks();
+        if maps > MAX_MAP_TASKS {
+            return bad(format!(
+                "the inputs make {maps} map tasks at --split-size {}, more than mr handles ({MAX_MAP_TASKS}); raise --split-size",
+                size(self.split_size)
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many map tasks the inputs make (saturating: a number past
+    /// [`limits::MAX_MAP_TASKS`] is refused by [`JobSpec::validate`]).
+    pub fn map_tasks(&self) -> u64 {
+        let split = self.split_size.max(1);
+        self.inputs.iter().fold(0u64, |n, i| {
+            n.saturating_add(crate::split::count(i.bytes, split))
+        })
+    }
 }
 
 /// A duration as whole milliseconds on the wire.
@@ -105,5 +261,108 @@ pub mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// An optional duration as whole milliseconds on the wire.
+pub mod opt_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis().min(u64::MAX as u128) as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            app: AppRef {
+                name: "wc.wasm".into(),
+                sha256: "ab".repeat(32),
+                size: 10,
+            },
+            inputs: vec![InputFile {
+                name: "in.txt".into(),
+                path: "/data/in.txt".into(),
+                bytes: 1000,
+            }],
+            reduces: 10,
+            output: "/out".into(),
+            force: false,
+            split_size: 64 << 20,
+            sort_buffer: 64 << 20,
+            max_attempts: 4,
+            memory_limit: 512 << 20,
+            attempt_timeout: Duration::from_secs(600),
+            progress_timeout: None,
+            grants: Grants::default(),
+        }
+    }
+
+    fn refused(f: impl FnOnce(&mut JobSpec)) -> String {
+        let mut s = spec();
+        f(&mut s);
+        s.validate().unwrap_err().0
+    }
+
+    #[test]
+    fn a_sane_spec_passes() {
+        spec().validate().unwrap();
+    }
+
+    #[test]
+    fn every_field_is_bounded_with_a_message_naming_its_flag() {
+        assert!(refused(|s| s.reduces = 0).contains("--reduces must be at least 1"));
+        assert!(refused(|s| s.reduces = 1 << 30).contains("--reduces"));
+        assert!(refused(|s| s.split_size = 0).contains("--split-size"));
+        assert!(refused(|s| s.split_size = u64::MAX).contains("--split-size"));
+        assert!(refused(|s| s.sort_buffer = 10).contains("--sort-buffer"));
+        assert!(refused(|s| s.sort_buffer = u64::MAX).contains("--sort-buffer"));
+        assert!(refused(|s| s.memory_limit = u64::MAX).contains("--memory-limit"));
+        assert!(refused(|s| s.memory_limit = 0).contains("--memory-limit"));
+        assert!(refused(|s| s.max_attempts = 0).contains("--max-attempts"));
+        assert!(refused(|s| s.max_attempts = u32::MAX).contains("--max-attempts"));
+        assert!(refused(|s| s.attempt_timeout = Duration::MAX).contains("--attempt-timeout"));
+        assert!(refused(|s| s.attempt_timeout = Duration::ZERO).contains("--attempt-timeout"));
+        assert!(refused(|s| s.progress_timeout = Some(Duration::ZERO))
+            .contains("--progress-timeout"));
+        assert!(refused(|s| s.inputs.clear()).contains("no input files"));
+        assert!(refused(|s| s.output = "rel".into()).contains("absolute"));
+        assert!(refused(|s| s.app.sha256 = "x".into()).contains("sha256"));
+        assert!(refused(|s| s.app.name = "x".repeat(5000)).contains("4096"));
+    }
+
+    #[test]
+    fn a_huge_input_with_a_tiny_split_size_is_refused_without_planning_it() {
+        // Regression: `bytes = u64::MAX, split_size = 1` used to loop the
+        // coordinator's event loop while it planned the splits.
+        let err = refused(|s| {
+            s.inputs[0].bytes = u64::MAX;
+            s.split_size = 1;
+        });
+        assert!(err.contains("map tasks") && err.contains("--split-size"), "{err}");
+    }
+
+    #[test]
+    fn durations_travel_as_milliseconds() {
+        let mut s = spec();
+        s.progress_timeout = Some(Duration::from_millis(1500));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"attempt_timeout\":600000"), "{json}");
+        assert!(json.contains("\"progress_timeout\":1500"), "{json}");
+        let back: JobSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -4,10 +4,9 @@
 //! - [`ids`]: newtype ids for jobs, tasks, partitions and attempts.
 //! - [`partition`]: the partitioner (the MIT lab's `ihash`).
 //! - [`split`]: planning input splits and finding their line boundaries.
-//! - [`runfile`]: the intermediate file format (sorted runs, one segment per
-//!   reduce partition, with an index and checksums).
 //! - [`report`]: the job report written to `_SUCCESS`.
-//! - [`job`]: the job spec and the capabilities a job grants its guests.
+//! - [`job`]: the job spec, its bounds and its one validation, and the
+//!   capabilities a job grants its guests.
 //! - [`output`]: the output directory: locking, task and job commit.
 //! - [`rpc`]: the coordinator's RPC service (tarpc + postcard) and wire types.
 
@@ -17,7 +16,6 @@ pub mod output;
 pub mod partition;
 pub mod report;
 pub mod rpc;
-pub mod runfile;
 pub mod split;
 
 /// Milliseconds since the Unix epoch, for reports.

@@ -11,12 +11,16 @@
 //! [`PROTOCOL_VERSION`]; a coordinator speaking another version refuses it
 //! with a message naming both. CLI commands call [`Coordinator::hello`]
 //! first for the same check.
+//!
+//! The same service runs in-process for `mr run` (over tarpc's in-memory
+//! channel transport, see [`Transport`]): one engine, two transports.
 
 use std::io;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,16 +30,15 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::job::{AppRef, Grants, JobSpec};
 use crate::report::{Counters, JobReport};
-use crate::runfile::SegmentInfo;
 use crate::split::Split;
 
 /// The version of this protocol. Bump it on any change to the service or
 /// its types; mismatched peers are refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side sends or accepts. The largest messages are
-/// app chunks (4 MiB) and reduce assignments (one map location of ~40
-/// bytes per map task: 64 MiB is room for over a million map tasks).
+/// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
+/// 64 MiB is room for several million map tasks).
 pub const MAX_FRAME: usize = 64 << 20;
 
 /// Bytes of an app per upload or download call.
@@ -56,11 +59,11 @@ pub trait Coordinator {
 
     /// A worker is alive and running these attempts. The reply tells it
     /// which attempts to cancel, which jobs' data to delete, and whether to
-    /// shut down. [`RpcError::UnknownWorker`] means: register again.
-    async fn heartbeat(
-        worker: WorkerId,
-        running: Vec<RunningAttempt>,
-    ) -> Result<HeartbeatReply, RpcError>;
+    /// shut down; the coordinator holds the call up to the heartbeat
+    /// interval while it has nothing to say, so that news (a cancel) goes
+    /// out at once. The worker calls again as soon as it has the reply.
+    /// [`RpcError::UnknownWorker`] means: register again.
+    async fn heartbeat(worker: WorkerId, beat: Heartbeat) -> Result<HeartbeatReply, RpcError>;
 
     /// Asks for up to one task per free slot (slot numbers given). Held
     /// open up to [`LONG_POLL`] when there is nothing to do.
@@ -103,11 +106,17 @@ pub trait Coordinator {
     /// One job at a glance (cheap: for polling).
     async fn summary(job: JobId) -> Result<JobSummary, RpcError>;
 
+    /// The job's summary once its `version` is past `seen`, or after
+    /// [`LONG_POLL`] (a long poll: progress without polling).
+    async fn watch(job: JobId, seen: u64) -> Result<JobSummary, RpcError>;
+
     /// One job in detail: its summary and its report so far.
     async fn job(job: JobId) -> Result<JobDetail, RpcError>;
 
-    /// Stops a job: no new attempts, running ones cancelled, no output.
-    async fn cancel(job: JobId) -> Result<JobSummary, RpcError>;
+    /// Stops a job: no new attempts, running ones cancelled, no output;
+    /// `_FAILED` is written unless `quiet` (Ctrl-C on `mr run` leaves
+    /// nothing behind).
+    async fn cancel(job: JobId, quiet: bool) -> Result<JobSummary, RpcError>;
 
     /// Tells every worker to exit, then the coordinator exits too.
     async fn shutdown() -> Result<(), RpcError>;
@@ -145,8 +154,9 @@ pub struct Register {
     pub pid: u32,
     /// Tasks it runs at once.
     pub slots: u32,
-    /// Where reducers fetch its map output.
-    pub shuffle_addr: SocketAddr,
+    /// Where reducers fetch its map output; `None` for `mr run`'s
+    /// in-process worker, whose map output is read in place.
+    pub shuffle_addr: Option<SocketAddr>,
     /// The id it had before the coordinator restarted, if any.
     pub previous: Option<WorkerId>,
 }
@@ -183,6 +193,17 @@ pub struct RunningAttempt {
     pub progress: u64,
 }
 
+/// What a worker says in a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The attempts it runs (each listed until its report was answered).
+    pub running: Vec<RunningAttempt>,
+    /// The highest [`Assignment::seq`] it has received and started: an
+    /// attempt assigned at or below it and not listed never reached the
+    /// worker (its reply was lost) and is handed out again.
+    pub received: u64,
+}
+
 /// What the coordinator wants from a worker, in answer to a heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatReply {
@@ -195,20 +216,36 @@ pub struct HeartbeatReply {
 }
 
 /// The limits every task of a job runs under.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TaskLimits {
     pub memory_limit: u64,
     #[serde(with = "crate::job::millis")]
-    pub time_limit: Duration,
+    pub attempt_timeout: Duration,
     pub grants: Grants,
     pub sort_buffer: u64,
     pub reduces: u32,
+}
+
+impl TaskLimits {
+    /// The limits of `spec`'s tasks.
+    pub fn of(spec: &JobSpec) -> Self {
+        TaskLimits {
+            memory_limit: spec.memory_limit,
+            attempt_timeout: spec.attempt_timeout,
+            grants: spec.grants,
+            sort_buffer: spec.sort_buffer,
+            reduces: spec.reduces,
+        }
+    }
 }
 
 /// A task handed to a worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub key: AttemptKey,
+    /// Numbers the assignments to one worker, from 1 (see
+    /// [`Heartbeat::received`]).
+    pub seq: u64,
     /// The worker's slot that runs it.
     pub slot: u32,
     pub app: AppRef,
@@ -221,23 +258,41 @@ pub struct Assignment {
 pub enum Work {
     /// Map one split; keep the output on local disk and serve it.
     Map { split: Split },
-    /// Fetch partition `partition` of every map output, reduce it and write
+    /// Read partition `partition` of every map output, reduce it and write
     /// `output` (a path in the job's output directory's `_temporary`).
     Reduce {
         partition: u32,
-        inputs: Vec<MapLocation>,
+        /// Shared by every reduce assignment of the job.
+        inputs: Arc<MapOutputs>,
         output: PathBuf,
     },
 }
 
-/// Where one map task's output for one partition can be fetched.
+/// Where every map task's output is: map task `m`'s is
+/// `hosts[maps[m].host]`'s, from attempt `maps[m].attempt`. A reducer reads
+/// the output its own worker holds in place and fetches the rest, one
+/// batch per host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapOutputs {
+    pub hosts: Vec<MapHost>,
+    pub maps: Vec<MapOutputRef>,
+}
+
+/// A worker that holds map output.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MapLocation {
-    pub map: u32,
+pub struct MapHost {
+    pub worker: WorkerId,
+    /// Its shuffle endpoint (`None`: it serves none; only its own
+    /// reducers can read its output).
+    pub addr: Option<SocketAddr>,
+}
+
+/// Which attempt of a map task made its output, and where it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapOutputRef {
+    /// Index into [`MapOutputs::hosts`].
+    pub host: u32,
     pub attempt: u32,
-    /// The shuffle endpoint of the worker that ran it.
-    pub addr: SocketAddr,
-    pub segment: SegmentInfo,
 }
 
 /// How an attempt ended.
@@ -251,9 +306,9 @@ pub struct AttemptResult {
 /// How an attempt ended, in its own words.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// A map attempt finished; its output, one segment per partition, is
-    /// on the worker.
-    MapDone { segments: Vec<SegmentInfo> },
+    /// A map attempt finished; its output (a run file with one segment
+    /// per partition) is on the worker.
+    MapDone,
     /// A reduce attempt wrote its whole output to the path it was given.
     ReduceDone,
     /// The attempt failed; `retryable` is false when another attempt would
@@ -308,6 +363,8 @@ impl std::fmt::Display for JobState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSummary {
     pub job: JobId,
+    /// Grows with every change of the job (see [`Coordinator::watch`]).
+    pub version: u64,
     pub state: JobState,
     pub app: String,
     pub output: PathBuf,
@@ -389,6 +446,42 @@ pub async fn connect(addr: &str) -> io::Result<CoordinatorClient> {
     connecting.config_mut().max_frame_length(MAX_FRAME);
     let transport = connecting.await?;
     Ok(CoordinatorClient::new(tarpc::client::Config::default(), transport).spawn())
+}
+
+/// How a client reaches a coordinator: over TCP, or in this process
+/// (`mr run`: [`Transport::InProcess`] makes a fresh in-memory connection
+/// to the coordinator's engine per call).
+#[derive(Clone)]
+pub enum Transport {
+    Tcp(String),
+    InProcess(Arc<dyn Fn() -> CoordinatorClient + Send + Sync>),
+}
+
+impl Transport {
+    /// A new connection.
+    ///
+    /// Fails as [`connect`] does (never in process).
+    pub async fn connect(&self) -> io::Result<CoordinatorClient> {
+        match self {
+            Transport::Tcp(addr) => connect(addr).await,
+            Transport::InProcess(new) => Ok(new()),
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Tcp(addr) => f.write_str(addr),
+            Transport::InProcess(_) => f.write_str("(in process)"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Transport({self})")
+    }
 }
 
 /// A tarpc context whose deadline is `timeout` from now.

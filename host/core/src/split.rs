@@ -25,14 +25,38 @@ pub struct Split {
 /// a multiple of the split size.
 const SPLIT_SLOP: f64 = 1.1;
 
+/// Whether `left` bytes are more than one split can take (a split takes
+/// up to `SPLIT_SLOP` times the split size).
+fn more_than_one(left: u64, split_size: u64) -> bool {
+    left as f64 / split_size as f64 > SPLIT_SLOP
+}
+
+/// How many splits [`plan`] makes of a file of `len` bytes, without making
+/// them (so a job's size can be checked before anything is planned).
+pub fn count(len: u64, split_size: u64) -> u64 {
+    assert!(split_size > 0, "split size must be positive");
+    if !more_than_one(len, split_size) {
+        return 1;
+    }
+    // `plan` takes whole splits while more than one split's worth is left:
+    // about len / split_size - 1 of them; settle the float rule exactly.
+    let mut full = (len / split_size).saturating_sub(2);
+    while more_than_one(len - full * split_size, split_size) {
+        full += 1;
+    }
+    full + 1
+}
+
 /// Cuts a file of `len` bytes into ranges of `split_size` bytes
 /// (`split_size > 0`), the last one up to `SPLIT_SLOP` times that. An
-/// empty file still gets one (empty) split, so its map task runs.
+/// empty file still gets one (empty) split, so its map task runs. The
+/// caller bounds [`count`] first: a huge file with a tiny split size makes
+/// as many splits as it says.
 pub fn plan(input: &str, path: &Path, len: u64, split_size: u64) -> Vec<Split> {
     assert!(split_size > 0, "split size must be positive");
     let mut splits = Vec::new();
     let mut start = 0;
-    while (len - start) as f64 / split_size as f64 > SPLIT_SLOP {
+    while more_than_one(len - start, split_size) {
         splits.push((start, start + split_size));
         start += split_size;
     }
@@ -140,6 +164,18 @@ mod tests {
         assert_eq!(sizes(110), [110]);
         assert_eq!(sizes(111), [100, 11]);
         assert_eq!(sizes(305), [100, 100, 105]);
+    }
+
+    #[test]
+    fn count_agrees_with_plan() {
+        for split in [1u64, 2, 3, 7, 10, 100, 1000] {
+            for len in 0..3000u64 {
+                let planned = plan("f", Path::new("f"), len, split).len() as u64;
+                assert_eq!(count(len, split), planned, "len {len} split {split}");
+            }
+        }
+        assert_eq!(count(u64::MAX, u64::MAX), 1);
+        assert!(count(u64::MAX, 1) > 1 << 60, "no overflow, no loop");
     }
 
     #[test]

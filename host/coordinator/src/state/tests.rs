@@ -1,10 +1,18 @@
 //! Every transition of the state machine, with injected time and no I/O.
 
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
-use mr_core::job::{AppRef, Grants, InputFile};
-use mr_core::runfile::SegmentInfo;
+use mr_core::ids::{JobId, TaskId, WorkerId};
+use mr_core::job::{AppRef, Grants, InputFile, JobSpec};
+use mr_core::report::Counters;
+use mr_core::rpc::{
+    Assignment, AttemptKey, AttemptResult, Heartbeat, JobState, JobSummary, Outcome, Register,
+    RpcError, RunningAttempt, Work, PROTOCOL_VERSION,
+};
 
+use super::model::{TaskRef, TaskState};
 use super::*;
 
 /// A clock for tests: `at(s)` is `s` seconds after the start.
@@ -55,7 +63,8 @@ fn spec(inputs: u32, reduces: u32) -> JobSpec {
         sort_buffer: 1 << 20,
         max_attempts: 3,
         memory_limit: 1 << 30,
-        time_limit: Duration::from_secs(600),
+        attempt_timeout: Duration::from_secs(600),
+        progress_timeout: None,
         grants: Grants::default(),
     }
 }
@@ -68,7 +77,7 @@ fn register(s: &mut State, now: Now, port: u16) -> WorkerId {
             host: "h".into(),
             pid: port as u32,
             slots: 2,
-            shuffle_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            shuffle_addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             previous: None,
         },
     )
@@ -76,15 +85,13 @@ fn register(s: &mut State, now: Now, port: u16) -> WorkerId {
     .worker
 }
 
-fn segments(reduces: u32) -> Vec<SegmentInfo> {
-    (0..reduces)
-        .map(|r| SegmentInfo {
-            offset: r as u64 * 10,
-            len: 10,
-            records: 1,
-            crc32: r,
-        })
-        .collect()
+/// A heartbeat listing `running`, from a worker that has not counted
+/// its assignments (so none is taken for lost).
+fn hb(running: Vec<RunningAttempt>) -> Heartbeat {
+    Heartbeat {
+        running,
+        received: 0,
+    }
 }
 
 fn result(key: &AttemptKey, outcome: Outcome) -> AttemptResult {
@@ -98,13 +105,8 @@ fn result(key: &AttemptKey, outcome: Outcome) -> AttemptResult {
     }
 }
 
-fn map_done(key: &AttemptKey, reduces: u32) -> AttemptResult {
-    result(
-        key,
-        Outcome::MapDone {
-            segments: segments(reduces),
-        },
-    )
+fn map_done(key: &AttemptKey) -> AttemptResult {
+    result(key, Outcome::MapDone)
 }
 
 fn failed(key: &AttemptKey, retryable: bool) -> AttemptResult {
@@ -132,7 +134,7 @@ fn summary(s: &State, job: &JobId) -> JobSummary {
 }
 
 /// Runs every map of the (only running) job on worker `w` to completion.
-fn finish_maps(s: &mut State, now: Now, w: &WorkerId, reduces: u32) {
+fn finish_maps(s: &mut State, now: Now, w: &WorkerId) {
     while s
         .summaries()
         .iter()
@@ -141,7 +143,7 @@ fn finish_maps(s: &mut State, now: Now, w: &WorkerId, reduces: u32) {
         let a = ask(s, now, w, 1);
         let a = a.first().expect("a map to run");
         assert!(matches!(a.work, Work::Map { .. }), "only maps: {a:?}");
-        s.report(now, w, map_done(&a.key, reduces)).unwrap();
+        s.report(now, w, map_done(&a.key)).unwrap();
     }
 }
 
@@ -167,7 +169,7 @@ fn a_worker_with_another_protocol_version_is_refused() {
                 host: "h".into(),
                 pid: 1,
                 slots: 1,
-                shuffle_addr: "127.0.0.1:1".parse().unwrap(),
+                shuffle_addr: Some("127.0.0.1:1".parse().unwrap()),
                 previous: None,
             },
         )
@@ -186,7 +188,7 @@ fn workers_get_unique_ids_and_unknown_ones_must_register() {
     assert_ne!(a, b);
     let ghost = WorkerId("w99".into());
     assert_eq!(
-        s.heartbeat(c.at(1.0), &ghost, vec![]).unwrap_err(),
+        s.heartbeat(c.at(1.0), &ghost, hb(vec![])).unwrap_err(),
         RpcError::UnknownWorker
     );
     assert_eq!(
@@ -211,10 +213,10 @@ fn maps_first_then_reduces_only_when_every_map_is_done() {
         "no reduce before every map is done"
     );
     for a in first.iter().chain(&third).take(2) {
-        s.report(c.at(0.2), &w, map_done(&a.key, 2)).unwrap();
+        s.report(c.at(0.2), &w, map_done(&a.key)).unwrap();
     }
     assert!(ask(&mut s, c.at(0.2), &w, 2).is_empty(), "map-2 still runs");
-    s.report(c.at(0.3), &w, map_done(&third[0].key, 2)).unwrap();
+    s.report(c.at(0.3), &w, map_done(&third[0].key)).unwrap();
     let reduces = ask(&mut s, c.at(0.3), &w, 3);
     assert_eq!(tasks(&reduces), ["reduce-0#1", "reduce-1#1"]);
     let Work::Reduce {
@@ -227,10 +229,18 @@ fn maps_first_then_reduces_only_when_every_map_is_done() {
         panic!("a reduce")
     };
     assert_eq!(*partition, 1);
-    assert_eq!(inputs.len(), 3);
-    assert!(inputs
-        .iter()
-        .all(|l| l.segment.crc32 == 1 && l.addr.port() == 1));
+    assert_eq!(inputs.maps.len(), 3);
+    assert!(inputs.maps.iter().all(|m| m.host == 0 && m.attempt == 1));
+    assert_eq!(inputs.hosts.len(), 1);
+    assert_eq!(inputs.hosts[0].worker, w);
+    assert_eq!(inputs.hosts[0].addr.unwrap().port(), 1);
+    let Work::Reduce { inputs: other, .. } = &reduces[0].work else {
+        panic!("a reduce")
+    };
+    assert!(
+        std::sync::Arc::ptr_eq(inputs, other),
+        "one table of map outputs, shared by every reduce assignment"
+    );
     assert!(
         output.ends_with(format!("_temporary/{job}/mr-out-1.attempt1")),
         "{output:?}"
@@ -245,7 +255,7 @@ fn reduces_are_committed_once_and_the_job_commits_when_all_are_done() {
     let mut s = State::new(cfg());
     let w = register(&mut s, c.at(0.0), 1);
     let job = s.submit(c.at(0.0), spec(1, 2)).unwrap();
-    finish_maps(&mut s, c.at(0.1), &w, 2);
+    finish_maps(&mut s, c.at(0.1), &w);
     let r = ask(&mut s, c.at(0.2), &w, 2);
     s.drain_actions();
     s.report(c.at(0.3), &w, result(&r[0].key, Outcome::ReduceDone))
@@ -294,7 +304,7 @@ fn reduces_are_committed_once_and_the_job_commits_when_all_are_done() {
     assert_eq!(sum.state, JobState::Succeeded);
     assert_eq!(sum.finished_ms, Some(c.at(0.5).ms));
     // Workers are told to delete the job's data.
-    let reply = s.heartbeat(c.at(0.6), &w, vec![]).unwrap();
+    let reply = s.heartbeat(c.at(0.6), &w, hb(vec![])).unwrap();
     assert_eq!(reply.forget_jobs, [job]);
 }
 
@@ -305,7 +315,7 @@ fn a_late_attempt_changes_nothing_and_its_reduce_output_is_discarded() {
     let slow = register(&mut s, c.at(0.0), 1);
     let fast = register(&mut s, c.at(0.0), 2);
     let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
-    finish_maps(&mut s, c.at(0.0), &fast, 1);
+    finish_maps(&mut s, c.at(0.0), &fast);
     let first = ask(&mut s, c.at(1.0), &slow, 1);
     // `slow` heartbeats but makes no progress; after the task timeout the
     // task moves on.
@@ -314,12 +324,12 @@ fn a_late_attempt_changes_nothing_and_its_reduce_output_is_discarded() {
             key: first[0].key.clone(),
             progress: 7,
         }];
-        s.heartbeat(c.at(t), &slow, running).unwrap();
-        s.heartbeat(c.at(t), &fast, vec![]).unwrap();
+        s.heartbeat(c.at(t), &slow, hb(running)).unwrap();
+        s.heartbeat(c.at(t), &fast, hb(vec![])).unwrap();
         s.tick(c.at(t));
     }
     s.tick(c.at(15.5));
-    let reply = s.heartbeat(c.at(15.6), &slow, vec![]).unwrap();
+    let reply = s.heartbeat(c.at(15.6), &slow, hb(vec![])).unwrap();
     assert_eq!(
         reply.cancel,
         [first[0].key.clone()],
@@ -370,7 +380,7 @@ fn progress_reported_in_heartbeats_keeps_a_long_attempt_alive() {
             key: a[0].key.clone(),
             progress: i,
         }];
-        assert!(s.heartbeat(now, &w, running).unwrap().cancel.is_empty());
+        assert!(s.heartbeat(now, &w, hb(running)).unwrap().cancel.is_empty());
         s.tick(now);
     }
     assert_eq!(summary(&s, &job).running, 1);
@@ -381,7 +391,7 @@ fn progress_reported_in_heartbeats_keeps_a_long_attempt_alive() {
             key: a[0].key.clone(),
             progress: 30,
         }];
-        s.heartbeat(c.at(t), &w, running).unwrap();
+        s.heartbeat(c.at(t), &w, hb(running)).unwrap();
         s.tick(c.at(t));
     }
     assert_eq!(summary(&s, &job).failed_attempts, 0);
@@ -429,7 +439,7 @@ fn a_deterministic_failure_fails_the_job_at_once() {
     assert_eq!(sum.state, JobState::Failed);
     assert!(sum.error.unwrap().contains("was not retried"));
     // The other running attempt is cancelled on its worker.
-    let reply = s.heartbeat(c.at(0.2), &w, vec![]).unwrap();
+    let reply = s.heartbeat(c.at(0.2), &w, hb(vec![])).unwrap();
     assert_eq!(reply.cancel, [a[1].key.clone()]);
     assert_eq!(reply.forget_jobs, std::slice::from_ref(&job));
     let report = s.detail(&job).unwrap().1;
@@ -450,7 +460,7 @@ fn other_jobs_are_unaffected_by_a_failing_one() {
     assert_eq!(a[0].key.job, bad);
     assert_eq!(a[1].key.job, good, "a second job shares the workers");
     s.report(c.at(0.1), &w, failed(&a[0].key, false)).unwrap();
-    s.report(c.at(0.1), &w, map_done(&a[1].key, 1)).unwrap();
+    s.report(c.at(0.1), &w, map_done(&a[1].key)).unwrap();
     let r = ask(&mut s, c.at(0.2), &w, 2);
     assert_eq!(tasks(&r), ["reduce-0#1"]);
     s.report(c.at(0.3), &w, result(&r[0].key, Outcome::ReduceDone))
@@ -481,12 +491,12 @@ fn a_dead_worker_loses_its_attempts_and_its_map_output() {
     let lives = register(&mut s, c.at(0.0), 2);
     let job = s.submit(c.at(0.0), spec(3, 1)).unwrap();
     let a = ask(&mut s, c.at(0.0), &dies, 2);
-    s.report(c.at(0.5), &dies, map_done(&a[0].key, 1)).unwrap();
+    s.report(c.at(0.5), &dies, map_done(&a[0].key)).unwrap();
     let b = ask(&mut s, c.at(0.5), &lives, 1);
-    s.report(c.at(0.6), &lives, map_done(&b[0].key, 1)).unwrap();
+    s.report(c.at(0.6), &lives, map_done(&b[0].key)).unwrap();
     // `dies` goes silent; `lives` keeps heart-beating.
     for t in 1..=11 {
-        s.heartbeat(c.at(t as f64), &lives, vec![]).unwrap();
+        s.heartbeat(c.at(t as f64), &lives, hb(vec![])).unwrap();
         s.tick(c.at(t as f64));
     }
     let (sum, report) = s.detail(&job).unwrap();
@@ -503,10 +513,10 @@ fn a_dead_worker_loses_its_attempts_and_its_map_output() {
     assert_eq!(tasks(&again), ["map-0#2", "map-1#2"]);
     // What the dead worker says later is ignored.
     assert_eq!(
-        s.heartbeat(c.at(12.0), &dies, vec![]).unwrap_err(),
+        s.heartbeat(c.at(12.0), &dies, hb(vec![])).unwrap_err(),
         RpcError::UnknownWorker
     );
-    s.report(c.at(12.0), &dies, map_done(&a[1].key, 1)).unwrap();
+    s.report(c.at(12.0), &dies, map_done(&a[1].key)).unwrap();
     assert_eq!(summary(&s, &job).maps_done, 1);
 }
 
@@ -531,7 +541,7 @@ fn a_fetch_failure_reruns_the_map_and_bounds_a_broken_worker() {
     let w = register(&mut s, c.at(0.0), 1);
     let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
     for round in 1..=3u32 {
-        finish_maps(&mut s, c.at(round as f64), &w, 1);
+        finish_maps(&mut s, c.at(round as f64), &w);
         let r = ask(&mut s, c.at(round as f64), &w, 1);
         assert_eq!(tasks(&r), [format!("reduce-0#{round}")]);
         s.report(
@@ -573,7 +583,7 @@ fn a_fetch_failure_from_a_dead_worker_does_not_count() {
     let a = register(&mut s, c.at(0.0), 1);
     let b = register(&mut s, c.at(0.0), 2);
     let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
-    finish_maps(&mut s, c.at(0.0), &a, 1);
+    finish_maps(&mut s, c.at(0.0), &a);
     let r = ask(&mut s, c.at(0.0), &b, 1);
     s.goodbye(c.at(0.1), &a);
     s.report(
@@ -602,7 +612,7 @@ fn cancel_stops_a_job_and_its_attempts() {
     let job = s.submit(c.at(0.0), spec(2, 1)).unwrap();
     let a = ask(&mut s, c.at(0.0), &w, 1);
     s.drain_actions();
-    let sum = s.cancel(c.at(0.5), &job).unwrap();
+    let sum = s.cancel(c.at(0.5), &job, false).unwrap();
     assert_eq!(sum.state, JobState::Cancelled);
     let actions = s.drain_actions();
     let Some(Action::AbortJob { report, .. }) = actions
@@ -611,14 +621,14 @@ fn cancel_stops_a_job_and_its_attempts() {
     else {
         panic!("{actions:?}")
     };
-    assert_eq!(report.status, "cancelled");
+    assert_eq!(report.as_ref().unwrap().status, "cancelled");
     assert_eq!(
-        s.heartbeat(c.at(0.6), &w, vec![]).unwrap().cancel,
+        s.heartbeat(c.at(0.6), &w, hb(vec![])).unwrap().cancel,
         [a[0].key.clone()]
     );
     assert!(ask(&mut s, c.at(0.6), &w, 2).is_empty());
     assert_eq!(
-        s.cancel(c.at(0.7), &JobId("job-x".into())).unwrap_err(),
+        s.cancel(c.at(0.7), &JobId("job-x".into()), false).unwrap_err(),
         RpcError::UnknownJob(JobId("job-x".into()))
     );
 }
@@ -637,10 +647,10 @@ fn heartbeats_cancel_attempts_the_coordinator_does_not_know() {
         .heartbeat(
             c.at(1.0),
             &w,
-            vec![RunningAttempt {
+            hb(vec![RunningAttempt {
                 key: stray.clone(),
                 progress: 3,
-            }],
+            }]),
         )
         .unwrap();
     assert_eq!(reply.cancel, [stray]);
@@ -654,9 +664,9 @@ fn shutdown_waits_for_jobs_then_tells_workers_and_exits_when_they_leave() {
     let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
     let err = s.shutdown(c.at(0.1)).unwrap_err();
     assert!(err.to_string().contains(&job.0), "{err}");
-    s.cancel(c.at(0.2), &job).unwrap();
+    s.cancel(c.at(0.2), &job, false).unwrap();
     s.shutdown(c.at(0.3)).unwrap();
-    assert!(s.heartbeat(c.at(0.4), &w, vec![]).unwrap().shutdown);
+    assert!(s.heartbeat(c.at(0.4), &w, hb(vec![])).unwrap().shutdown);
     assert!(s.submit(c.at(0.4), spec(1, 1)).is_err());
     s.drain_actions();
     s.goodbye(c.at(0.5), &w);
@@ -681,14 +691,14 @@ fn recovery_resumes_jobs_from_the_journal() {
     let mut s = State::new(cfg());
     let w = register(&mut s, c.at(0.0), 1);
     let done = s.submit(c.at(0.0), spec(1, 1)).unwrap();
-    finish_maps(&mut s, c.at(0.1), &w, 1);
+    finish_maps(&mut s, c.at(0.1), &w);
     let r = ask(&mut s, c.at(0.1), &w, 1);
     s.report(c.at(0.2), &w, result(&r[0].key, Outcome::ReduceDone))
         .unwrap();
     s.job_committed(c.at(0.3), &done, Ok(()));
     let job = s.submit(c.at(1.0), spec(2, 1)).unwrap();
     let a = ask(&mut s, c.at(1.0), &w, 2);
-    s.report(c.at(1.1), &w, map_done(&a[0].key, 1)).unwrap();
+    s.report(c.at(1.1), &w, map_done(&a[0].key)).unwrap();
     let records = journal(&s.drain_actions());
 
     // The coordinator restarts: map-0 is done (on w1), map-1 was running.
@@ -717,7 +727,7 @@ fn recovery_resumes_jobs_from_the_journal() {
                 host: "h".into(),
                 pid: 1,
                 slots: 2,
-                shuffle_addr: "127.0.0.1:1".parse().unwrap(),
+                shuffle_addr: Some("127.0.0.1:1".parse().unwrap()),
                 previous: Some(w.clone()),
             },
         )
@@ -737,7 +747,7 @@ fn recovery_commits_a_job_whose_tasks_were_all_done() {
     let mut s = State::new(cfg());
     let w = register(&mut s, c.at(0.0), 1);
     let job = s.submit(c.at(0.0), spec(1, 2)).unwrap();
-    finish_maps(&mut s, c.at(0.1), &w, 2);
+    finish_maps(&mut s, c.at(0.1), &w);
     for r in ask(&mut s, c.at(0.1), &w, 2) {
         s.report(c.at(0.2), &w, result(&r.key, Outcome::ReduceDone))
             .unwrap();
@@ -790,7 +800,7 @@ fn a_stalled_coordinator_does_not_hold_its_stall_against_workers() {
         "nobody is blamed"
     );
     assert!(
-        s.heartbeat(c.at(30.3), &w, vec![]).is_ok(),
+        s.heartbeat(c.at(30.3), &w, hb(vec![])).is_ok(),
         "the worker is kept"
     );
     // Silence after the stall still counts.
@@ -798,7 +808,7 @@ fn a_stalled_coordinator_does_not_hold_its_stall_against_workers() {
         s.tick(c.at(30.25 + t as f64 * 0.25));
     }
     assert_eq!(
-        s.heartbeat(c.at(41.5), &w, vec![]).unwrap_err(),
+        s.heartbeat(c.at(41.5), &w, hb(vec![])).unwrap_err(),
         RpcError::UnknownWorker
     );
 }
@@ -809,27 +819,39 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
     let mut s = State::new(cfg());
     let w = register(&mut s, c.at(0.0), 1);
     let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
-    s.heartbeat(c.at(0.5), &w, vec![]).unwrap();
     let lost = ask(&mut s, c.at(0.6), &w, 1);
-    // The first heartbeat after it may not list it yet (a race)...
-    s.heartbeat(c.at(1.5), &w, vec![]).unwrap();
+    assert_eq!(lost[0].seq, 1, "assignments to a worker are numbered");
+    // A heartbeat from before the worker received it does not list it:
+    // no harm done (the worker may simply not have it yet).
+    let before = Heartbeat {
+        running: vec![],
+        received: 0,
+    };
+    s.heartbeat(c.at(1.5), &w, before).unwrap();
     assert_eq!(summary(&s, &job).running, 1);
-    // ...but a second one that still does not means it never arrived.
-    s.heartbeat(c.at(2.5), &w, vec![]).unwrap();
+    // Once the worker has received later assignments and still does not
+    // list it, it never arrived.
+    let after = Heartbeat {
+        running: vec![],
+        received: 1,
+    };
+    s.heartbeat(c.at(2.5), &w, after).unwrap();
     let (sum, report) = s.detail(&job).unwrap();
     assert_eq!((sum.running, sum.failed_attempts), (0, 0));
     assert!(report.tasks[0].attempts[0]
         .outcome
         .contains("never started it"));
-    assert_eq!(tasks(&ask(&mut s, c.at(2.6), &w, 1)), ["map-0#2"]);
+    let again = ask(&mut s, c.at(2.6), &w, 1);
+    assert_eq!(tasks(&again), ["map-0#2"]);
+    assert_eq!(again[0].seq, 2);
     // A listed attempt is left alone.
-    let running = vec![RunningAttempt {
-        key: AttemptKey {
-            attempt: 2,
-            ..lost[0].key.clone()
-        },
-        progress: 1,
-    }];
+    let running = Heartbeat {
+        running: vec![RunningAttempt {
+            key: again[0].key.clone(),
+            progress: 1,
+        }],
+        received: 2,
+    };
     s.heartbeat(c.at(3.5), &w, running.clone()).unwrap();
     s.heartbeat(c.at(4.5), &w, running).unwrap();
     assert_eq!(summary(&s, &job).running, 1);
@@ -855,10 +877,10 @@ fn only_the_newest_finished_jobs_are_remembered() {
     let first = s.submit(c.at(0.0), spec(1, 1)).unwrap();
     for _ in 0..FINISHED_KEPT {
         let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
-        s.cancel(c.at(0.1), &job).unwrap();
+        s.cancel(c.at(0.1), &job, false).unwrap();
     }
     let running = s.submit(c.at(0.2), spec(1, 1)).unwrap();
-    s.cancel(c.at(0.3), &first).unwrap();
+    s.cancel(c.at(0.3), &first, false).unwrap();
     s.tick(c.at(0.4));
     assert_eq!(s.summaries().len(), FINISHED_KEPT + 1);
     assert!(s.detail(&running).is_ok(), "running jobs are kept");
@@ -868,4 +890,289 @@ fn only_the_newest_finished_jobs_are_remembered() {
         s.detail(&oldest_cancelled).is_err(),
         "the oldest finished one is gone"
     );
+}
+
+/// Recounts every index of the state from the tasks themselves.
+fn check_invariants(s: &State) {
+    let mut running_on: HashMap<WorkerId, BTreeSet<TaskRef>> = HashMap::new();
+    let mut held_by: HashMap<WorkerId, BTreeSet<TaskRef>> = HashMap::new();
+    for (&seq, job) in &s.jobs {
+        let (mut idle_maps, mut idle_reduces) = (BTreeSet::new(), BTreeSet::new());
+        let (mut maps_done, mut reduces_done, mut running, mut failures) = (0, 0, 0, 0);
+        for (t, task) in job.tasks.iter().enumerate() {
+            let is_map = t < job.maps();
+            let r = TaskRef { job: seq, task: t };
+            failures += task.failures;
+            match &task.state {
+                TaskState::Idle if is_map => drop(idle_maps.insert(t)),
+                TaskState::Idle => drop(idle_reduces.insert(t)),
+                TaskState::Running(run) => {
+                    running += 1;
+                    running_on.entry(run.worker.clone()).or_default().insert(r);
+                }
+                TaskState::Done(d) if is_map => {
+                    maps_done += 1;
+                    held_by.entry(d.worker.clone()).or_default().insert(r);
+                }
+                TaskState::Done(_) => reduces_done += 1,
+            }
+        }
+        assert_eq!(job.idle_maps, idle_maps, "{}", job.id);
+        assert_eq!(job.idle_reduces, idle_reduces, "{}", job.id);
+        assert_eq!(
+            (job.maps_done, job.reduces_done, job.running, job.failures),
+            (maps_done, reduces_done, running, failures),
+            "{}",
+            job.id
+        );
+        assert_eq!(s.runnable.contains(&seq), job.has_work(), "{}", job.id);
+        assert_eq!(s.by_id.get(&job.id), Some(&seq));
+        if job.state.is_final() {
+            assert_eq!(running, 0, "a finished job runs nothing: {}", job.id);
+        }
+    }
+    assert_eq!(s.by_id.len(), s.jobs.len());
+    let nonempty = |m: &HashMap<WorkerId, BTreeSet<TaskRef>>| -> HashMap<WorkerId, BTreeSet<TaskRef>> {
+        m.iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert_eq!(nonempty(&s.running_on), running_on);
+    assert_eq!(nonempty(&s.held_by), held_by);
+}
+
+/// xorshift64*: a deterministic source of choices.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+#[test]
+fn the_indexes_agree_with_the_tasks_through_random_events() {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for seed in 1..=20u64 {
+        let c = Clock::new();
+        let mut s = State::new(cfg());
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut workers: Vec<WorkerId> = Vec::new();
+        let mut jobs: Vec<JobId> = Vec::new();
+        let mut live: Vec<(WorkerId, Assignment)> = Vec::new();
+        let mut t = 0.0;
+        for step in 0..400 {
+            t += 0.3;
+            let now = c.at(t);
+            match rng.below(12) {
+                0 if workers.len() < 4 => {
+                    workers.push(register(&mut s, now, 100 + workers.len() as u16))
+                }
+                1 if jobs.len() < 6 => {
+                    let mut sp = spec(1 + rng.below(5) as u32, 1 + rng.below(3) as u32);
+                    sp.max_attempts = 1 + rng.below(4) as u32;
+                    jobs.push(s.submit(now, sp).unwrap());
+                }
+                2 | 3 | 4 if !workers.is_empty() => {
+                    let w = workers[rng.below(workers.len())].clone();
+                    if let Ok(got) = s.request_tasks(now, &w, vec![0, 1]) {
+                        live.extend(got.into_iter().map(|a| (w.clone(), a)));
+                    }
+                }
+                5..=8 if !live.is_empty() => {
+                    let (w, a) = live.swap_remove(rng.below(live.len()));
+                    let outcome = match (rng.below(6), a.key.task) {
+                        (0, _) => Outcome::Failed {
+                            message: "boom".into(),
+                            retryable: rng.below(2) == 0,
+                        },
+                        (1, _) => Outcome::Cancelled,
+                        (2, TaskId::Reduce(_)) => Outcome::FetchFailed {
+                            map: 0,
+                            attempt: 1 + rng.below(2) as u32,
+                            message: "refused".into(),
+                        },
+                        (_, TaskId::Map(_)) => Outcome::MapDone,
+                        (_, TaskId::Reduce(_)) => Outcome::ReduceDone,
+                    };
+                    let _ = s.report(now, &w, result(&a.key, outcome));
+                }
+                9 if !workers.is_empty() => {
+                    let w = workers[rng.below(workers.len())].clone();
+                    let running: Vec<RunningAttempt> = live
+                        .iter()
+                        .filter(|(x, _)| x == &w)
+                        .map(|(_, a)| RunningAttempt {
+                            key: a.key.clone(),
+                            progress: step,
+                        })
+                        .collect();
+                    let received = live
+                        .iter()
+                        .filter(|(x, _)| x == &w)
+                        .map(|(_, a)| a.seq)
+                        .max()
+                        .unwrap_or(0);
+                    let _ = s.heartbeat(now, &w, Heartbeat { running, received });
+                }
+                10 if !workers.is_empty() && rng.below(4) == 0 => {
+                    let w = workers.swap_remove(rng.below(workers.len()));
+                    s.goodbye(now, &w);
+                    live.retain(|(x, _)| x != &w);
+                }
+                11 if !jobs.is_empty() && rng.below(3) == 0 => {
+                    let j = jobs[rng.below(jobs.len())].clone();
+                    let _ = s.cancel(now, &j, rng.below(2) == 0);
+                }
+                _ => {
+                    // Time passes for a while: timeouts may fire.
+                    t += rng.below(12) as f64;
+                    s.tick(c.at(t));
+                }
+            }
+            // Commits complete at once.
+            for a in s.drain_actions() {
+                if let Action::CommitJob { job, .. } = a {
+                    s.job_committed(now, &job, Ok(()));
+                }
+            }
+            check_invariants(&s);
+        }
+        for j in s.summaries() {
+            *seen.entry(j.state.to_string()).or_insert(0) += 1;
+        }
+    }
+    // The events reached every end a job can have.
+    for state in ["succeeded", "failed", "cancelled"] {
+        assert!(seen.get(state).is_some_and(|&n| n > 0), "{seen:?}");
+    }
+}
+
+/// Drives `s` through a fixed story: two maps (one fails once, then runs
+/// on the other slot), two reduces; returns the report.
+fn story(config: Config) -> mr_core::report::JobReport {
+    let c = Clock::new();
+    let mut s = State::new(Config {
+        stall: Duration::MAX,
+        ..config
+    });
+    let w = register(&mut s, c.at(0.0), 1);
+    let mut sp = spec(2, 2);
+    sp.grants.random = true;
+    sp.output = "/out/story".into();
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    let maps = ask(&mut s, c.at(0.1), &w, 2);
+    s.report(c.at(0.2), &w, failed(&maps[0].key, true)).unwrap();
+    s.report(c.at(0.3), &w, map_done(&maps[1].key)).unwrap();
+    let again = ask(&mut s, c.at(0.4), &w, 1);
+    s.report(c.at(0.5), &w, map_done(&again[0].key)).unwrap();
+    for r in ask(&mut s, c.at(0.6), &w, 2) {
+        s.report(c.at(0.7), &w, result(&r.key, Outcome::ReduceDone))
+            .unwrap();
+    }
+    let commit = s
+        .drain_actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::CommitJob { report, .. } => Some(report),
+            _ => None,
+        })
+        .expect("the job commits");
+    s.job_committed(c.at(0.8), &job, Ok(()));
+    let mut report = *commit;
+    report.job_id = None;
+    report
+}
+
+#[test]
+fn the_same_events_give_the_same_report_in_both_modes() {
+    let cluster = serde_json::to_value(story(Config::default())).unwrap();
+    let local = serde_json::to_value(story(Config::in_process())).unwrap();
+    // Only the workers' names differ: `w1` on a cluster, `local-1` in
+    // `mr run`; the shape and the wording are the same.
+    let renamed = serde_json::to_string(&local)
+        .unwrap()
+        .replace("\"local-1\"", "\"w1\"");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&renamed).unwrap(),
+        cluster
+    );
+    let attempts = cluster["tasks"][0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts[0]["outcome"], "failed: the guest trapped");
+    assert_eq!(attempts[1]["outcome"], "succeeded");
+    assert!(serde_json::to_string(&local).unwrap().contains("local-1"));
+}
+
+#[test]
+fn a_task_failing_for_good_cancels_its_siblings_at_once() {
+    // Regression: `mr run` with a deterministic trap beside a looping task
+    // used to wait for the loop's time limit (30 s) before failing.
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(2, 1)).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 2);
+    assert_eq!(s.news(&w).unwrap(), None, "nothing to say yet");
+    s.drain_actions();
+    s.report(c.at(0.1), &w, failed(&a[1].key, false)).unwrap();
+    let actions = s.drain_actions();
+    assert!(
+        actions.iter().any(|x| matches!(x, Action::WorkerNews)),
+        "the held heartbeat is answered: {actions:?}"
+    );
+    let news = s.news(&w).unwrap().expect("news for the worker");
+    assert_eq!(news.cancel, [a[0].key.clone()]);
+    assert_eq!(news.forget_jobs, [job.clone()]);
+    assert_eq!(s.news(&w).unwrap(), None, "told once");
+    assert_eq!(summary(&s, &job).running, 0);
+}
+
+#[test]
+fn a_quiet_cancel_writes_no_report() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    s.drain_actions();
+    let sum = s.cancel(c.at(0.1), &job, true).unwrap();
+    assert_eq!(sum.state, JobState::Cancelled);
+    assert!(s
+        .drain_actions()
+        .iter()
+        .any(|a| matches!(a, Action::AbortJob { report: None, .. })));
+}
+
+#[test]
+fn a_jobs_own_progress_timeout_overrides_the_default() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1);
+    let mut patient = spec(1, 1);
+    patient.progress_timeout = Some(Duration::from_secs(60));
+    let slow = s.submit(c.at(0.0), patient).unwrap();
+    let quick = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    ask(&mut s, c.at(0.0), &w, 2);
+    for t in 1..=30 {
+        s.heartbeat(c.at(t as f64), &w, hb(vec![])).unwrap();
+        s.tick(c.at(t as f64));
+    }
+    assert_eq!(summary(&s, &slow).failed_attempts, 0);
+    assert_eq!(summary(&s, &quick).failed_attempts, 1, "the default 10 s");
+}
+
+#[test]
+fn versions_grow_with_every_change() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1);
+    let job = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let v0 = summary(&s, &job).version;
+    let a = ask(&mut s, c.at(0.1), &w, 1);
+    let v1 = summary(&s, &job).version;
+    assert!(v1 > v0);
+    s.report(c.at(0.2), &w, map_done(&a[0].key)).unwrap();
+    assert!(summary(&s, &job).version > v1);
 }

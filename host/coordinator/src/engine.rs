@@ -1,0 +1,374 @@
+//! The event loop that owns the [`State`], for a cluster and for `mr run`
+//! alike.
+//!
+//! ```text
+//!  RPC handlers ──closure──▶ mpsc ──▶ event loop: run it on the State, carry out its
+//!  (TCP or in-process)                Actions (journal, commits, wake-ups), then reply
+//!        ▲                                 │ a tick every 250 ms: timeouts
+//!        └────────────── reply ◀───────────┘
+//! ```
+//!
+//! [`Engine::start`] recovers the state (from the journal, if there is a
+//! state directory), reclaims the output directories of unfinished jobs and
+//! spawns the loop. Clients reach it through [`crate::server`]: over TCP
+//! ([`Engine::serve`]) or in process ([`Engine::client`], tarpc's
+//! in-memory channel: `mr run`'s worker and waiter). Slow actions (moving
+//! a job's output into place) run on blocking threads and report back to
+//! the loop as closures too.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mr_core::ids::JobId;
+use mr_core::output::OutputDir;
+use mr_core::rpc::{CoordinatorClient, RpcError};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::apps::AppStore;
+use crate::journal::{Journal, JournalError};
+use crate::state::{Action, Config, Now, State};
+
+/// How often time-based rules (timeouts, shutdown) are checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Calls waiting for the event loop, at most: a client that floods the
+/// coordinator waits for room instead of growing its memory.
+const QUEUE: usize = 4096;
+
+/// How the coordinator runs.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Where the journal and the apps are kept; `None`: in memory and a
+    /// temporary directory (a restart forgets every job).
+    pub state_dir: Option<PathBuf>,
+    pub timing: Config,
+}
+
+/// Why the coordinator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(crate) type Reply = Box<dyn FnOnce() + Send>;
+type Command = Box<dyn FnOnce(&mut Loop, Now) -> Reply + Send>;
+
+/// What the RPC handlers share.
+pub(crate) struct Shared {
+    tx: mpsc::Sender<Command>,
+    /// Notified when there may be new work for long-polling workers.
+    pub work: Notify,
+    /// Notified when some worker has news (its held heartbeat answers).
+    pub news: Notify,
+    /// Notified when a job changed (`watch` answers).
+    pub jobs: Notify,
+    pub apps: AppStore,
+    /// How long a heartbeat without news is held.
+    pub heartbeat: Duration,
+}
+
+impl Shared {
+    /// Runs `f` on the event loop and returns its result once the loop
+    /// has carried out the resulting actions (so journal lines are written
+    /// before the caller hears back).
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Loop, Now) -> R + Send + 'static,
+    ) -> Result<R, RpcError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd: Command = Box::new(move |lp, now| {
+            let r = f(lp, now);
+            Box::new(move || {
+                let _ = tx.send(r);
+            })
+        });
+        let stopping = || RpcError::Internal("the coordinator is stopping".into());
+        self.tx.send(cmd).await.map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
+    }
+
+    /// Like [`Shared::call`] on the state alone.
+    pub async fn state<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State, Now) -> R + Send + 'static,
+    ) -> Result<R, RpcError> {
+        self.call(move |lp, now| f(&mut lp.state, now)).await
+    }
+}
+
+/// The event loop's data.
+pub(crate) struct Loop {
+    pub state: State,
+    journal: Journal,
+    /// Locked output directories of unfinished jobs.
+    pub outputs: HashMap<JobId, OutputDir>,
+    shared: Arc<Shared>,
+    exit: bool,
+}
+
+impl Loop {
+    fn run_actions(&mut self, now: Now) {
+        loop {
+            let actions = self.state.drain_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for a in actions {
+                self.act(now, a);
+            }
+        }
+    }
+
+    fn act(&mut self, now: Now, action: Action) {
+        match action {
+            Action::Journal(r) => {
+                if let Err(e) = self.journal.append(&r) {
+                    tracing::error!(
+                        "cannot write the journal {}: {e}; a restart would forget this change",
+                        self.journal.path().display()
+                    );
+                }
+            }
+            Action::CommitTask { job, from, to } => {
+                if let Err(e) = std::fs::rename(&from, &to) {
+                    let msg = format!("cannot commit {} to {}: {e}", from.display(), to.display());
+                    self.state.fail_job(now, &job, msg);
+                }
+            }
+            Action::Discard(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            Action::CommitJob {
+                job,
+                work,
+                reduces,
+                mut report,
+            } => {
+                let Some(out) = self.outputs.remove(&job) else {
+                    let msg = "its output directory is not locked by this coordinator".to_string();
+                    self.state.job_committed(now, &job, Err(msg));
+                    return;
+                };
+                let tx = self.shared.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = out.commit(&work, reduces, &mut report);
+                    if let Err(e) = &result {
+                        report.status = "failed".into();
+                        report.error = Some(format!("cannot commit the output: {e}"));
+                        if let Err(e2) = out.fail(&report) {
+                            tracing::warn!("cannot write _FAILED: {e2}");
+                        }
+                    }
+                    drop(out);
+                    if result.is_ok() {
+                        tracing::info!(%job, "output committed");
+                    }
+                    let result = result.map_err(|e| e.to_string());
+                    let _ = tx.blocking_send(Box::new(move |lp: &mut Loop, now| {
+                        lp.state.job_committed(now, &job, result);
+                        Box::new(|| {}) as Reply
+                    }));
+                });
+            }
+            Action::AbortJob { job, report } => {
+                if let Some(out) = self.outputs.remove(&job) {
+                    tokio::task::spawn_blocking(move || {
+                        if let Some(report) = report {
+                            if let Err(e) = out.fail(&report) {
+                                tracing::warn!(%job, "cannot write _FAILED: {e}");
+                            }
+                        }
+                        drop(out);
+                    });
+                }
+            }
+            Action::WorkAvailable => self.shared.work.notify_waiters(),
+            Action::WorkerNews => self.shared.news.notify_waiters(),
+            Action::JobChanged => self.shared.jobs.notify_waiters(),
+            Action::Exit => self.exit = true,
+        }
+    }
+
+    /// On the way out: jobs that will resume (with a journal) keep their
+    /// `_temporary`; without a journal they are lost, and say so.
+    fn stop(&mut self) {
+        let resumable = self.journal.durable();
+        for (job, out) in self.outputs.drain() {
+            if resumable {
+                tracing::info!(%job, "job left to resume when the coordinator restarts");
+                out.keep();
+            } else if let Ok((_, mut report)) = self.state.detail(&job) {
+                report.status = "failed".into();
+                report.error = Some(
+                    "the coordinator stopped, and without --state-dir it cannot resume jobs".into(),
+                );
+                let _ = out.fail(&report);
+            }
+        }
+    }
+}
+
+/// A running coordinator: its event loop and what its handlers share.
+pub struct Engine {
+    pub(crate) shared: Arc<Shared>,
+    /// `None` once it has been waited for.
+    event_loop: Option<tokio::task::JoinHandle<Loop>>,
+    recovered: bool,
+}
+
+impl Engine {
+    /// Recovers the state (from `options.state_dir`'s journal, if any),
+    /// reclaims the output directories of unfinished jobs and starts the
+    /// event loop. Needs a tokio runtime.
+    ///
+    /// Fails if the state directory or the app store cannot be used.
+    pub fn start(options: Options) -> Result<Engine, ServeError> {
+        let now = Now::real();
+        let (journal, records) = match &options.state_dir {
+            Some(dir) => Journal::open(dir)?,
+            None => (Journal::none(), Vec::new()),
+        };
+        let recovered = !records.is_empty();
+        let mut state = if recovered {
+            State::recover(options.timing.clone(), records, now)
+        } else {
+            State::new(options.timing.clone())
+        };
+        let apps =
+            AppStore::open(options.state_dir.as_deref()).map_err(|source| ServeError::Io {
+                what: "cannot create the app store".into(),
+                source,
+            })?;
+        let mut outputs = HashMap::new();
+        for (job, output) in state.unfinished_jobs() {
+            match OutputDir::reclaim(&output).and_then(|o| o.work_dir(&job.0).map(|w| (o, w))) {
+                Ok((o, work)) => {
+                    tracing::info!(%job, "resuming job");
+                    let present = |r: u32, committing: bool| {
+                        let name = format!("mr-out-{r}");
+                        work.join(mr_core::output::COMMITTED).join(&name).is_file()
+                            || (committing && output.join(&name).is_file())
+                    };
+                    state.resume(now, &job, present);
+                    outputs.insert(job, o);
+                }
+                Err(e) => state.fail_job(
+                    now,
+                    &job,
+                    format!("after the coordinator restarted, its output directory could not be reclaimed: {e}"),
+                ),
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<Command>(QUEUE);
+        let shared = Arc::new(Shared {
+            tx,
+            work: Notify::new(),
+            news: Notify::new(),
+            jobs: Notify::new(),
+            apps,
+            heartbeat: options.timing.heartbeat,
+        });
+        let mut lp = Loop {
+            state,
+            journal,
+            outputs,
+            shared: shared.clone(),
+            exit: false,
+        };
+        lp.run_actions(now);
+        let event_loop = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let now;
+                let mut reply: Option<Reply> = None;
+                tokio::select! {
+                    // Calls first: heartbeats queued during a stall must land
+                    // before the tick judges who is alive.
+                    biased;
+                    cmd = rx.recv() => {
+                        let Some(cmd) = cmd else { break };
+                        now = Now::real();
+                        reply = Some(cmd(&mut lp, now));
+                    }
+                    _ = tick.tick() => {
+                        now = Now::real();
+                        lp.state.tick(now);
+                    }
+                }
+                lp.run_actions(now);
+                if let Some(r) = reply {
+                    r();
+                }
+                if lp.exit {
+                    break;
+                }
+            }
+            lp.stop();
+            lp
+        });
+        Ok(Engine {
+            shared,
+            event_loop: Some(event_loop),
+            recovered,
+        })
+    }
+
+    /// Whether the state was recovered from a journal.
+    pub fn recovered(&self) -> bool {
+        self.recovered
+    }
+
+    /// A new in-process connection (tarpc's in-memory transport): the same
+    /// RPC service as over TCP, without a socket.
+    pub fn client(&self) -> CoordinatorClient {
+        crate::server::in_process(self.shared.clone())
+    }
+
+    /// A factory of in-process connections, for `mr run`'s worker.
+    pub fn connector(&self) -> mr_core::rpc::Transport {
+        let shared = self.shared.clone();
+        mr_core::rpc::Transport::InProcess(Arc::new(move || {
+            crate::server::in_process(shared.clone())
+        }))
+    }
+
+    /// Completes when the event loop has exited (after `mr shutdown` sent
+    /// every worker away).
+    pub async fn exited(&mut self) {
+        match &mut self.event_loop {
+            Some(handle) => {
+                let _ = handle.await;
+                self.event_loop = None;
+            }
+            None => {}
+        }
+    }
+
+    /// Stops the event loop: jobs that will resume keep their
+    /// `_temporary`; without a journal their output directory gets
+    /// `_FAILED`.
+    pub async fn stop(mut self) {
+        let Some(handle) = self.event_loop.take() else {
+            return;
+        };
+        if !handle.is_finished() {
+            let _ = self
+                .shared
+                .call(|lp, _| {
+                    lp.exit = true;
+                })
+                .await;
+        }
+        let _ = handle.await;
+    }
+}

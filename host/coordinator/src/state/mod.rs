@@ -1,0 +1,420 @@
+//! The coordinator's heart: jobs, tasks and workers as a pure state machine.
+//! No I/O and no clock inside: every call takes the time ([`Now`]) and
+//! leaves side effects as [`Action`]s for the event loop to carry out
+//! ([`State::drain_actions`]). One owner (the event loop) drives it, for a
+//! cluster (`mr coordinator`) and for `mr run` alike: there is one
+//! scheduler.
+//!
+//! A task:
+//!
+//! ```text
+//!             request_tasks                     report MapDone / ReduceDone
+//!  ┌──────┐ ───────────────▶ ┌─────────────┐ ─────────────────────────────▶ ┌──────┐
+//!  │ Idle │                  │   Running   │                                │ Done │
+//!  └──────┘ ◀─────────────── │ worker,     │                                └──────┘
+//!     ▲  failed (attempts    │ attempt,    │                                   │
+//!     │  left, retryable),   │ progress    │                                   │
+//!     │  no progress within  └─────────────┘                                   │
+//!     │  the progress timeout, worker lost, fetch failed (a reduce), cancelled │
+//!     └────────────────────────────────────────────────────────────────────────┘
+//!        map output lost: its worker died, or reducers cannot fetch it
+//! ```
+//!
+//! A failure that cannot be retried (a deterministic guest's trap) or the
+//! last allowed attempt failing fails the job, and its other running
+//! attempts are cancelled at once (their workers hear it in the reply to
+//! the heartbeat the coordinator is holding). Attempts lost through no
+//! fault of their own (their worker died, they were cancelled, a reduce's
+//! input vanished) are *killed*, not *failed*, and do not count toward
+//! `max_attempts` (as in Hadoop). Reduce tasks are handed out only once
+//! every map task of their job is done.
+//!
+//! A job:
+//!
+//! ```text
+//!  Running ──every reduce done──▶ Committing ──output moved, _SUCCESS──▶ Succeeded
+//!     │ └────── a task failed for good, or the commit failed ──────────▶ Failed
+//!     └──────── mr cancel, Ctrl-C ─────────────────────────────────────▶ Cancelled
+//! ```
+//!
+//! Durable changes are [`Record`]s: each is applied by `State::apply` (the
+//! only place task states change, through `State::set_task`, which keeps
+//! the indexes below in step) and emitted as [`Action::Journal`];
+//! [`State::recover`] replays a journal through the same `apply`, so a
+//! restarted coordinator resumes its jobs.
+//!
+//! Every call costs time in what it touches, not in the size of the
+//! cluster's history: jobs and tasks are found by key, idle tasks wait in
+//! ordered queues, runnable jobs in an ordered set, and each worker's
+//! running attempts and held map outputs in sets of their own.
+//!
+//! By concern, each an `impl State` block: [`model`] (the domain types),
+//! `workers` (register, heartbeats, loss), `scheduling` (handing out
+//! tasks), `outcomes` (reports of attempts), `lifecycle` (submit, cancel,
+//! commit, shutdown), `timers` (tick), `recovery` (journal replay) and
+//! `report` (summaries and job reports).
+
+mod lifecycle;
+mod model;
+mod outcomes;
+mod recovery;
+mod report;
+mod scheduling;
+mod timers;
+mod workers;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mr_core::ids::{JobId, TaskId, WorkerId};
+use mr_core::job::JobSpec;
+use mr_core::report::{Counters, JobReport};
+use mr_core::rpc::{AttemptKey, JobState};
+use serde::{Deserialize, Serialize};
+
+use model::{Job, TaskRef, TaskState, WorkerInfo};
+
+/// Finished jobs remembered (for `mr status`); older ones are forgotten.
+/// Their reports stay in their output directories.
+pub const FINISHED_KEPT: usize = 256;
+
+/// Timing rules.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// An attempt whose progress counter has not moved for this long is
+    /// given up and handed to another worker (the lab's 10 s rule), unless
+    /// its job sets a timeout of its own.
+    pub progress_timeout: Duration,
+    /// A worker not heard from for this long is dead: its running attempts
+    /// are handed out again, and its map output is recomputed.
+    pub worker_timeout: Duration,
+    /// How often workers heartbeat (the longest the coordinator holds a
+    /// heartbeat that it has no news for).
+    pub heartbeat: Duration,
+    /// When the coordinator itself did not run for longer than this
+    /// (paused, or its machine was), that time is not held against workers
+    /// and attempts.
+    pub stall: Duration,
+    /// Workers are named this and a number: `w1`, `w2`, ... in a cluster,
+    /// `local-1` for `mr run`'s in-process worker.
+    pub worker_prefix: String,
+}
+
+impl Config {
+    /// The rules for `mr run`'s in-process coordinator: those of a cluster,
+    /// with its one worker named `local-1`.
+    pub fn in_process() -> Self {
+        Config {
+            worker_prefix: "local-".into(),
+            ..Config::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            progress_timeout: Duration::from_secs(10),
+            worker_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            stall: Duration::from_secs(2),
+            worker_prefix: "w".into(),
+        }
+    }
+}
+
+/// The time, passed in: a monotonic instant for timeouts and wall-clock
+/// milliseconds for reports.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub at: Instant,
+    pub ms: u64,
+}
+
+impl Now {
+    /// The real time.
+    pub fn real() -> Self {
+        Now {
+            at: Instant::now(),
+            ms: mr_core::now_ms(),
+        }
+    }
+}
+
+/// A side effect for the event loop.
+#[derive(Debug)]
+pub enum Action {
+    /// Append a record to the journal (before replying to the caller).
+    Journal(Record),
+    /// A reduce attempt won: rename its output into the job's `committed/`.
+    /// On failure the loop calls [`State::fail_job`].
+    CommitTask {
+        job: JobId,
+        from: PathBuf,
+        to: PathBuf,
+    },
+    /// Remove a losing attempt's output.
+    Discard(PathBuf),
+    /// Every reduce is done: move the output into place and write
+    /// `_SUCCESS`; then call [`State::job_committed`].
+    CommitJob {
+        job: JobId,
+        work: PathBuf,
+        reduces: u32,
+        report: Box<JobReport>,
+    },
+    /// The job failed or was cancelled: write `_FAILED` (unless `report`
+    /// is `None`: a quiet cancel) and release the output directory.
+    AbortJob {
+        job: JobId,
+        report: Option<Box<JobReport>>,
+    },
+    /// New work can be handed out: wake long-polling workers.
+    WorkAvailable,
+    /// A worker has news (attempts to cancel, jobs to forget, shutdown):
+    /// answer its held heartbeat.
+    WorkerNews,
+    /// A job changed: answer `watch` calls.
+    JobChanged,
+    /// Shutdown is complete: the coordinator may exit.
+    Exit,
+}
+
+/// A durable change of state, as journaled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Record {
+    /// Worker number `n` was handed out.
+    Worker { n: u64 },
+    Submitted {
+        job: JobId,
+        seq: u64,
+        spec: JobSpec,
+        ms: u64,
+    },
+    Started {
+        key: AttemptKey,
+        worker: WorkerId,
+        slot: u32,
+        ms: u64,
+    },
+    /// An attempt ended; with `done`, its task is done.
+    Ended {
+        key: AttemptKey,
+        outcome: String,
+        /// Whether it counts toward the task's `max_attempts`.
+        counted: bool,
+        ms: u64,
+        done: Option<DoneOutput>,
+    },
+    /// A done task's output is gone; the task runs again.
+    Lost {
+        job: JobId,
+        task: TaskId,
+        why: String,
+    },
+    /// Every task is done; moving the output into place has begun (so
+    /// files already in the output directory are this job's).
+    Committing { job: JobId },
+    Finished {
+        job: JobId,
+        state: JobState,
+        error: Option<String>,
+        ms: u64,
+    },
+}
+
+/// What a done task left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DoneOutput {
+    /// Map output, served by the worker at `addr` (`None`: read in place
+    /// by its own worker only).
+    Map {
+        addr: Option<SocketAddr>,
+        counters: Counters,
+    },
+    /// Reduce output, committed into the job's `committed/`.
+    Reduce { counters: Counters },
+}
+
+impl DoneOutput {
+    fn counters(&self) -> &Counters {
+        match self {
+            DoneOutput::Map { counters, .. } | DoneOutput::Reduce { counters } => counters,
+        }
+    }
+}
+
+/// The coordinator's whole state.
+pub struct State {
+    config: Config,
+    workers: BTreeMap<WorkerId, WorkerInfo>,
+    /// Workers declared dead or gone: what they say is stale.
+    gone: BTreeSet<WorkerId>,
+    /// By submission number: oldest first.
+    jobs: BTreeMap<u64, Job>,
+    by_id: HashMap<JobId, u64>,
+    /// Jobs with a task to hand out now, oldest first.
+    runnable: BTreeSet<u64>,
+    /// Attempts running on each worker (registered or not: after a
+    /// restart, journaled attempts name workers that have not rejoined).
+    running_on: HashMap<WorkerId, BTreeSet<TaskRef>>,
+    /// Done map tasks whose output each worker holds.
+    held_by: HashMap<WorkerId, BTreeSet<TaskRef>>,
+    /// Finished jobs, in the order they finished (for forgetting).
+    finished: VecDeque<u64>,
+    next_worker: u64,
+    next_job: u64,
+    /// Set by `shutdown`: when to exit even if workers have not left.
+    shutdown: Option<Instant>,
+    exited: bool,
+    last_tick: Option<Instant>,
+    actions: Vec<Action>,
+}
+
+impl State {
+    /// A coordinator with no jobs and no workers.
+    pub fn new(config: Config) -> Self {
+        State {
+            config,
+            workers: BTreeMap::new(),
+            gone: BTreeSet::new(),
+            jobs: BTreeMap::new(),
+            by_id: HashMap::new(),
+            runnable: BTreeSet::new(),
+            running_on: HashMap::new(),
+            held_by: HashMap::new(),
+            finished: VecDeque::new(),
+            next_worker: 1,
+            next_job: 1,
+            shutdown: None,
+            exited: false,
+            last_tick: None,
+            actions: Vec::new(),
+        }
+    }
+
+    /// Side effects so far, in order.
+    pub fn drain_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// The timing rules.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn seq_of(&self, job: &JobId) -> Option<u64> {
+        self.by_id.get(job).copied()
+    }
+
+    fn job(&self, seq: u64) -> &Job {
+        self.jobs.get(&seq).expect("a job by a number the state holds")
+    }
+
+    fn job_mut(&mut self, seq: u64) -> &mut Job {
+        self.jobs
+            .get_mut(&seq)
+            .expect("a job by a number the state holds")
+    }
+
+    /// The task an attempt key names, if the job and task exist.
+    fn task_ref(&self, key_job: &JobId, task: TaskId) -> Option<TaskRef> {
+        let seq = self.seq_of(key_job)?;
+        let t = self.job(seq).index(task)?;
+        Some(TaskRef { job: seq, task: t })
+    }
+
+    /// The key of attempt `attempt` of task `r`.
+    fn key(&self, r: TaskRef, attempt: u32) -> AttemptKey {
+        let job = self.job(r.job);
+        AttemptKey {
+            job: job.id.clone(),
+            task: job.tasks[r.task].id,
+            attempt,
+        }
+    }
+
+    /// Applies a durable change and journals it.
+    fn record(&mut self, now: Now, r: Record) {
+        self.apply(now, r.clone());
+        self.actions.push(Action::Journal(r));
+    }
+
+    /// Moves task `r` to `new`, keeping every index in step (idle queues,
+    /// counters, each worker's running attempts and held outputs, the set
+    /// of runnable jobs); returns the old state. The only place a task's
+    /// state changes.
+    fn set_task(&mut self, r: TaskRef, new: TaskState) -> TaskState {
+        let job = self.jobs.get_mut(&r.job).expect("a job the state holds");
+        let is_map = r.task < job.maps();
+        let old = std::mem::replace(&mut job.tasks[r.task].state, new);
+        match &old {
+            TaskState::Idle => job.unqueue(r.task),
+            TaskState::Running(run) => {
+                job.running -= 1;
+                if let Some(set) = self.running_on.get_mut(&run.worker) {
+                    set.remove(&r);
+                }
+            }
+            TaskState::Done(d) => {
+                if is_map {
+                    job.maps_done -= 1;
+                    job.map_outputs = None;
+                    if let Some(set) = self.held_by.get_mut(&d.worker) {
+                        set.remove(&r);
+                    }
+                } else {
+                    job.reduces_done -= 1;
+                }
+            }
+        }
+        match &job.tasks[r.task].state {
+            TaskState::Idle => job.queue(r.task),
+            TaskState::Running(run) => {
+                job.running += 1;
+                self.running_on
+                    .entry(run.worker.clone())
+                    .or_default()
+                    .insert(r);
+            }
+            TaskState::Done(d) => {
+                if is_map {
+                    job.maps_done += 1;
+                    self.held_by.entry(d.worker.clone()).or_default().insert(r);
+                } else {
+                    job.reduces_done += 1;
+                }
+            }
+        }
+        self.changed(r.job);
+        old
+    }
+
+    /// Sets a job's state.
+    fn set_job_state(&mut self, seq: u64, state: JobState) {
+        self.job_mut(seq).state = state;
+        self.changed(seq);
+    }
+
+    /// After any change to job `seq`: its version grows (waking `watch`)
+    /// and its place among the runnable jobs is brought up to date.
+    fn changed(&mut self, seq: u64) {
+        let job = self.jobs.get_mut(&seq).expect("a job the state holds");
+        job.version += 1;
+        if job.has_work() {
+            self.runnable.insert(seq);
+        } else {
+            self.runnable.remove(&seq);
+        }
+        if !matches!(self.actions.last(), Some(Action::JobChanged)) {
+            self.actions.push(Action::JobChanged);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

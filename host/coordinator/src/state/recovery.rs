@@ -1,0 +1,222 @@
+//! Durable changes and their replay: `apply` turns a [`Record`] into state
+//! (live, through `State::record`, and when a journal is replayed), and a
+//! restarted coordinator resumes its unfinished jobs.
+
+use std::path::PathBuf;
+
+use mr_core::ids::{JobId, TaskId};
+use mr_core::report::AttemptReport;
+use mr_core::rpc::JobState;
+use mr_core::split::{plan, Split};
+
+use super::model::{Done, Job, Running, TaskRef, TaskState};
+use super::{Action, Config, DoneOutput, Now, Record, State, FINISHED_KEPT};
+
+impl State {
+    /// Rebuilds the state from a journal: finished jobs are remembered,
+    /// unfinished ones resume. Attempts that were running are recorded as
+    /// killed (their workers will be told to stop them); a job whose every
+    /// task was done is committed again (see [`State::resume`]).
+    pub fn recover(config: Config, records: Vec<Record>, now: Now) -> Self {
+        let mut s = State::new(config);
+        for r in records {
+            s.apply(now, r);
+        }
+        let mut running: Vec<TaskRef> = s.running_on.values().flatten().copied().collect();
+        running.sort_unstable();
+        for r in running {
+            if !s.job(r.job).state.is_final() {
+                s.end_attempt(
+                    now,
+                    r,
+                    "killed: the coordinator restarted while it ran".into(),
+                    false,
+                    None,
+                );
+            }
+        }
+        s.prune_finished();
+        s.actions.push(Action::WorkAvailable);
+        s
+    }
+
+    /// Forgets the oldest finished jobs beyond [`FINISHED_KEPT`].
+    pub(super) fn prune_finished(&mut self) {
+        while self.finished.len() > FINISHED_KEPT {
+            let seq = self.finished.pop_front().expect("more than kept");
+            if let Some(job) = self.jobs.remove(&seq) {
+                self.by_id.remove(&job.id);
+                self.runnable.remove(&seq);
+            }
+        }
+    }
+
+    /// Resumes a recovered job once its output directory is locked again:
+    /// a done reduce whose output is not where it should be (`present`
+    /// says, for a partition and whether the job had begun its commit) is
+    /// run again; a job whose every task is done is committed.
+    pub fn resume(&mut self, now: Now, job: &JobId, present: impl Fn(u32, bool) -> bool) {
+        let Some(seq) = self.seq_of(job) else {
+            return;
+        };
+        let committing = self.job(seq).state == JobState::Committing;
+        let maps = self.job(seq).maps();
+        for t in maps..self.job(seq).tasks.len() {
+            let task = &self.job(seq).tasks[t];
+            let TaskId::Reduce(r) = task.id else {
+                continue;
+            };
+            if matches!(task.state, TaskState::Done(_)) && !present(r, committing) {
+                self.record(
+                    now,
+                    Record::Lost {
+                        job: job.clone(),
+                        task: TaskId::Reduce(r),
+                        why: "its committed output is no longer in the output directory".into(),
+                    },
+                );
+            }
+        }
+        self.maybe_commit(now, seq);
+    }
+
+    /// The jobs that are not over, for the event loop to reclaim their
+    /// output directories after [`State::recover`].
+    pub fn unfinished_jobs(&self) -> Vec<(JobId, PathBuf)> {
+        self.jobs
+            .values()
+            .filter(|j| !j.state.is_final())
+            .map(|j| (j.id.clone(), j.spec.output.clone()))
+            .collect()
+    }
+
+    /// Applies a durable change (live or during recovery).
+    pub(super) fn apply(&mut self, now: Now, r: Record) {
+        match r {
+            Record::Worker { n } => self.next_worker = self.next_worker.max(n + 1),
+            Record::Submitted { job, seq, spec, ms } => {
+                self.next_job = self.next_job.max(seq + 1);
+                let splits: Vec<Split> = spec
+                    .inputs
+                    .iter()
+                    .flat_map(|i| plan(&i.name, &i.path, i.bytes, spec.split_size))
+                    .collect();
+                self.by_id.insert(job.clone(), seq);
+                self.jobs.insert(seq, Job::new(job, spec, splits, ms));
+                self.changed(seq);
+            }
+            Record::Started {
+                key,
+                worker,
+                slot,
+                ms,
+            } => {
+                let Some(r) = self.task_ref(&key.job, key.task) else {
+                    return;
+                };
+                let task = &mut self.job_mut(r.job).tasks[r.task];
+                task.attempts = task.attempts.max(key.attempt);
+                self.set_task(
+                    r,
+                    TaskState::Running(Running {
+                        attempt: key.attempt,
+                        worker,
+                        slot,
+                        start_ms: ms,
+                        last_progress: now.at,
+                        progress: 0,
+                        seq: 0,
+                    }),
+                );
+            }
+            Record::Ended {
+                key,
+                outcome,
+                counted,
+                ms,
+                done,
+            } => {
+                let Some(r) = self.task_ref(&key.job, key.task) else {
+                    return;
+                };
+                let TaskState::Running(run) = &self.job(r.job).tasks[r.task].state else {
+                    return;
+                };
+                if run.attempt != key.attempt {
+                    return;
+                }
+                let run = run.clone();
+                let job = self.job_mut(r.job);
+                let task = &mut job.tasks[r.task];
+                task.history.push(AttemptReport {
+                    attempt: run.attempt,
+                    worker: run.worker.0.clone(),
+                    slot: run.slot,
+                    start_ms: run.start_ms,
+                    end_ms: ms,
+                    outcome,
+                });
+                if counted {
+                    task.failures += 1;
+                    job.failures += 1;
+                }
+                // Output of the wrong kind (only a damaged journal has it)
+                // is no output: the task runs again.
+                let fits = |o: &DoneOutput| {
+                    matches!(
+                        (o, task.id),
+                        (DoneOutput::Map { .. }, TaskId::Map(_))
+                            | (DoneOutput::Reduce { .. }, TaskId::Reduce(_))
+                    )
+                };
+                let new = match done.filter(fits) {
+                    Some(output) => TaskState::Done(Done {
+                        attempt: run.attempt,
+                        worker: run.worker,
+                        output,
+                    }),
+                    None => TaskState::Idle,
+                };
+                self.set_task(r, new);
+            }
+            Record::Lost { job, task, why } => {
+                let Some(r) = self.task_ref(&job, task) else {
+                    return;
+                };
+                let t = &mut self.job_mut(r.job).tasks[r.task];
+                if let TaskState::Done(d) = &t.state {
+                    let attempt = d.attempt;
+                    if let Some(h) = t.history.iter_mut().find(|h| h.attempt == attempt) {
+                        h.outcome = format!("succeeded, then lost: {why}");
+                    }
+                    self.set_task(r, TaskState::Idle);
+                }
+                if self.job(r.job).state == JobState::Committing {
+                    self.set_job_state(r.job, JobState::Running);
+                }
+            }
+            Record::Committing { job } => {
+                if let Some(seq) = self.seq_of(&job) {
+                    self.set_job_state(seq, JobState::Committing);
+                }
+            }
+            Record::Finished {
+                job,
+                state,
+                error,
+                ms,
+            } => {
+                if let Some(seq) = self.seq_of(&job) {
+                    let j = self.job_mut(seq);
+                    let was_final = j.state.is_final();
+                    j.error = error;
+                    j.finished_ms = Some(ms);
+                    self.set_job_state(seq, state);
+                    if !was_final {
+                        self.finished.push_back(seq);
+                    }
+                }
+            }
+        }
+    }
+}

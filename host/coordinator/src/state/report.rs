@@ -1,0 +1,155 @@
+//! What the state tells people: job summaries (cheap, from counters), the
+//! job report (every attempt of every task, as `_SUCCESS` holds it) and the
+//! message a job fails with.
+
+use mr_core::ids::{JobId, TaskId};
+use mr_core::report::{AppInfo, AttemptReport, Counters, InputInfo, JobReport, TaskReport};
+use mr_core::rpc::{JobSummary, RpcError};
+
+use super::model::{TaskRef, TaskState};
+use super::State;
+
+impl State {
+    /// Every job, oldest first.
+    pub fn summaries(&self) -> Vec<JobSummary> {
+        self.jobs.keys().map(|&seq| self.summary_of(seq)).collect()
+    }
+
+    /// One job's summary.
+    ///
+    /// Fails if there is no such job.
+    pub fn summary(&self, job: &JobId) -> Result<JobSummary, RpcError> {
+        let seq = self
+            .seq_of(job)
+            .ok_or_else(|| RpcError::UnknownJob(job.clone()))?;
+        Ok(self.summary_of(seq))
+    }
+
+    /// One job's summary and report.
+    ///
+    /// Fails if there is no such job.
+    pub fn detail(&self, job: &JobId) -> Result<(JobSummary, JobReport), RpcError> {
+        let seq = self
+            .seq_of(job)
+            .ok_or_else(|| RpcError::UnknownJob(job.clone()))?;
+        Ok((self.summary_of(seq), self.report_of(seq)))
+    }
+
+    pub(super) fn summary_of(&self, seq: u64) -> JobSummary {
+        let job = self.job(seq);
+        JobSummary {
+            job: job.id.clone(),
+            version: job.version,
+            state: job.state,
+            app: job.spec.app.name.clone(),
+            output: job.spec.output.clone(),
+            maps: job.maps() as u32,
+            maps_done: job.maps_done as u32,
+            reduces: job.spec.reduces,
+            reduces_done: job.reduces_done as u32,
+            running: job.running as u32,
+            failed_attempts: job.failures,
+            submitted_ms: job.submitted_ms,
+            finished_ms: job.finished_ms,
+            error: job.error.clone(),
+        }
+    }
+
+    /// The job report so far: every attempt of every task (a running one
+    /// with outcome `running`), counters over the done tasks. The same for
+    /// `mr run` and a cluster: both are this state.
+    pub(super) fn report_of(&self, seq: u64) -> JobReport {
+        let job = self.job(seq);
+        let mut counters = Counters::default();
+        let mut tasks = Vec::with_capacity(job.tasks.len());
+        for t in &job.tasks {
+            let mut attempts = t.history.clone();
+            match &t.state {
+                TaskState::Done(d) => counters.add(d.output.counters()),
+                TaskState::Running(r) => attempts.push(AttemptReport {
+                    attempt: r.attempt,
+                    worker: r.worker.0.clone(),
+                    slot: r.slot,
+                    start_ms: r.start_ms,
+                    end_ms: 0,
+                    outcome: "running".into(),
+                }),
+                TaskState::Idle => {}
+            }
+            let split = match t.id {
+                TaskId::Map(i) => Some(&job.splits[i as usize]),
+                TaskId::Reduce(_) => None,
+            };
+            tasks.push(TaskReport {
+                task: t.id,
+                input: split.map(|s| s.input.clone()),
+                range: split.map(|s| (s.start, s.end)),
+                attempts,
+            });
+        }
+        // Splits are planned input by input, in order.
+        let mut splits = job.splits.iter().peekable();
+        let inputs = job
+            .spec
+            .inputs
+            .iter()
+            .map(|i| {
+                let mut n = 0;
+                while splits
+                    .next_if(|s| s.path == i.path && s.input == i.name)
+                    .is_some()
+                {
+                    n += 1;
+                }
+                InputInfo {
+                    name: i.name.clone(),
+                    bytes: i.bytes,
+                    splits: n,
+                }
+            })
+            .collect();
+        JobReport {
+            job_id: Some(job.id.clone()),
+            status: job.state.to_string(),
+            error: job.error.clone(),
+            app: AppInfo {
+                path: job.spec.app.name.clone(),
+                sha256: job.spec.app.sha256.clone(),
+                grants: job.spec.grants.names(),
+            },
+            inputs,
+            reduces: job.spec.reduces,
+            output_dir: job.spec.output.display().to_string(),
+            started_ms: job.submitted_ms,
+            finished_ms: job.finished_ms.unwrap_or(0),
+            counters,
+            tasks,
+        }
+    }
+
+    /// Why task `r` failed the job, in words: the app, the task and its
+    /// input, which attempt, `note`, and the error.
+    pub(super) fn failure_message(&self, r: TaskRef, note: &str, error: &str) -> String {
+        let job = self.job(r.job);
+        let task = &job.tasks[r.task];
+        let input = match task.id {
+            TaskId::Map(i) => format!(" (input {})", job.splits[i as usize].input),
+            TaskId::Reduce(_) => String::new(),
+        };
+        let max = job.spec.max_attempts;
+        // Killed attempts (lost workers and the like) have numbers too but
+        // do not count toward the limit.
+        let which = if task.attempts == task.failures {
+            format!("attempt {} of at most {max}", task.attempts)
+        } else {
+            format!(
+                "attempt {} (its failure {} of at most {max}; the other attempts were lost through no fault of the task)",
+                task.attempts, task.failures
+            )
+        };
+        format!(
+            "app {}: {}{input} failed on {which}{note}: {error}",
+            job.spec.app.name, task.id
+        )
+    }
+}

@@ -1,0 +1,77 @@
+//! Time passing: workers that went silent, attempts that stopped making
+//! progress, a shutdown that completes, and pauses of the coordinator
+//! itself that must not count against anyone.
+
+use mr_core::ids::WorkerId;
+use mr_core::rpc::JobState;
+
+use super::model::{TaskRef, TaskState};
+use super::{Now, State};
+
+impl State {
+    /// Time passes: dead workers are given up, stuck attempts handed out
+    /// again, and a shutdown completes. Costs time in the number of
+    /// workers and running attempts, not of tasks.
+    pub fn tick(&mut self, now: Now) {
+        if let Some(prev) = self.last_tick {
+            let gap = now.at.saturating_duration_since(prev);
+            if gap > self.config.stall {
+                tracing::warn!("the coordinator did not run for {gap:?}; that time is not held against workers or attempts");
+                for w in self.workers.values_mut() {
+                    w.last_seen = (w.last_seen + gap).min(now.at);
+                }
+                for r in self.running_refs() {
+                    let job = self.jobs.get_mut(&r.job).expect("a running attempt's job");
+                    if let TaskState::Running(run) = &mut job.tasks[r.task].state {
+                        run.last_progress = (run.last_progress + gap).min(now.at);
+                    }
+                }
+            }
+        }
+        self.last_tick = Some(now.at);
+        let timeout = self.config.worker_timeout;
+        let dead: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.at.saturating_duration_since(w.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dead {
+            let why = format!("worker {id} stopped heart-beating (nothing for {timeout:?})");
+            self.worker_lost(now, &id, why);
+        }
+        for r in self.running_refs() {
+            let job = self.job(r.job);
+            // An earlier attempt's failure may have ended its job.
+            if job.state != JobState::Running {
+                continue;
+            }
+            let TaskState::Running(run) = &job.tasks[r.task].state else {
+                continue;
+            };
+            let limit = job.progress_timeout(self.config.progress_timeout);
+            if now.at.saturating_duration_since(run.last_progress) <= limit {
+                continue;
+            }
+            let (worker, key) = (run.worker.clone(), self.key(r, run.attempt));
+            self.cancel_on_worker(&worker, key);
+            let msg = format!(
+                "no progress for {limit:?}: stuck (e.g. asleep in a host call) or its worker is hung (--progress-timeout)"
+            );
+            self.attempt_failed(now, r, msg, true);
+        }
+        if let Some(deadline) = self.shutdown {
+            if self.workers.is_empty() || now.at >= deadline {
+                self.exit();
+            }
+        }
+        self.prune_finished();
+    }
+
+    /// Every running attempt, in a stable order.
+    fn running_refs(&self) -> Vec<TaskRef> {
+        let mut all: Vec<TaskRef> = self.running_on.values().flatten().copied().collect();
+        all.sort_unstable();
+        all
+    }
+}

@@ -1,0 +1,234 @@
+//! Workers: registration, heartbeats (progress, lost assignments, news),
+//! leaving and being given up.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use mr_core::ids::{TaskId, WorkerId};
+use mr_core::rpc::{
+    AttemptKey, Heartbeat, HeartbeatReply, JobState, Register, Registered, RpcError,
+    PROTOCOL_VERSION,
+};
+
+use super::model::{TaskRef, TaskState, WorkerInfo};
+use super::{Action, Now, Record, State};
+
+impl State {
+    /// A worker registers. Refused on a protocol mismatch or during
+    /// shutdown. A worker that asks for its `previous` id gets it back if
+    /// this state issued it and nobody has it now (the coordinator
+    /// restarted), so its map output stays attributed to it.
+    pub fn register(&mut self, now: Now, req: Register) -> Result<Registered, RpcError> {
+        if req.version != PROTOCOL_VERSION {
+            return Err(RpcError::Refused(format!(
+                "this coordinator speaks mr protocol version {PROTOCOL_VERSION}, the worker version {}; run the same mr release on both",
+                req.version
+            )));
+        }
+        if self.shutdown.is_some() {
+            return Err(RpcError::Refused("the coordinator is shutting down".into()));
+        }
+        let prefix = self.config.worker_prefix.clone();
+        let reuse = req.previous.filter(|p| {
+            !self.workers.contains_key(p)
+                && !self.gone.contains(p)
+                && p.0
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n < self.next_worker)
+        });
+        let id = match reuse {
+            Some(id) => id,
+            None => {
+                let n = self.next_worker;
+                self.record(now, Record::Worker { n });
+                WorkerId(format!("{prefix}{n}"))
+            }
+        };
+        match req.shuffle_addr {
+            Some(addr) => tracing::info!(worker = %id, host = %req.host, pid = req.pid, slots = req.slots, shuffle = %addr, "worker registered"),
+            None => tracing::debug!(worker = %id, slots = req.slots, "in-process worker registered"),
+        }
+        self.workers.insert(
+            id.clone(),
+            WorkerInfo {
+                addr: req.shuffle_addr,
+                host: req.host,
+                pid: req.pid,
+                slots: req.slots,
+                last_seen: now.at,
+                cancel: Vec::new(),
+                forget: Vec::new(),
+                assigned: 0,
+            },
+        );
+        self.actions.push(Action::WorkAvailable);
+        Ok(Registered {
+            worker: id,
+            heartbeat: self.config.heartbeat,
+        })
+    }
+
+    /// A worker is alive and running `beat.running`. Attempts it runs that
+    /// are no longer wanted are cancelled in the reply; attempts assigned
+    /// to it that it has received (`beat.received`) but does not list never
+    /// started (their assignment was lost on the way) and are handed out
+    /// again.
+    pub fn heartbeat(
+        &mut self,
+        now: Now,
+        worker: &WorkerId,
+        beat: Heartbeat,
+    ) -> Result<HeartbeatReply, RpcError> {
+        if !self.workers.contains_key(worker) {
+            return Err(RpcError::UnknownWorker);
+        }
+        let mut listed: BTreeSet<TaskRef> = BTreeSet::new();
+        let mut stale = Vec::new();
+        for r in beat.running {
+            let found = self.task_ref(&r.key.job, r.key.task);
+            let current = found.and_then(|t| {
+                match &mut self.jobs.get_mut(&t.job)?.tasks[t.task].state {
+                    TaskState::Running(run)
+                        if run.attempt == r.key.attempt && &run.worker == worker =>
+                    {
+                        Some((t, run))
+                    }
+                    _ => None,
+                }
+            });
+            match current {
+                Some((t, run)) => {
+                    if r.progress != run.progress {
+                        run.progress = r.progress;
+                        run.last_progress = now.at;
+                    }
+                    listed.insert(t);
+                }
+                None => stale.push(r.key),
+            }
+        }
+        let mine: Vec<TaskRef> = self
+            .running_on
+            .get(worker)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for r in mine {
+            let TaskState::Running(run) = &self.job(r.job).tasks[r.task].state else {
+                continue;
+            };
+            if run.seq != 0 && run.seq <= beat.received && !listed.contains(&r) {
+                let why = "killed: its worker never started it (the assignment was lost on the way)";
+                self.end_attempt(now, r, why.into(), false, None);
+                self.actions.push(Action::WorkAvailable);
+            }
+        }
+        let shutdown = self.shutdown.is_some();
+        let w = self.workers.get_mut(worker).expect("checked above");
+        w.last_seen = now.at;
+        let mut cancel = std::mem::take(&mut w.cancel);
+        for k in stale {
+            if !cancel.contains(&k) {
+                cancel.push(k);
+            }
+        }
+        Ok(HeartbeatReply {
+            cancel,
+            forget_jobs: std::mem::take(&mut w.forget),
+            shutdown,
+        })
+    }
+
+    /// What a worker whose heartbeat is being held should hear now, if
+    /// anything: attempts to cancel, jobs to forget, or a shutdown.
+    ///
+    /// Fails if the worker is not registered (any more).
+    pub fn news(&mut self, worker: &WorkerId) -> Result<Option<HeartbeatReply>, RpcError> {
+        let shutdown = self.shutdown.is_some();
+        let w = self
+            .workers
+            .get_mut(worker)
+            .ok_or(RpcError::UnknownWorker)?;
+        if !w.has_news() && !shutdown {
+            return Ok(None);
+        }
+        Ok(Some(HeartbeatReply {
+            cancel: std::mem::take(&mut w.cancel),
+            forget_jobs: std::mem::take(&mut w.forget),
+            shutdown,
+        }))
+    }
+
+    /// Tells `worker` (if registered) to stop attempt `key`.
+    pub(super) fn cancel_on_worker(&mut self, worker: &WorkerId, key: AttemptKey) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.cancel.push(key);
+            self.actions.push(Action::WorkerNews);
+        }
+    }
+
+    /// A worker left on purpose (Ctrl-C): as if it had died, but at once.
+    pub fn goodbye(&mut self, now: Now, worker: &WorkerId) {
+        if self.workers.contains_key(worker) {
+            self.worker_lost(now, worker, format!("worker {worker} left"));
+        }
+        if self.shutdown.is_some() && self.workers.is_empty() {
+            self.exit();
+        }
+    }
+
+    /// Gives a worker up: its running attempts are killed and handed out
+    /// again; its map output, where still needed, is recomputed.
+    pub(super) fn worker_lost(&mut self, now: Now, worker: &WorkerId, why: String) {
+        tracing::warn!(%worker, "{why}");
+        self.workers.remove(worker);
+        if self.gone.len() >= 100_000 {
+            self.gone.clear(); // ids are never handed out twice anyway
+        }
+        self.gone.insert(worker.clone());
+        let running: Vec<TaskRef> = self
+            .running_on
+            .get(worker)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for r in running {
+            self.end_attempt(now, r, format!("killed: {why}"), false, None);
+        }
+        self.running_on.remove(worker);
+        let held: Vec<TaskRef> = self
+            .held_by
+            .get(worker)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for r in held {
+            let job = self.job(r.job);
+            // A job past its map phase for good (committing or over) no
+            // longer needs its map output.
+            if job.state != JobState::Running {
+                continue;
+            }
+            let (id, task) = (job.id.clone(), job.tasks[r.task].id);
+            debug_assert!(matches!(task, TaskId::Map(_)));
+            self.record(
+                now,
+                Record::Lost {
+                    job: id,
+                    task,
+                    why: format!("{why}, and its output with it"),
+                },
+            );
+        }
+        if self.held_by.get(worker).is_some_and(|s| s.is_empty()) {
+            self.held_by.remove(worker);
+        }
+        self.actions.push(Action::WorkAvailable);
+    }
+
+    /// Live workers: id, host, pid, slots, shuffle address.
+    pub fn workers(&self) -> Vec<(WorkerId, String, u32, u32, Option<SocketAddr>)> {
+        self.workers
+            .iter()
+            .map(|(id, w)| (id.clone(), w.host.clone(), w.pid, w.slots, w.addr))
+            .collect()
+    }
+}
