@@ -718,9 +718,9 @@ fn a_stalled_worker_is_replaced_and_its_late_result_is_ignored() {
 
 #[test]
 fn a_stuck_attempt_is_handed_on_and_attempts_are_bounded() {
-    // Its guest sleeps 30 s: no progress; with --task-timeout 1s every
+    // Its guest sleeps 30 s: no progress; with --progress-timeout 1s every
     // attempt is given up, and after --max-attempts the job fails.
-    let mut c = Cluster::start(&["--task-timeout", "1s", "--heartbeat", "250ms"]);
+    let mut c = Cluster::start(&["--progress-timeout", "1s", "--heartbeat", "250ms"]);
     c.worker(&[]);
     c.worker(&[]);
     let input = c.dir.path().join("in.txt");
@@ -868,7 +868,10 @@ fn a_worker_of_another_protocol_version_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused this worker"), "{err}");
     assert!(
-        err.contains("protocol version 1, the worker version 999"),
+        err.contains(&format!(
+            "protocol version {}, the worker version 999",
+            mr_core::rpc::PROTOCOL_VERSION
+        )),
         "{err}"
     );
 }

@@ -334,7 +334,7 @@ fn a_hostile_python_guest_is_contained() {
     contained(
         &app,
         "loop",
-        &["--task-timeout", "1s", "--max-attempts", "2"],
+        &["--attempt-timeout", "1s", "--max-attempts", "2"],
         "ran longer than its limit of 1s",
     );
     contained(

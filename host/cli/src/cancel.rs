@@ -24,7 +24,10 @@ impl CancelArgs {
         runtime()?.block_on(async {
             let addr = &self.coordinator.coordinator;
             let client = self.coordinator.connect(Duration::from_secs(2)).await?;
-            let s = answer(addr, client.cancel(context(CALL), JobId(self.job)).await)?;
+            let s = answer(
+                addr,
+                client.cancel(context(CALL), JobId(self.job), false).await,
+            )?;
             match s.state {
                 JobState::Cancelled => println!("job {} cancelled", s.job),
                 JobState::Committing => println!(

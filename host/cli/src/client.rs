@@ -73,18 +73,42 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Ctrl-C and SIGTERM, caught from the moment this is made (a signal
+/// before anyone waits is kept, not fatal).
+pub struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    /// Catches SIGINT and SIGTERM from now on; call it inside the runtime
+    /// that will wait for them (`Runtime::enter`).
+    ///
+    /// Fails if the handlers cannot be installed.
+    pub fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let make = || -> std::io::Result<Interrupts> {
+            Ok(Interrupts {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+            })
+        };
+        make().context("cannot catch Ctrl-C")
+    }
+
+    /// Completes at the next Ctrl-C or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn interrupted() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    match Interrupts::new() {
+        Ok(mut i) => i.recv().await,
+        Err(_) => std::future::pending::<()>().await,
     }
 }

@@ -31,9 +31,13 @@ pub struct CoordinatorArgs {
 
     /// An attempt that makes no progress for this long (its guest neither
     /// runs nor emits; e.g. it sleeps, or its worker hangs) is given up and
-    /// handed to another worker.
+    /// handed to another worker; a job's own --progress-timeout wins.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    task_timeout: Duration,
+    progress_timeout: Duration,
+
+    /// The old name of --progress-timeout (deprecated).
+    #[arg(long, hide = true, value_parser = humantime::parse_duration, conflicts_with = "progress_timeout")]
+    task_timeout: Option<Duration>,
 
     /// A worker not heard from for this long is declared dead: its tasks
     /// are handed out again and its map output is recomputed.
@@ -52,14 +56,29 @@ impl CoordinatorArgs {
             "--worker-timeout must be longer than the heartbeat interval ({:?})",
             self.heartbeat
         );
+        let progress_timeout = match self.task_timeout {
+            Some(t) => {
+                eprintln!(
+                    "warning: --task-timeout is deprecated: on `mr coordinator` it is now --progress-timeout (no progress for that long); --attempt-timeout of `mr submit` is the guest's wall-time budget"
+                );
+                t
+            }
+            None => self.progress_timeout,
+        };
         anyhow::ensure!(
-            !self.task_timeout.is_zero(),
-            "--task-timeout must be positive"
+            progress_timeout > self.heartbeat,
+            "--progress-timeout must be longer than the heartbeat interval ({:?}): progress arrives with heartbeats",
+            self.heartbeat
+        );
+        anyhow::ensure!(
+            progress_timeout <= mr_core::job::limits::MAX_TIMEOUT
+                && self.worker_timeout <= mr_core::job::limits::MAX_TIMEOUT,
+            "--progress-timeout and --worker-timeout must be at most 7 days"
         );
         let options = Options {
             state_dir: self.state_dir,
             timing: Config {
-                task_timeout: self.task_timeout,
+                progress_timeout,
                 worker_timeout: self.worker_timeout,
                 heartbeat: self.heartbeat,
                 ..Config::default()

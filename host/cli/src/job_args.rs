@@ -1,11 +1,16 @@
 //! Flags shared by `mr run` and `mr submit`: what a job is and the limits
-//! its sandboxes get. Checked in one place ([`JobArgs::check`]).
+//! its sandboxes get, turned into a [`JobSpec`] by one `TryFrom`
+//! ([`Job::try_from`]), which checks the inputs where the user is and then
+//! makes the one check of every field ([`JobSpec::validate`]) that the
+//! coordinator makes again when the spec reaches it.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Args;
-use mr_runtime::Grants;
+use mr_core::job::{AppRef, Grants, InputFile, JobSpec};
+use mr_runtime::SandboxConfig;
 
 #[derive(Args, Debug, Clone)]
 pub struct JobArgs {
@@ -36,15 +41,26 @@ pub struct JobArgs {
     #[arg(long, default_value = "512MiB", value_parser = parse_size)]
     pub memory_limit: u64,
 
-    /// Time one task attempt's guest may run (e.g. 30s, 10m); past it the
-    /// guest is interrupted and the attempt fails.
+    /// Wall time one attempt's guest may run (e.g. 30s, 10m), its budget
+    /// however busy it is; past it the guest is interrupted and the
+    /// attempt fails.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub task_timeout: Duration,
+    pub attempt_timeout: Duration,
+
+    /// The old name of --attempt-timeout (deprecated).
+    #[arg(long, hide = true, value_parser = humantime::parse_duration, conflicts_with = "attempt_timeout")]
+    pub task_timeout: Option<Duration>,
+
+    /// An attempt whose progress stands still this long (its guest neither
+    /// runs nor emits: e.g. it sleeps, or its worker hangs) is given up and
+    /// run again [default: the coordinator's, 10s as in the lab].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub progress_timeout: Option<Duration>,
 
     /// Attempts per task before the job fails. A guest with neither clock
     /// nor random grant is deterministic, so only its timeouts and host
     /// errors are retried.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 4)]
     pub max_attempts: u32,
 
     /// Grant the guest a capability: `clock` (real wall and monotonic
@@ -56,26 +72,93 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
-    /// Refuses values that cannot work, with the flag's name.
-    pub fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.reduces > 0,
-            "--reduces must be at least 1 (it is the number of output files)"
-        );
-        anyhow::ensure!(self.split_size > 0, "--split-size must be positive");
-        anyhow::ensure!(
-            self.memory_limit >= 1 << 20,
-            "--memory-limit must be at least 1MiB"
-        );
-        anyhow::ensure!(
-            !self.task_timeout.is_zero(),
-            "--task-timeout must be positive"
-        );
-        Ok(())
-    }
-
     pub fn grants(&self) -> Grants {
         Grants::from_names(&self.allow)
+    }
+
+    /// The guest's wall-time budget, from --attempt-timeout or its old
+    /// name (with a note to use the new one).
+    fn attempt_timeout(&self) -> Duration {
+        match self.task_timeout {
+            Some(t) => {
+                eprintln!(
+                    "warning: --task-timeout is deprecated: it is now --attempt-timeout (the guest's wall-time budget per attempt); --progress-timeout is the other limit (no progress for that long)"
+                );
+                t
+            }
+            None => self.attempt_timeout,
+        }
+    }
+}
+
+/// What `mr run` and `mr submit` were asked to run.
+pub struct JobRequest<'a> {
+    pub app: &'a std::path::Path,
+    pub inputs: &'a [String],
+    pub job: &'a JobArgs,
+}
+
+/// A job ready to go: its spec, checked, and the app's bytes.
+pub struct Job {
+    pub spec: JobSpec,
+    pub app: Vec<u8>,
+}
+
+impl TryFrom<JobRequest<'_>> for Job {
+    type Error = anyhow::Error;
+
+    /// Fails, before anything runs, with a message that says what is wrong
+    /// and what to do: a missing or unreadable app or input, a directory
+    /// or a pipe as input, an input that `--force` would delete, or a flag
+    /// out of its bounds.
+    fn try_from(r: JobRequest<'_>) -> anyhow::Result<Job> {
+        let a = r.job;
+        let output = std::path::absolute(&a.output)
+            .with_context(|| format!("bad output directory {}", a.output.display()))?;
+        let mut inputs = Vec::with_capacity(r.inputs.len());
+        for name in r.inputs {
+            let bytes = mr_core::output::check_input(name, &output, a.force)?;
+            let path = std::path::absolute(name).with_context(|| format!("bad input {name}"))?;
+            inputs.push(InputFile {
+                name: name.clone(),
+                path,
+                bytes,
+            });
+        }
+        let app =
+            std::fs::read(r.app).with_context(|| format!("cannot read app {}", r.app.display()))?;
+        let spec = JobSpec {
+            app: AppRef {
+                name: r.app.display().to_string(),
+                sha256: mr_core::sha256_hex(&app),
+                size: app.len() as u64,
+            },
+            inputs,
+            reduces: a.reduces,
+            output,
+            force: a.force,
+            split_size: a.split_size,
+            sort_buffer: a.sort_buffer,
+            max_attempts: a.max_attempts,
+            memory_limit: a.memory_limit,
+            attempt_timeout: a.attempt_timeout(),
+            progress_timeout: a.progress_timeout,
+            grants: a.grants(),
+        };
+        spec.validate()?;
+        mr_core::output::precheck(&spec.output, spec.force)?;
+        Ok(Job { spec, app })
+    }
+}
+
+/// The sandbox a job's tasks run in.
+pub fn sandbox_config(spec: &JobSpec, cache_dir: Option<PathBuf>) -> SandboxConfig {
+    SandboxConfig {
+        memory_limit: spec.memory_limit.min(usize::MAX as u64) as usize,
+        attempt_timeout: spec.attempt_timeout,
+        grants: spec.grants,
+        cache_dir,
+        ..SandboxConfig::default()
     }
 }
 

@@ -10,6 +10,7 @@ mod run;
 mod shutdown;
 mod status;
 mod submit;
+mod watch;
 mod worker;
 
 use std::process::ExitCode;
@@ -42,11 +43,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Services say what they do by default; one-shot commands only warn.
+    // tarpc warns of every connection that closes; only its errors count.
     let level = match cli.command {
         Command::Coordinator(_) | Command::Worker(_) => {
-            "warn,mr_coordinator=info,mr_worker=info,mr_runtime=info"
+            "warn,tarpc=error,mr_coordinator=info,mr_worker=info,mr_runtime=info"
         }
-        _ => "warn",
+        _ => "warn,tarpc=error",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,5 +1,6 @@
 //! Progress on a terminal: one bar per phase, and a line per failed
-//! attempt (printed everywhere, bars or not).
+//! attempt (printed everywhere, bars or not), for `mr run` and `mr submit`
+//! alike (both watch a coordinator: see [`crate::watch`]).
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -7,7 +8,27 @@ use std::sync::OnceLock;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use mr_core::ids::TaskId;
 use mr_core::report::JobReport;
-use mr_worker::local::{Observer, Phase};
+
+/// The two phases, for progress reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Map,
+    Reduce,
+}
+
+/// Receives progress; [`Bars`] draws it.
+pub trait Observer: Send + Sync {
+    fn phase_started(&self, _phase: Phase, _tasks: usize) {}
+    fn task_done(&self, _phase: Phase, _done: usize, _tasks: usize) {}
+    /// An attempt failed on `worker`; `error` is the first line of why.
+    fn attempt_failed(&self, _task: TaskId, _attempt: u32, _worker: &str, _error: &str) {}
+    /// A line for people (above the bars, if any).
+    fn line(&self, _line: String) {}
+}
+
+/// Draws nothing.
+pub struct Hidden;
+impl Observer for Hidden {}
 
 /// Progress bars on a terminal (one per phase, added when it starts);
 /// plain lines about failed attempts everywhere.
@@ -42,15 +63,6 @@ impl Bars {
         self.multi.is_hidden()
     }
 
-    /// Prints a line above the bars (or plainly, without bars).
-    pub fn line(&self, line: String) {
-        if self.multi.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            let _ = self.multi.println(line);
-        }
-    }
-
     pub fn finish(&self) {
         for b in [&self.map, &self.reduce]
             .into_iter()
@@ -79,12 +91,18 @@ impl Observer for Bars {
             b.set_position(done as u64);
         }
     }
-    fn attempt_failed(&self, task: TaskId, attempt: u32, error: &str, will_retry: bool) {
-        let first_line = error.lines().next().unwrap_or("");
-        let what = if will_retry { "retrying" } else { "giving up" };
+    fn attempt_failed(&self, task: TaskId, attempt: u32, worker: &str, error: &str) {
         self.line(format!(
-            "{task} attempt {attempt} failed ({what}): {first_line}"
+            "{task} attempt {attempt} failed on worker {worker}: {error}"
         ));
+    }
+    /// Prints a line above the bars (or plainly, without bars).
+    fn line(&self, line: String) {
+        if self.multi.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
     }
 }
 

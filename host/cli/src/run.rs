@@ -1,13 +1,30 @@
-//! `mr run`: a whole job in this process.
+//! `mr run`: a whole job in this process, on the cluster's own engine
+//! (Spark's local mode): the coordinator's state machine and event loop,
+//! an in-process worker with `--parallelism` slots running tasks through
+//! the same worker code as `mr worker` (in-memory RPC, map output read in
+//! place), and the same waiting loop as `mr submit`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Args;
-use mr_runtime::SandboxConfig;
-use mr_worker::local::{self, LocalJob};
+use mr_coordinator::state::Config;
+use mr_coordinator::{Engine, Options};
+use mr_core::rpc::{context, JobState, TaskLimits};
+use mr_runtime::{Sandbox, SandboxEngine};
+use mr_worker::{Preloaded, Shuffle, WorkerOptions};
 
-use crate::job_args::{CacheArgs, JobArgs};
-use crate::progress::Bars;
+use crate::client::{answer, runtime, Interrupts, CALL};
+use crate::job_args::{sandbox_config, CacheArgs, Job, JobArgs, JobRequest};
+use crate::progress::{success_line, Bars};
+use crate::watch::{upload, Waiter};
+
+/// How long, once a job is over, its attempts still running (cancelled)
+/// are waited for before the process exits anyway: a guest blocked in a
+/// host call cannot be interrupted.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Run a MapReduce job on this machine, with one sandbox per task.
 ///
@@ -15,7 +32,9 @@ use crate::progress::Bars;
 /// --split-size (splits end at line boundaries). Output goes to
 /// DIR/mr-out-0 .. mr-out-<N-1>, one "key value" line per key in byte order
 /// of keys; DIR/_SUCCESS (a JSON job report) appears last, only when every
-/// output file is complete. A failed job leaves DIR/_FAILED instead.
+/// output file is complete. A failed job leaves DIR/_FAILED instead. The
+/// job runs on the same scheduler as a cluster (retries, timeouts, report),
+/// in this process.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The app: a WebAssembly component built for wasm32-wasip2.
@@ -30,7 +49,7 @@ pub struct RunArgs {
 
     /// Sandboxes running at once [default: number of cores].
     #[arg(short = 'p', long)]
-    parallelism: Option<usize>,
+    parallelism: Option<u32>,
 
     /// Directory for intermediate (map output) files [default: system temp].
     #[arg(long)]
@@ -44,63 +63,135 @@ pub struct RunArgs {
     quiet: bool,
 }
 
-impl TryFrom<RunArgs> for LocalJob {
-    type Error = anyhow::Error;
-
-    fn try_from(a: RunArgs) -> anyhow::Result<LocalJob> {
-        a.job.check()?;
-        let parallelism = match a.parallelism {
-            Some(0) => anyhow::bail!("--parallelism must be at least 1"),
-            Some(p) => p,
-            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
-        };
-        let j = a.job;
-        Ok(LocalJob {
-            app: a.app,
-            inputs: a.inputs,
-            reduces: j.reduces,
-            output: j.output.clone(),
-            parallelism,
-            split_size: j.split_size,
-            sort_buffer: j.sort_buffer.min(usize::MAX as u64) as usize,
-            max_attempts: j.max_attempts,
-            force: j.force,
-            tmp_dir: a.tmp_dir,
-            sandbox: SandboxConfig {
-                memory_limit: j.memory_limit.min(usize::MAX as u64) as usize,
-                task_timeout: j.task_timeout,
-                grants: j.grants(),
-                cache_dir: a.cache.resolve(),
-                ..SandboxConfig::default()
-            },
-        })
-    }
-}
-
 impl RunArgs {
     pub fn run(self) -> anyhow::Result<()> {
-        // Ctrl-C (or SIGTERM): remove the running job's temporary files and
-        // exit; nothing partial was committed, so nothing else needs undoing.
-        let _ = ctrlc::set_handler(|| {
-            if local::interrupt() {
+        let parallelism = match self.parallelism {
+            Some(0) => anyhow::bail!("--parallelism must be at least 1"),
+            Some(p) if p > 1024 => anyhow::bail!("--parallelism must be at most 1024"),
+            Some(p) => p,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+        };
+        let job = Job::try_from(JobRequest {
+            app: &self.app,
+            inputs: &self.inputs,
+            job: &self.job,
+        })?;
+        let rt = runtime()?;
+        // From here on Ctrl-C is ours: it stops the job and cleans up.
+        let interrupts = {
+            let _in = rt.enter();
+            Interrupts::new()?
+        };
+        rt.block_on(self.local(job, parallelism, interrupts))
+    }
+
+    async fn local(
+        &self,
+        job: Job,
+        parallelism: u32,
+        mut interrupts: Interrupts,
+    ) -> anyhow::Result<()> {
+        // Load (and check) the app before anything runs; the worker uses
+        // it as it is.
+        let sandboxes = SandboxEngine::new()?;
+        let config = sandbox_config(&job.spec, self.cache.resolve());
+        let (e, app) = (sandboxes.clone(), self.app.clone());
+        let loading = tokio::task::spawn_blocking(move || Sandbox::load(&e, &app, config));
+        let sandbox = tokio::select! {
+            loaded = loading => Arc::new(loaded.context("loading the app failed")??),
+            _ = interrupts.recv() => {
+                eprintln!("interrupted before the job started; nothing was written");
+                std::process::exit(130);
+            }
+        };
+        let engine = Engine::start(Options {
+            state_dir: None,
+            timing: Config::in_process(),
+        })?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(mr_worker::run(
+            WorkerOptions {
+                tmp_dir: self.tmp_dir.clone(),
+                shuffle: Shuffle::InPlace,
+                cache_dir: self.cache.resolve(),
+                engine: Some(sandboxes),
+                preloaded: vec![Preloaded {
+                    sha256: job.spec.app.sha256.clone(),
+                    limits: TaskLimits::of(&job.spec),
+                    sandbox,
+                }],
+                stop_grace: STOP_GRACE,
+                ..WorkerOptions::new(engine.connector(), parallelism)
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let here = "this process";
+        let client = engine.client();
+        upload(&client, here, &job.spec.app, &job.app).await?;
+        let output = self.job.output.clone();
+        let submitted = answer(here, client.submit(context(CALL), job.spec).await);
+        let id = match submitted {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = stop.send(());
+                let _ = worker.await;
+                engine.stop().await;
+                return Err(e);
+            }
+        };
+        let bars = Bars::new(self.quiet);
+        let waiter = Waiter {
+            addr: here,
+            status_lines: false,
+        };
+        let never = |e: tarpc::client::RpcError| async move {
+            Err(anyhow::anyhow!(
+                "lost the in-process coordinator: {e} (a bug)"
+            ))
+        };
+        let mut interrupted = false;
+        let waited = tokio::select! {
+            r = waiter.wait(client.clone(), &id, &bars, never) => r,
+            _ = interrupts.recv() => {
+                interrupted = true;
+                // Stop it now, quietly: nothing is left behind. A job
+                // already committing finishes.
+                let _ = client.cancel(context(CALL), id.clone(), true).await;
+                waiter.wait(client.clone(), &id, &crate::progress::Hidden, never).await
+            }
+        };
+        bars.finish();
+        // The job is over: its attempts still running were cancelled; wait
+        // for them a little, then for the engine's last file work.
+        let _ = stop.send(());
+        if tokio::time::timeout(STOP_GRACE * 2, worker).await.is_err() {
+            tracing::warn!("the worker did not stop in time");
+        }
+        engine.stop().await;
+        let detail = waited?;
+        let s = &detail.summary;
+        if interrupted {
+            if s.state == JobState::Succeeded {
                 eprintln!("interrupted after the job had committed its output (see its _SUCCESS)");
             } else {
                 eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
             }
             std::process::exit(130);
-        });
-        let quiet = self.quiet;
-        let job = LocalJob::try_from(self)?;
-        let bars = Bars::new(quiet);
-        let result = local::run(&job, &bars);
-        bars.finish();
-        let report = result?;
-        use std::io::Write;
-        writeln!(
-            std::io::stdout(),
-            "{}",
-            crate::progress::success_line(&report, &job.output)
-        )?;
-        Ok(())
+        }
+        match s.state {
+            JobState::Succeeded => {
+                use std::io::Write;
+                let report = detail.report()?;
+                writeln!(std::io::stdout(), "{}", success_line(&report, &output))?;
+                Ok(())
+            }
+            state => anyhow::bail!(
+                "job {id} {state}: {}\nits report is in {}/_FAILED",
+                s.error.as_deref().unwrap_or("(no reason given)"),
+                output.display()
+            ),
+        }
     }
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use mr_worker::cluster::{self, WorkerOptions};
+use mr_core::rpc::Transport;
+use mr_worker::{Shuffle, WorkerOptions};
 
 use crate::client::{interrupted, runtime, DEFAULT_ADDR};
 use crate::job_args::CacheArgs;
@@ -55,16 +56,16 @@ impl WorkerArgs {
             Some(k) => k,
             None => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
         };
+        anyhow::ensure!(slots <= 1024, "--slots must be at most 1024");
         let options = WorkerOptions {
-            coordinator: self.coordinator,
-            slots,
             data_dir: self.data_dir,
-            shuffle_listen: self.shuffle_listen,
+            shuffle: Shuffle::Serve(self.shuffle_listen),
             give_up_after: self.give_up_after,
             cache_dir: self.cache.resolve(),
             protocol_version: self.protocol_version,
+            ..WorkerOptions::new(Transport::Tcp(self.coordinator), slots)
         };
-        runtime()?.block_on(cluster::run(options, interrupted()))?;
+        runtime()?.block_on(mr_worker::run(options, interrupted()))?;
         Ok(())
     }
 }

@@ -112,6 +112,9 @@ pub(crate) struct Loop {
     /// Locked output directories of unfinished jobs.
     pub outputs: HashMap<JobId, OutputDir>,
     shared: Arc<Shared>,
+    /// File work under way on blocking threads (commits, `_FAILED`):
+    /// waited for before the engine stops.
+    pending: tokio::task::JoinSet<()>,
     exit: bool,
 }
 
@@ -159,7 +162,7 @@ impl Loop {
                     return;
                 };
                 let tx = self.shared.tx.clone();
-                tokio::task::spawn_blocking(move || {
+                self.pending.spawn_blocking(move || {
                     let result = out.commit(&work, reduces, &mut report);
                     if let Err(e) = &result {
                         report.status = "failed".into();
@@ -181,7 +184,7 @@ impl Loop {
             }
             Action::AbortJob { job, report } => {
                 if let Some(out) = self.outputs.remove(&job) {
-                    tokio::task::spawn_blocking(move || {
+                    self.pending.spawn_blocking(move || {
                         if let Some(report) = report {
                             if let Err(e) = out.fail(&report) {
                                 tracing::warn!(%job, "cannot write _FAILED: {e}");
@@ -282,6 +285,7 @@ impl Engine {
             journal,
             outputs,
             shared: shared.clone(),
+            pending: tokio::task::JoinSet::new(),
             exit: false,
         };
         lp.run_actions(now);
@@ -309,11 +313,16 @@ impl Engine {
                 if let Some(r) = reply {
                     r();
                 }
+                while lp.pending.try_join_next().is_some() {}
                 if lp.exit {
                     break;
                 }
             }
             lp.stop();
+            // No more calls; file work still under way finishes (its
+            // report back to the loop is dropped).
+            drop(rx);
+            while lp.pending.join_next().await.is_some() {}
             lp
         });
         Ok(Engine {

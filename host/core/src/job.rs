@@ -140,7 +140,12 @@ pub mod limits {
 pub struct SpecError(pub String);
 
 fn size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
     for (unit, name) in UNITS {
         if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{}{name}", bytes / unit);
@@ -336,8 +341,9 @@ mod tests {
         assert!(refused(|s| s.max_attempts = u32::MAX).contains("--max-attempts"));
         assert!(refused(|s| s.attempt_timeout = Duration::MAX).contains("--attempt-timeout"));
         assert!(refused(|s| s.attempt_timeout = Duration::ZERO).contains("--attempt-timeout"));
-        assert!(refused(|s| s.progress_timeout = Some(Duration::ZERO))
-            .contains("--progress-timeout"));
+        assert!(
+            refused(|s| s.progress_timeout = Some(Duration::ZERO)).contains("--progress-timeout")
+        );
         assert!(refused(|s| s.inputs.clear()).contains("no input files"));
         assert!(refused(|s| s.output = "rel".into()).contains("absolute"));
         assert!(refused(|s| s.app.sha256 = "x".into()).contains("sha256"));
@@ -352,7 +358,10 @@ mod tests {
             s.inputs[0].bytes = u64::MAX;
             s.split_size = 1;
         });
-        assert!(err.contains("map tasks") && err.contains("--split-size"), "{err}");
+        assert!(
+            err.contains("map tasks") && err.contains("--split-size"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -174,8 +174,8 @@ pub(crate) fn classify(
         Some(Trap::Interrupt) => GuestFailure::new(
             FailureKind::Timeout,
             format!(
-                "the task ran out of time: it ran longer than its limit of {:?} (raise it with --task-timeout)",
-                config.task_timeout
+                "the task ran out of time: it ran longer than its limit of {:?} (raise it with --attempt-timeout)",
+                config.attempt_timeout
             ),
         ),
         Some(Trap::StackOverflow) => GuestFailure::new(

@@ -16,7 +16,7 @@
 //! task's log; a wall clock frozen at the epoch, a monotonic clock frozen at
 //! zero and a fixed random sequence unless the job grants `clock` or
 //! `random`; at most `memory_limit` bytes of linear memory; at most
-//! `task_timeout` of wall time per task.
+//! `attempt_timeout` of wall time per attempt.
 
 mod cache;
 mod failure;
@@ -59,8 +59,8 @@ pub struct SandboxConfig {
     /// Linear memory one task's instance may use, in bytes (all memories of
     /// the component together).
     pub memory_limit: usize,
-    /// Wall time one task may spend in the guest.
-    pub task_timeout: Duration,
+    /// Wall time one attempt may spend in the guest (`--attempt-timeout`).
+    pub attempt_timeout: Duration,
     /// Capabilities granted beyond the default-deny sandbox.
     pub grants: Grants,
     /// Bytes of guest stdout/stderr kept per task (the rest is dropped).
@@ -73,7 +73,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             memory_limit: 512 << 20,
-            task_timeout: Duration::from_secs(600),
+            attempt_timeout: Duration::from_secs(600),
             grants: Grants::default(),
             output_limit: 64 << 10,
             cache_dir: None,
@@ -233,7 +233,7 @@ impl Sandbox {
         // checked: cancelled or past its time limit, it is interrupted;
         // otherwise that counts as progress.
         let started = std::time::Instant::now();
-        let limit = self.config.task_timeout;
+        let limit = self.config.attempt_timeout;
         let control = control.clone();
         store.set_epoch_deadline(PROGRESS_TICKS);
         store.epoch_deadline_callback(move |mut ctx| {

@@ -1,20 +1,23 @@
-//! Running tasks: everything between input files and committed output.
+//! Running tasks: everything between input files and committed output,
+//! for `mr worker` and for `mr run`'s in-process worker alike.
 //!
 //! - [`map`]: read a split, run the guest's `map`, partition, sort and spill
 //!   its output, and merge the spills into one run file per task.
 //! - [`reduce`]: merge a partition's segments from every map task, feed the
 //!   guest's `reduce` in batches of keys, and write `mr-out-<r>`.
-//! - [`local`]: `mr run`: a whole job in one process, with a pool of sandbox
-//!   slots, retries, a watchdog and an atomic commit.
-//! - [`cluster`]: `mr worker`: a long-running worker that takes tasks from a
-//!   coordinator, runs them in the sandbox and heart-beats.
-//! - [`shuffle`]: serving map output to reducers, and fetching it.
+//! - [`runfile`]: the intermediate file format and the bounded merge.
+//! - [`node`]: the worker itself: connection to the coordinator,
+//!   heartbeats, attempts, app cache, gathering reduce input, data dir.
+//! - [`shuffle`]: this worker's map outputs, serving them to reducers, and
+//!   fetching them.
 
-pub mod cluster;
-pub mod local;
 pub mod map;
+pub mod node;
 pub mod reduce;
+pub mod runfile;
 pub mod shuffle;
+
+pub use node::{run, Preloaded, Shuffle, WorkerError, WorkerOptions};
 
 use std::time::Duration;
 

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader};
 use mr_core::partition::partition;
 use mr_core::report::Counters;
-use mr_core::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader};
 use mr_core::split::{read_split, Split};
 use mr_runtime::{Group, GuestFailure, Kv, Reducer, Sandbox, TaskControl};
 
@@ -352,7 +352,7 @@ impl SortBuffer {
         let indexes = self
             .spills
             .iter()
-            .map(|p| mr_core::runfile::read_index(p))
+            .map(|p| crate::runfile::read_index(p))
             .collect::<std::io::Result<Vec<_>>>()?;
         let mut w = RunFileWriter::create(path, self.reduces)?;
         for r in 0..self.reduces {

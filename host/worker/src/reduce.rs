@@ -1,14 +1,16 @@
-//! A reduce task: merge partition `r` of every map output, group by key,
-//! call the guest's `reduce` on batches of groups, write `key value` lines.
+//! A reduce task: merge partition `r` of every map output (at most
+//! [`crate::runfile::MERGE_FACTOR`] at once), group by key, call the
+//! guest's `reduce` on batches of groups, write `key value` lines. A failed
+//! attempt leaves no output file behind.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use mr_core::report::Counters;
-use mr_core::runfile::{Merger, SegmentInfo, SegmentReader};
 use mr_runtime::{Group, Reducer, Sandbox, TaskControl};
 
+use crate::runfile::SegmentInfo;
 use crate::TaskError;
 
 /// Bytes of keys and values handed to the guest in one `reduce` call.
@@ -27,6 +29,8 @@ pub struct ReduceTask {
     pub inputs: Vec<(PathBuf, SegmentInfo)>,
     /// Where to write the output (the committer renames it into place).
     pub output: PathBuf,
+    /// A directory of the attempt's own, for intermediate merges.
+    pub scratch: PathBuf,
     pub seed: u64,
 }
 
@@ -90,7 +94,7 @@ fn text(bytes: &[u8], what: &str) -> Result<String, TaskError> {
 }
 
 /// Runs one reduce task attempt; `control` carries its memory budget,
-/// progress and cancel flag.
+/// progress and cancel flag. A failed attempt removes its output file.
 ///
 /// Fails if map output cannot be read (or is corrupt), the guest fails, or
 /// the output cannot be written.
@@ -99,13 +103,30 @@ pub fn run(
     task: &ReduceTask,
     control: &TaskControl,
 ) -> Result<ReduceOutput, TaskError> {
-    let readers = task
-        .inputs
-        .iter()
-        .map(|(path, seg)| SegmentReader::open(path, *seg))
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(TaskError::io("cannot open map output"))?;
-    let mut merger = Merger::new(readers).map_err(TaskError::io("cannot read map output"))?;
+    let result = reduce(sandbox, task, control);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&task.output);
+    }
+    result
+}
+
+/// Why the merge stopped: the merge itself failed, or the guest did.
+enum Stop {
+    Io(std::io::Error),
+    Task(TaskError),
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Self {
+        Stop::Io(e)
+    }
+}
+
+fn reduce(
+    sandbox: &Sandbox,
+    task: &ReduceTask,
+    control: &TaskControl,
+) -> Result<ReduceOutput, TaskError> {
     let file = File::create(&task.output).map_err(TaskError::io(format!(
         "cannot create {}",
         task.output.display()
@@ -120,28 +141,19 @@ pub fn run(
     };
     let mut current: Option<Group> = None;
     let mut current_bytes = 0usize;
-    while merger
-        .advance()
-        .map_err(TaskError::io("cannot read map output"))?
-    {
+    // The guest's failure, kept apart from the merge's I/O errors.
+    let mut failed: Option<TaskError> = None;
+    let cancelled =
+        || std::io::Error::new(std::io::ErrorKind::Interrupted, "the attempt was cancelled");
+    let mut record = |key: &[u8], value: &[u8]| -> Result<(), Stop> {
         batch.counters.reduce_input_records += 1;
-        if batch.counters.reduce_input_records.is_multiple_of(65536) && control.is_cancelled() {
-            return Err(TaskError::Io {
-                what: "reducing".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "the attempt was cancelled",
-                ),
-            });
-        }
-        let key = merger.key();
         let same = current.as_ref().is_some_and(|g| g.key.as_bytes() == key);
         if !same {
             if let Some(g) = current.take() {
-                batch.push(g)?;
+                batch.push(g).map_err(Stop::Task)?;
             }
             current = Some(Group {
-                key: text(key, "a key")?,
+                key: text(key, "a key").map_err(Stop::Task)?,
                 values: Vec::new(),
                 last: true,
             });
@@ -159,14 +171,39 @@ pub fn run(
                 },
             );
             part.last = false;
-            batch.push(part)?;
+            batch.push(part).map_err(Stop::Task)?;
             current_bytes = 0;
         }
         let g = current.as_mut().expect("a current group");
-        let value = text(merger.value(), "a value")?;
+        let value = text(value, "a value").map_err(Stop::Task)?;
         current_bytes += value.len() + 8;
         g.values.push(value);
+        Ok(())
+    };
+    let merged = crate::runfile::merge(
+        task.inputs.clone(),
+        &task.scratch,
+        || {
+            control.bump();
+            if control.is_cancelled() {
+                return Err(cancelled());
+            }
+            Ok(())
+        },
+        |k, v| {
+            record(k, v).map_err(|stop| match stop {
+                Stop::Io(e) => e,
+                Stop::Task(t) => {
+                    failed = Some(t);
+                    std::io::Error::other("the reducer failed")
+                }
+            })
+        },
+    );
+    if let Some(t) = failed {
+        return Err(t);
     }
+    merged.map_err(TaskError::io("cannot read map output"))?;
     if let Some(g) = current.take() {
         batch.push(g)?;
     }

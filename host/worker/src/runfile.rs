@@ -14,19 +14,29 @@
 //!
 //! The crc32 of each segment is checked when it has been read to its end,
 //! so a torn or corrupted file is an error, never silently wrong output.
+//! Run files are not synced to disk: they can be recomputed (a worker that
+//! loses one reports it lost and the map task runs again).
+//!
+//! [`merge`] merges any number of segments with a bounded number open at
+//! once ([`MERGE_FACTOR`]), in passes through intermediate run files.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 const MAGIC: &[u8; 4] = b"MRR1";
 const TRAILER_LEN: u64 = 8 + 4 + 4;
 const INDEX_ENTRY_LEN: u64 = 8 + 8 + 8 + 4;
-/// Reader buffer per segment: large enough for sequential disk reads, small
-/// enough that a reducer merging hundreds of segments stays bounded.
+/// Reader buffer per segment (at most; a shorter segment gets a buffer
+/// its size): large enough for sequential disk reads, small enough that a
+/// merge of [`MERGE_FACTOR`] segments stays bounded (16 MiB).
 pub const READ_BUFFER: usize = 64 * 1024;
+/// Segments merged at once: more are merged in passes, so that memory
+/// (one buffer each) and open files stay bounded whatever the number of
+/// map tasks (Hadoop's `io.sort.factor`).
+pub const MERGE_FACTOR: usize = 256;
 
 /// Where one partition's segment lies in a run file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +107,8 @@ impl RunFileWriter {
         Ok(())
     }
 
-    /// Writes the index and trailer, flushes and syncs; returns the index.
+    /// Writes the index and trailer and flushes (no sync: see the module
+    /// doc); returns the index.
     pub fn finish(mut self) -> io::Result<Vec<SegmentInfo>> {
         while (self.segments.len() as u32) <= self.partitions {
             self.close_segment();
@@ -113,8 +124,7 @@ impl RunFileWriter {
         self.out.write_all(&index_offset.to_le_bytes())?;
         self.out.write_all(&self.partitions.to_le_bytes())?;
         self.out.write_all(MAGIC)?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_data()?;
+        self.out.into_inner().map_err(|e| e.into_error())?;
         Ok(self.segments)
     }
 }
@@ -187,11 +197,12 @@ pub struct SegmentReader<R> {
 }
 
 impl SegmentReader<BufReader<io::Take<File>>> {
-    /// Opens segment `partition` of the run file at `path`.
+    /// Opens the segment `info` describes in the run file at `path`.
     pub fn open(path: &Path, info: SegmentInfo) -> io::Result<Self> {
         let mut f = File::open(path)?;
         f.seek(SeekFrom::Start(info.offset))?;
-        let src = BufReader::with_capacity(READ_BUFFER, f.take(info.len));
+        let buffer = (info.len.max(1) as usize).min(READ_BUFFER);
+        let src = BufReader::with_capacity(buffer, f.take(info.len));
         Ok(SegmentReader::new(src, info, path.display().to_string()))
     }
 }
@@ -330,6 +341,78 @@ impl<R: Read> Merger<R> {
     }
 }
 
+/// Merges the segments `inputs` (in this order: equal keys come out in
+/// it) and hands every record to `sink`, with at most [`MERGE_FACTOR`]
+/// segments open at once: more are first merged, a group of consecutive
+/// ones at a time, into run files in `scratch` (removed as they are used).
+/// `pass` is called between records now and then, for progress and to
+/// stop a cancelled merge with its error.
+///
+/// Fails if a segment cannot be read or is corrupt, `scratch` cannot be
+/// written, or `sink` or `pass` fail.
+pub fn merge(
+    inputs: Vec<(PathBuf, SegmentInfo)>,
+    scratch: &Path,
+    mut pass: impl FnMut() -> io::Result<()>,
+    mut sink: impl FnMut(&[u8], &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut inputs = inputs;
+    let mut round = 0;
+    // Removes a round's intermediate files (round 0's inputs are not ours).
+    let remove = |round: usize, files: &[(PathBuf, SegmentInfo)]| {
+        if round > 0 {
+            for (p, _) in files {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    };
+    while inputs.len() > MERGE_FACTOR {
+        let mut next = Vec::with_capacity(inputs.len().div_ceil(MERGE_FACTOR));
+        for (g, group) in inputs.chunks(MERGE_FACTOR).enumerate() {
+            let path = scratch.join(format!("merge-{round}-{g}.run"));
+            next.push((path.clone(), SegmentInfo::default()));
+            let mut w = RunFileWriter::create(&path, 1)?;
+            let merged = merge_group(group, &mut pass, |k, v| w.write(0, k, v));
+            if let Err(e) = merged.and_then(|()| w.finish()).map(|index| {
+                next.last_mut().expect("pushed above").1 = index[0];
+            }) {
+                remove(round, &inputs);
+                remove(round + 1, &next);
+                return Err(e);
+            }
+        }
+        remove(round, &inputs);
+        inputs = next;
+        round += 1;
+    }
+    let result = merge_group(&inputs, &mut pass, &mut sink);
+    remove(round, &inputs);
+    result
+}
+
+/// Merges a group of segments (few enough to be open at once).
+fn merge_group(
+    group: &[(PathBuf, SegmentInfo)],
+    pass: &mut impl FnMut() -> io::Result<()>,
+    mut sink: impl FnMut(&[u8], &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let readers = group
+        .iter()
+        .filter(|(_, seg)| seg.records > 0 || seg.len > 0)
+        .map(|(path, seg)| SegmentReader::open(path, *seg))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut m = Merger::new(readers)?;
+    let mut n = 0u32;
+    while m.advance()? {
+        sink(m.key(), m.value())?;
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(65536) {
+            pass()?;
+        }
+    }
+    pass()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +467,61 @@ mod tests {
         assert!(err.to_string().contains("checksum"), "{err}");
         std::fs::write(&p, &bytes[..bytes.len() - 2]).unwrap();
         assert!(read_index(&p).is_err());
+    }
+
+    #[test]
+    fn merging_more_segments_than_the_factor_takes_passes_and_keeps_tie_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = MERGE_FACTOR * 2 + 7;
+        let mut inputs = Vec::new();
+        for i in 0..n {
+            let p = dir.path().join(format!("r{i}"));
+            // Every source has key "k" (ties: source order must hold) and
+            // a key of its own.
+            let own = format!("{:05}", (i * 7919) % n);
+            let mut recs = vec![(0, "k".to_string(), i.to_string())];
+            recs.push((0, own, i.to_string()));
+            recs.sort();
+            let mut w = RunFileWriter::create(&p, 1).unwrap();
+            for (_, k, v) in &recs {
+                w.write(0, k.as_bytes(), v.as_bytes()).unwrap();
+            }
+            inputs.push((p, w.finish().unwrap()[0]));
+        }
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let mut keys = Vec::new();
+        let mut ties = Vec::new();
+        let mut passes = 0;
+        merge(
+            inputs,
+            &scratch,
+            || {
+                passes += 1;
+                Ok(())
+            },
+            |k, v| {
+                let (k, v) = (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                );
+                if k == "k" {
+                    ties.push(v.parse::<usize>().unwrap());
+                }
+                keys.push(k);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(keys.len(), 2 * n);
+        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "sorted");
+        assert_eq!(ties, (0..n).collect::<Vec<_>>(), "ties in source order");
+        assert!(passes > 3, "intermediate passes ran");
+        assert_eq!(
+            std::fs::read_dir(&scratch).unwrap().count(),
+            0,
+            "scratch cleaned"
+        );
     }
 
     #[test]

@@ -1,41 +1,54 @@
-//! The shuffle: map output stays on the disk of the worker that made it,
-//! and every worker serves its own from a TCP endpoint; a reducer fetches
-//! its partition of each map output from there (not through the
-//! coordinator, and not inside RPC frames).
+//! The shuffle: map output stays on the disk of the worker that made it
+//! ([`MapOutputs`], which also keeps the run files' indexes at hand); a
+//! reducer on the same worker reads it in place, and every other worker
+//! fetches it from the TCP endpoint this worker serves ([`serve`]), one
+//! batch per worker: all the map outputs it needs from there, in one
+//! request (not through the coordinator, and not inside RPC frames).
 //!
 //! ```text
-//! request  = "MRS1" len:u32 postcard(FetchRequest)            (len ≤ 4 KiB)
-//! response = 0:u8 len:u64 records:u64 crc32:u32 <len bytes>   the segment
-//!          | 1:u8 len:u32 <message, UTF-8>                    why not
+//! request  = "MRS2" len:u32 postcard(FetchRequest)             (len ≤ 1 MiB)
+//! response = for each requested map output, in order:
+//!            0:u8 len:u64 records:u64 crc32:u32 <len bytes>     its segment
+//!          | 1:u8 len:u32 <message, UTF-8>                      why not (and the end)
 //! ```
 //! (integers little-endian). One request per connection. The bytes are
-//! one segment of a run file (`mr_core::runfile`), streamed from disk; the
-//! fetcher checks its length and crc32 as it writes it to its own disk.
+//! one segment of a run file ([`crate::runfile`]), streamed from disk; the
+//! fetcher checks each one's length and crc32 as it writes it to its own
+//! disk, all of a batch into one file.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mr_core::ids::JobId;
-use mr_core::runfile::SegmentInfo;
 use mr_runtime::TaskControl;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const MAGIC: &[u8; 4] = b"MRS1";
-const MAX_REQUEST: u32 = 4096;
+use crate::runfile::SegmentInfo;
+
+const MAGIC: &[u8; 4] = b"MRS2";
+const MAX_REQUEST: u32 = 1 << 20;
+/// Map outputs per request: a batch of this many costs the server one
+/// index lookup each, and the request stays far below [`MAX_REQUEST`].
+pub const MAX_BATCH: usize = 16_384;
 /// How long a fetch waits to connect, or for the next bytes, before it
 /// gives the server up (a stopped or unreachable worker).
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Run-file indexes kept in memory (segments, 28 bytes each): beyond this
+/// the cache starts afresh and indexes are read from their files.
+const INDEX_CACHE_SEGMENTS: usize = 1 << 20;
 
-/// Which segment a reducer wants.
+/// Which segments a reducer wants: partition `partition` of each listed
+/// map task's output (map, attempt).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchRequest {
     pub job: JobId,
-    pub map: u32,
-    pub attempt: u32,
     pub partition: u32,
+    pub maps: Vec<(u32, u32)>,
 }
 
 /// The file a map attempt leaves in its job's directory.
@@ -43,9 +56,95 @@ pub fn run_file_name(map: u32, attempt: u32) -> String {
     format!("map-{map}-a{attempt}.run")
 }
 
-/// Serves segments of the run files under `jobs_dir/<job>/` until the
-/// listener fails.
-pub async fn serve(listener: TcpListener, jobs_dir: PathBuf) {
+/// This worker's map outputs: the run files under `jobs_dir/<job>/`, and
+/// their indexes (kept from when they were written, or read once).
+pub struct MapOutputs {
+    jobs_dir: PathBuf,
+    indexes: Mutex<IndexCache>,
+}
+
+#[derive(Default)]
+struct IndexCache {
+    by_output: HashMap<(JobId, u32, u32), Arc<[SegmentInfo]>>,
+    segments: usize,
+}
+
+impl MapOutputs {
+    /// The outputs under `jobs_dir`.
+    pub fn new(jobs_dir: PathBuf) -> Self {
+        MapOutputs {
+            jobs_dir,
+            indexes: Mutex::new(IndexCache::default()),
+        }
+    }
+
+    /// The directory of job `job`'s map output (`job` must be valid).
+    pub fn job_dir(&self, job: &JobId) -> PathBuf {
+        self.jobs_dir.join(&job.0)
+    }
+
+    /// The run file of a map attempt.
+    pub fn path(&self, job: &JobId, map: u32, attempt: u32) -> PathBuf {
+        self.job_dir(job).join(run_file_name(map, attempt))
+    }
+
+    /// Remembers the index of a run file just written.
+    pub fn add(&self, job: &JobId, map: u32, attempt: u32, index: &[SegmentInfo]) {
+        let mut c = self.indexes.lock().expect("index cache lock");
+        if c.segments + index.len() > INDEX_CACHE_SEGMENTS {
+            *c = IndexCache::default();
+        }
+        c.segments += index.len();
+        c.by_output
+            .insert((job.clone(), map, attempt), index.into());
+    }
+
+    /// Where partition `partition` of a map attempt's output is.
+    ///
+    /// Fails if this worker has no such output (or its file is damaged).
+    pub fn segment(
+        &self,
+        job: &JobId,
+        map: u32,
+        attempt: u32,
+        partition: u32,
+    ) -> std::io::Result<(PathBuf, SegmentInfo)> {
+        let path = self.path(job, map, attempt);
+        let key = (job.clone(), map, attempt);
+        let cached = self
+            .indexes
+            .lock()
+            .expect("index cache lock")
+            .by_output
+            .get(&key)
+            .cloned();
+        let index = match cached {
+            Some(i) => i,
+            None => {
+                let i: Arc<[SegmentInfo]> = crate::runfile::read_index(&path)?.into();
+                self.add(job, map, attempt, &i);
+                i
+            }
+        };
+        match index.get(partition as usize) {
+            Some(s) => Ok((path, *s)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("map-{map}'s output has no partition {partition}"),
+            )),
+        }
+    }
+
+    /// Forgets a finished job's indexes (its files are removed apart).
+    pub fn forget(&self, job: &JobId) {
+        let mut c = self.indexes.lock().expect("index cache lock");
+        c.by_output.retain(|(j, _, _), _| j != job);
+        c.segments = c.by_output.values().map(|i| i.len()).sum();
+    }
+}
+
+/// Serves segments of this worker's map outputs until the listener fails.
+pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -55,22 +154,26 @@ pub async fn serve(listener: TcpListener, jobs_dir: PathBuf) {
                 continue;
             }
         };
-        let dir = jobs_dir.clone();
+        let outputs = outputs.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &dir).await {
+            if let Err(e) = handle(stream, &outputs).await {
                 tracing::debug!(%peer, "shuffle request failed: {e}");
             }
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, jobs_dir: &Path) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, outputs: &Arc<MapOutputs>) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut head = [0u8; 8];
     tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut head)).await??;
     let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
     if &head[..4] != MAGIC || len > MAX_REQUEST {
-        return refuse(&mut stream, "not an mr shuffle request").await;
+        return refuse(
+            &mut stream,
+            "not an mr shuffle request (or another mr version)",
+        )
+        .await;
     }
     let mut body = vec![0u8; len as usize];
     tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut body)).await??;
@@ -84,49 +187,73 @@ async fn handle(mut stream: TcpStream, jobs_dir: &Path) -> std::io::Result<()> {
     if !req.job.is_valid() {
         return refuse(&mut stream, "a malformed job id").await;
     }
-    let path = jobs_dir
-        .join(&req.job.0)
-        .join(run_file_name(req.map, req.attempt));
-    let p = path.clone();
-    let index = tokio::task::spawn_blocking(move || mr_core::runfile::read_index(&p))
-        .await
-        .map_err(std::io::Error::other)?;
-    let seg = match index {
-        Ok(idx) => match idx.get(req.partition as usize) {
-            Some(s) => *s,
-            None => return refuse(&mut stream, "no such partition").await,
-        },
-        Err(e) => {
-            let msg = format!(
-                "this worker has no output of {} map-{} attempt {}: {e}",
-                req.job, req.map, req.attempt
-            );
-            return refuse(&mut stream, &msg).await;
-        }
-    };
-    let mut out = Vec::with_capacity(21);
-    out.push(0u8);
-    out.extend_from_slice(&seg.len.to_le_bytes());
-    out.extend_from_slice(&seg.records.to_le_bytes());
-    out.extend_from_slice(&seg.crc32.to_le_bytes());
-    stream.write_all(&out).await?;
-    let mut file = tokio::fs::File::open(&path).await?;
-    file.seek(std::io::SeekFrom::Start(seg.offset)).await?;
-    let sent = tokio::io::copy(&mut file.take(seg.len), &mut stream).await?;
-    if sent != seg.len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the run file is shorter than its index says",
-        ));
+    if req.maps.len() > MAX_BATCH {
+        return refuse(&mut stream, "too many map outputs in one request").await;
     }
-    stream.shutdown().await
+    // The rest is file reads and socket writes: on a blocking thread, with
+    // a deadline on every write (a reducer that stops reading is dropped).
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(FETCH_TIMEOUT))?;
+    let outputs = outputs.clone();
+    tokio::task::spawn_blocking(move || send_segments(stream, &outputs, &req))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
-async fn refuse(stream: &mut TcpStream, msg: &str) -> std::io::Result<()> {
+/// Writes the requested segments (or a refusal) to `stream`.
+fn send_segments(
+    stream: std::net::TcpStream,
+    outputs: &MapOutputs,
+    req: &FetchRequest,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, Write};
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
+    for &(map, attempt) in &req.maps {
+        let (path, seg) = match outputs.segment(&req.job, map, attempt, req.partition) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!(
+                    "this worker has no output of {} map-{map} attempt {attempt}: {e}",
+                    req.job
+                );
+                out.write_all(&refusal(&msg))?;
+                out.flush()?;
+                return out.get_ref().shutdown(std::net::Shutdown::Write);
+            }
+        };
+        let mut head = [0u8; 21];
+        head[1..9].copy_from_slice(&seg.len.to_le_bytes());
+        head[9..17].copy_from_slice(&seg.records.to_le_bytes());
+        head[17..21].copy_from_slice(&seg.crc32.to_le_bytes());
+        out.write_all(&head)?;
+        if seg.len == 0 {
+            continue;
+        }
+        let mut file = std::fs::File::open(&path)?;
+        file.seek(std::io::SeekFrom::Start(seg.offset))?;
+        let sent = std::io::copy(&mut file.take(seg.len), &mut out)?;
+        if sent != seg.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the run file is shorter than its index says",
+            ));
+        }
+    }
+    out.flush()?;
+    out.get_ref().shutdown(std::net::Shutdown::Write)
+}
+
+/// A refusal on the wire.
+fn refusal(msg: &str) -> Vec<u8> {
     let mut out = vec![1u8];
     out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     out.extend_from_slice(msg.as_bytes());
-    stream.write_all(&out).await?;
+    out
+}
+
+async fn refuse(stream: &mut TcpStream, msg: &str) -> std::io::Result<()> {
+    stream.write_all(&refusal(msg)).await?;
     stream.shutdown().await
 }
 
@@ -169,19 +296,43 @@ async fn timed<T>(
     }
 }
 
-/// Fetches one segment from the worker at `addr` into `dest`, checking it
-/// is the segment the coordinator described (`expect`). Every MiB counts
-/// as progress of the attempt; a cancelled attempt stops.
+/// A batch that stopped part way: the segments that arrived (in request
+/// order, each complete in the file) and why the next did not.
+#[derive(Debug)]
+pub struct Partial {
+    pub done: Vec<SegmentInfo>,
+    pub error: FetchError,
+}
+
+/// Fetches `req`'s segments from the worker at `addr`, appending them to
+/// `dest` (created if need be) from byte `offset` on; returns each one's
+/// place in `dest`, in request order. Every MiB counts as progress of the
+/// attempt; a cancelled attempt stops.
 ///
-/// Fails when the server cannot be reached, stalls for [`FETCH_TIMEOUT`],
-/// refuses, or sends bytes that do not check out, or when `dest` cannot be
-/// written.
+/// Fails with what arrived before the failure: when the server cannot be
+/// reached, stalls for [`FETCH_TIMEOUT`], refuses, or sends bytes that do
+/// not check out, or when `dest` cannot be written.
 pub async fn fetch(
     addr: SocketAddr,
     req: &FetchRequest,
-    expect: SegmentInfo,
     dest: &Path,
+    offset: u64,
     control: &TaskControl,
+) -> Result<Vec<SegmentInfo>, Partial> {
+    let mut done = Vec::with_capacity(req.maps.len());
+    match fetch_into(addr, req, dest, offset, control, &mut done).await {
+        Ok(()) => Ok(done),
+        Err(error) => Err(Partial { done, error }),
+    }
+}
+
+async fn fetch_into(
+    addr: SocketAddr,
+    req: &FetchRequest,
+    dest: &Path,
+    offset: u64,
+    control: &TaskControl,
+    done: &mut Vec<SegmentInfo>,
 ) -> Result<(), FetchError> {
     let mut stream = timed("cannot connect to", addr, TcpStream::connect(addr)).await?;
     let _ = stream.set_nodelay(true);
@@ -190,65 +341,80 @@ pub async fn fetch(
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(&body);
     timed("cannot send to", addr, stream.write_all(&msg)).await?;
-    let mut status = [0u8];
-    timed("reading from", addr, stream.read_exact(&mut status)).await?;
-    if status[0] != 0 {
-        let mut len = [0u8; 4];
-        timed("reading from", addr, stream.read_exact(&mut len)).await?;
-        let len = u32::from_le_bytes(len).min(MAX_REQUEST) as usize;
-        let mut text = vec![0u8; len];
-        timed("reading from", addr, stream.read_exact(&mut text)).await?;
-        return Err(FetchError::Peer(format!(
-            "{addr} refused: {}",
-            String::from_utf8_lossy(&text)
-        )));
-    }
-    let mut head = [0u8; 20];
-    timed("reading from", addr, stream.read_exact(&mut head)).await?;
-    let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
-    let records = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
-    let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
-    if (len, records, crc) != (expect.len, expect.records, expect.crc32) {
-        return Err(FetchError::Peer(format!(
-            "{addr} serves a different output than the coordinator recorded (the map output changed)"
-        )));
-    }
+    let mut stream = tokio::io::BufReader::with_capacity(64 * 1024, stream);
     let local =
         |e: std::io::Error| FetchError::Local(format!("cannot write {}: {e}", dest.display()));
-    let mut file = tokio::io::BufWriter::with_capacity(
-        256 * 1024,
-        tokio::fs::File::create(dest).await.map_err(local)?,
-    );
-    let mut hasher = crc32fast::Hasher::new();
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(dest)
+        .await
+        .map_err(local)?;
+    file.set_len(offset).await.map_err(local)?;
+    let mut file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(local)?;
+    let mut pos = offset;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
     let mut since_bump = 0usize;
-    while left > 0 {
-        if control.is_cancelled() {
-            return Err(FetchError::Cancelled);
-        }
-        let want = buf.len().min(left as usize);
-        let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
-        if n == 0 {
+    for _ in &req.maps {
+        let mut status = [0u8];
+        timed("reading from", addr, stream.read_exact(&mut status)).await?;
+        if status[0] != 0 {
+            let mut len = [0u8; 4];
+            timed("reading from", addr, stream.read_exact(&mut len)).await?;
+            let len = u32::from_le_bytes(len).min(64 << 10) as usize;
+            let mut text = vec![0u8; len];
+            timed("reading from", addr, stream.read_exact(&mut text)).await?;
+            file.flush().await.map_err(local)?;
             return Err(FetchError::Peer(format!(
-                "{addr} closed the connection {left} bytes early"
+                "{addr} refused: {}",
+                String::from_utf8_lossy(&text)
             )));
         }
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).await.map_err(local)?;
-        left -= n as u64;
-        since_bump += n;
-        if since_bump >= 1 << 20 {
-            control.bump();
-            since_bump = 0;
+        let mut head = [0u8; 20];
+        timed("reading from", addr, stream.read_exact(&mut head)).await?;
+        let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
+        let records = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+        let mut hasher = crc32fast::Hasher::new();
+        let mut left = len;
+        while left > 0 {
+            if control.is_cancelled() {
+                return Err(FetchError::Cancelled);
+            }
+            let want = buf.len().min(left as usize);
+            let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
+            if n == 0 {
+                return Err(FetchError::Peer(format!(
+                    "{addr} closed the connection {left} bytes early"
+                )));
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).await.map_err(local)?;
+            left -= n as u64;
+            since_bump += n;
+            if since_bump >= 1 << 20 {
+                control.bump();
+                since_bump = 0;
+            }
         }
+        if hasher.finalize() != crc {
+            return Err(FetchError::Peer(format!(
+                "the bytes from {addr} fail their checksum"
+            )));
+        }
+        done.push(SegmentInfo {
+            offset: pos,
+            len,
+            records,
+            crc32: crc,
+        });
+        pos += len;
     }
     file.flush().await.map_err(local)?;
-    if hasher.finalize() != expect.crc32 {
-        return Err(FetchError::Peer(format!(
-            "the bytes from {addr} fail their checksum"
-        )));
-    }
     control.bump();
     Ok(())
 }
@@ -256,78 +422,91 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mr_core::runfile::RunFileWriter;
+    use crate::runfile::RunFileWriter;
 
-    #[tokio::test]
-    async fn a_segment_is_served_and_checked() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A run file of job-1-1 map `map` attempt `attempt` with two
+    /// partitions, registered with `outputs`; returns its index.
+    fn run_file(
+        outputs: &MapOutputs,
+        map: u32,
+        attempt: u32,
+        recs: &[(u32, &str)],
+    ) -> Vec<SegmentInfo> {
         let job = JobId("job-1-1".into());
-        std::fs::create_dir_all(dir.path().join(&job.0)).unwrap();
-        let run = dir.path().join(&job.0).join(run_file_name(3, 2));
-        let mut w = RunFileWriter::create(&run, 2).unwrap();
-        w.write(0, b"a", b"1").unwrap();
-        w.write(1, b"b", b"2").unwrap();
-        w.write(1, b"c", b"3").unwrap();
+        std::fs::create_dir_all(outputs.job_dir(&job)).unwrap();
+        let mut w = RunFileWriter::create(&outputs.path(&job, map, attempt), 2).unwrap();
+        for (p, k) in recs {
+            w.write(*p, k.as_bytes(), b"1").unwrap();
+        }
         let idx = w.finish().unwrap();
+        idx
+    }
 
+    async fn server(dir: &Path) -> (SocketAddr, Arc<MapOutputs>) {
+        let outputs = Arc::new(MapOutputs::new(dir.to_path_buf()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, dir.path().to_path_buf()));
+        tokio::spawn(serve(listener, outputs.clone()));
+        (addr, outputs)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_segments_is_served_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, outputs) = server(dir.path()).await;
+        let a = run_file(&outputs, 3, 2, &[(0, "a"), (1, "b"), (1, "c")]);
+        // An output the server did not write itself: its index is read.
+        let b = run_file(&outputs, 4, 1, &[(0, "z")]);
+        outputs.add(&JobId("job-1-1".into()), 3, 2, &a);
+        let job = JobId("job-1-1".into());
         let dest = dir.path().join("fetched");
         let req = FetchRequest {
             job: job.clone(),
-            map: 3,
-            attempt: 2,
             partition: 1,
+            maps: vec![(3, 2), (4, 1)],
         };
         let control = TaskControl::default();
-        fetch(addr, &req, idx[1], &dest, &control).await.unwrap();
+        let got = fetch(addr, &req, &dest, 0, &control).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].offset, got[0].len, got[0].records),
+            (0, a[1].len, 2)
+        );
+        assert_eq!((got[1].len, got[1].records), (0, 0), "an empty segment");
+        assert_eq!(b[1].len, 0);
         let bytes = std::fs::read(&dest).unwrap();
-        let all = std::fs::read(&run).unwrap();
+        let all = std::fs::read(outputs.path(&job, 3, 2)).unwrap();
         assert_eq!(
             bytes,
-            &all[idx[1].offset as usize..(idx[1].offset + idx[1].len) as usize]
+            &all[a[1].offset as usize..(a[1].offset + a[1].len) as usize]
         );
         assert!(control.progress() > 0);
 
-        // Another attempt's output is not there: a clear refusal.
+        // Another attempt's output is not there: what came before it is
+        // kept, and the refusal is clear.
         let missing = FetchRequest {
-            attempt: 1,
+            maps: vec![(3, 2), (3, 1)],
             ..req.clone()
         };
-        let err = fetch(addr, &missing, idx[1], &dest, &control)
-            .await
-            .unwrap_err()
-            .to_string();
+        let Partial { done, error } = fetch(addr, &missing, &dest, 0, &control).await.unwrap_err();
+        assert_eq!(done.len(), 1);
         assert!(
-            err.contains("has no output of job-1-1 map-3 attempt 1"),
-            "{err}"
-        );
-        // A description that does not match is caught.
-        let mut wrong = idx[1];
-        wrong.crc32 ^= 1;
-        let err = fetch(addr, &req, wrong, &dest, &control).await.unwrap_err();
-        assert!(
-            matches!(&err, FetchError::Peer(m) if m.contains("different output")),
-            "{err}"
+            error
+                .to_string()
+                .contains("has no output of job-1-1 map-3 attempt 1"),
+            "{error}"
         );
         // This worker's own disk failing is not the map output's fault.
-        let err = fetch(
-            addr,
-            &req,
-            idx[1],
-            Path::new("/nonexistent/dir/x"),
-            &control,
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(err, FetchError::Local(_)), "{err}");
+        let err = fetch(addr, &req, Path::new("/nonexistent/dir/x"), 0, &control)
+            .await
+            .unwrap_err();
+        assert!(matches!(err.error, FetchError::Local(_)), "{err:?}");
         // Path tricks are refused.
         let evil = FetchRequest {
             job: JobId("../../etc".into()),
             ..req
         };
-        assert!(fetch(addr, &evil, idx[1], &dest, &control).await.is_err());
+        assert!(fetch(addr, &evil, &dest, 0, &control).await.is_err());
     }
 
     #[tokio::test]
@@ -338,22 +517,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let req = FetchRequest {
             job: JobId("job-1".into()),
-            map: 0,
-            attempt: 1,
             partition: 0,
+            maps: vec![(0, 1)],
         };
         let err = fetch(
             addr,
             &req,
-            SegmentInfo::default(),
             &dir.path().join("x"),
+            0,
             &TaskControl::default(),
         )
         .await
         .unwrap_err();
         assert!(
-            matches!(&err, FetchError::Peer(m) if m.contains("cannot connect")),
-            "{err}"
+            matches!(&err.error, FetchError::Peer(m) if m.contains("cannot connect")),
+            "{err:?}"
         );
     }
 
@@ -369,19 +547,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let req = FetchRequest {
             job: JobId("job-1".into()),
-            map: 0,
-            attempt: 1,
             partition: 0,
+            maps: vec![(0, 1)],
         };
         let err = fetch(
             addr,
             &req,
-            SegmentInfo::default(),
             &dir.path().join("x"),
+            0,
             &TaskControl::default(),
         )
         .await
         .unwrap_err();
-        assert!(matches!(err, FetchError::Stalled(_)), "{err}");
+        assert!(matches!(err.error, FetchError::Stalled(_)), "{err:?}");
     }
 }

@@ -155,9 +155,11 @@ impl State {
         let job = self.job(seq);
         let running: Vec<(TaskRef, mr_core::ids::WorkerId, u32)> = (0..job.tasks.len())
             .filter_map(|t| match &job.tasks[t].state {
-                TaskState::Running(run) => {
-                    Some((TaskRef { job: seq, task: t }, run.worker.clone(), run.attempt))
-                }
+                TaskState::Running(run) => Some((
+                    TaskRef { job: seq, task: t },
+                    run.worker.clone(),
+                    run.attempt,
+                )),
                 _ => None,
             })
             .collect();

@@ -312,7 +312,9 @@ impl State {
     }
 
     fn job(&self, seq: u64) -> &Job {
-        self.jobs.get(&seq).expect("a job by a number the state holds")
+        self.jobs
+            .get(&seq)
+            .expect("a job by a number the state holds")
     }
 
     fn job_mut(&mut self, seq: u64) -> &mut Job {

@@ -144,7 +144,13 @@ impl State {
 
     /// Records a failed attempt; fails the job if the task may not be
     /// tried again.
-    pub(super) fn attempt_failed(&mut self, now: Now, r: TaskRef, message: String, retryable: bool) {
+    pub(super) fn attempt_failed(
+        &mut self,
+        now: Now,
+        r: TaskRef,
+        message: String,
+        retryable: bool,
+    ) {
         let first_line = message.lines().next().unwrap_or("").to_string();
         self.end_attempt(now, r, format!("failed: {message}"), true, None);
         let job = self.job(r.job);

@@ -628,7 +628,8 @@ fn cancel_stops_a_job_and_its_attempts() {
     );
     assert!(ask(&mut s, c.at(0.6), &w, 2).is_empty());
     assert_eq!(
-        s.cancel(c.at(0.7), &JobId("job-x".into()), false).unwrap_err(),
+        s.cancel(c.at(0.7), &JobId("job-x".into()), false)
+            .unwrap_err(),
         RpcError::UnknownJob(JobId("job-x".into()))
     );
 }
@@ -932,12 +933,13 @@ fn check_invariants(s: &State) {
         }
     }
     assert_eq!(s.by_id.len(), s.jobs.len());
-    let nonempty = |m: &HashMap<WorkerId, BTreeSet<TaskRef>>| -> HashMap<WorkerId, BTreeSet<TaskRef>> {
-        m.iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
+    let nonempty =
+        |m: &HashMap<WorkerId, BTreeSet<TaskRef>>| -> HashMap<WorkerId, BTreeSet<TaskRef>> {
+            m.iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
     assert_eq!(nonempty(&s.running_on), running_on);
     assert_eq!(nonempty(&s.held_by), held_by);
 }

@@ -38,6 +38,7 @@ impl State {
             .collect();
         for id in dead {
             let why = format!("worker {id} stopped heart-beating (nothing for {timeout:?})");
+            tracing::warn!(worker = %id, "{why}");
             self.worker_lost(now, &id, why);
         }
         for r in self.running_refs() {

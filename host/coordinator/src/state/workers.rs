@@ -46,8 +46,12 @@ impl State {
             }
         };
         match req.shuffle_addr {
-            Some(addr) => tracing::info!(worker = %id, host = %req.host, pid = req.pid, slots = req.slots, shuffle = %addr, "worker registered"),
-            None => tracing::debug!(worker = %id, slots = req.slots, "in-process worker registered"),
+            Some(addr) => {
+                tracing::info!(worker = %id, host = %req.host, pid = req.pid, slots = req.slots, shuffle = %addr, "worker registered")
+            }
+            None => {
+                tracing::debug!(worker = %id, slots = req.slots, "in-process worker registered")
+            }
         }
         self.workers.insert(
             id.clone(),
@@ -87,16 +91,17 @@ impl State {
         let mut stale = Vec::new();
         for r in beat.running {
             let found = self.task_ref(&r.key.job, r.key.task);
-            let current = found.and_then(|t| {
-                match &mut self.jobs.get_mut(&t.job)?.tasks[t.task].state {
-                    TaskState::Running(run)
-                        if run.attempt == r.key.attempt && &run.worker == worker =>
-                    {
-                        Some((t, run))
-                    }
-                    _ => None,
-                }
-            });
+            let current =
+                found.and_then(
+                    |t| match &mut self.jobs.get_mut(&t.job)?.tasks[t.task].state {
+                        TaskState::Running(run)
+                            if run.attempt == r.key.attempt && &run.worker == worker =>
+                        {
+                            Some((t, run))
+                        }
+                        _ => None,
+                    },
+                );
             match current {
                 Some((t, run)) => {
                     if r.progress != run.progress {
@@ -118,7 +123,8 @@ impl State {
                 continue;
             };
             if run.seq != 0 && run.seq <= beat.received && !listed.contains(&r) {
-                let why = "killed: its worker never started it (the assignment was lost on the way)";
+                let why =
+                    "killed: its worker never started it (the assignment was lost on the way)";
                 self.end_attempt(now, r, why.into(), false, None);
                 self.actions.push(Action::WorkAvailable);
             }
@@ -170,6 +176,7 @@ impl State {
     /// A worker left on purpose (Ctrl-C): as if it had died, but at once.
     pub fn goodbye(&mut self, now: Now, worker: &WorkerId) {
         if self.workers.contains_key(worker) {
+            tracing::info!(%worker, "worker left");
             self.worker_lost(now, worker, format!("worker {worker} left"));
         }
         if self.shutdown.is_some() && self.workers.is_empty() {
@@ -180,7 +187,6 @@ impl State {
     /// Gives a worker up: its running attempts are killed and handed out
     /// again; its map output, where still needed, is recomputed.
     pub(super) fn worker_lost(&mut self, now: Now, worker: &WorkerId, why: String) {
-        tracing::warn!(%worker, "{why}");
         self.workers.remove(worker);
         if self.gone.len() >= 100_000 {
             self.gone.clear(); // ids are never handed out twice anyway

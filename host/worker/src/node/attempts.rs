@@ -1,0 +1,327 @@
+//! Running attempts: the request loop long-polls for one task per free
+//! slot; each attempt runs on a thread of its own in the sandbox, watched
+//! (a guest blocked in a host call past its time or after a cancel is
+//! abandoned), and its outcome is reported.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mr_core::ids::TaskId;
+use mr_core::report::Counters;
+use mr_core::rpc::{Assignment, AttemptResult, Outcome, Work, LONG_POLL};
+use mr_runtime::TaskControl;
+use tokio::sync::oneshot;
+
+use super::{RunningTask, Worker, WorkerError};
+use crate::map::MapTask;
+use crate::reduce::ReduceTask;
+use crate::shuffle::FetchError;
+use crate::{spawn_task, task_seed, TaskError, WATCHDOG_GRACE};
+
+impl Worker {
+    pub(super) async fn request_loop(self: Arc<Self>) -> Result<(), WorkerError> {
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            let free: Vec<u32> = self
+                .free
+                .lock()
+                .expect("free lock")
+                .iter()
+                .copied()
+                .collect();
+            if free.is_empty() {
+                let notified = self.freed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.free.lock().expect("free lock").is_empty() {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                continue;
+            }
+            let got = self
+                .rpc(LONG_POLL + Duration::from_secs(30), |c, ctx, id| {
+                    let free = free.clone();
+                    async move { c.request_tasks(ctx, id, free).await }
+                })
+                .await?;
+            match got {
+                Ok(assignments) => {
+                    for a in assignments {
+                        self.accept(a);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("the coordinator refused to hand out work: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Takes an assignment on: listed as running (before it is counted as
+    /// received: see `Worker::beat`), its slot taken, its attempt started.
+    fn accept(self: &Arc<Self>, a: Assignment) {
+        if !self.free.lock().expect("free lock").remove(&a.slot) {
+            tracing::warn!(key = %a.key, slot = a.slot, "the coordinator assigned a slot that is not free; running it anyway");
+        }
+        let control = TaskControl::default();
+        let preparing = Arc::new(AtomicBool::new(true));
+        self.running.lock().expect("running lock").insert(
+            a.key.clone(),
+            RunningTask {
+                control: control.clone(),
+                preparing: preparing.clone(),
+            },
+        );
+        self.received.fetch_max(a.seq, Ordering::SeqCst);
+        tokio::spawn(self.clone().run_attempt(a, control, preparing));
+    }
+
+    async fn run_attempt(
+        self: Arc<Self>,
+        a: Assignment,
+        control: TaskControl,
+        preparing: Arc<AtomicBool>,
+    ) {
+        tracing::debug!(key = %a.key, slot = a.slot, "attempt started");
+        let started = Instant::now();
+        let (outcome, counters) = if self.stopping() {
+            (Outcome::Cancelled, Counters::default())
+        } else {
+            self.execute(&a, &control, &preparing).await
+        };
+        match &outcome {
+            // In process (`mr run`) the user sees failures from the job.
+            Outcome::Failed { message, .. } if self.register.shuffle_addr.is_none() => {
+                let first = message.lines().next().unwrap_or("");
+                tracing::debug!(key = %a.key, "attempt failed: {first}")
+            }
+            Outcome::Failed { message, .. } => {
+                let first = message.lines().next().unwrap_or("");
+                tracing::warn!(key = %a.key, "attempt failed: {first}")
+            }
+            Outcome::FetchFailed { map, message, .. } => {
+                tracing::warn!(key = %a.key, "cannot fetch map-{map}'s output: {message}")
+            }
+            Outcome::Cancelled => tracing::info!(key = %a.key, "attempt cancelled"),
+            Outcome::MapDone | Outcome::ReduceDone => {
+                let ms = started.elapsed().as_millis() as u64;
+                if self.register.shuffle_addr.is_some() {
+                    tracing::info!(key = %a.key, ms, "attempt succeeded")
+                } else {
+                    tracing::debug!(key = %a.key, ms, "attempt succeeded")
+                }
+            }
+        }
+        let result = AttemptResult {
+            key: a.key.clone(),
+            outcome,
+            counters,
+        };
+        let sent = self
+            .rpc(Duration::from_secs(30), |c, ctx, id| {
+                let result = result.clone();
+                async move { c.report(ctx, id, result).await }
+            })
+            .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(key = %a.key, "the coordinator refused the report: {e}"),
+            Err(e) => tracing::warn!(key = %a.key, "cannot report: {e}"),
+        }
+        // Listed in heartbeats until reported, so the coordinator never
+        // takes it for an attempt that did not reach this worker.
+        self.running.lock().expect("running lock").remove(&a.key);
+        self.free.lock().expect("free lock").insert(a.slot);
+        self.freed.notify_waiters();
+    }
+
+    async fn execute(
+        &self,
+        a: &Assignment,
+        control: &TaskControl,
+        preparing: &AtomicBool,
+    ) -> (Outcome, Counters) {
+        let grants = a.limits.grants;
+        let failed = |e: TaskError| {
+            if control.is_cancelled() {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed {
+                    retryable: e.retryable(grants),
+                    message: e.to_string(),
+                }
+            }
+        };
+        if !a.key.job.is_valid() {
+            let message = format!("`{}` is not a job id (a bug)", a.key.job);
+            return (
+                Outcome::Failed {
+                    message,
+                    retryable: false,
+                },
+                Counters::default(),
+            );
+        }
+        let sandbox = match self.sandbox(&a.app, &a.limits).await {
+            Ok(s) => s,
+            Err(message) => {
+                return (
+                    Outcome::Failed {
+                        message,
+                        retryable: true,
+                    },
+                    Counters::default(),
+                )
+            }
+        };
+        let job_dir = self.outputs.job_dir(&a.key.job);
+        if let Err(e) = std::fs::create_dir_all(&job_dir) {
+            let e = TaskError::Io {
+                what: format!("cannot create {}", job_dir.display()),
+                source: e,
+            };
+            return (failed(e), Counters::default());
+        }
+        let seed = task_seed(&a.key.task);
+        let limit = a.limits.attempt_timeout;
+        let name = a.key.task.to_string();
+        match (&a.work, a.key.task) {
+            (Work::Map { split }, TaskId::Map(index)) => {
+                let task = MapTask {
+                    index,
+                    split: split.clone(),
+                    reduces: a.limits.reduces,
+                    dir: job_dir,
+                    sort_buffer: a.limits.sort_buffer.min(usize::MAX as u64) as usize,
+                    seed,
+                };
+                preparing.store(false, Ordering::SeqCst);
+                let (attempt, c) = (a.key.attempt, control.clone());
+                let run = move || crate::map::run(&sandbox, &task, attempt, &c);
+                match on_thread(name, limit, control, run).await {
+                    Ok(out) => {
+                        self.outputs
+                            .add(&a.key.job, index, a.key.attempt, &out.segments);
+                        (Outcome::MapDone, out.counters)
+                    }
+                    Err(e) => (failed(e), Counters::default()),
+                }
+            }
+            (
+                Work::Reduce {
+                    partition,
+                    inputs,
+                    output,
+                },
+                TaskId::Reduce(_),
+            ) => {
+                let dir = job_dir.join(format!("reduce-{partition}-a{}", a.key.attempt));
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    let e = TaskError::Io {
+                        what: format!("cannot create {}", dir.display()),
+                        source: e,
+                    };
+                    return (failed(e), Counters::default());
+                }
+                // Waiting on fetches counts as progress: each has its own
+                // time limit, and a peer that stalls is reported below.
+                let gathered = self
+                    .gather(&a.key.job, *partition, inputs, &dir, control)
+                    .await;
+                preparing.store(false, Ordering::SeqCst);
+                let outcome = match gathered {
+                    Err((_, _, FetchError::Cancelled)) => (Outcome::Cancelled, Counters::default()),
+                    Err(_) if control.is_cancelled() => (Outcome::Cancelled, Counters::default()),
+                    Err((_, _, FetchError::Local(message))) => (
+                        Outcome::Failed {
+                            message,
+                            retryable: true,
+                        },
+                        Counters::default(),
+                    ),
+                    Err((map, attempt, e)) => (
+                        Outcome::FetchFailed {
+                            map,
+                            attempt,
+                            message: e.to_string(),
+                        },
+                        Counters::default(),
+                    ),
+                    Ok(inputs) => {
+                        let task = ReduceTask {
+                            partition: *partition,
+                            inputs,
+                            output: output.clone(),
+                            scratch: dir.clone(),
+                            seed,
+                        };
+                        let c = control.clone();
+                        let run = move || crate::reduce::run(&sandbox, &task, &c);
+                        match on_thread(name, limit, control, run).await {
+                            Ok(out) => (Outcome::ReduceDone, out.counters),
+                            Err(e) => (failed(e), Counters::default()),
+                        }
+                    }
+                };
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                outcome
+            }
+            _ => (
+                Outcome::Failed {
+                    message: "the coordinator sent work that does not fit its task (a bug)".into(),
+                    retryable: true,
+                },
+                Counters::default(),
+            ),
+        }
+    }
+}
+
+/// Runs a task on a thread of its own and waits for it, giving up (the
+/// thread is abandoned) past its time limit plus a grace, or a grace after
+/// it was cancelled: a guest blocked in a host call cannot be interrupted.
+async fn on_thread<T: Send + 'static>(
+    name: String,
+    limit: Duration,
+    control: &TaskControl,
+    f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
+) -> Result<T, TaskError> {
+    let (tx, mut rx) = oneshot::channel();
+    spawn_task(name, f, move |r| {
+        let _ = tx.send(r);
+    })
+    .map_err(|source| TaskError::Io {
+        what: "cannot start a task thread".into(),
+        source,
+    })?;
+    // Limits are bounded by the job spec's validation; a deadline past the
+    // clock's range is no deadline.
+    let deadline = Instant::now().checked_add(limit.saturating_add(WATCHDOG_GRACE));
+    let mut cancelled_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = &mut rx => {
+                return r.unwrap_or_else(|_| Err(TaskError::Panic("the task thread vanished".into())));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return Err(TaskError::Watchdog(limit.saturating_add(WATCHDOG_GRACE)));
+                }
+                if control.is_cancelled() {
+                    let at = *cancelled_at.get_or_insert(now);
+                    if now.duration_since(at) >= WATCHDOG_GRACE {
+                        return Err(TaskError::Watchdog(WATCHDOG_GRACE));
+                    }
+                }
+            }
+        }
+    }
+}

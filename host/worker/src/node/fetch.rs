@@ -1,0 +1,161 @@
+//! Gathering a reduce's input: partition `p` of every map output, in map
+//! order. Output this worker holds is read in place; the rest is fetched
+//! from the workers that hold it, one batch per worker (a few workers at a
+//! time), each batch into one file of the reduce's scratch directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use mr_core::ids::JobId;
+use mr_core::rpc::MapOutputs;
+use mr_runtime::TaskControl;
+
+use super::Worker;
+use crate::runfile::SegmentInfo;
+use crate::shuffle::{self, FetchError, FetchRequest, Partial, MAX_BATCH};
+
+/// Workers fetched from at once.
+const FETCH_PARALLEL: usize = 4;
+/// Tries per batch (after a failure, from the first segment missing)
+/// before the reduce attempt reports a fetch failure.
+const FETCH_TRIES: u32 = 3;
+
+/// A map output that could not be had: the map task, its attempt, why.
+pub(crate) type Missing = (u32, u32, FetchError);
+
+impl Worker {
+    /// Partition `partition` of every map output in `outputs`, in map
+    /// order (so equal keys meet the reducer in the same order wherever
+    /// the maps ran): the segments this worker holds where they are, the
+    /// others fetched into `dir`.
+    ///
+    /// Fails with the first map output that cannot be had.
+    pub(super) async fn gather(
+        &self,
+        job: &JobId,
+        partition: u32,
+        outputs: &MapOutputs,
+        dir: &Path,
+        control: &TaskControl,
+    ) -> Result<Vec<(PathBuf, SegmentInfo)>, Missing> {
+        let me = self.id().await;
+        let mut got: Vec<Option<(PathBuf, SegmentInfo)>> = vec![None; outputs.maps.len()];
+        // Maps to fetch, by the host that has them.
+        let mut remote: BTreeMap<u32, Vec<(u32, u32)>> = BTreeMap::new();
+        let mut local = Vec::new();
+        for (m, r) in outputs.maps.iter().enumerate() {
+            let host = outputs.hosts.get(r.host as usize).ok_or_else(|| {
+                let e = FetchError::Peer(format!("map-{m}'s output has no known host (a bug)"));
+                (m as u32, r.attempt, e)
+            })?;
+            if Some(&host.worker) == me.as_ref() {
+                local.push((m as u32, r.attempt));
+            } else {
+                remote
+                    .entry(r.host)
+                    .or_default()
+                    .push((m as u32, r.attempt));
+            }
+        }
+        if !local.is_empty() {
+            let (o, j) = (self.outputs.clone(), job.clone());
+            let found = tokio::task::spawn_blocking(move || {
+                local
+                    .into_iter()
+                    .map(|(m, a)| {
+                        o.segment(&j, m, a, partition).map(|s| (m, s)).map_err(|e| {
+                            let why = format!("this worker lost it: {e}");
+                            (m, a, FetchError::Peer(why))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, Missing>>()
+            })
+            .await
+            .map_err(|e| {
+                (
+                    0,
+                    0,
+                    FetchError::Local(format!("a worker task failed: {e}")),
+                )
+            })??;
+            for (m, s) in found {
+                got[m as usize] = Some(s);
+            }
+        }
+        let fetches = remote.into_iter().map(|(h, maps)| {
+            let host = &outputs.hosts[h as usize];
+            let dest = dir.join(format!("from-{h}.seg"));
+            async move {
+                let Some(addr) = host.addr else {
+                    let (m, a) = maps[0];
+                    let why = format!("worker {} serves no map output", host.worker);
+                    return Err((m, a, FetchError::Peer(why)));
+                };
+                fetch_host(addr, job, partition, maps, &dest, control)
+                    .await
+                    .map(|segs| (dest, segs))
+            }
+        });
+        let mut results = futures::stream::iter(fetches).buffer_unordered(FETCH_PARALLEL);
+        while let Some(r) = results.next().await {
+            let (dest, segs) = r?;
+            for (m, s) in segs {
+                got[m as usize] = Some((dest.clone(), s));
+            }
+        }
+        Ok(got
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| s.records > 0 || s.len > 0)
+            .collect())
+    }
+}
+
+/// Fetches `maps` (map, attempt) from the worker at `addr` into `dest`, in
+/// batches, trying a batch again (a few times, with backoff, from its
+/// first missing segment) when the serving worker refused or failed, but
+/// not when it stalled, or this worker's disk failed.
+async fn fetch_host(
+    addr: std::net::SocketAddr,
+    job: &JobId,
+    partition: u32,
+    maps: Vec<(u32, u32)>,
+    dest: &Path,
+    control: &TaskControl,
+) -> Result<Vec<(u32, SegmentInfo)>, Missing> {
+    let mut out = Vec::with_capacity(maps.len());
+    let mut end = 0u64;
+    for batch in maps.chunks(MAX_BATCH) {
+        let mut from = 0;
+        let mut tries = 0;
+        while from < batch.len() {
+            let req = FetchRequest {
+                job: job.clone(),
+                partition,
+                maps: batch[from..].to_vec(),
+            };
+            let (done, error) = match shuffle::fetch(addr, &req, dest, end, control).await {
+                Ok(done) => (done, None),
+                Err(Partial { done, error }) => (done, Some(error)),
+            };
+            for (s, &(m, _)) in done.iter().zip(&batch[from..]) {
+                end = s.offset + s.len;
+                out.push((m, *s));
+            }
+            from += done.len();
+            let Some(e) = error else { break };
+            let (m, a) = batch[from.min(batch.len() - 1)];
+            match e {
+                FetchError::Peer(why) if tries + 1 < FETCH_TRIES && !control.is_cancelled() => {
+                    tracing::debug!(map = m, "fetch failed, trying again: {why}");
+                    tokio::time::sleep(Duration::from_millis(250 << (2 * tries))).await;
+                    tries += 1;
+                }
+                e => return Err((m, a, e)),
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,270 @@
+//! A worker: takes tasks from a coordinator, runs them in the sandbox,
+//! heart-beats, and serves its map output. The same code is `mr worker`
+//! (over TCP, with a shuffle server) and `mr run`'s in-process worker
+//! (in-memory RPC, no shuffle server: map output is read in place).
+//!
+//! ```text
+//!  register ──▶ ┌ heartbeat loop: the running attempts and their progress; the
+//!               │   coordinator holds the call until it has news (cancel, forget
+//!               │   a finished job, shut down) or a heartbeat interval passes
+//!               ├ request loop: long-polls for one task per free slot; each task runs
+//!               │   on a thread of its own in the sandbox, then is reported
+//!               └ shuffle server (a cluster's workers): serves map output to reducers
+//! ```
+//!
+//! By concern: [`connection`] (reaching the coordinator, registering,
+//! retrying), [`heartbeats`], [`attempts`] (running tasks), [`apps`] (the
+//! app cache), [`fetch`] (gathering a reduce's input), [`data_dir`].
+//!
+//! Map output stays under the data directory (`jobs/<job>/`) until the
+//! coordinator says the job is over. Apps are fetched from the coordinator
+//! once (`apps/<sha256>.wasm`) and compiled once per job configuration (the
+//! compiled artifact is also cached on disk by the sandbox).
+//!
+//! When the coordinator cannot be reached the worker retries with backoff
+//! and logs why; after `give_up_after` without success it stops with
+//! [`WorkerError::Unreachable`]. A coordinator that forgot the worker (it
+//! restarted) is joined again under the worker's old id.
+
+mod apps;
+mod attempts;
+mod connection;
+mod data_dir;
+mod fetch;
+mod heartbeats;
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mr_core::rpc::{AttemptKey, Register, TaskLimits, Transport};
+use mr_runtime::{LoadError, Sandbox, SandboxEngine, TaskControl};
+use tokio::sync::Notify;
+
+use crate::shuffle::{self, MapOutputs};
+use crate::WATCHDOG_GRACE;
+
+pub use connection::WorkerError;
+
+/// Where a worker's map output can be read from.
+#[derive(Clone, Debug)]
+pub enum Shuffle {
+    /// Serve it to other workers on this address (`None`: the address this
+    /// machine uses to reach the coordinator, any free port).
+    Serve(Option<SocketAddr>),
+    /// Serve nothing: only this worker's own reducers read its output, in
+    /// place (`mr run`).
+    InPlace,
+}
+
+/// An app already loaded, handed to the worker so it need not fetch and
+/// compile it (`mr run` loads the app to check it before anything runs).
+#[derive(Clone)]
+pub struct Preloaded {
+    pub sha256: String,
+    pub limits: TaskLimits,
+    pub sandbox: Arc<Sandbox>,
+}
+
+/// How a worker runs.
+#[derive(Clone)]
+pub struct WorkerOptions {
+    /// How to reach the coordinator.
+    pub coordinator: Transport,
+    /// Tasks run at once.
+    pub slots: u32,
+    /// Where map output and fetched apps go (default: a temporary
+    /// directory in `tmp_dir` or the system's, removed on exit).
+    pub data_dir: Option<PathBuf>,
+    /// Where the temporary data directory goes, without `data_dir`.
+    pub tmp_dir: Option<PathBuf>,
+    pub shuffle: Shuffle,
+    /// How long to keep trying to reach the coordinator before giving up.
+    pub give_up_after: Duration,
+    /// Where the sandbox caches compiled apps.
+    pub cache_dir: Option<PathBuf>,
+    /// The protocol version announced (tests use another to be refused).
+    pub protocol_version: u32,
+    /// The sandbox engine to use (default: a new one).
+    pub engine: Option<SandboxEngine>,
+    /// Apps already loaded.
+    pub preloaded: Vec<Preloaded>,
+    /// How long stopping waits for running attempts to end.
+    pub stop_grace: Duration,
+}
+
+impl WorkerOptions {
+    /// The options of `mr worker` with the coordinator at `addr`.
+    pub fn new(coordinator: Transport, slots: u32) -> Self {
+        WorkerOptions {
+            coordinator,
+            slots,
+            data_dir: None,
+            tmp_dir: None,
+            shuffle: Shuffle::Serve(None),
+            give_up_after: Duration::from_secs(120),
+            cache_dir: None,
+            protocol_version: mr_core::rpc::PROTOCOL_VERSION,
+            engine: None,
+            preloaded: Vec::new(),
+            stop_grace: WATCHDOG_GRACE,
+        }
+    }
+}
+
+/// An attempt this worker runs.
+pub(crate) struct RunningTask {
+    pub control: TaskControl,
+    /// Set while the attempt waits on bounded host work (fetching and
+    /// compiling the app, fetching map output): that counts as progress.
+    pub preparing: Arc<AtomicBool>,
+}
+
+/// The worker's shared state.
+pub(crate) struct Worker {
+    pub options: WorkerOptions,
+    pub register: Register,
+    pub link: tokio::sync::Mutex<connection::Link>,
+    pub running: Mutex<HashMap<AttemptKey, RunningTask>>,
+    pub free: Mutex<BTreeSet<u32>>,
+    pub freed: Notify,
+    /// The highest assignment number received since registering.
+    pub received: AtomicU64,
+    pub stopping: AtomicBool,
+    pub engine: SandboxEngine,
+    pub apps: apps::AppCache,
+    pub outputs: Arc<MapOutputs>,
+}
+
+/// Runs a worker until `shutdown` completes, the coordinator tells it to
+/// exit, or the coordinator stays unreachable for too long.
+///
+/// Fails if the coordinator refuses the worker or cannot be reached, or
+/// the data directory cannot be used.
+pub async fn run(
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let data = data_dir::DataDir::open(options.data_dir.as_deref(), options.tmp_dir.as_deref())?;
+    let engine = match &options.engine {
+        Some(e) => e.clone(),
+        None => SandboxEngine::new().map_err(WorkerError::Sandbox)?,
+    };
+    let listener = match &options.shuffle {
+        Shuffle::InPlace => None,
+        Shuffle::Serve(listen) => {
+            let listen = match listen {
+                Some(a) => *a,
+                None => SocketAddr::new(connection::probe(&options).await?, 0),
+            };
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| WorkerError::Io {
+                    what: format!("cannot listen for shuffle requests on {listen}"),
+                    source,
+                })?;
+            Some(l)
+        }
+    };
+    let shuffle_addr = match &listener {
+        Some(l) => Some(l.local_addr().map_err(|source| WorkerError::Io {
+            what: "cannot read the shuffle address".into(),
+            source,
+        })?),
+        None => None,
+    };
+    let outputs = Arc::new(MapOutputs::new(data.jobs()));
+    let worker = Arc::new(Worker {
+        register: Register {
+            version: options.protocol_version,
+            host: hostname(),
+            pid: std::process::id(),
+            slots: options.slots,
+            shuffle_addr,
+            previous: None,
+        },
+        link: tokio::sync::Mutex::new(connection::Link::default()),
+        running: Mutex::new(HashMap::new()),
+        free: Mutex::new((0..options.slots).collect()),
+        freed: Notify::new(),
+        received: AtomicU64::new(0),
+        stopping: AtomicBool::new(false),
+        apps: apps::AppCache::new(data.apps(), &options.preloaded),
+        engine,
+        outputs: outputs.clone(),
+        options,
+    });
+    worker.client().await?;
+    let shuffle = listener.map(|l| tokio::spawn(shuffle::serve(l, outputs)));
+    let heartbeats = tokio::spawn(worker.clone().heartbeat_loop());
+    let requests = tokio::spawn(worker.clone().request_loop());
+    let (hb_abort, req_abort) = (heartbeats.abort_handle(), requests.abort_handle());
+    let joined = |r: Result<Result<(), WorkerError>, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| {
+            Err(WorkerError::Io {
+                what: "a worker task failed".into(),
+                source: std::io::Error::other(e),
+            })
+        })
+    };
+    let result = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("interrupted: stopping");
+            Ok(())
+        }
+        r = heartbeats => joined(r),
+        r = requests => joined(r),
+    };
+    hb_abort.abort();
+    req_abort.abort();
+    worker.stop(result.is_ok()).await;
+    if let Some(s) = shuffle {
+        s.abort();
+    }
+    drop(data);
+    result
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl Worker {
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Stops: no new work, running attempts cancelled (and waited for a
+    /// little), and the coordinator told at once if it can be reached.
+    async fn stop(&self, say_goodbye: bool) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for t in self.running.lock().expect("running lock").values() {
+            t.control.cancel();
+        }
+        let deadline = Instant::now() + self.options.stop_grace;
+        while Instant::now() < deadline && !self.running.lock().expect("running lock").is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if say_goodbye {
+            self.goodbye().await;
+        }
+    }
+}
+
+/// Loads an app outside the async runtime's threads.
+pub(crate) async fn load_blocking(
+    engine: SandboxEngine,
+    path: PathBuf,
+    config: mr_runtime::SandboxConfig,
+) -> Result<Sandbox, String> {
+    tokio::task::spawn_blocking(move || Sandbox::load(&engine, &path, config))
+        .await
+        .map_err(|e| format!("loading the app failed: {e}"))?
+        .map_err(|e: LoadError| e.to_string())
+}
