@@ -16,24 +16,24 @@ use serde_json::Value;
 use crate::{mr, output_within, wait_for};
 
 /// The longest a job of these tests may take.
-const JOB_LIMIT: Duration = Duration::from_secs(180);
+pub(crate) const JOB_LIMIT: Duration = Duration::from_secs(180);
 /// The longest a quick command (status, cancel, ...) may take.
-const QUICK: Duration = Duration::from_secs(30);
+pub(crate) const QUICK: Duration = Duration::from_secs(30);
 
 /// A coordinator and its workers, killed when dropped; their logs are
 /// printed if the test failed.
-struct Cluster {
-    addr: String,
-    dir: tempfile::TempDir,
+pub(crate) struct Cluster {
+    pub addr: String,
+    pub dir: tempfile::TempDir,
     coordinator: Option<Child>,
     coordinator_args: Vec<String>,
     workers: Vec<Child>,
-    logs: Vec<PathBuf>,
+    pub logs: Vec<PathBuf>,
 }
 
 impl Cluster {
     /// Starts a coordinator on a free port with `args`.
-    fn start(args: &[&str]) -> Cluster {
+    pub(crate) fn start(args: &[&str]) -> Cluster {
         let mut c = Cluster {
             addr: String::new(),
             dir: tempfile::tempdir().unwrap(),
@@ -90,7 +90,7 @@ impl Cluster {
     }
 
     /// Starts a worker with `args` (default: two slots); returns its index.
-    fn worker(&mut self, args: &[&str]) -> usize {
+    pub(crate) fn worker(&mut self, args: &[&str]) -> usize {
         let log = self.log("worker");
         let mut cmd = mr();
         cmd.args([
@@ -126,14 +126,14 @@ impl Cluster {
     }
 
     /// `mr <sub> --coordinator ADDR <args>`.
-    fn cmd(&self, sub: &str, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, sub: &str, args: &[&str]) -> Command {
         let mut c = mr();
         c.args([sub, "--coordinator", &self.addr]).args(args);
         c
     }
 
     /// Runs `mr submit` with `args` and waits for it.
-    fn submit(&self, args: &[&str]) -> Output {
+    pub(crate) fn submit(&self, args: &[&str]) -> Output {
         let out = output_within(&mut self.cmd("submit", args), JOB_LIMIT);
         eprintln!(
             "mr submit {}\n-- status {:?}\n-- stdout\n{}-- stderr\n{}",
@@ -146,7 +146,7 @@ impl Cluster {
     }
 
     /// Starts `mr submit` with `args` in the background.
-    fn spawn_submit(&mut self, args: &[&str]) -> Child {
+    pub(crate) fn spawn_submit(&mut self, args: &[&str]) -> Child {
         let log = self.log("submit");
         self.cmd("submit", args)
             .stdout(Stdio::piped())
@@ -156,7 +156,7 @@ impl Cluster {
     }
 
     /// The ids of the coordinator's jobs, oldest first.
-    fn jobs(&self) -> Vec<String> {
+    pub(crate) fn jobs(&self) -> Vec<String> {
         let out = output_within(&mut self.cmd("status", &[]), QUICK);
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -167,7 +167,7 @@ impl Cluster {
 
     /// A job's live report (`mr status JOB --json`), if the coordinator
     /// answers.
-    fn report(&self, job: &str) -> Option<Value> {
+    pub(crate) fn report(&self, job: &str) -> Option<Value> {
         let out = output_within(&mut self.cmd("status", &[job, "--json"]), QUICK);
         out.status
             .success()
@@ -175,7 +175,11 @@ impl Cluster {
     }
 
     /// The report of the only job, once it exists and `cond` holds.
-    fn wait_report(&self, limit: Duration, mut cond: impl FnMut(&Value) -> bool) -> Value {
+    pub(crate) fn wait_report(
+        &self,
+        limit: Duration,
+        mut cond: impl FnMut(&Value) -> bool,
+    ) -> Value {
         let mut last = None;
         let ok = wait_for(limit, || {
             let Some(job) = self.jobs().pop() else {
@@ -189,7 +193,7 @@ impl Cluster {
     }
 
     /// Waits (at most `limit`) for a background `mr submit` to succeed.
-    fn finished(&self, submit: &mut Child, limit: Duration) {
+    pub(crate) fn finished(&self, submit: &mut Child, limit: Duration) {
         let exited = wait_for(limit, || submit.try_wait().unwrap().is_some());
         assert!(
             exited,
@@ -199,11 +203,11 @@ impl Cluster {
         assert!(submit.wait().unwrap().success(), "{}", self.logs());
     }
 
-    fn out(&self, name: &str) -> PathBuf {
+    pub(crate) fn out(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut s = String::new();
         for p in &self.logs {
             let text = std::fs::read_to_string(p).unwrap_or_default();
@@ -235,7 +239,7 @@ impl Drop for Cluster {
 }
 
 /// The attempts of every task of `report` whose task is a map (or reduce).
-fn attempts<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
+pub(crate) fn attempts<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
     report["tasks"]
         .as_array()
         .unwrap()
@@ -256,7 +260,7 @@ fn overlap_on_two_workers(attempts: &[&Value]) -> bool {
     })
 }
 
-fn ok(out: &Output) {
+pub(crate) fn ok(out: &Output) {
     assert!(
         out.status.success(),
         "mr submit failed: {}",
@@ -264,19 +268,19 @@ fn ok(out: &Output) {
     );
 }
 
-fn book_args(app: &str, out: &Path, extra: &[&str]) -> Vec<String> {
+pub(crate) fn book_args(app: &str, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut v = vec![app.to_string(), "-o".into(), out.display().to_string()];
     v.extend(names(&books()));
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
+pub(crate) fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
 /// Reads `dir/_SUCCESS`.
-fn success(dir: &Path) -> Value {
+pub(crate) fn success(dir: &Path) -> Value {
     crate::report(dir, "_SUCCESS")
 }
 

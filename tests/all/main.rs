@@ -3,6 +3,7 @@
 
 mod apps;
 mod cluster;
+mod engine;
 mod errors;
 mod kill;
 mod languages;

@@ -354,12 +354,9 @@ impl Engine {
     /// Completes when the event loop has exited (after `mr shutdown` sent
     /// every worker away).
     pub async fn exited(&mut self) {
-        match &mut self.event_loop {
-            Some(handle) => {
-                let _ = handle.await;
-                self.event_loop = None;
-            }
-            None => {}
+        if let Some(handle) = &mut self.event_loop {
+            let _ = handle.await;
+            self.event_loop = None;
         }
     }
 

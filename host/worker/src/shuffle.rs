@@ -438,8 +438,7 @@ mod tests {
         for (p, k) in recs {
             w.write(*p, k.as_bytes(), b"1").unwrap();
         }
-        let idx = w.finish().unwrap();
-        idx
+        w.finish().unwrap()
     }
 
     async fn server(dir: &Path) -> (SocketAddr, Arc<MapOutputs>) {

@@ -979,7 +979,7 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
                     sp.max_attempts = 1 + rng.below(4) as u32;
                     jobs.push(s.submit(now, sp).unwrap());
                 }
-                2 | 3 | 4 if !workers.is_empty() => {
+                2..=4 if !workers.is_empty() => {
                     let w = workers[rng.below(workers.len())].clone();
                     if let Ok(got) = s.request_tasks(now, &w, vec![0, 1]) {
                         live.extend(got.into_iter().map(|a| (w.clone(), a)));
@@ -1128,7 +1128,7 @@ fn a_task_failing_for_good_cancels_its_siblings_at_once() {
     );
     let news = s.news(&w).unwrap().expect("news for the worker");
     assert_eq!(news.cancel, [a[0].key.clone()]);
-    assert_eq!(news.forget_jobs, [job.clone()]);
+    assert_eq!(news.forget_jobs, std::slice::from_ref(&job));
     assert_eq!(s.news(&w).unwrap(), None, "told once");
     assert_eq!(summary(&s, &job).running, 0);
 }
