@@ -11,7 +11,12 @@
 //!    against native and `mr run`: the machines are shared and noisy, so
 //!    only ratios measured in one run are comparable. With `--runs N` each
 //!    is run N times, interleaved, and the fastest run of each counts.
-//! 4. With `--lang-app NAME=PATH` (bench/run.sh passes the C, Python and
+//! 4. Scale: `--tiny-files N` (20,000) inputs of one line each through `mr
+//!    run` and the cluster (the cost of a task end to end), and the
+//!    coordinator's state machine alone with simulated workers at 1k, 10k
+//!    and 100k map tasks × 1,000 reduces (its CPU per task; also
+//!    `mr-bench state-machine`).
+//! 5. With `--lang-app NAME=PATH` (bench/run.sh passes the C, Python and
 //!    JavaScript word counts): runs the Rust `wc` app and each of those on a
 //!    smaller corpus (`--lang-size-mib`, the slow languages take minutes on
 //!    the big one), after a warm-up run that compiles and caches each app,
@@ -26,6 +31,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod state_machine;
 
 #[derive(Parser)]
 #[command(about = "mr's word-count benchmark")]
@@ -42,6 +49,18 @@ enum Cmd {
     NativeWc {
         output: PathBuf,
         inputs: Vec<PathBuf>,
+    },
+    /// The coordinator's state machine alone, with simulated workers.
+    StateMachine {
+        /// Map tasks per job (comma-separated: one job each).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        maps: Vec<u32>,
+        #[arg(long, default_value_t = 1000)]
+        reduces: u32,
+        #[arg(long, default_value_t = 10)]
+        workers: u32,
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
     },
 }
 
@@ -82,6 +101,9 @@ struct RunArgs {
     /// Corpus size in MiB for the comparison between languages.
     #[arg(long, default_value_t = 32)]
     lang_size_mib: u64,
+    /// Tiny inputs (one line each) for the scale run (0: none).
+    #[arg(long, default_value_t = 20_000)]
+    tiny_files: u32,
 }
 
 fn parse_lang_app(s: &str) -> Result<(String, PathBuf), String> {
@@ -97,6 +119,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::NativeWc { output, inputs }) => native_wc(&output, &inputs),
+        Some(Cmd::StateMachine {
+            maps,
+            reduces,
+            workers,
+            slots,
+        }) => state_machines(&maps, reduces, workers, slots),
         None => bench(cli.run),
     }
 }
@@ -397,6 +425,11 @@ fn bench(a: RunArgs) -> Result<()> {
         eprintln!();
     }
     let (native, mr) = (native.expect("one run"), mr.expect("one run"));
+    let tiny = if a.tiny_files > 0 {
+        Some(tiny_files(&a, cluster.as_ref())?)
+    } else {
+        None
+    };
     let worker_rss = match cluster {
         Some(c) => Some(c.stop(&a.mr)?),
         None => None,
@@ -457,8 +490,138 @@ fn bench(a: RunArgs) -> Result<()> {
             native.secs / d.secs
         );
     }
+    if let Some(t) = tiny {
+        t.print();
+    }
+    state_machines(&[1000, 10_000, 100_000], 1000, 10, 4)?;
     if !a.lang_apps.is_empty() {
         languages(&a)?;
+    }
+    Ok(())
+}
+
+/// What the scale run measured.
+struct Tiny {
+    files: u32,
+    mr: Measured,
+    cluster: Option<(String, Measured)>,
+}
+
+impl Tiny {
+    fn print(&self) {
+        println!(
+            "\nscale: {} tiny inputs (one line each), 8 reduces",
+            self.files
+        );
+        println!("{:<26} {:>9} {:>16}", "", "wall s", "ms per map task");
+        let per = |m: &Measured| m.secs * 1000.0 / self.files as f64;
+        println!(
+            "{:<26} {:>9.2} {:>16.3}",
+            "mr run",
+            self.mr.secs,
+            per(&self.mr)
+        );
+        if let Some((name, c)) = &self.cluster {
+            println!("{name:<26} {:>9.2} {:>16.3}", c.secs, per(c));
+        }
+    }
+}
+
+/// `--tiny-files` inputs of one line each through `mr run` and the
+/// cluster; checks both counted every word.
+fn tiny_files(a: &RunArgs, cluster: Option<&Cluster>) -> Result<Tiny> {
+    let dir = a.dir.join(format!("tiny-{}", a.tiny_files));
+    let names: Vec<String> = (0..a.tiny_files).map(|i| format!("t{i:06}.txt")).collect();
+    if !dir.join(names.last().expect("tiny files")).exists() {
+        std::fs::create_dir_all(&dir)?;
+        eprintln!(
+            "writing {} tiny files in {} ...",
+            a.tiny_files,
+            dir.display()
+        );
+        for (i, n) in names.iter().enumerate() {
+            let line = if i % 2 == 0 {
+                "alpha beta\n"
+            } else {
+                "alpha gamma\n"
+            };
+            std::fs::write(dir.join(n), line)?;
+        }
+    }
+    let n = a.tiny_files as u64;
+    let want = vec![
+        format!("alpha {n}"),
+        format!("beta {}", n.div_ceil(2)),
+        format!("gamma {}", n / 2),
+    ];
+    let job = |sub: &str, out: &Path| {
+        let mut c = Command::new(std::path::absolute(&a.mr).expect("a path"));
+        c.arg(sub)
+            .arg(std::path::absolute(&a.app).expect("a path"))
+            .args(&names)
+            .args(["--reduces", "8", "--force", "--quiet", "--output"])
+            .arg(out)
+            .current_dir(&dir)
+            .stdout(Stdio::null());
+        c
+    };
+    let check = |out: &Path| -> Result<()> {
+        let got = sorted_lines(&outputs(out))?;
+        if got != want {
+            bail!("the tiny-files job counted {got:?}, not {want:?}");
+        }
+        Ok(())
+    };
+    eprintln!("scale: {} tiny inputs ...", a.tiny_files);
+    let out = std::path::absolute(a.dir.join("tiny-mr"))?;
+    let mut cmd = job("run", &out);
+    let mr = measure(cmd.args(&a.mr_args))?;
+    check(&out)?;
+    let cluster = match cluster {
+        Some(c) => {
+            let out = std::path::absolute(a.dir.join("tiny-cluster"))?;
+            let m = measure(job("submit", &out).args(["--coordinator", &c.addr]))?;
+            check(&out)?;
+            Some((format!("mr submit, {} workers", c.workers.len()), m))
+        }
+        None => None,
+    };
+    Ok(Tiny {
+        files: a.tiny_files,
+        mr,
+        cluster,
+    })
+}
+
+/// The state machine alone at each of `maps`, and whether its CPU per
+/// task stays flat.
+fn state_machines(maps: &[u32], reduces: u32, workers: u32, slots: u32) -> Result<()> {
+    println!(
+        "\ncoordinator state machine alone: {reduces} reduces, {workers} simulated workers x {slots} slots"
+    );
+    println!(
+        "{:>10} {:>10} {:>12} {:>14}",
+        "maps", "calls", "CPU ms", "us per task"
+    );
+    let mut costs = Vec::new();
+    for &m in maps {
+        let c = state_machine::simulate(m, reduces, workers, slots)?;
+        println!(
+            "{:>10} {:>10} {:>12.1} {:>14.2}",
+            c.maps,
+            c.calls,
+            c.cpu.as_secs_f64() * 1000.0,
+            c.per_task_us()
+        );
+        costs.push(c);
+    }
+    if let (Some(first), Some(last)) = (costs.first(), costs.last()) {
+        println!(
+            "per-task cost at {} maps / at {} maps: {:.2}x",
+            last.maps,
+            first.maps,
+            last.per_task_us() / first.per_task_us()
+        );
     }
     Ok(())
 }

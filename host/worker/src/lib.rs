@@ -64,30 +64,85 @@ pub(crate) const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
 /// Native stack of a task thread; wasm runs on it, so it must exceed the
 /// engine's wasm stack limit.
 const TASK_THREAD_STACK: usize = 8 << 20;
+/// Idle task threads kept for the next tasks, and for how long: starting a
+/// thread with a large stack costs more than a tiny task.
+const IDLE_THREADS: usize = 64;
+const IDLE_FOR: Duration = Duration::from_secs(10);
 
-/// Runs `f` on a thread of its own (wasm needs a large native stack) and
-/// hands its result, a panic turned into [`TaskError::Panic`], to `done`.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Idle task threads, each waiting for its next job on its own channel.
+static IDLE: std::sync::Mutex<Vec<(u64, std::sync::mpsc::Sender<Job>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn idle() -> std::sync::MutexGuard<'static, Vec<(u64, std::sync::mpsc::Sender<Job>)>> {
+    IDLE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` on a task thread (wasm needs a large native stack: threads
+/// are reused, since starting one costs more than a tiny task) and hands
+/// its result, a panic turned into [`TaskError::Panic`], to `done`. A
+/// thread abandoned by a watchdog comes back when its task ends.
 ///
-/// Fails if the thread cannot be started.
+/// Fails if a thread is needed and cannot be started.
 pub(crate) fn spawn_task<T: Send + 'static>(
-    name: String,
     f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
     done: impl FnOnce(Result<T, TaskError>) + Send + 'static,
 ) -> std::io::Result<()> {
+    let mut job: Job = Box::new(move || {
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(TaskError::Panic(msg))
+            });
+        done(result);
+    });
+    loop {
+        let Some((_, tx)) = idle().pop() else { break };
+        match tx.send(job) {
+            Ok(()) => return Ok(()),
+            // That thread has just gone: try the next.
+            Err(std::sync::mpsc::SendError(j)) => job = j,
+        }
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let me = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::thread::Builder::new()
-        .name(name)
+        .name("mr-task".into())
         .stack_size(TASK_THREAD_STACK)
         .spawn(move || {
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-                    let msg = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Err(TaskError::Panic(msg))
-                });
-            done(result);
+            let mut job = job;
+            loop {
+                job();
+                let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                {
+                    let mut idle = idle();
+                    if idle.len() >= IDLE_THREADS {
+                        return;
+                    }
+                    idle.push((me, tx));
+                }
+                job = match rx.recv_timeout(IDLE_FOR) {
+                    Ok(j) => j,
+                    Err(_) => {
+                        let mut list = idle();
+                        if let Some(i) = list.iter().position(|(id, _)| *id == me) {
+                            list.remove(i);
+                            return;
+                        }
+                        drop(list);
+                        // Taken from the list just now: its job is on the way.
+                        match rx.recv() {
+                            Ok(j) => j,
+                            Err(_) => return,
+                        }
+                    }
+                };
+            }
         })
         .map(|_| ())
 }
@@ -107,5 +162,32 @@ pub fn task_seed(task: &mr_core::ids::TaskId) -> u64 {
 pub(crate) fn log_guest_output(task: &str, output: &str) {
     if !output.trim().is_empty() {
         tracing::info!(target: "mr::guest", task, "guest output:\n{}", output.trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_threads_are_reused_and_panics_become_errors() {
+        let run = |f: Box<dyn FnOnce() -> Result<std::thread::ThreadId, TaskError> + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            spawn_task(f, move |r| tx.send(r).unwrap()).unwrap();
+            rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        };
+        let first = run(Box::new(|| Ok(std::thread::current().id()))).unwrap();
+        let mut reused = false;
+        for _ in 0..20 {
+            // Time for the thread to go back to the idle list.
+            std::thread::sleep(Duration::from_millis(10));
+            let id = run(Box::new(|| Ok(std::thread::current().id()))).unwrap();
+            reused |= id == first;
+        }
+        assert!(reused, "an idle thread takes the next task");
+        let err = run(Box::new(|| panic!("boom"))).unwrap_err();
+        assert!(matches!(err, TaskError::Panic(m) if m == "boom"));
+        // The thread that caught the panic carries on.
+        run(Box::new(|| Ok(std::thread::current().id()))).unwrap();
     }
 }

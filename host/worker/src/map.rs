@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader};
+use crate::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader, Source};
 use mr_core::partition::partition;
 use mr_core::report::Counters;
 use mr_core::split::{read_split, Split};
@@ -22,13 +22,18 @@ pub struct MapTask {
     pub dir: PathBuf,
     /// Bytes of emitted pairs held in memory before a sorted spill.
     pub sort_buffer: usize,
+    /// An output that never spilled and whose run is at most this long is
+    /// kept in memory rather than written to a file (0: always a file).
+    pub in_memory: usize,
     pub seed: u64,
 }
 
 /// A finished map task's output.
 #[derive(Clone, Debug)]
 pub struct MapOutput {
-    pub run_file: PathBuf,
+    /// Its run file, or (an output smaller than [`MapTask::in_memory`])
+    /// the run's bytes.
+    pub run: Source,
     pub segments: Vec<SegmentInfo>,
     pub counters: Counters,
 }
@@ -111,17 +116,19 @@ pub fn run(
         }
     };
     let run_file = task.dir.join(format!("{prefix}.run"));
-    let (segments, more) = buffer.finish(&run_file).map_err(|e| match e {
-        SpillError::Io(e) => TaskError::Io {
-            what: format!("cannot write map output {}", run_file.display()),
-            source: e,
-        },
-        SpillError::Guest(g) => TaskError::Guest(g),
-    })?;
+    let (run, segments, more) = buffer
+        .finish(&run_file, task.in_memory)
+        .map_err(|e| match e {
+            SpillError::Io(e) => TaskError::Io {
+                what: format!("cannot write map output {}", run_file.display()),
+                source: e,
+            },
+            SpillError::Guest(g) => TaskError::Guest(g),
+        })?;
     counters.add(&more);
     crate::log_guest_output(&format!("map-{}", task.index), &guest.guest_output);
     Ok(MapOutput {
-        run_file,
+        run,
         segments,
         counters,
     })
@@ -241,8 +248,11 @@ impl SortBuffer {
 
     /// Sorts the buffer by (partition, key), keeping emit order for equal
     /// keys, combines runs of equal keys if the app has a combiner, and
-    /// writes it to `path`.
-    fn write_sorted(&mut self, path: &Path) -> Result<Vec<SegmentInfo>, SpillError> {
+    /// writes it to `w`.
+    fn write_sorted<W: std::io::Write>(
+        &mut self,
+        w: &mut RunFileWriter<W>,
+    ) -> Result<(), SpillError> {
         let arena = &self.arena;
         let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
         self.entries.sort_by(|a, b| {
@@ -250,7 +260,6 @@ impl SortBuffer {
                 .cmp(&b.partition)
                 .then_with(|| key(a).cmp(key(b)))
         });
-        let mut w = RunFileWriter::create(path, self.reduces)?;
         let mut pending: Vec<Pending> = Vec::new();
         let mut groups: Vec<Group> = Vec::new();
         let mut group_bytes = 0;
@@ -263,7 +272,7 @@ impl SortBuffer {
             if run_end - i < 2 || matches!(self.combiner, Combiner::Absent) {
                 if groups.is_empty() {
                     for e in &self.entries[i..run_end] {
-                        write_entry(&mut w, arena, e)?;
+                        write_entry(w, arena, e)?;
                     }
                 } else {
                     pending.extend((i..run_end).map(Pending::Raw));
@@ -294,7 +303,7 @@ impl SortBuffer {
                 if group_bytes >= COMBINE_CHUNK_BYTES || groups.len() >= COMBINE_BATCH_GROUPS {
                     flush_combined(
                         &mut self.combiner,
-                        &mut w,
+                        w,
                         arena,
                         &self.entries,
                         &mut pending,
@@ -307,7 +316,7 @@ impl SortBuffer {
         }
         flush_combined(
             &mut self.combiner,
-            &mut w,
+            w,
             arena,
             &self.entries,
             &mut pending,
@@ -316,14 +325,20 @@ impl SortBuffer {
         )?;
         self.entries.clear();
         self.arena.clear();
-        Ok(w.finish()?)
+        Ok(())
     }
 
     fn spill(&mut self) -> Result<(), SpillError> {
         let path = self
             .dir
             .join(format!("{}-spill{}", self.prefix, self.spills.len()));
-        if let Err(e) = self.write_sorted(&path) {
+        let written = RunFileWriter::create(&path, self.reduces)
+            .map_err(SpillError::from)
+            .and_then(|mut w| {
+                self.write_sorted(&mut w)?;
+                Ok(w.finish()?)
+            });
+        if let Err(e) = written {
             if let SpillError::Guest(g) = &e {
                 self.combine_failure = Some(g.clone());
             }
@@ -336,12 +351,32 @@ impl SortBuffer {
         Ok(())
     }
 
-    /// Writes the final run file: the buffer itself if nothing was spilled,
-    /// else a merge of all spills.
-    fn finish(mut self, path: &Path) -> Result<(Vec<SegmentInfo>, Counters), SpillError> {
+    /// Writes the final run: the buffer itself if nothing was spilled (in
+    /// memory if it comes to at most `in_memory` bytes, else to `path`),
+    /// else a merge of all spills, to `path`.
+    fn finish(
+        mut self,
+        path: &Path,
+        in_memory: usize,
+    ) -> Result<(Source, Vec<SegmentInfo>, Counters), SpillError> {
         if self.spills.is_empty() {
-            let segments = self.write_sorted(path)?;
-            return Ok((segments, self.counters));
+            if self.used() <= in_memory {
+                let mut w = RunFileWriter::in_memory(self.reduces);
+                self.write_sorted(&mut w)?;
+                if w.len() <= in_memory {
+                    let (bytes, segments) = w.finish_bytes();
+                    return Ok((Source::Memory(bytes.into()), segments, self.counters));
+                }
+                // Combined values can outgrow what was emitted: a file.
+                let (bytes, _) = w.finish_bytes();
+                std::fs::write(path, &bytes)?;
+                let segments = crate::runfile::read_index_of(&bytes)?;
+                return Ok((Source::File(path.to_path_buf()), segments, self.counters));
+            }
+            let mut w = RunFileWriter::create(path, self.reduces)?;
+            self.write_sorted(&mut w)?;
+            let segments = w.finish()?;
+            return Ok((Source::File(path.to_path_buf()), segments, self.counters));
         }
         if !self.entries.is_empty() {
             self.spill()?;
@@ -378,7 +413,7 @@ impl SortBuffer {
         }
         let segments = w.finish()?;
         self.discard();
-        Ok((segments, self.counters))
+        Ok((Source::File(path.to_path_buf()), segments, self.counters))
     }
 
     fn discard(&self) {
@@ -398,7 +433,11 @@ fn value<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {
     &arena[k..k + e.value_len as usize]
 }
 
-fn write_entry(w: &mut RunFileWriter, arena: &[u8], e: &Entry) -> std::io::Result<()> {
+fn write_entry<W: std::io::Write>(
+    w: &mut RunFileWriter<W>,
+    arena: &[u8],
+    e: &Entry,
+) -> std::io::Result<()> {
     w.write(
         e.partition,
         &arena[e.offset..e.offset + e.key_len as usize],
@@ -407,9 +446,9 @@ fn write_entry(w: &mut RunFileWriter, arena: &[u8], e: &Entry) -> std::io::Resul
 }
 
 /// Runs the combiner on `groups` and writes everything `pending` in order.
-fn flush_combined(
+fn flush_combined<W: std::io::Write>(
     combiner: &mut Combiner,
-    w: &mut RunFileWriter,
+    w: &mut RunFileWriter<W>,
     arena: &[u8],
     entries: &[Entry],
     pending: &mut Vec<Pending>,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use mr_core::report::Counters;
 use mr_runtime::{Group, Reducer, Sandbox, TaskControl};
 
-use crate::runfile::SegmentInfo;
+use crate::runfile::{SegmentInfo, Source};
 use crate::TaskError;
 
 /// Bytes of keys and values handed to the guest in one `reduce` call.
@@ -25,8 +25,8 @@ const GROUP_CHUNK_BYTES: usize = 4 << 20;
 #[derive(Clone, Debug)]
 pub struct ReduceTask {
     pub partition: u32,
-    /// Segment `partition` of every map task's run file.
-    pub inputs: Vec<(PathBuf, SegmentInfo)>,
+    /// Segment `partition` of every map task's run, in map order.
+    pub inputs: Vec<(Source, SegmentInfo)>,
     /// Where to write the output (the committer renames it into place).
     pub output: PathBuf,
     /// A directory of the attempt's own, for intermediate merges.

@@ -23,6 +23,7 @@
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,9 +52,33 @@ fn corrupt(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-/// Writes a run file; records must arrive in (partition, key) order.
-pub struct RunFileWriter {
-    out: BufWriter<File>,
+/// Where a run is: a file, or (a small map output) bytes in memory.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(PathBuf),
+    Memory(Arc<[u8]>),
+}
+
+impl Source {
+    /// For messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Memory(_) => "a map output in memory".into(),
+        }
+    }
+}
+
+impl From<PathBuf> for Source {
+    fn from(p: PathBuf) -> Self {
+        Source::File(p)
+    }
+}
+
+/// Writes a run file (or a run in memory, [`RunFileWriter::in_memory`]);
+/// records must arrive in (partition, key) order.
+pub struct RunFileWriter<W: Write = BufWriter<File>> {
+    out: W,
     pos: u64,
     partitions: u32,
     segments: Vec<SegmentInfo>,
@@ -63,7 +88,43 @@ pub struct RunFileWriter {
 impl RunFileWriter {
     /// Creates (truncates) `path` for a file with `partitions` segments.
     pub fn create(path: &Path, partitions: u32) -> io::Result<Self> {
-        let mut out = BufWriter::with_capacity(256 * 1024, File::create(path)?);
+        let out = BufWriter::with_capacity(256 * 1024, File::create(path)?);
+        RunFileWriter::new(out, partitions)
+    }
+
+    /// Writes the index and trailer and flushes (no sync: see the module
+    /// doc); returns the index.
+    pub fn finish(self) -> io::Result<Vec<SegmentInfo>> {
+        let (out, segments) = self.close()?;
+        out.into_inner().map_err(|e| e.into_error())?;
+        Ok(segments)
+    }
+}
+
+impl RunFileWriter<Vec<u8>> {
+    /// A run kept in memory, for `partitions` segments.
+    pub fn in_memory(partitions: u32) -> Self {
+        RunFileWriter::new(Vec::new(), partitions).expect("writing to memory cannot fail")
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether nothing was written but the header.
+    pub fn is_empty(&self) -> bool {
+        self.pos == MAGIC.len() as u64
+    }
+
+    /// Ends the run; returns its bytes (a whole run file) and index.
+    pub fn finish_bytes(self) -> (Vec<u8>, Vec<SegmentInfo>) {
+        self.close().expect("writing to memory cannot fail")
+    }
+}
+
+impl<W: Write> RunFileWriter<W> {
+    fn new(mut out: W, partitions: u32) -> io::Result<Self> {
         out.write_all(MAGIC)?;
         Ok(RunFileWriter {
             out,
@@ -107,9 +168,8 @@ impl RunFileWriter {
         Ok(())
     }
 
-    /// Writes the index and trailer and flushes (no sync: see the module
-    /// doc); returns the index.
-    pub fn finish(mut self) -> io::Result<Vec<SegmentInfo>> {
+    /// Writes the index and trailer; returns the sink and the index.
+    fn close(mut self) -> io::Result<(W, Vec<SegmentInfo>)> {
         while (self.segments.len() as u32) <= self.partitions {
             self.close_segment();
         }
@@ -124,8 +184,7 @@ impl RunFileWriter {
         self.out.write_all(&index_offset.to_le_bytes())?;
         self.out.write_all(&self.partitions.to_le_bytes())?;
         self.out.write_all(MAGIC)?;
-        self.out.into_inner().map_err(|e| e.into_error())?;
-        Ok(self.segments)
+        Ok((self.out, self.segments))
     }
 }
 
@@ -146,6 +205,21 @@ fn put_varint(buf: &mut [u8], mut v: u64) -> usize {
 pub fn read_index(path: &Path) -> io::Result<Vec<SegmentInfo>> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
+    index_of(&mut f, len, path)
+}
+
+/// Reads the index of a run in memory.
+///
+/// Fails if the bytes are not a complete run file.
+pub fn read_index_of(bytes: &[u8]) -> io::Result<Vec<SegmentInfo>> {
+    index_of(
+        &mut io::Cursor::new(bytes),
+        bytes.len() as u64,
+        Path::new("(a run in memory)"),
+    )
+}
+
+fn index_of<F: Read + Seek>(f: &mut F, len: u64, path: &Path) -> io::Result<Vec<SegmentInfo>> {
     if len < MAGIC.len() as u64 + TRAILER_LEN {
         return Err(corrupt(format!(
             "{}: too short for a run file",
@@ -163,7 +237,11 @@ pub fn read_index(path: &Path) -> io::Result<Vec<SegmentInfo>> {
     }
     let index_offset = u64::from_le_bytes(t[0..8].try_into().expect("8 bytes"));
     let partitions = u32::from_le_bytes(t[8..12].try_into().expect("4 bytes"));
-    if index_offset + partitions as u64 * INDEX_ENTRY_LEN + TRAILER_LEN != len {
+    let fits = (partitions as u64)
+        .checked_mul(INDEX_ENTRY_LEN)
+        .and_then(|n| n.checked_add(index_offset))
+        .and_then(|n| n.checked_add(TRAILER_LEN));
+    if fits != Some(len) {
         return Err(corrupt(format!(
             "{}: index does not fit the file",
             path.display()
@@ -196,6 +274,21 @@ pub struct SegmentReader<R> {
     what: String,
 }
 
+/// Reads a segment from a file or from memory.
+pub enum SourceReader {
+    File(BufReader<io::Take<File>>),
+    Memory(io::Take<io::Cursor<Arc<[u8]>>>),
+}
+
+impl Read for SourceReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            SourceReader::File(r) => r.read(buf),
+            SourceReader::Memory(r) => r.read(buf),
+        }
+    }
+}
+
 impl SegmentReader<BufReader<io::Take<File>>> {
     /// Opens the segment `info` describes in the run file at `path`.
     pub fn open(path: &Path, info: SegmentInfo) -> io::Result<Self> {
@@ -204,6 +297,26 @@ impl SegmentReader<BufReader<io::Take<File>>> {
         let buffer = (info.len.max(1) as usize).min(READ_BUFFER);
         let src = BufReader::with_capacity(buffer, f.take(info.len));
         Ok(SegmentReader::new(src, info, path.display().to_string()))
+    }
+}
+
+impl SegmentReader<SourceReader> {
+    /// Opens the segment `info` describes in `source`.
+    pub fn open_source(source: &Source, info: SegmentInfo) -> io::Result<Self> {
+        let src = match source {
+            Source::File(path) => {
+                let mut f = File::open(path)?;
+                f.seek(SeekFrom::Start(info.offset))?;
+                let buffer = (info.len.max(1) as usize).min(READ_BUFFER);
+                SourceReader::File(BufReader::with_capacity(buffer, f.take(info.len)))
+            }
+            Source::Memory(bytes) => {
+                let mut c = io::Cursor::new(bytes.clone());
+                c.set_position(info.offset);
+                SourceReader::Memory(c.take(info.len))
+            }
+        };
+        Ok(SegmentReader::new(src, info, source.describe()))
     }
 }
 
@@ -351,7 +464,7 @@ impl<R: Read> Merger<R> {
 /// Fails if a segment cannot be read or is corrupt, `scratch` cannot be
 /// written, or `sink` or `pass` fail.
 pub fn merge(
-    inputs: Vec<(PathBuf, SegmentInfo)>,
+    inputs: Vec<(Source, SegmentInfo)>,
     scratch: &Path,
     mut pass: impl FnMut() -> io::Result<()>,
     mut sink: impl FnMut(&[u8], &[u8]) -> io::Result<()>,
@@ -359,10 +472,12 @@ pub fn merge(
     let mut inputs = inputs;
     let mut round = 0;
     // Removes a round's intermediate files (round 0's inputs are not ours).
-    let remove = |round: usize, files: &[(PathBuf, SegmentInfo)]| {
+    let remove = |round: usize, files: &[(Source, SegmentInfo)]| {
         if round > 0 {
-            for (p, _) in files {
-                let _ = std::fs::remove_file(p);
+            for (s, _) in files {
+                if let Source::File(p) = s {
+                    let _ = std::fs::remove_file(p);
+                }
             }
         }
     };
@@ -370,7 +485,7 @@ pub fn merge(
         let mut next = Vec::with_capacity(inputs.len().div_ceil(MERGE_FACTOR));
         for (g, group) in inputs.chunks(MERGE_FACTOR).enumerate() {
             let path = scratch.join(format!("merge-{round}-{g}.run"));
-            next.push((path.clone(), SegmentInfo::default()));
+            next.push((Source::File(path.clone()), SegmentInfo::default()));
             let mut w = RunFileWriter::create(&path, 1)?;
             let merged = merge_group(group, &mut pass, |k, v| w.write(0, k, v));
             if let Err(e) = merged.and_then(|()| w.finish()).map(|index| {
@@ -392,14 +507,14 @@ pub fn merge(
 
 /// Merges a group of segments (few enough to be open at once).
 fn merge_group(
-    group: &[(PathBuf, SegmentInfo)],
+    group: &[(Source, SegmentInfo)],
     pass: &mut impl FnMut() -> io::Result<()>,
     mut sink: impl FnMut(&[u8], &[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
     let readers = group
         .iter()
         .filter(|(_, seg)| seg.records > 0 || seg.len > 0)
-        .map(|(path, seg)| SegmentReader::open(path, *seg))
+        .map(|(source, seg)| SegmentReader::open_source(source, *seg))
         .collect::<io::Result<Vec<_>>>()?;
     let mut m = Merger::new(readers)?;
     let mut n = 0u32;
@@ -454,6 +569,24 @@ mod tests {
     }
 
     #[test]
+    fn a_run_in_memory_reads_like_a_file() {
+        let mut w = RunFileWriter::in_memory(3);
+        w.write(0, b"a", b"1").unwrap();
+        w.write(2, b"b", b"2").unwrap();
+        w.write(2, b"c", b"3").unwrap();
+        let (bytes, idx) = w.finish_bytes();
+        assert_eq!(read_index_of(&bytes).unwrap(), idx);
+        let source = Source::Memory(bytes.into());
+        let mut r = SegmentReader::open_source(&source, idx[2]).unwrap();
+        let mut got = Vec::new();
+        while r.advance().unwrap() {
+            got.push(String::from_utf8_lossy(r.key()).into_owned());
+        }
+        assert_eq!(got, ["b", "c"]);
+        assert!(read_index_of(b"MRR1 not a run").is_err());
+    }
+
+    #[test]
     fn corruption_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run");
@@ -486,7 +619,7 @@ mod tests {
             for (_, k, v) in &recs {
                 w.write(0, k.as_bytes(), v.as_bytes()).unwrap();
             }
-            inputs.push((p, w.finish().unwrap()[0]));
+            inputs.push((Source::File(p), w.finish().unwrap()[0]));
         }
         let scratch = dir.path().join("scratch");
         std::fs::create_dir(&scratch).unwrap();

@@ -1,5 +1,6 @@
-//! The shuffle: map output stays on the disk of the worker that made it
-//! ([`MapOutputs`], which also keeps the run files' indexes at hand); a
+//! The shuffle: map output stays on the worker that made it (on its disk,
+//! or in its memory when small: [`MapOutputs`], which also keeps the run
+//! files' indexes at hand); a
 //! reducer on the same worker reads it in place, and every other worker
 //! fetches it from the TCP endpoint this worker serves ([`serve`]), one
 //! batch per worker: all the map outputs it needs from there, in one
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::runfile::SegmentInfo;
+use crate::runfile::{SegmentInfo, Source};
 
 const MAGIC: &[u8; 4] = b"MRS2";
 const MAX_REQUEST: u32 = 1 << 20;
@@ -41,6 +42,11 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Run-file indexes kept in memory (segments, 28 bytes each): beyond this
 /// the cache starts afresh and indexes are read from their files.
 const INDEX_CACHE_SEGMENTS: usize = 1 << 20;
+/// A map output whose run is at most this long is kept in memory (a file
+/// per tiny map task costs more than the task), ...
+pub const SMALL_OUTPUT: usize = 256 << 10;
+/// ... as long as all of them together stay under this.
+const MEMORY_BUDGET: usize = 64 << 20;
 
 /// Which segments a reducer wants: partition `partition` of each listed
 /// map task's output (map, attempt).
@@ -61,11 +67,25 @@ pub fn run_file_name(map: u32, attempt: u32) -> String {
 pub struct MapOutputs {
     jobs_dir: PathBuf,
     indexes: Mutex<IndexCache>,
+    /// Small outputs kept in memory.
+    memory: Mutex<InMemory>,
+    /// Jobs whose directory exists.
+    made: Mutex<std::collections::HashSet<JobId>>,
+}
+
+/// A map attempt's output: job, map task, attempt.
+type OutputKey = (JobId, u32, u32);
+
+/// Small outputs kept in memory, and their bytes in all.
+#[derive(Default)]
+struct InMemory {
+    runs: HashMap<OutputKey, Arc<[u8]>>,
+    bytes: usize,
 }
 
 #[derive(Default)]
 struct IndexCache {
-    by_output: HashMap<(JobId, u32, u32), Arc<[SegmentInfo]>>,
+    by_output: HashMap<OutputKey, Arc<[SegmentInfo]>>,
     segments: usize,
 }
 
@@ -75,6 +95,8 @@ impl MapOutputs {
         MapOutputs {
             jobs_dir,
             indexes: Mutex::new(IndexCache::default()),
+            memory: Mutex::new(InMemory::default()),
+            made: Mutex::new(Default::default()),
         }
     }
 
@@ -83,9 +105,58 @@ impl MapOutputs {
         self.jobs_dir.join(&job.0)
     }
 
+    /// The directory of job `job`'s map output, created (once).
+    ///
+    /// Fails if it cannot be created.
+    pub fn make_job_dir(&self, job: &JobId) -> Result<PathBuf, crate::TaskError> {
+        let dir = self.job_dir(job);
+        if self.made.lock().expect("made lock").contains(job) {
+            return Ok(dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(crate::TaskError::io(format!(
+            "cannot create {}",
+            dir.display()
+        )))?;
+        self.made.lock().expect("made lock").insert(job.clone());
+        Ok(dir)
+    }
+
     /// The run file of a map attempt.
     pub fn path(&self, job: &JobId, map: u32, attempt: u32) -> PathBuf {
         self.job_dir(job).join(run_file_name(map, attempt))
+    }
+
+    /// Takes a map attempt's output just made: a run in memory is kept
+    /// there while the budget allows, else written to its file (as a run
+    /// file already is). Returns where it is now.
+    ///
+    /// Fails if it has to be written and cannot be.
+    pub fn keep(
+        &self,
+        job: &JobId,
+        map: u32,
+        attempt: u32,
+        run: Source,
+        index: &[SegmentInfo],
+    ) -> std::io::Result<Source> {
+        let run = match run {
+            Source::Memory(bytes) => {
+                let mut m = self.memory.lock().expect("memory lock");
+                if m.bytes + bytes.len() <= MEMORY_BUDGET {
+                    m.bytes += bytes.len();
+                    m.runs.insert((job.clone(), map, attempt), bytes.clone());
+                    Source::Memory(bytes)
+                } else {
+                    drop(m);
+                    let path = self.path(job, map, attempt);
+                    std::fs::write(&path, &bytes)?;
+                    Source::File(path)
+                }
+            }
+            file => file,
+        };
+        self.add(job, map, attempt, index);
+        Ok(run)
     }
 
     /// Remembers the index of a run file just written.
@@ -108,9 +179,20 @@ impl MapOutputs {
         map: u32,
         attempt: u32,
         partition: u32,
-    ) -> std::io::Result<(PathBuf, SegmentInfo)> {
-        let path = self.path(job, map, attempt);
+    ) -> std::io::Result<(Source, SegmentInfo)> {
         let key = (job.clone(), map, attempt);
+        let in_memory = self
+            .memory
+            .lock()
+            .expect("memory lock")
+            .runs
+            .get(&key)
+            .cloned();
+        let path = self.path(job, map, attempt);
+        let source = match &in_memory {
+            Some(bytes) => Source::Memory(bytes.clone()),
+            None => Source::File(path.clone()),
+        };
         let cached = self
             .indexes
             .lock()
@@ -118,16 +200,17 @@ impl MapOutputs {
             .by_output
             .get(&key)
             .cloned();
-        let index = match cached {
-            Some(i) => i,
-            None => {
+        let index = match (cached, &in_memory) {
+            (Some(i), _) => i,
+            (None, Some(bytes)) => crate::runfile::read_index_of(bytes)?.into(),
+            (None, None) => {
                 let i: Arc<[SegmentInfo]> = crate::runfile::read_index(&path)?.into();
                 self.add(job, map, attempt, &i);
                 i
             }
         };
         match index.get(partition as usize) {
-            Some(s) => Ok((path, *s)),
+            Some(s) => Ok((source, *s)),
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("map-{map}'s output has no partition {partition}"),
@@ -137,6 +220,12 @@ impl MapOutputs {
 
     /// Forgets a finished job's indexes (its files are removed apart).
     pub fn forget(&self, job: &JobId) {
+        self.made.lock().expect("made lock").remove(job);
+        {
+            let mut m = self.memory.lock().expect("memory lock");
+            m.runs.retain(|(j, _, _), _| j != job);
+            m.bytes = m.runs.values().map(|b| b.len()).sum();
+        }
         let mut c = self.indexes.lock().expect("index cache lock");
         c.by_output.retain(|(j, _, _), _| j != job);
         c.segments = c.by_output.values().map(|i| i.len()).sum();
@@ -210,7 +299,7 @@ fn send_segments(
     use std::io::{Read, Seek, Write};
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
     for &(map, attempt) in &req.maps {
-        let (path, seg) = match outputs.segment(&req.job, map, attempt, req.partition) {
+        let (source, seg) = match outputs.segment(&req.job, map, attempt, req.partition) {
             Ok(s) => s,
             Err(e) => {
                 let msg = format!(
@@ -230,9 +319,23 @@ fn send_segments(
         if seg.len == 0 {
             continue;
         }
-        let mut file = std::fs::File::open(&path)?;
-        file.seek(std::io::SeekFrom::Start(seg.offset))?;
-        let sent = std::io::copy(&mut file.take(seg.len), &mut out)?;
+        let sent = match &source {
+            Source::File(path) => {
+                let mut file = std::fs::File::open(path)?;
+                file.seek(std::io::SeekFrom::Start(seg.offset))?;
+                std::io::copy(&mut file.take(seg.len), &mut out)?
+            }
+            Source::Memory(bytes) => {
+                let (start, end) = (seg.offset as usize, (seg.offset + seg.len) as usize);
+                out.write_all(bytes.get(start..end).ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a run shorter than its index",
+                    )
+                })?)?;
+                seg.len
+            }
+        };
         if sent != seg.len {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -506,6 +609,49 @@ mod tests {
             ..req
         };
         assert!(fetch(addr, &evil, &dest, 0, &control).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn small_outputs_stay_in_memory_within_the_budget_and_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, outputs) = server(dir.path()).await;
+        let job = JobId("job-1-1".into());
+        std::fs::create_dir_all(outputs.job_dir(&job)).unwrap();
+        let run = |k: &str| {
+            let mut w = crate::runfile::RunFileWriter::in_memory(2);
+            w.write(1, k.as_bytes(), b"1").unwrap();
+            w.finish_bytes()
+        };
+        let (bytes, idx) = run("kept");
+        let kept = outputs
+            .keep(&job, 0, 1, Source::Memory(bytes.into()), &idx)
+            .unwrap();
+        assert!(matches!(kept, Source::Memory(_)));
+        assert!(!outputs.path(&job, 0, 1).exists(), "no file for it");
+        let (source, seg) = outputs.segment(&job, 0, 1, 1).unwrap();
+        assert!(matches!(source, Source::Memory(_)));
+        assert_eq!(seg.records, 1);
+        // Past the budget, outputs go to their files.
+        let big = vec![0u8; MEMORY_BUDGET];
+        let spilled = outputs
+            .keep(&job, 9, 1, Source::Memory(big.into()), &[])
+            .unwrap();
+        assert!(matches!(spilled, Source::File(_)));
+        assert!(outputs.path(&job, 9, 1).exists());
+        // A reducer elsewhere gets it from memory over the network.
+        let req = FetchRequest {
+            job: job.clone(),
+            partition: 1,
+            maps: vec![(0, 1)],
+        };
+        let dest = dir.path().join("fetched");
+        let got = fetch(addr, &req, &dest, 0, &TaskControl::default())
+            .await
+            .unwrap();
+        assert_eq!(got[0].records, 1);
+        // Forgetting the job frees it.
+        outputs.forget(&job);
+        assert!(outputs.segment(&job, 0, 1, 1).is_err());
     }
 
     #[tokio::test]

@@ -181,14 +181,10 @@ impl Worker {
                 )
             }
         };
-        let job_dir = self.outputs.job_dir(&a.key.job);
-        if let Err(e) = std::fs::create_dir_all(&job_dir) {
-            let e = TaskError::Io {
-                what: format!("cannot create {}", job_dir.display()),
-                source: e,
-            };
-            return (failed(e), Counters::default());
-        }
+        let job_dir = match self.outputs.make_job_dir(&a.key.job) {
+            Ok(d) => d,
+            Err(e) => return (failed(e), Counters::default()),
+        };
         let seed = task_seed(&a.key.task);
         let limit = a.limits.attempt_timeout;
         let name = a.key.task.to_string();
@@ -200,17 +196,23 @@ impl Worker {
                     reduces: a.limits.reduces,
                     dir: job_dir,
                     sort_buffer: a.limits.sort_buffer.min(usize::MAX as u64) as usize,
+                    in_memory: crate::shuffle::SMALL_OUTPUT,
                     seed,
                 };
                 preparing.store(false, Ordering::SeqCst);
                 let (attempt, c) = (a.key.attempt, control.clone());
-                let run = move || crate::map::run(&sandbox, &task, attempt, &c);
+                let (outputs, job) = (self.outputs.clone(), a.key.job.clone());
+                // The output is kept (in memory if small and there is room,
+                // else in its file) on the task thread.
+                let run = move || {
+                    let out = crate::map::run(&sandbox, &task, attempt, &c)?;
+                    outputs
+                        .keep(&job, index, attempt, out.run.clone(), &out.segments)
+                        .map_err(TaskError::io("cannot write map output"))?;
+                    Ok(out)
+                };
                 match on_thread(name, limit, control, run).await {
-                    Ok(out) => {
-                        self.outputs
-                            .add(&a.key.job, index, a.key.attempt, &out.segments);
-                        (Outcome::MapDone, out.counters)
-                    }
+                    Ok(out) => (Outcome::MapDone, out.counters),
                     Err(e) => (failed(e), Counters::default()),
                 }
             }
@@ -294,7 +296,8 @@ async fn on_thread<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TaskError> + Send + 'static,
 ) -> Result<T, TaskError> {
     let (tx, mut rx) = oneshot::channel();
-    spawn_task(name, f, move |r| {
+    tracing::trace!(task = %name, "running on a task thread");
+    spawn_task(f, move |r| {
         let _ = tx.send(r);
     })
     .map_err(|source| TaskError::Io {

@@ -4,7 +4,7 @@
 //! time), each batch into one file of the reduce's scratch directory.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use mr_core::rpc::MapOutputs;
 use mr_runtime::TaskControl;
 
 use super::Worker;
-use crate::runfile::SegmentInfo;
+use crate::runfile::{SegmentInfo, Source};
 use crate::shuffle::{self, FetchError, FetchRequest, Partial, MAX_BATCH};
 
 /// Workers fetched from at once.
@@ -39,9 +39,9 @@ impl Worker {
         outputs: &MapOutputs,
         dir: &Path,
         control: &TaskControl,
-    ) -> Result<Vec<(PathBuf, SegmentInfo)>, Missing> {
+    ) -> Result<Vec<(Source, SegmentInfo)>, Missing> {
         let me = self.id().await;
-        let mut got: Vec<Option<(PathBuf, SegmentInfo)>> = vec![None; outputs.maps.len()];
+        let mut got: Vec<Option<(Source, SegmentInfo)>> = vec![None; outputs.maps.len()];
         // Maps to fetch, by the host that has them.
         let mut remote: BTreeMap<u32, Vec<(u32, u32)>> = BTreeMap::new();
         let mut local = Vec::new();
@@ -102,7 +102,7 @@ impl Worker {
         while let Some(r) = results.next().await {
             let (dest, segs) = r?;
             for (m, s) in segs {
-                got[m as usize] = Some((dest.clone(), s));
+                got[m as usize] = Some((Source::File(dest.clone()), s));
             }
         }
         Ok(got
