@@ -66,7 +66,7 @@ impl Worker {
 
     /// Takes an assignment on: listed as running (before it is counted as
     /// received: see `Worker::beat`), its slot taken, its attempt started.
-    fn accept(self: &Arc<Self>, a: Assignment) {
+    pub(super) fn accept(self: &Arc<Self>, a: Assignment) {
         if !self.free.lock().expect("free lock").remove(&a.slot) {
             tracing::warn!(key = %a.key, slot = a.slot, "the coordinator assigned a slot that is not free; running it anyway");
         }

@@ -18,7 +18,7 @@ const MARGIN: Duration = Duration::from_secs(5);
 
 impl Worker {
     /// What this worker says in a heartbeat now.
-    fn beat(&self) -> Heartbeat {
+    pub(super) fn beat(&self) -> Heartbeat {
         // Read `received` first: every attempt it covers is in `running`
         // (attempts are listed before they are counted).
         let received = self.received.load(Ordering::SeqCst);
@@ -68,7 +68,7 @@ impl Worker {
     }
 
     /// Carries out a heartbeat reply; returns whether to shut down.
-    fn apply(&self, reply: HeartbeatReply) -> bool {
+    pub(super) fn apply(&self, reply: HeartbeatReply) -> bool {
         {
             let running = self.running.lock().expect("running lock");
             for key in &reply.cancel {

@@ -32,6 +32,8 @@ mod connection;
 mod data_dir;
 mod fetch;
 mod heartbeats;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
