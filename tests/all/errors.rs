@@ -220,3 +220,19 @@ fn two_jobs_cannot_share_an_output_directory() {
         reference_early_exit(&["pg-sherlock_holmes.txt".into(), "pg-tom_sawyer.txt".into()])
     );
 }
+
+#[test]
+fn a_tmp_dir_that_does_not_exist_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let err = fails(&[
+        WC,
+        &book(),
+        "--tmp-dir",
+        "/nonexistent/scratch",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--tmp-dir /nonexistent/scratch is not a directory"), "{err}");
+    assert!(!out.exists());
+}

@@ -66,8 +66,8 @@ impl CoordinatorArgs {
             None => self.progress_timeout,
         };
         anyhow::ensure!(
-            progress_timeout > self.heartbeat,
-            "--progress-timeout must be longer than the heartbeat interval ({:?}): progress arrives with heartbeats",
+            progress_timeout >= self.heartbeat * 2,
+            "--progress-timeout must be at least twice the heartbeat interval ({:?}): progress arrives with heartbeats",
             self.heartbeat
         );
         anyhow::ensure!(

@@ -18,13 +18,20 @@ use mr_worker::{Preloaded, Shuffle, WorkerOptions};
 
 use crate::client::{answer, runtime, Interrupts, CALL};
 use crate::job_args::{sandbox_config, CacheArgs, Job, JobArgs, JobRequest};
-use crate::progress::{success_line, Bars};
-use crate::watch::{upload, Waiter};
+use crate::progress::{Bars, Hidden};
+use crate::watch::{conclude, upload, Waiter};
 
 /// How long, once a job is over, its attempts still running (cancelled)
 /// are waited for before the process exits anyway: a guest blocked in a
 /// host call cannot be interrupted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How the wait for a job ended.
+enum End {
+    Over(anyhow::Result<mr_core::rpc::JobDetail>),
+    Interrupted(anyhow::Result<mr_core::rpc::JobDetail>),
+    WorkerStopped(String),
+}
 
 /// Run a MapReduce job on this machine, with one sandbox per task.
 ///
@@ -71,6 +78,13 @@ impl RunArgs {
             Some(p) => p,
             None => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
         };
+        if let Some(d) = &self.tmp_dir {
+            anyhow::ensure!(
+                d.is_dir(),
+                "--tmp-dir {} is not a directory; create it, or leave the flag out to use the system's",
+                d.display()
+            );
+        }
         let job = Job::try_from(JobRequest {
             app: &self.app,
             inputs: &self.inputs,
@@ -109,7 +123,7 @@ impl RunArgs {
             timing: Config::in_process(),
         })?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let worker = tokio::spawn(mr_worker::run(
+        let mut worker = tokio::spawn(mr_worker::run(
             WorkerOptions {
                 tmp_dir: self.tmp_dir.clone(),
                 shuffle: Shuffle::InPlace,
@@ -151,15 +165,33 @@ impl RunArgs {
                 "lost the in-process coordinator: {e} (a bug)"
             ))
         };
-        let mut interrupted = false;
-        let waited = tokio::select! {
-            r = waiter.wait(client.clone(), &id, &bars, never) => r,
+        let end = tokio::select! {
+            r = waiter.wait(client.clone(), &id, &bars, never) => End::Over(r),
             _ = interrupts.recv() => {
-                interrupted = true;
                 // Stop it now, quietly: nothing is left behind. A job
                 // already committing finishes.
                 let _ = client.cancel(context(CALL), id.clone(), true).await;
-                waiter.wait(client.clone(), &id, &crate::progress::Hidden, never).await
+                End::Interrupted(waiter.wait(client.clone(), &id, &Hidden, never).await)
+            }
+            // The worker cannot stop before the job unless it failed (its
+            // data directory cannot be made, say): then the job cannot run.
+            w = &mut worker => {
+                let _ = client.cancel(context(CALL), id.clone(), true).await;
+                let _ = waiter.wait(client.clone(), &id, &Hidden, never).await;
+                End::WorkerStopped(match w {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "the worker stopped".into(),
+                    Err(e) => format!("the worker failed: {e}"),
+                })
+            }
+        };
+        let (waited, interrupted) = match end {
+            End::Over(r) => (r, false),
+            End::Interrupted(r) => (r, true),
+            End::WorkerStopped(why) => {
+                bars.finish();
+                engine.stop().await;
+                anyhow::bail!("the job cannot run: {why}");
             }
         };
         bars.finish();
@@ -180,18 +212,6 @@ impl RunArgs {
             }
             std::process::exit(130);
         }
-        match s.state {
-            JobState::Succeeded => {
-                use std::io::Write;
-                let report = detail.report()?;
-                writeln!(std::io::stdout(), "{}", success_line(&report, &output))?;
-                Ok(())
-            }
-            state => anyhow::bail!(
-                "job {id} {state}: {}\nits report is in {}/_FAILED",
-                s.error.as_deref().unwrap_or("(no reason given)"),
-                output.display()
-            ),
-        }
+        conclude(&detail, &output)
     }
 }

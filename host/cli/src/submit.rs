@@ -10,8 +10,8 @@ use mr_runtime::{Sandbox, SandboxEngine};
 
 use crate::client::{answer, runtime, CoordinatorArg, Interrupts, CALL};
 use crate::job_args::{sandbox_config, CacheArgs, Job, JobArgs, JobRequest};
-use crate::progress::{success_line, Bars, Observer};
-use crate::watch::{upload, Waiter};
+use crate::progress::{Bars, Observer};
+use crate::watch::{conclude, upload, Waiter};
 
 /// Run a MapReduce job on a coordinator's workers and wait for it.
 ///
@@ -116,21 +116,7 @@ impl SubmitArgs {
             }
         };
         bars.finish();
-        let detail = waited?;
-        let report = detail.report()?;
-        let s = &detail.summary;
-        match s.state {
-            JobState::Succeeded => {
-                use std::io::Write;
-                writeln!(std::io::stdout(), "{}", success_line(&report, &output))?;
-                Ok(())
-            }
-            state => anyhow::bail!(
-                "job {id} {state}: {}\nits report is in {}/_FAILED",
-                s.error.as_deref().unwrap_or("(no reason given)"),
-                output.display()
-            ),
-        }
+        conclude(&waited?, &output)
     }
 
     /// Connects again after losing the coordinator (it may be restarting).

@@ -9,7 +9,9 @@ use std::future::Future;
 
 use mr_core::ids::{JobId, TaskId};
 use mr_core::job::AppRef;
-use mr_core::rpc::{context, Chunk, CoordinatorClient, JobDetail, RpcError, APP_CHUNK};
+use mr_core::rpc::{
+    context, Chunk, CoordinatorClient, JobDetail, JobState, RpcError, APP_CHUNK,
+};
 
 use crate::client::{answer, CALL};
 use crate::progress::{Observer, Phase};
@@ -109,6 +111,30 @@ impl Waiter<'_> {
                 }
             }
         }
+    }
+}
+
+/// How `mr run` and `mr submit` end: the success line on stdout, or the
+/// job's error and where its report is. `output` is the output directory
+/// as the user gave it.
+///
+/// Fails if the job did not succeed.
+pub fn conclude(detail: &JobDetail, output: &std::path::Path) -> anyhow::Result<()> {
+    let s = &detail.summary;
+    match s.state {
+        JobState::Succeeded => {
+            use std::io::Write;
+            let report = detail.report()?;
+            let line = crate::progress::success_line(&report, output);
+            writeln!(std::io::stdout(), "{line}")?;
+            Ok(())
+        }
+        state => anyhow::bail!(
+            "job {} {state}: {}\nits report is in {}/_FAILED",
+            s.job,
+            s.error.as_deref().unwrap_or("(no reason given)"),
+            output.display()
+        ),
     }
 }
 

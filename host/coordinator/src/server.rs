@@ -23,6 +23,10 @@ use tokio::net::TcpListener;
 
 use crate::engine::{Engine, Options, ServeError, Shared};
 
+/// How long `watch` gathers a job's changes before it answers (unless the
+/// job ends): at most this many answers a second per watcher.
+const WATCH_GATHER: Duration = Duration::from_millis(50);
+
 /// Serves one connection's calls (a tarpc channel), each on a task of its
 /// own. (A macro: tarpc's channel types are unwieldy as bounds.)
 macro_rules! spawn_channel {
@@ -289,19 +293,25 @@ impl Coordinator for Server {
         job: JobId,
         seen: u64,
     ) -> Result<JobSummary, RpcError> {
-        let deadline = Instant::now() + LONG_POLL;
+        // Changes are gathered for a little while (a job of many tiny
+        // tasks changes thousands of times a second); its end is told at
+        // once.
+        let started = Instant::now();
+        let (gather, deadline) = (started + WATCH_GATHER, started + LONG_POLL);
         loop {
             let notified = self.shared.jobs.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let j = job.clone();
             let s = self.shared.state(move |s, _| s.summary(&j)).await??;
-            if s.version > seen || s.state.is_final() || Instant::now() >= deadline {
+            let now = Instant::now();
+            if s.state.is_final() || now >= deadline || (s.version > seen && now >= gather) {
                 return Ok(s);
             }
+            let until = if s.version > seen { gather } else { deadline };
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
             }
         }
     }

@@ -20,6 +20,15 @@ impl State {
             return Err(RpcError::Refused("the coordinator is shutting down".into()));
         }
         spec.validate().map_err(|e| RpcError::Invalid(e.0))?;
+        // Progress arrives with heartbeats: a shorter timeout than two of
+        // them would give up attempts that are making progress.
+        let least = self.config.heartbeat * 2;
+        if let Some(p) = spec.progress_timeout.filter(|&p| p < least) {
+            return Err(RpcError::Invalid(format!(
+                "--progress-timeout {p:?} is too short for this coordinator, whose workers report progress every {:?}; give at least {least:?}",
+                self.config.heartbeat
+            )));
+        }
         if let Some(other) = self
             .jobs
             .values()

@@ -1178,3 +1178,18 @@ fn versions_grow_with_every_change() {
     s.report(c.at(0.2), &w, map_done(&a[0].key)).unwrap();
     assert!(summary(&s, &job).version > v1);
 }
+
+#[test]
+fn a_progress_timeout_shorter_than_two_heartbeats_is_refused() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let mut sp = spec(1, 1);
+    sp.progress_timeout = Some(Duration::from_millis(1500));
+    let err = s.submit(c.at(0.0), sp.clone()).unwrap_err();
+    assert!(
+        err.to_string().contains("--progress-timeout") && err.to_string().contains("2s"),
+        "{err}"
+    );
+    sp.progress_timeout = Some(Duration::from_secs(2));
+    s.submit(c.at(0.0), sp).unwrap();
+}
