@@ -99,11 +99,9 @@ fn a_deterministic_trap_beside_a_looping_task_fails_fast_on_a_cluster() {
     assert_eq!(run.status.code(), Some(1), "{err}");
     assert!(took < FAIL_FAST, "failed in {took:?}: {err}");
     assert!(err.contains("hostile guest traps on purpose"), "{err}");
-    assert!(
-        wait_for(Duration::from_secs(10), || out.join("_FAILED").exists()),
-        "{}",
-        c.logs()
-    );
+    // Regression: `mr submit` said the report was in _FAILED before the
+    // coordinator had written it.
+    assert_eq!(names_in(&out), ["_FAILED"], "the report is there on exit");
     check_failed_report(&crate::report(&out, "_FAILED"));
     // The worker stopped the looping attempt at once (it was told in the
     // reply to the heartbeat the coordinator was holding), and its slots
@@ -125,9 +123,14 @@ fn ctrl_c_stops_a_looping_run_at_once_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let (l, _) = loop_and_trap(tmp.path());
     let out = tmp.path().join("out");
+    // Where the process's temporary directories go (its map output, its
+    // copy of the app).
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
     let child = mr()
         .args(["run", HOSTILE, &l, "-r", "1", "-o"])
         .arg(&out)
+        .env("TMPDIR", &scratch)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -149,6 +152,8 @@ fn ctrl_c_stops_a_looping_run_at_once_and_leaves_nothing() {
         "nothing left: {:?}",
         names_in(&out)
     );
+    // Regression: the app's temporary copy was left behind.
+    assert!(names_in(&scratch).is_empty(), "{:?}", names_in(&scratch));
 }
 
 #[test]

@@ -233,6 +233,9 @@ fn a_tmp_dir_that_does_not_exist_is_refused_before_anything_runs() {
         "-o",
         out.to_str().unwrap(),
     ]);
-    assert!(err.contains("--tmp-dir /nonexistent/scratch is not a directory"), "{err}");
+    assert!(
+        err.contains("--tmp-dir /nonexistent/scratch is not a directory"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

@@ -26,10 +26,18 @@ impl CoordinatorArg {
     /// started may not listen yet), and checks the protocol version.
     pub async fn connect(&self, patience: Duration) -> anyhow::Result<CoordinatorClient> {
         let started = Instant::now();
+        let mut said = false;
         let client = loop {
             match mr_core::rpc::connect(&self.coordinator).await {
                 Ok(c) => break c,
                 Err(e) if started.elapsed() < patience => {
+                    if !said && patience >= Duration::from_secs(5) {
+                        eprintln!(
+                            "cannot reach the coordinator at {} yet ({e}); trying for {patience:?}",
+                            self.coordinator
+                        );
+                        said = true;
+                    }
                     tracing::debug!("cannot reach {}: {e}; retrying", self.coordinator);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -96,11 +104,12 @@ impl Interrupts {
         make().context("cannot catch Ctrl-C")
     }
 
-    /// Completes at the next Ctrl-C or SIGTERM.
-    pub async fn recv(&mut self) {
+    /// Completes at the next Ctrl-C or SIGTERM, with the exit status a
+    /// process stopped by it reports (130 or 143).
+    pub async fn recv(&mut self) -> i32 {
         tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+            _ = self.int.recv() => 128 + 2,
+            _ = self.term.recv() => 128 + 15,
         }
     }
 }
@@ -108,7 +117,7 @@ impl Interrupts {
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn interrupted() {
     match Interrupts::new() {
-        Ok(mut i) => i.recv().await,
+        Ok(mut i) => drop(i.recv().await),
         Err(_) => std::future::pending::<()>().await,
     }
 }

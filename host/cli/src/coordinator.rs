@@ -67,7 +67,8 @@ impl CoordinatorArgs {
         };
         anyhow::ensure!(
             progress_timeout >= self.heartbeat * 2,
-            "--progress-timeout must be at least twice the heartbeat interval ({:?}): progress arrives with heartbeats",
+            "--progress-timeout must be at least {:?}, twice the heartbeat interval ({:?}): progress arrives with heartbeats",
+            self.heartbeat * 2,
             self.heartbeat
         );
         anyhow::ensure!(

@@ -29,7 +29,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How the wait for a job ended.
 enum End {
     Over(anyhow::Result<mr_core::rpc::JobDetail>),
-    Interrupted(anyhow::Result<mr_core::rpc::JobDetail>),
+    /// With the exit status to end with.
+    Interrupted(anyhow::Result<mr_core::rpc::JobDetail>, i32),
     WorkerStopped(String),
 }
 
@@ -96,15 +97,23 @@ impl RunArgs {
             let _in = rt.enter();
             Interrupts::new()?
         };
-        rt.block_on(self.local(job, parallelism, interrupts))
+        let ended = rt.block_on(self.local(job, parallelism, interrupts));
+        // Everything the job made in temporary directories goes with the
+        // runtime's tasks, before the process ends.
+        drop(rt);
+        match ended? {
+            Some(code) => std::process::exit(code),
+            None => Ok(()),
+        }
     }
 
+    /// Runs the job; returns the exit status if it was interrupted.
     async fn local(
         &self,
         job: Job,
         parallelism: u32,
         mut interrupts: Interrupts,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<i32>> {
         // Load (and check) the app before anything runs; the worker uses
         // it as it is.
         let sandboxes = SandboxEngine::new()?;
@@ -113,9 +122,9 @@ impl RunArgs {
         let loading = tokio::task::spawn_blocking(move || Sandbox::load(&e, &app, config));
         let sandbox = tokio::select! {
             loaded = loading => Arc::new(loaded.context("loading the app failed")??),
-            _ = interrupts.recv() => {
+            code = interrupts.recv() => {
                 eprintln!("interrupted before the job started; nothing was written");
-                std::process::exit(130);
+                return Ok(Some(code));
             }
         };
         let engine = Engine::start(Options {
@@ -143,15 +152,18 @@ impl RunArgs {
         ));
         let here = "this process";
         let client = engine.client();
-        upload(&client, here, &job.spec.app, &job.app).await?;
         let output = self.job.output.clone();
-        let submitted = answer(here, client.submit(context(CALL), job.spec).await);
+        let submitted = match upload(&client, here, &job.spec.app, &job.app).await {
+            Ok(()) => answer(here, client.submit(context(CALL), job.spec).await),
+            Err(e) => Err(e),
+        };
         let id = match submitted {
             Ok(id) => id,
             Err(e) => {
+                drop(client);
                 let _ = stop.send(());
                 let _ = worker.await;
-                engine.stop().await;
+                engine.stop().await?;
                 return Err(e);
             }
         };
@@ -167,11 +179,18 @@ impl RunArgs {
         };
         let end = tokio::select! {
             r = waiter.wait(client.clone(), &id, &bars, never) => End::Over(r),
-            _ = interrupts.recv() => {
+            code = interrupts.recv() => {
+                bars.finish();
+                // A second Ctrl-C does not wait for the clean-up.
+                tokio::spawn(async move {
+                    let code = interrupts.recv().await;
+                    eprintln!("interrupted again: exiting at once");
+                    std::process::exit(code);
+                });
                 // Stop it now, quietly: nothing is left behind. A job
                 // already committing finishes.
                 let _ = client.cancel(context(CALL), id.clone(), true).await;
-                End::Interrupted(waiter.wait(client.clone(), &id, &Hidden, never).await)
+                End::Interrupted(waiter.wait(client.clone(), &id, &Hidden, never).await, code)
             }
             // The worker cannot stop before the job unless it failed (its
             // data directory cannot be made, say): then the job cannot run.
@@ -185,33 +204,33 @@ impl RunArgs {
                 })
             }
         };
-        let (waited, interrupted) = match end {
-            End::Over(r) => (r, false),
-            End::Interrupted(r) => (r, true),
-            End::WorkerStopped(why) => {
-                bars.finish();
-                engine.stop().await;
-                anyhow::bail!("the job cannot run: {why}");
-            }
-        };
         bars.finish();
+        drop(client);
         // The job is over: its attempts still running were cancelled; wait
         // for them a little, then for the engine's last file work.
         let _ = stop.send(());
-        if tokio::time::timeout(STOP_GRACE * 2, worker).await.is_err() {
+        if !matches!(end, End::WorkerStopped(_))
+            && tokio::time::timeout(STOP_GRACE * 2, worker).await.is_err()
+        {
             tracing::warn!("the worker did not stop in time");
         }
-        engine.stop().await;
-        let detail = waited?;
-        let s = &detail.summary;
-        if interrupted {
-            if s.state == JobState::Succeeded {
-                eprintln!("interrupted after the job had committed its output (see its _SUCCESS)");
-            } else {
-                eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
+        engine.stop().await?;
+        match end {
+            End::WorkerStopped(why) => anyhow::bail!("the job cannot run: {why}"),
+            End::Interrupted(waited, code) => {
+                if waited.is_ok_and(|d| d.summary.state == JobState::Succeeded) {
+                    eprintln!(
+                        "interrupted after the job had committed its output (see its _SUCCESS)"
+                    );
+                } else {
+                    eprintln!("interrupted: the job was stopped and its temporary files removed; no output was committed");
+                }
+                Ok(Some(code))
             }
-            std::process::exit(130);
+            End::Over(waited) => {
+                conclude(&waited?, &output)?;
+                Ok(None)
+            }
         }
-        conclude(&detail, &output)
     }
 }

@@ -98,7 +98,7 @@ impl SubmitArgs {
         let reconnect = |e| self.reconnect(&bars, e);
         let waited = tokio::select! {
             r = waiter.wait(client, &id, &bars, reconnect) => r,
-            _ = interrupts.recv() => {
+            code = interrupts.recv() => {
                 bars.finish();
                 let client = self.coordinator.connect(Duration::from_secs(2)).await?;
                 let s = answer(addr, client.cancel(context(CALL), id.clone(), false).await)?;
@@ -112,7 +112,7 @@ impl SubmitArgs {
                     ),
                     state => eprintln!("interrupted: job {id} had already {state}"),
                 }
-                std::process::exit(130);
+                std::process::exit(code);
             }
         };
         bars.finish();

@@ -9,9 +9,7 @@ use std::future::Future;
 
 use mr_core::ids::{JobId, TaskId};
 use mr_core::job::AppRef;
-use mr_core::rpc::{
-    context, Chunk, CoordinatorClient, JobDetail, JobState, RpcError, APP_CHUNK,
-};
+use mr_core::rpc::{context, Chunk, CoordinatorClient, JobDetail, JobState, RpcError, APP_CHUNK};
 
 use crate::client::{answer, CALL};
 use crate::progress::{Observer, Phase};

@@ -16,7 +16,7 @@
 //! a job's output into place) run on blocking threads and report back to
 //! the loop as closures too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +57,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the coordinator's event loop failed (a bug in mr; please report it): {0}")]
+    Crashed(String),
 }
 
 pub(crate) type Reply = Box<dyn FnOnce() + Send>;
@@ -115,6 +117,9 @@ pub(crate) struct Loop {
     /// File work under way on blocking threads (commits, `_FAILED`):
     /// waited for before the engine stops.
     pending: tokio::task::JoinSet<()>,
+    /// Jobs that are over whose `_FAILED` is still being written: `watch`
+    /// does not tell their end before it is on disk.
+    pub settling: HashSet<JobId>,
     exit: bool,
 }
 
@@ -156,6 +161,14 @@ impl Loop {
                 reduces,
                 mut report,
             } => {
+                // A task's commit may have failed the job in this batch.
+                let committing = self
+                    .state
+                    .summary(&job)
+                    .is_ok_and(|s| s.state == mr_core::rpc::JobState::Committing);
+                if !committing {
+                    return;
+                }
                 let Some(out) = self.outputs.remove(&job) else {
                     let msg = "its output directory is not locked by this coordinator".to_string();
                     self.state.job_committed(now, &job, Err(msg));
@@ -184,6 +197,8 @@ impl Loop {
             }
             Action::AbortJob { job, report } => {
                 if let Some(out) = self.outputs.remove(&job) {
+                    self.settling.insert(job.clone());
+                    let tx = self.shared.tx.clone();
                     self.pending.spawn_blocking(move || {
                         if let Some(report) = report {
                             if let Err(e) = out.fail(&report) {
@@ -191,6 +206,11 @@ impl Loop {
                             }
                         }
                         drop(out);
+                        let _ = tx.blocking_send(Box::new(move |lp: &mut Loop, _| {
+                            lp.settling.remove(&job);
+                            lp.shared.jobs.notify_waiters();
+                            Box::new(|| {}) as Reply
+                        }));
                     });
                 }
             }
@@ -286,6 +306,7 @@ impl Engine {
             outputs,
             shared: shared.clone(),
             pending: tokio::task::JoinSet::new(),
+            settling: HashSet::new(),
             exit: false,
         };
         lp.run_actions(now);
@@ -353,19 +374,25 @@ impl Engine {
 
     /// Completes when the event loop has exited (after `mr shutdown` sent
     /// every worker away).
-    pub async fn exited(&mut self) {
-        if let Some(handle) = &mut self.event_loop {
-            let _ = handle.await;
-            self.event_loop = None;
-        }
+    ///
+    /// Fails if it panicked (a bug).
+    pub async fn exited(&mut self) -> Result<(), ServeError> {
+        let Some(handle) = &mut self.event_loop else {
+            return Ok(());
+        };
+        let ended = handle.await;
+        self.event_loop = None;
+        ended.map(drop).map_err(crashed)
     }
 
     /// Stops the event loop: jobs that will resume keep their
     /// `_temporary`; without a journal their output directory gets
     /// `_FAILED`.
-    pub async fn stop(mut self) {
+    ///
+    /// Fails if the event loop had panicked (a bug).
+    pub async fn stop(mut self) -> Result<(), ServeError> {
         let Some(handle) = self.event_loop.take() else {
-            return;
+            return Ok(());
         };
         if !handle.is_finished() {
             let _ = self
@@ -375,6 +402,20 @@ impl Engine {
                 })
                 .await;
         }
-        let _ = handle.await;
+        handle.await.map(drop).map_err(crashed)
     }
+}
+
+/// The error of an event loop that panicked.
+fn crashed(e: tokio::task::JoinError) -> ServeError {
+    let why = match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!("the coordinator's event loop failed: {why}");
+    ServeError::Crashed(why)
 }

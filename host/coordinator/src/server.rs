@@ -48,14 +48,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let engine = Engine::start(options)?;
-    engine.serve(listener, shutdown).await;
-    Ok(())
+    engine.serve(listener, shutdown).await
 }
 
 impl Engine {
     /// Serves the RPC service on `listener` until `shutdown` completes or
     /// the event loop exits (`mr shutdown`); then stops.
-    pub async fn serve(mut self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    ///
+    /// Fails if the event loop panicked (a bug).
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             recovered = self.recovered(),
@@ -84,9 +89,12 @@ impl Engine {
         tokio::select! {
             _ = accept => {}
             _ = shutdown => tracing::info!("stopping"),
-            _ = self.exited() => tracing::info!("every worker has left; coordinator exits"),
+            ended = self.exited() => {
+                ended?;
+                tracing::info!("every worker has left; coordinator exits");
+            }
         }
-        self.stop().await;
+        self.stop().await
     }
 }
 
@@ -303,12 +311,23 @@ impl Coordinator for Server {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let j = job.clone();
-            let s = self.shared.state(move |s, _| s.summary(&j)).await??;
+            let (s, settling) = self
+                .shared
+                .call(move |lp, _| (lp.state.summary(&j), lp.settling.contains(&j)))
+                .await?;
+            let s = s?;
             let now = Instant::now();
-            if s.state.is_final() || now >= deadline || (s.version > seen && now >= gather) {
+            // A job is told over once its files are in place.
+            let over = s.state.is_final() && !settling;
+            let news = s.version > seen && !s.state.is_final() && now >= gather;
+            if over || news || now >= deadline {
                 return Ok(s);
             }
-            let until = if s.version > seen { gather } else { deadline };
+            let until = if s.version > seen && !s.state.is_final() {
+                gather
+            } else {
+                deadline
+            };
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(until.into()) => {}

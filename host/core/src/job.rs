@@ -154,6 +154,22 @@ fn size(bytes: u64) -> String {
     format!("{bytes} bytes")
 }
 
+/// A duration as a person writes it: `7days`, `10m`, `1500ms`.
+fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, name) in [
+        (86_400_000, "days"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ] {
+        if ms >= unit && ms.is_multiple_of(unit) {
+            return format!("{}{name}", ms / unit);
+        }
+    }
+    format!("{ms}ms")
+}
+
 impl JobSpec {
     /// Checks every field against its bound ([`limits`]) and the job's
     /// shape (at least one input, absolute paths, at most
@@ -204,14 +220,19 @@ impl JobSpec {
         }
         if !(MIN_ATTEMPT_TIMEOUT..=MAX_TIMEOUT).contains(&self.attempt_timeout) {
             return bad(format!(
-                "--attempt-timeout must be between {MIN_ATTEMPT_TIMEOUT:?} and 7 days, not {:?}",
-                self.attempt_timeout
+                "--attempt-timeout must be between {} and {}, not {}",
+                duration(MIN_ATTEMPT_TIMEOUT),
+                duration(MAX_TIMEOUT),
+                duration(self.attempt_timeout)
             ));
         }
         if let Some(p) = self.progress_timeout {
             if !(MIN_PROGRESS_TIMEOUT..=MAX_TIMEOUT).contains(&p) {
                 return bad(format!(
-                    "--progress-timeout must be between {MIN_PROGRESS_TIMEOUT:?} (progress arrives with heartbeats) and 7 days, not {p:?}"
+                    "--progress-timeout must be between {} (progress arrives with heartbeats) and {}, not {}",
+                    duration(MIN_PROGRESS_TIMEOUT),
+                    duration(MAX_TIMEOUT),
+                    duration(p)
                 ));
             }
         }
@@ -362,6 +383,15 @@ mod tests {
             err.contains("map tasks") && err.contains("--split-size"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn durations_are_told_as_they_are_written() {
+        assert_eq!(duration(Duration::from_secs(8 * 86_400)), "8days");
+        assert_eq!(duration(Duration::from_secs(600)), "10m");
+        assert_eq!(duration(Duration::from_millis(1500)), "1500ms");
+        let err = refused(|s| s.attempt_timeout = Duration::from_secs(8 * 86_400));
+        assert!(err.contains("not 8days") && err.contains("7days"), "{err}");
     }
 
     #[test]

@@ -202,7 +202,14 @@ pub struct Heartbeat {
     /// attempt assigned at or below it and not listed never reached the
     /// worker (its reply was lost) and is handed out again.
     pub received: u64,
+    /// Jobs whose map output it holds (at most [`MAX_JOBS_LISTED`]): those
+    /// the coordinator does not know or that are over are forgotten in the
+    /// reply (a worker that was away when a job ended still hears of it).
+    pub jobs: Vec<JobId>,
 }
+
+/// Jobs a heartbeat lists at most.
+pub const MAX_JOBS_LISTED: usize = 1024;
 
 /// What the coordinator wants from a worker, in answer to a heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

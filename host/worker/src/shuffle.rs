@@ -218,6 +218,16 @@ impl MapOutputs {
         }
     }
 
+    /// The jobs this worker holds map output of (at most
+    /// [`mr_core::rpc::MAX_JOBS_LISTED`]).
+    pub fn jobs(&self) -> Vec<JobId> {
+        let made = self.made.lock().expect("made lock");
+        made.iter()
+            .take(mr_core::rpc::MAX_JOBS_LISTED)
+            .cloned()
+            .collect()
+    }
+
     /// Forgets a finished job's indexes (its files are removed apart).
     pub fn forget(&self, job: &JobId) {
         self.made.lock().expect("made lock").remove(job);

@@ -389,7 +389,10 @@ impl State {
             TaskState::Done(d) => {
                 if is_map {
                     job.maps_done += 1;
-                    self.held_by.entry(d.worker.clone()).or_default().insert(r);
+                    // Only a job that is not over needs its map output.
+                    if !job.state.is_final() {
+                        self.held_by.entry(d.worker.clone()).or_default().insert(r);
+                    }
                 } else {
                     job.reduces_done += 1;
                 }

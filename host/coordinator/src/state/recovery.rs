@@ -40,6 +40,28 @@ impl State {
         s
     }
 
+    /// A job is over: no worker holds map output it needs any more (the
+    /// workers are told to delete it), so none is indexed as held.
+    fn release_outputs(&mut self, seq: u64) {
+        let job = self.job(seq);
+        let holders: Vec<(mr_core::ids::WorkerId, TaskRef)> = job.tasks[..job.maps()]
+            .iter()
+            .enumerate()
+            .filter_map(|(t, task)| match &task.state {
+                TaskState::Done(d) => Some((d.worker.clone(), TaskRef { job: seq, task: t })),
+                _ => None,
+            })
+            .collect();
+        for (worker, r) in holders {
+            if let Some(set) = self.held_by.get_mut(&worker) {
+                set.remove(&r);
+                if set.is_empty() {
+                    self.held_by.remove(&worker);
+                }
+            }
+        }
+    }
+
     /// Forgets the oldest finished jobs beyond [`FINISHED_KEPT`].
     pub(super) fn prune_finished(&mut self) {
         while self.finished.len() > FINISHED_KEPT {
@@ -214,6 +236,7 @@ impl State {
                     self.set_job_state(seq, state);
                     if !was_final {
                         self.finished.push_back(seq);
+                        self.release_outputs(seq);
                     }
                 }
             }

@@ -12,15 +12,25 @@ use mr_core::rpc::{
 use super::model::{Done, TaskRef, TaskState};
 use super::{DoneOutput, Now, Record, State};
 
+/// Most bytes of reduce input tables in one reply to `request_tasks`,
+/// well inside the RPC frame cap ([`mr_core::rpc::MAX_FRAME`]).
+pub const MAX_REPLY: usize = 16 << 20;
+/// An upper bound of one map task's entry in a reduce's input table, on
+/// the wire.
+const MAP_OUTPUT_BYTES: usize = 12;
+
 impl State {
     /// Hands a worker up to one task per free slot.
     ///
     /// Fails if the worker is not registered (it must register again).
+    /// Slots not among the worker's (`0..slots`) and repeated ones are
+    /// ignored; a reply carries at most [`MAX_REPLY`] bytes of reduce
+    /// input tables (one always goes).
     pub fn request_tasks(
         &mut self,
         now: Now,
         worker: &WorkerId,
-        free_slots: Vec<u32>,
+        mut free_slots: Vec<u32>,
     ) -> Result<Vec<Assignment>, RpcError> {
         let Some(w) = self.workers.get_mut(worker) else {
             return Err(RpcError::UnknownWorker);
@@ -29,11 +39,26 @@ impl State {
         if self.shutdown.is_some() {
             return Ok(Vec::new());
         }
+        let slots = w.slots;
+        free_slots.retain(|&s| s < slots);
+        free_slots.sort_unstable();
+        free_slots.dedup();
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for slot in free_slots {
             let Some(r) = self.next_task() else {
                 break;
             };
+            let job = self.job(r.job);
+            let size = if r.task < job.maps() {
+                0
+            } else {
+                job.maps() * MAP_OUTPUT_BYTES
+            };
+            if !out.is_empty() && bytes + size > MAX_REPLY {
+                break;
+            }
+            bytes += size;
             out.push(self.start(now, r, worker, slot));
         }
         Ok(out)

@@ -91,6 +91,7 @@ fn hb(running: Vec<RunningAttempt>) -> Heartbeat {
     Heartbeat {
         running,
         received: 0,
+        jobs: Vec::new(),
     }
 }
 
@@ -827,6 +828,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
     let before = Heartbeat {
         running: vec![],
         received: 0,
+        jobs: Vec::new(),
     };
     s.heartbeat(c.at(1.5), &w, before).unwrap();
     assert_eq!(summary(&s, &job).running, 1);
@@ -835,6 +837,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
     let after = Heartbeat {
         running: vec![],
         received: 1,
+        jobs: Vec::new(),
     };
     s.heartbeat(c.at(2.5), &w, after).unwrap();
     let (sum, report) = s.detail(&job).unwrap();
@@ -852,6 +855,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
             progress: 1,
         }],
         received: 2,
+        jobs: Vec::new(),
     };
     s.heartbeat(c.at(3.5), &w, running.clone()).unwrap();
     s.heartbeat(c.at(4.5), &w, running).unwrap();
@@ -913,7 +917,9 @@ fn check_invariants(s: &State) {
                 }
                 TaskState::Done(d) if is_map => {
                     maps_done += 1;
-                    held_by.entry(d.worker.clone()).or_default().insert(r);
+                    if !job.state.is_final() {
+                        held_by.entry(d.worker.clone()).or_default().insert(r);
+                    }
                 }
                 TaskState::Done(_) => reduces_done += 1,
             }
@@ -1019,7 +1025,15 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
                         .map(|(_, a)| a.seq)
                         .max()
                         .unwrap_or(0);
-                    let _ = s.heartbeat(now, &w, Heartbeat { running, received });
+                    let _ = s.heartbeat(
+                        now,
+                        &w,
+                        Heartbeat {
+                            running,
+                            received,
+                            jobs: Vec::new(),
+                        },
+                    );
                 }
                 10 if !workers.is_empty() && rng.below(4) == 0 => {
                     let w = workers.swap_remove(rng.below(workers.len()));
@@ -1192,4 +1206,73 @@ fn a_progress_timeout_shorter_than_two_heartbeats_is_refused() {
     );
     sp.progress_timeout = Some(Duration::from_secs(2));
     s.submit(c.at(0.0), sp).unwrap();
+}
+
+#[test]
+fn a_worker_leaving_after_many_finished_jobs_is_given_up_cleanly() {
+    // Regression: the map outputs of forgotten jobs stayed indexed as held
+    // by their worker, and giving that worker up then found no job: the
+    // coordinator's event loop panicked.
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1);
+    for i in 0..FINISHED_KEPT + 3 {
+        let now = c.at(i as f64 * 0.01);
+        let job = s.submit(now, spec(1, 1)).unwrap();
+        finish_maps(&mut s, now, &w);
+        if i % 2 == 0 {
+            s.cancel(now, &job, false).unwrap();
+        } else {
+            let r = ask(&mut s, now, &w, 1);
+            s.report(now, &w, result(&r[0].key, Outcome::ReduceDone))
+                .unwrap();
+            s.job_committed(now, &job, Ok(()));
+        }
+        s.heartbeat(now, &w, hb(vec![])).unwrap();
+    }
+    s.tick(c.at(3.0));
+    assert_eq!(s.summaries().len(), FINISHED_KEPT);
+    assert!(
+        s.held_by.values().all(|h| h.is_empty()),
+        "nothing held for finished jobs"
+    );
+    check_invariants(&s);
+    s.goodbye(c.at(3.1), &w);
+    let v = register(&mut s, c.at(3.2), 2);
+    s.tick(c.at(20.0)); // and v times out
+    assert!(s.workers().iter().all(|(id, ..)| id != &v));
+    check_invariants(&s);
+}
+
+#[test]
+fn a_worker_gets_no_more_tasks_than_its_slots() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1); // two slots
+    s.submit(c.at(0.0), spec(6, 1)).unwrap();
+    let got = s
+        .request_tasks(c.at(0.1), &w, vec![0, 0, 1, 1, 7, 99])
+        .unwrap();
+    assert_eq!(tasks(&got), ["map-0#1", "map-1#1"]);
+    assert_eq!((got[0].slot, got[1].slot), (0, 1));
+}
+
+#[test]
+fn a_worker_that_holds_data_of_jobs_over_or_unknown_is_told_to_forget_them() {
+    // A worker away when a job ended (or from before a restart without a
+    // journal) still hears of it: its heartbeats list the jobs it holds.
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1);
+    let running = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    let over = s.submit(c.at(0.0), spec(1, 1)).unwrap();
+    s.cancel(c.at(0.1), &over, false).unwrap();
+    s.heartbeat(c.at(0.2), &w, hb(vec![])).unwrap(); // told once already
+    let unknown = JobId("job-1-999".into());
+    let beat = Heartbeat {
+        jobs: vec![running.clone(), over.clone(), unknown.clone()],
+        ..Heartbeat::default()
+    };
+    let reply = s.heartbeat(c.at(0.3), &w, beat).unwrap();
+    assert_eq!(reply.forget_jobs, [over, unknown]);
 }

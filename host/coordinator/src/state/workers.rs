@@ -119,7 +119,10 @@ impl State {
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
         for r in mine {
-            let TaskState::Running(run) = &self.job(r.job).tasks[r.task].state else {
+            let Some(job) = self.jobs.get(&r.job) else {
+                continue;
+            };
+            let TaskState::Running(run) = &job.tasks[r.task].state else {
                 continue;
             };
             if run.seq != 0 && run.seq <= beat.received && !listed.contains(&r) {
@@ -129,6 +132,17 @@ impl State {
                 self.actions.push(Action::WorkAvailable);
             }
         }
+        // Jobs it holds data of that are over, or unknown here (forgotten,
+        // or from before a restart without a journal).
+        let over: Vec<_> = beat
+            .jobs
+            .into_iter()
+            .take(mr_core::rpc::MAX_JOBS_LISTED)
+            .filter(|j| {
+                self.seq_of(j)
+                    .is_none_or(|seq| self.job(seq).state.is_final())
+            })
+            .collect();
         let shutdown = self.shutdown.is_some();
         let w = self.workers.get_mut(worker).expect("checked above");
         w.last_seen = now.at;
@@ -138,9 +152,15 @@ impl State {
                 cancel.push(k);
             }
         }
+        let mut forget_jobs = std::mem::take(&mut w.forget);
+        for j in over {
+            if !forget_jobs.contains(&j) {
+                forget_jobs.push(j);
+            }
+        }
         Ok(HeartbeatReply {
             cancel,
-            forget_jobs: std::mem::take(&mut w.forget),
+            forget_jobs,
             shutdown,
         })
     }
@@ -207,12 +227,15 @@ impl State {
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
         for r in held {
-            let job = self.job(r.job);
             // A job past its map phase for good (committing or over) no
             // longer needs its map output.
-            if job.state != JobState::Running {
+            let Some(job) = self
+                .jobs
+                .get(&r.job)
+                .filter(|j| j.state == JobState::Running)
+            else {
                 continue;
-            }
+            };
             let (id, task) = (job.id.clone(), job.tasks[r.task].id);
             debug_assert!(matches!(task, TaskId::Map(_)));
             self.record(

@@ -22,6 +22,7 @@ impl Worker {
         // Read `received` first: every attempt it covers is in `running`
         // (attempts are listed before they are counted).
         let received = self.received.load(Ordering::SeqCst);
+        let jobs = self.outputs.jobs();
         let running = self
             .running
             .lock()
@@ -37,17 +38,22 @@ impl Worker {
                 }
             })
             .collect();
-        Heartbeat { running, received }
+        Heartbeat {
+            running,
+            received,
+            jobs,
+        }
     }
 
     pub(super) async fn heartbeat_loop(self: Arc<Self>) -> Result<(), WorkerError> {
         loop {
             let started = Instant::now();
             let hold = self.link.lock().await.heartbeat;
-            let beat = self.beat();
+            // Made afresh for every try: a try after registering again must
+            // not carry the old registration's count of assignments.
             let reply = self
                 .rpc(hold + MARGIN, |c, ctx, id| {
-                    let beat = beat.clone();
+                    let beat = self.beat();
                     async move { c.heartbeat(ctx, id, beat).await }
                 })
                 .await?;
