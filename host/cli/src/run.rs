@@ -75,7 +75,10 @@ impl RunArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let parallelism = match self.parallelism {
             Some(0) => anyhow::bail!("--parallelism must be at least 1"),
-            Some(p) if p > 1024 => anyhow::bail!("--parallelism must be at most 1024"),
+            Some(p) if p > mr_coordinator::state::MAX_SLOTS => anyhow::bail!(
+                "--parallelism must be at most {}",
+                mr_coordinator::state::MAX_SLOTS
+            ),
             Some(p) => p,
             None => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
         };
@@ -179,32 +182,36 @@ impl RunArgs {
         };
         let end = tokio::select! {
             r = waiter.wait(client.clone(), &id, &bars, never) => End::Over(r),
-            code = interrupts.recv() => {
-                bars.finish();
-                // A second Ctrl-C does not wait for the clean-up.
-                tokio::spawn(async move {
-                    let code = interrupts.recv().await;
-                    eprintln!("interrupted again: exiting at once");
-                    std::process::exit(code);
-                });
+            code = interrupts.recv() => End::Interrupted(Err(anyhow::anyhow!("interrupted")), code),
+            // The worker cannot stop before the job unless it failed (its
+            // data directory cannot be made, say): then the job cannot run.
+            w = &mut worker => End::WorkerStopped(match w {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(())) => "the worker stopped".into(),
+                Err(e) => format!("the worker failed: {e}"),
+            }),
+        };
+        bars.finish();
+        // From here on, a (further) Ctrl-C does not wait for the clean-up.
+        tokio::spawn(async move {
+            let code = interrupts.recv().await;
+            eprintln!("interrupted: exiting at once, without waiting for the clean-up");
+            std::process::exit(code);
+        });
+        let end = match end {
+            End::Interrupted(_, code) => {
                 // Stop it now, quietly: nothing is left behind. A job
                 // already committing finishes.
                 let _ = client.cancel(context(CALL), id.clone(), true).await;
                 End::Interrupted(waiter.wait(client.clone(), &id, &Hidden, never).await, code)
             }
-            // The worker cannot stop before the job unless it failed (its
-            // data directory cannot be made, say): then the job cannot run.
-            w = &mut worker => {
+            End::WorkerStopped(why) => {
                 let _ = client.cancel(context(CALL), id.clone(), true).await;
                 let _ = waiter.wait(client.clone(), &id, &Hidden, never).await;
-                End::WorkerStopped(match w {
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(())) => "the worker stopped".into(),
-                    Err(e) => format!("the worker failed: {e}"),
-                })
+                End::WorkerStopped(why)
             }
+            over => over,
         };
-        bars.finish();
         drop(client);
         // The job is over: its attempts still running were cancelled; wait
         // for them a little, then for the engine's last file work.

@@ -56,7 +56,11 @@ impl WorkerArgs {
             Some(k) => k,
             None => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
         };
-        anyhow::ensure!(slots <= 1024, "--slots must be at most 1024");
+        anyhow::ensure!(
+            slots <= mr_coordinator::state::MAX_SLOTS,
+            "--slots must be at most {}",
+            mr_coordinator::state::MAX_SLOTS
+        );
         let options = WorkerOptions {
             data_dir: self.data_dir,
             shuffle: Shuffle::Serve(self.shuffle_listen),

@@ -198,7 +198,10 @@ impl Loop {
             Action::AbortJob { job, report } => {
                 if let Some(out) = self.outputs.remove(&job) {
                     self.settling.insert(job.clone());
-                    let tx = self.shared.tx.clone();
+                    let settled = Settled {
+                        tx: self.shared.tx.clone(),
+                        job: Some(job.clone()),
+                    };
                     self.pending.spawn_blocking(move || {
                         if let Some(report) = report {
                             if let Err(e) = out.fail(&report) {
@@ -206,11 +209,7 @@ impl Loop {
                             }
                         }
                         drop(out);
-                        let _ = tx.blocking_send(Box::new(move |lp: &mut Loop, _| {
-                            lp.settling.remove(&job);
-                            lp.shared.jobs.notify_waiters();
-                            Box::new(|| {}) as Reply
-                        }));
+                        drop(settled);
                     });
                 }
             }
@@ -236,6 +235,37 @@ impl Loop {
                 );
                 let _ = out.fail(&report);
             }
+        }
+    }
+}
+
+/// Takes a job out of [`Loop::settling`] when dropped: when its file work
+/// is done, or if that work panicked.
+struct Settled {
+    tx: mpsc::Sender<Command>,
+    job: Option<JobId>,
+}
+
+impl Drop for Settled {
+    fn drop(&mut self) {
+        let Some(job) = self.job.take() else { return };
+        // Never blocks (it may run on a runtime thread at shutdown): if
+        // the queue is full, `watch` stops waiting for the job by itself.
+        let _ = self.tx.try_send(Box::new(move |lp: &mut Loop, _| {
+            lp.settling.remove(&job);
+            lp.shared.jobs.notify_waiters();
+            Box::new(|| {}) as Reply
+        }));
+    }
+}
+
+impl Drop for Loop {
+    /// An event loop that panicked still releases its jobs' output
+    /// directories as [`Loop::stop`] does: resumable ones keep their
+    /// `_temporary`.
+    fn drop(&mut self) {
+        if !self.outputs.is_empty() {
+            self.stop();
         }
     }
 }

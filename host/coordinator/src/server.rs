@@ -26,6 +26,9 @@ use crate::engine::{Engine, Options, ServeError, Shared};
 /// How long `watch` gathers a job's changes before it answers (unless the
 /// job ends): at most this many answers a second per watcher.
 const WATCH_GATHER: Duration = Duration::from_millis(50);
+/// How long `watch` holds a job that is over while its `_FAILED` is being
+/// written (clients call with a 30 s deadline).
+const SETTLE_WAIT: Duration = Duration::from_secs(20);
 
 /// Serves one connection's calls (a tarpc channel), each on a task of its
 /// own. (A macro: tarpc's channel types are unwieldy as bounds.)
@@ -306,6 +309,9 @@ impl Coordinator for Server {
         // once.
         let started = Instant::now();
         let (gather, deadline) = (started + WATCH_GATHER, started + LONG_POLL);
+        // A job that is over but still writing its `_FAILED` is held past
+        // the long poll, up to this.
+        let settle_by = started + SETTLE_WAIT;
         loop {
             let notified = self.shared.jobs.notified();
             tokio::pin!(notified);
@@ -320,10 +326,17 @@ impl Coordinator for Server {
             // A job is told over once its files are in place.
             let over = s.state.is_final() && !settling;
             let news = s.version > seen && !s.state.is_final() && now >= gather;
-            if over || news || now >= deadline {
+            let late = if settling {
+                now >= settle_by
+            } else {
+                now >= deadline
+            };
+            if over || news || late {
                 return Ok(s);
             }
-            let until = if s.version > seen && !s.state.is_final() {
+            let until = if settling {
+                settle_by
+            } else if s.version > seen && !s.state.is_final() {
                 gather
             } else {
                 deadline

@@ -63,6 +63,9 @@ mod scheduling;
 mod timers;
 mod workers;
 
+pub use scheduling::MAX_REPLY;
+pub use workers::MAX_SLOTS;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;

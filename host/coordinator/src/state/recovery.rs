@@ -25,15 +25,13 @@ impl State {
         let mut running: Vec<TaskRef> = s.running_on.values().flatten().copied().collect();
         running.sort_unstable();
         for r in running {
-            if !s.job(r.job).state.is_final() {
-                s.end_attempt(
-                    now,
-                    r,
-                    "killed: the coordinator restarted while it ran".into(),
-                    false,
-                    None,
-                );
-            }
+            s.end_attempt(
+                now,
+                r,
+                "killed: the coordinator restarted while it ran".into(),
+                false,
+                None,
+            );
         }
         s.prune_finished();
         s.actions.push(Action::WorkAvailable);

@@ -12,11 +12,12 @@ use mr_core::rpc::{
 use super::model::{Done, TaskRef, TaskState};
 use super::{DoneOutput, Now, Record, State};
 
-/// Most bytes of reduce input tables in one reply to `request_tasks`,
-/// well inside the RPC frame cap ([`mr_core::rpc::MAX_FRAME`]).
+/// Most bytes of assignments in one reply to `request_tasks`, well inside
+/// the RPC frame cap ([`mr_core::rpc::MAX_FRAME`]).
 pub const MAX_REPLY: usize = 16 << 20;
-/// An upper bound of one map task's entry in a reduce's input table, on
-/// the wire.
+/// Upper bounds, on the wire, of an assignment besides its names and
+/// table, and of one map task's entry in a reduce's input table.
+const ASSIGNMENT_BYTES: usize = 256;
 const MAP_OUTPUT_BYTES: usize = 12;
 
 impl State {
@@ -24,8 +25,8 @@ impl State {
     ///
     /// Fails if the worker is not registered (it must register again).
     /// Slots not among the worker's (`0..slots`) and repeated ones are
-    /// ignored; a reply carries at most [`MAX_REPLY`] bytes of reduce
-    /// input tables (one always goes).
+    /// ignored; a reply carries at most about [`MAX_REPLY`] bytes (one
+    /// assignment always goes).
     pub fn request_tasks(
         &mut self,
         now: Now,
@@ -50,11 +51,14 @@ impl State {
                 break;
             };
             let job = self.job(r.job);
-            let size = if r.task < job.maps() {
-                0
-            } else {
-                job.maps() * MAP_OUTPUT_BYTES
-            };
+            let size = ASSIGNMENT_BYTES
+                + job.spec.app.name.len()
+                + if r.task < job.maps() {
+                    let split = &job.splits[r.task];
+                    split.input.len() + split.path.as_os_str().len()
+                } else {
+                    job.maps() * MAP_OUTPUT_BYTES
+                };
             if !out.is_empty() && bytes + size > MAX_REPLY {
                 break;
             }

@@ -1276,3 +1276,26 @@ fn a_worker_that_holds_data_of_jobs_over_or_unknown_is_told_to_forget_them() {
     let reply = s.heartbeat(c.at(0.3), &w, beat).unwrap();
     assert_eq!(reply.forget_jobs, [over, unknown]);
 }
+
+#[test]
+fn a_worker_claiming_more_slots_than_allowed_is_refused() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    for slots in [0, MAX_SLOTS + 1, u32::MAX] {
+        let err = s
+            .register(
+                c.at(0.0),
+                Register {
+                    version: PROTOCOL_VERSION,
+                    host: "h".into(),
+                    pid: 1,
+                    slots,
+                    shuffle_addr: None,
+                    previous: None,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, RpcError::Refused(_)), "{slots}: {err}");
+    }
+    assert!(s.workers().is_empty());
+}

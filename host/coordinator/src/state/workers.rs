@@ -13,6 +13,9 @@ use mr_core::rpc::{
 use super::model::{TaskRef, TaskState, WorkerInfo};
 use super::{Action, Now, Record, State};
 
+/// Slots a worker may have (`mr worker --slots` allows as many).
+pub const MAX_SLOTS: u32 = 1024;
+
 impl State {
     /// A worker registers. Refused on a protocol mismatch or during
     /// shutdown. A worker that asks for its `previous` id gets it back if
@@ -27,6 +30,12 @@ impl State {
         }
         if self.shutdown.is_some() {
             return Err(RpcError::Refused("the coordinator is shutting down".into()));
+        }
+        if req.slots == 0 || req.slots > MAX_SLOTS {
+            return Err(RpcError::Refused(format!(
+                "a worker runs 1 to {MAX_SLOTS} tasks at once, not {}",
+                req.slots
+            )));
         }
         let prefix = self.config.worker_prefix.clone();
         let reuse = req.previous.filter(|p| {

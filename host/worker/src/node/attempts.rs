@@ -235,18 +235,15 @@ impl Worker {
                 // Waiting on fetches counts as progress: each has its own
                 // time limit, and a peer that stalls is reported below.
                 // Its budget covers fetching its input too: a peer that
-                // trickles bytes cannot hold it forever.
-                let gathered = tokio::time::timeout(
-                    limit,
-                    self.gather(&a.key.job, *partition, inputs, &dir, control),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    let why = format!(
-                        "gathering the reduce's input took longer than its --attempt-timeout of {limit:?}"
-                    );
-                    Err((0, 0, FetchError::Local(why)))
-                });
+                // trickles bytes cannot hold it forever (it is blamed, and
+                // its map output made again elsewhere).
+                let now = tokio::time::Instant::now();
+                let deadline = now
+                    .checked_add(limit)
+                    .unwrap_or(now + Duration::from_secs(86_400 * 365));
+                let gathered = self
+                    .gather(&a.key.job, *partition, inputs, &dir, control, deadline)
+                    .await;
                 preparing.store(false, Ordering::SeqCst);
                 let outcome = match gathered {
                     Err((_, _, FetchError::Cancelled)) => (Outcome::Cancelled, Counters::default()),

@@ -31,7 +31,8 @@ impl Worker {
     /// the maps ran): the segments this worker holds where they are, the
     /// others fetched into `dir`.
     ///
-    /// Fails with the first map output that cannot be had.
+    /// Fails with the first map output that cannot be had, or, past
+    /// `deadline`, the first one not fetched yet from a host.
     pub(super) async fn gather(
         &self,
         job: &JobId,
@@ -39,6 +40,7 @@ impl Worker {
         outputs: &MapOutputs,
         dir: &Path,
         control: &TaskControl,
+        deadline: tokio::time::Instant,
     ) -> Result<Vec<(Source, SegmentInfo)>, Missing> {
         let me = self.id().await;
         let mut got: Vec<Option<(Source, SegmentInfo)>> = vec![None; outputs.maps.len()];
@@ -93,7 +95,7 @@ impl Worker {
                     let why = format!("worker {} serves no map output", host.worker);
                     return Err((m, a, FetchError::Peer(why)));
                 };
-                fetch_host(addr, job, partition, maps, &dest, control)
+                fetch_host(addr, job, partition, maps, &dest, control, deadline)
                     .await
                     .map(|segs| (dest, segs))
             }
@@ -124,6 +126,7 @@ async fn fetch_host(
     maps: Vec<(u32, u32)>,
     dest: &Path,
     control: &TaskControl,
+    deadline: tokio::time::Instant,
 ) -> Result<Vec<(u32, SegmentInfo)>, Missing> {
     let mut out = Vec::with_capacity(maps.len());
     let mut end = 0u64;
@@ -136,9 +139,19 @@ async fn fetch_host(
                 partition,
                 maps: batch[from..].to_vec(),
             };
-            let (done, error) = match shuffle::fetch(addr, &req, dest, end, control).await {
-                Ok(done) => (done, None),
-                Err(Partial { done, error }) => (done, Some(error)),
+            let fetched =
+                tokio::time::timeout_at(deadline, shuffle::fetch(addr, &req, dest, end, control))
+                    .await;
+            let (done, error) = match fetched {
+                Ok(Ok(done)) => (done, None),
+                Ok(Err(Partial { done, error })) => (done, Some(error)),
+                Err(_) => {
+                    let (m, a) = batch[from];
+                    let why = format!(
+                        "{addr} did not send map-{m}'s output within the reduce attempt's time budget (--attempt-timeout)"
+                    );
+                    return Err((m, a, FetchError::Stalled(why)));
+                }
             };
             for (s, &(m, _)) in done.iter().zip(&batch[from..]) {
                 end = s.offset + s.len;

@@ -167,6 +167,10 @@ fn worker(fake: &Fake, dir: &std::path::Path) -> Arc<Worker> {
     })
 }
 
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(3600)
+}
+
 fn key(task: TaskId, attempt: u32) -> AttemptKey {
     AttemptKey {
         job: JobId("job-1-1".into()),
@@ -407,7 +411,10 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let control = TaskControl::default();
-    let got = w.gather(&job, 1, &mine, &scratch, &control).await.unwrap();
+    let got = w
+        .gather(&job, 1, &mine, &scratch, &control, far())
+        .await
+        .unwrap();
     assert_eq!(got.len(), 2);
     assert!(matches!(got[0].0, Source::Memory(_)));
     assert!(matches!(got[1].0, Source::File(_)));
@@ -416,7 +423,7 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     let mut lost = mine.clone();
     lost.maps[1].attempt = 9;
     let (map, attempt, _) = w
-        .gather(&job, 1, &lost, &scratch, &control)
+        .gather(&job, 1, &lost, &scratch, &control, far())
         .await
         .unwrap_err();
     assert_eq!((map, attempt), (1, 9));
@@ -428,9 +435,54 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     });
     elsewhere.maps[0].host = 1;
     let (map, _, e) = w
-        .gather(&job, 1, &elsewhere, &scratch, &control)
+        .gather(&job, 1, &elsewhere, &scratch, &control, far())
         .await
         .unwrap_err();
     assert_eq!(map, 0);
     assert!(e.to_string().contains("serves no map output"), "{e}");
+}
+
+#[tokio::test]
+async fn a_host_that_does_not_send_within_the_attempts_budget_is_blamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake(Arc::new(Mutex::new(Script::default())));
+    let w = worker(&fake, dir.path());
+    w.client().await.unwrap();
+    // Accepts, then sends nothing (a stopped or trickling peer).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (_s, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await
+    });
+    let outputs = mr_core::rpc::MapOutputs {
+        hosts: vec![MapHost {
+            worker: WorkerId("w99".into()),
+            addr: Some(addr),
+        }],
+        maps: vec![MapOutputRef {
+            host: 0,
+            attempt: 3,
+        }],
+    };
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    let job = JobId("job-1-1".into());
+    let (map, attempt, e) = w
+        .gather(
+            &job,
+            0,
+            &outputs,
+            &scratch,
+            &TaskControl::default(),
+            deadline,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((map, attempt), (0, 3), "the map output at fault");
+    assert!(
+        matches!(&e, crate::shuffle::FetchError::Stalled(m) if m.contains("time budget")),
+        "{e:?}"
+    );
 }
