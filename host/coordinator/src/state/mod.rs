@@ -308,11 +308,6 @@ impl State {
         std::mem::take(&mut self.actions)
     }
 
-    /// The timing rules.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     fn seq_of(&self, job: &JobId) -> Option<u64> {
         self.by_id.get(job).copied()
     }
