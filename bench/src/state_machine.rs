@@ -71,6 +71,8 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
                     slots,
                     shuffle_addr: Some(SocketAddr::from(([10, 0, 0, 1], 7000 + i as u16))),
                     previous: None,
+                    token: String::new(),
+                    public_key: Vec::new(),
                 },
             )
             .map(|r| r.worker)

@@ -25,25 +25,92 @@ pub(crate) const QUICK: Duration = Duration::from_secs(30);
 pub(crate) struct Cluster {
     pub addr: String,
     pub dir: tempfile::TempDir,
-    coordinator: Option<Child>,
-    coordinator_args: Vec<String>,
-    workers: Vec<Child>,
+    /// The coordinator's state directory (its CA and tokens).
+    pub state: PathBuf,
+    /// Started with `--insecure` (no TLS, no tokens).
+    pub insecure: bool,
+    pub(crate) coordinator: Option<Child>,
+    pub(crate) coordinator_args: Vec<String>,
+    pub(crate) workers: Vec<Child>,
     pub logs: Vec<PathBuf>,
 }
 
 impl Cluster {
-    /// Starts a coordinator on a free port with `args`.
+    /// Starts a coordinator on a free port with `args`, secure (the
+    /// default): its state directory in the cluster's directory unless
+    /// `args` names one, and data roots for the bundled books, the
+    /// cluster's directory and the system's temporary directory unless
+    /// `args` names some.
     pub(crate) fn start(args: &[&str]) -> Cluster {
+        Cluster::with(args, false)
+    }
+
+    /// Like [`Cluster::start`], with `--insecure` on every command.
+    pub(crate) fn insecure(args: &[&str]) -> Cluster {
+        Cluster::with(args, true)
+    }
+
+    fn with(args: &[&str], insecure: bool) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut coordinator_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let state = match args.iter().position(|a| *a == "--state-dir") {
+            Some(i) => PathBuf::from(args[i + 1]),
+            None => {
+                let s = dir.path().join("state");
+                coordinator_args.extend(["--state-dir".into(), s.display().to_string()]);
+                s
+            }
+        };
+        if !args.contains(&"--data-root") {
+            for root in [
+                dir.path().to_path_buf(),
+                mr_tests::data_dir(),
+                std::env::temp_dir(),
+            ] {
+                coordinator_args.extend(["--data-root".into(), root.display().to_string()]);
+            }
+        }
+        if insecure {
+            coordinator_args.push("--insecure".into());
+        }
         let mut c = Cluster {
             addr: String::new(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
+            state,
+            insecure,
             coordinator: None,
-            coordinator_args: args.iter().map(|s| s.to_string()).collect(),
+            coordinator_args,
             workers: Vec::new(),
             logs: Vec::new(),
         };
         c.start_coordinator("127.0.0.1:0");
         c
+    }
+
+    /// An RPC client of the coordinator that said hello with the client
+    /// token (for tests that send what `mr` never would).
+    pub(crate) async fn client(&self) -> mr_core::rpc::CoordinatorClient {
+        use mr_core::rpc::{context, PROTOCOL_VERSION};
+        let text = std::fs::read_to_string(self.state.join("client.token")).unwrap();
+        let token = mr_core::tls::Token::parse(&text).unwrap();
+        let tls = mr_core::tls::client_config(token.ca, None).unwrap();
+        let client = mr_core::rpc::connect(&self.addr, Some(&tls)).await.unwrap();
+        client
+            .hello(context(QUICK), PROTOCOL_VERSION, text)
+            .await
+            .unwrap()
+            .unwrap();
+        client
+    }
+
+    /// The flags that give a command its token (or `--insecure`).
+    pub(crate) fn credentials(&self, kind: &str) -> Vec<String> {
+        if self.insecure {
+            vec!["--insecure".into()]
+        } else {
+            let file = self.state.join(format!("{kind}.token"));
+            vec!["--token-file".into(), file.display().to_string()]
+        }
     }
 
     fn log(&mut self, name: &str) -> File {
@@ -57,7 +124,7 @@ impl Cluster {
 
     /// Starts the coordinator on `listen`; learns its address from the
     /// line it prints.
-    fn start_coordinator(&mut self, listen: &str) {
+    pub(crate) fn start_coordinator(&mut self, listen: &str) {
         let log = self.log("coordinator");
         let mut child = mr()
             .args(["coordinator", "--listen", listen])
@@ -83,7 +150,7 @@ impl Cluster {
     }
 
     /// Kills the coordinator outright (SIGKILL).
-    fn kill_coordinator(&mut self) {
+    pub(crate) fn kill_coordinator(&mut self) {
         let mut c = self.coordinator.take().unwrap();
         c.kill().unwrap();
         c.wait().unwrap();
@@ -100,6 +167,7 @@ impl Cluster {
             "--give-up-after",
             "60s",
         ]);
+        cmd.args(self.credentials("worker"));
         if !args.contains(&"--slots") {
             cmd.args(["--slots", "2"]);
         }
@@ -128,7 +196,9 @@ impl Cluster {
     /// `mr <sub> --coordinator ADDR <args>`.
     pub(crate) fn cmd(&self, sub: &str, args: &[&str]) -> Command {
         let mut c = mr();
-        c.args([sub, "--coordinator", &self.addr]).args(args);
+        c.args([sub, "--coordinator", &self.addr])
+            .args(self.credentials("client"))
+            .args(args);
         c
     }
 
@@ -798,8 +868,11 @@ fn a_worker_waits_for_a_coordinator_that_starts_late() {
     let addr = format!("127.0.0.1:{}", free_port());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
+    // Insecure: a secure worker needs the token the coordinator makes
+    // when it first starts.
     let mut worker = mr()
         .args(["worker", "--coordinator", &addr, "--give-up-after", "60s"])
+        .arg("--insecure")
         .stderr(File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -809,11 +882,24 @@ fn a_worker_waits_for_a_coordinator_that_starts_late() {
             .contains("cannot reach the coordinator")
     });
     assert!(said, "the worker says why it waits");
+    let data = data_dir().display().to_string();
     let mut c = Cluster {
         addr: String::new(),
+        state: dir.path().join("state"),
+        coordinator_args: [
+            "--insecure",
+            "--state-dir",
+            &dir.path().join("state").display().to_string(),
+            "--data-root",
+            &dir.path().display().to_string(),
+            "--data-root",
+            &data,
+        ]
+        .map(String::from)
+        .to_vec(),
         dir,
+        insecure: true,
         coordinator: None,
-        coordinator_args: Vec::new(),
         workers: Vec::new(),
         logs: vec![log],
     };
@@ -840,8 +926,11 @@ fn a_worker_waits_for_a_coordinator_that_starts_late() {
 fn a_worker_gives_up_on_an_unreachable_coordinator() {
     let addr = format!("127.0.0.1:{}", free_port());
     let started = Instant::now();
+    // A well-formed token of a cluster that is not there.
+    let token = format!("mr1.worker.{}.{}", "0".repeat(64), "1".repeat(64));
     let out = output_within(
-        mr().args(["worker", "--coordinator", &addr, "--give-up-after", "1s"]),
+        mr().args(["worker", "--coordinator", &addr, "--give-up-after", "1s"])
+            .env("MR_WORKER_TOKEN", token),
         QUICK,
     );
     assert_eq!(out.status.code(), Some(1));
@@ -865,7 +954,8 @@ fn a_worker_of_another_protocol_version_is_refused() {
             &c.addr,
             "--protocol-version",
             "999",
-        ]),
+        ])
+        .args(c.credentials("worker")),
         QUICK,
     );
     assert_eq!(out.status.code(), Some(1));

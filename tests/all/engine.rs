@@ -252,7 +252,6 @@ fn the_coordinator_checks_every_spec_it_receives() {
     let c = Cluster::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let addr = c.addr.clone();
     let base = JobSpec {
         app: AppRef {
             name: "wc.wasm".into(),
@@ -292,7 +291,7 @@ fn the_coordinator_checks_every_spec_it_receives() {
         ("absolute", |s| s.output = "relative".into()),
     ];
     rt.block_on(async {
-        let client = mr_core::rpc::connect(&addr).await.unwrap();
+        let client = c.client().await;
         for (says, twist) in hostile {
             let mut spec = base.clone();
             twist(&mut spec);

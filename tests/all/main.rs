@@ -8,6 +8,7 @@ mod errors;
 mod kill;
 mod languages;
 mod sandbox;
+mod security;
 mod splits;
 
 use std::io::Read;
@@ -23,6 +24,13 @@ pub fn mr() -> Command {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join("mr-cache"),
     );
     c.env_remove("RUST_LOG");
+    // Never the user's own state directory or tokens.
+    c.env(
+        "XDG_STATE_HOME",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("state-home"),
+    );
+    c.env_remove("MR_TOKEN");
+    c.env_remove("MR_WORKER_TOKEN");
     c
 }
 

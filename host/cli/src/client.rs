@@ -1,12 +1,15 @@
 //! Talking to a coordinator from the CLI (`submit`, `status`, `cancel`,
-//! `shutdown`): the `--coordinator` flag, connecting with a protocol check,
+//! `shutdown`): the `--coordinator`, `--token-file` and `--insecure`
+//! flags, finding the token, connecting over TLS with a protocol check,
 //! and errors that say what to do.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
 use mr_core::rpc::{context, CoordinatorClient, RpcError, PROTOCOL_VERSION};
+use mr_core::tls::{self, Token, TokenKind};
 
 /// The default coordinator address (also `mr coordinator`'s default).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7400";
@@ -16,6 +19,89 @@ pub struct CoordinatorArg {
     /// The coordinator's address, host:port.
     #[arg(long, env = "MR_COORDINATOR", default_value = DEFAULT_ADDR)]
     pub coordinator: String,
+
+    /// The client token: the file `client.token` in the coordinator's
+    /// state directory. Also MR_TOKEN (the token itself) [default:
+    /// client.token in the default state directory, ~/.local/state/mr].
+    #[arg(long, conflicts_with = "insecure")]
+    pub token_file: Option<PathBuf>,
+
+    /// The token itself (from MR_TOKEN only: a command line is visible to
+    /// other users).
+    #[arg(
+        long = "token-from-env",
+        env = "MR_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// Talk to a coordinator started with --insecure: no TLS, no token.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Where to look for a token of `kind`, in order: a file given, the token
+/// itself from the environment, the default state directory's file.
+///
+/// Fails, with a message saying where to find the right one, if none is
+/// found or the one found is malformed.
+pub fn load_token(
+    kind: TokenKind,
+    file: Option<&Path>,
+    from_env: Option<&str>,
+    env_name: &str,
+) -> anyhow::Result<Token> {
+    let name = match kind {
+        TokenKind::Worker => "worker",
+        TokenKind::Client => "client",
+    };
+    let hint = format!(
+        "use the token in DIR/{name}.token, where DIR is the coordinator's state directory (`mr coordinator` logs it at start), with --token-file or {env_name}; or pass --insecure to reach a coordinator started with --insecure"
+    );
+    let parse = |text: &str, from: &str| {
+        Token::parse_as(text, kind).map_err(|e| {
+            anyhow::anyhow!("not authorized: the token {from} is not usable: {e}; {hint}")
+        })
+    };
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f).map_err(|e| {
+            anyhow::anyhow!(
+                "not authorized: cannot read the token file {}: {e}; {hint}",
+                f.display()
+            )
+        })?;
+        return parse(&text, &format!("in {}", f.display()));
+    }
+    if let Some(t) = from_env.filter(|t| !t.trim().is_empty()) {
+        return parse(t, &format!("in {env_name}"));
+    }
+    let default = tls::default_state_dir().map(|d| kind.file_in(&d));
+    match &default {
+        Some(f) if f.exists() => {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                anyhow::anyhow!(
+                    "not authorized: cannot read the token file {}: {e}; {hint}",
+                    f.display()
+                )
+            })?;
+            parse(&text, &format!("in {}", f.display()))
+        }
+        _ => Err(anyhow::anyhow!(
+            "not authorized: no {name} token given (none in {}); {hint}",
+            default.map_or("the default state directory".into(), |f| f
+                .display()
+                .to_string())
+        )),
+    }
+}
+
+/// Whether a failed connection failed its TLS handshake (rather than
+/// never reaching the coordinator): trying again will not help.
+pub fn is_handshake_failure(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<tls::rustls::Error>().is_some())
+        || e.kind() == std::io::ErrorKind::InvalidData
 }
 
 /// How long one client call may take.
@@ -25,11 +111,42 @@ impl CoordinatorArg {
     /// Connects, retrying for up to `patience` (a coordinator just
     /// started may not listen yet), and checks the protocol version.
     pub async fn connect(&self, patience: Duration) -> anyhow::Result<CoordinatorClient> {
+        Ok(self.connect_and_hello(patience).await?.0)
+    }
+
+    /// Like [`CoordinatorArg::connect`]; also returns the coordinator's
+    /// description of itself.
+    pub async fn connect_and_hello(
+        &self,
+        patience: Duration,
+    ) -> anyhow::Result<(CoordinatorClient, String)> {
+        let token = if self.insecure {
+            None
+        } else {
+            Some(load_token(
+                TokenKind::Client,
+                self.token_file.as_deref(),
+                self.token.as_deref(),
+                "MR_TOKEN",
+            )?)
+        };
+        let tls = match &token {
+            Some(t) => Some(tls::client_config(t.ca, None)?),
+            None => None,
+        };
         let started = Instant::now();
         let mut said = false;
         let client = loop {
-            match mr_core::rpc::connect(&self.coordinator).await {
+            match mr_core::rpc::connect(&self.coordinator, tls.as_ref()).await {
                 Ok(c) => break c,
+                Err(e) if tls::is_wrong_ca(&e) => anyhow::bail!(
+                    "not authorized: the coordinator at {} does not hold a certificate of the cluster CA the token names (it is another cluster's token, or the coordinator's state directory was replaced); use the token in DIR/client.token of that coordinator's state directory",
+                    self.coordinator
+                ),
+                Err(e) if is_handshake_failure(&e) => anyhow::bail!(
+                    "cannot talk to the coordinator at {} over TLS ({e}); if it was started with --insecure, pass --insecure too",
+                    self.coordinator
+                ),
                 Err(e) if started.elapsed() < patience => {
                     if !said && patience >= Duration::from_secs(5) {
                         eprintln!(
@@ -51,10 +168,23 @@ impl CoordinatorArg {
                 }
             }
         };
-        let hello = client.hello(context(CALL), PROTOCOL_VERSION).await;
-        let info = answer(&self.coordinator, hello)?;
+        let text = token.as_ref().map(|t| t.to_string()).unwrap_or_default();
+        let hello = client.hello(context(CALL), PROTOCOL_VERSION, text).await;
+        let info = match hello {
+            Err(e) if self.insecure => anyhow::bail!(
+                "lost the connection to the coordinator at {}: {e}; it most likely requires TLS (the default): drop --insecure and use its client token",
+                self.coordinator
+            ),
+            h => answer(&self.coordinator, h)?,
+        };
         tracing::debug!("connected: {info}");
-        Ok(client)
+        if info.contains("INSECURE") {
+            eprintln!(
+                "warning: the coordinator at {} runs with --insecure: no TLS, no tokens; anyone who can reach it can submit jobs and read their data",
+                self.coordinator
+            );
+        }
+        Ok((client, info))
     }
 }
 

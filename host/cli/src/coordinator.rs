@@ -2,12 +2,14 @@
 //! their tasks to workers.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 use mr_coordinator::state::Config;
 use mr_coordinator::Options;
+use mr_core::tls::TokenKind;
 
 use crate::client::{interrupted, runtime, DEFAULT_ADDR};
 
@@ -15,19 +17,43 @@ use crate::client::{interrupted, runtime, DEFAULT_ADDR};
 /// workers (`mr worker`), re-assign what stalls, commit the output.
 ///
 /// Prints `mr coordinator listening on ADDR` on stdout once it listens.
-/// Ctrl-C stops it; with --state-dir, unfinished jobs resume when it is
-/// started again with the same directory, and workers rejoin by themselves.
-/// `mr shutdown` stops it and every worker.
+/// Ctrl-C stops it; unfinished jobs resume when it is started again with
+/// the same state directory, and workers rejoin by themselves. `mr
+/// shutdown` stops it and every worker.
+///
+/// Secure by default: on first start it makes a cluster CA and two tokens
+/// in its state directory, `worker.token` (for `mr worker`) and
+/// `client.token` (for `mr submit/status/cancel/shutdown`); every
+/// connection is TLS, and workers get certificates bound to their ids.
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
     /// Address to listen on (port 0: any free port, printed on start).
     #[arg(long, default_value = DEFAULT_ADDR)]
     listen: String,
 
-    /// Keep jobs and apps here, so that a restarted coordinator resumes
-    /// unfinished jobs. Without it, a restart forgets every job.
+    /// Keep the cluster CA, the tokens, the journal of jobs and the apps
+    /// here (private to this user), so that a restarted coordinator
+    /// resumes unfinished jobs [default: $XDG_STATE_HOME/mr, else
+    /// ~/.local/state/mr].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+
+    /// Jobs may read inputs and write outputs only under this directory
+    /// (repeatable); any other path, after `..` and symlinks are resolved,
+    /// is refused at submit. Without it every job is refused.
+    #[arg(long = "data-root", value_name = "DIR")]
+    data_roots: Vec<PathBuf>,
+
+    /// No TLS, no tokens, no certificates: anyone who reaches the port can
+    /// submit jobs, join as a worker, and read map output. Only for a
+    /// trusted lab network.
+    #[arg(long)]
+    insecure: bool,
+
+    /// Write new tokens at start: the old ones stop working (workers and
+    /// clients need the new files).
+    #[arg(long, conflicts_with = "insecure")]
+    rotate_tokens: bool,
 
     /// An attempt that makes no progress for this long (its guest neither
     /// runs nor emits; e.g. it sleeps, or its worker hangs) is given up and
@@ -76,14 +102,59 @@ impl CoordinatorArgs {
                 && self.worker_timeout <= mr_core::job::limits::MAX_TIMEOUT,
             "--progress-timeout and --worker-timeout must be at most 7 days"
         );
+        let state_dir = match self.state_dir {
+            Some(d) => d,
+            None => mr_core::tls::default_state_dir().context(
+                "there is no default state directory (neither XDG_STATE_HOME nor HOME is set); pass --state-dir",
+            )?,
+        };
+        let lock = mr_coordinator::security::lock_state_dir(&state_dir)?;
+        let authority = if self.insecure {
+            None
+        } else {
+            Some(Arc::new(mr_coordinator::security::Authority::open(
+                &state_dir,
+                lock.try_clone()
+                    .context("cannot hold the state directory's lock")?,
+                self.rotate_tokens,
+            )?))
+        };
+        match &authority {
+            Some(_) => tracing::info!(
+                "state directory {}: workers join with {}, clients use {}",
+                state_dir.display(),
+                TokenKind::Worker.file_in(&state_dir).display(),
+                TokenKind::Client.file_in(&state_dir).display()
+            ),
+            None => tracing::warn!(
+                "state directory {}; INSECURE (--insecure): no TLS, no tokens; anyone who can reach this port can run jobs, join as a worker and read job data",
+                state_dir.display()
+            ),
+        }
+        let data_roots =
+            mr_core::roots::DataRoots::resolve(&self.data_roots).map_err(anyhow::Error::msg)?;
+        if data_roots.dirs().is_some_and(|d| d.is_empty()) {
+            tracing::warn!("no --data-root: every job will be refused; name the directories jobs may read and write with --data-root DIR");
+        } else {
+            let roots: Vec<String> = data_roots
+                .dirs()
+                .into_iter()
+                .flatten()
+                .map(|d| d.display().to_string())
+                .collect();
+            tracing::info!("jobs may read and write under {}", roots.join(", "));
+        }
         let options = Options {
-            state_dir: self.state_dir,
+            state_dir: Some(state_dir),
             timing: Config {
                 progress_timeout,
                 worker_timeout: self.worker_timeout,
                 heartbeat: self.heartbeat,
                 ..Config::default()
             },
+            authority,
+            insecure: self.insecure,
+            data_roots: data_roots.clone(),
         };
         runtime()?.block_on(async {
             let listener = tokio::net::TcpListener::bind(&self.listen)
@@ -97,6 +168,7 @@ impl CoordinatorArgs {
                 out.flush()?;
             }
             mr_coordinator::serve(listener, options, interrupted()).await?;
+            drop(lock);
             Ok(())
         })
     }

@@ -130,10 +130,7 @@ impl RunArgs {
                 return Ok(Some(code));
             }
         };
-        let engine = Engine::start(Options {
-            state_dir: None,
-            timing: Config::in_process(),
-        })?;
+        let engine = Engine::start(Options::in_process(Config::in_process()))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut worker = tokio::spawn(mr_worker::run(
             WorkerOptions {

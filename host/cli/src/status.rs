@@ -26,8 +26,12 @@ impl StatusArgs {
     pub fn run(self) -> anyhow::Result<()> {
         runtime()?.block_on(async {
             let addr = &self.coordinator.coordinator;
-            let client = self.coordinator.connect(Duration::from_secs(2)).await?;
+            let (client, info) = self
+                .coordinator
+                .connect_and_hello(Duration::from_secs(2))
+                .await?;
             let Some(job) = self.job.clone() else {
+                println!("{info}");
                 let jobs = answer(addr, client.jobs(context(CALL)).await)?;
                 if jobs.is_empty() {
                     println!("no jobs on {addr}");

@@ -44,6 +44,33 @@ pub struct WorkerArgs {
     #[command(flatten)]
     cache: CacheArgs,
 
+    /// The worker token: the file `worker.token` in the coordinator's
+    /// state directory. Also MR_WORKER_TOKEN (the token itself)
+    /// [default: worker.token in the default state directory,
+    /// ~/.local/state/mr].
+    #[arg(long, conflicts_with = "insecure")]
+    token_file: Option<PathBuf>,
+
+    /// The token itself (from MR_WORKER_TOKEN only).
+    #[arg(
+        long = "token-from-env",
+        env = "MR_WORKER_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    token: Option<String>,
+
+    /// Join a coordinator started with --insecure: no TLS, no token, and
+    /// this worker's map output is served to anyone who asks.
+    #[arg(long)]
+    insecure: bool,
+
+    /// Open only files under this directory (repeatable), whatever the
+    /// coordinator allows [default: what the coordinator's --data-root
+    /// allows].
+    #[arg(long = "data-root", value_name = "DIR")]
+    data_roots: Vec<PathBuf>,
+
     /// Announce another protocol version (for testing the refusal).
     #[arg(long, hide = true, default_value_t = mr_core::rpc::PROTOCOL_VERSION)]
     protocol_version: u32,
@@ -61,13 +88,41 @@ impl WorkerArgs {
             "--slots must be at most {}",
             mr_coordinator::state::MAX_SLOTS
         );
+        let (tls, token) = if self.insecure {
+            tracing::warn!("--insecure: no TLS to the coordinator, and map output is served to anyone who can reach this worker");
+            (None, None)
+        } else {
+            let token = crate::client::load_token(
+                mr_core::tls::TokenKind::Worker,
+                self.token_file.as_deref(),
+                self.token.as_deref(),
+                "MR_WORKER_TOKEN",
+            )?;
+            (
+                Some(mr_core::tls::client_config(token.ca, None)?),
+                Some(token),
+            )
+        };
+        let data_roots = if self.data_roots.is_empty() {
+            mr_core::roots::DataRoots::unlimited()
+        } else {
+            mr_core::roots::DataRoots::resolve(&self.data_roots).map_err(anyhow::Error::msg)?
+        };
         let options = WorkerOptions {
+            token,
+            data_roots,
             data_dir: self.data_dir,
             shuffle: Shuffle::Serve(self.shuffle_listen),
             give_up_after: self.give_up_after,
             cache_dir: self.cache.resolve(),
             protocol_version: self.protocol_version,
-            ..WorkerOptions::new(Transport::Tcp(self.coordinator), slots)
+            ..WorkerOptions::new(
+                Transport::Tcp {
+                    addr: self.coordinator,
+                    tls,
+                },
+                slots,
+            )
         };
         runtime()?.block_on(mr_worker::run(options, interrupted()))?;
         Ok(())

@@ -23,11 +23,13 @@ use std::time::Duration;
 
 use mr_core::ids::JobId;
 use mr_core::output::OutputDir;
+use mr_core::roots::DataRoots;
 use mr_core::rpc::{CoordinatorClient, RpcError};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::apps::AppStore;
 use crate::journal::{Journal, JournalError};
+use crate::security::Authority;
 use crate::state::{Action, Config, Now, State};
 
 /// How often time-based rules (timeouts, shutdown) are checked.
@@ -44,6 +46,26 @@ pub struct Options {
     /// temporary directory (a restart forgets every job).
     pub state_dir: Option<PathBuf>,
     pub timing: Config,
+    /// Who may call (`None`: anyone; in process, or `--insecure`).
+    pub authority: Option<Arc<Authority>>,
+    /// Say so to clients: it serves TCP without TLS or tokens.
+    pub insecure: bool,
+    /// Where jobs may read and write.
+    pub data_roots: DataRoots,
+}
+
+impl Options {
+    /// An engine for this process alone (`mr run`): no journal, no
+    /// authority, no data roots.
+    pub fn in_process(timing: Config) -> Self {
+        Options {
+            state_dir: None,
+            timing,
+            authority: None,
+            insecure: false,
+            data_roots: DataRoots::unlimited(),
+        }
+    }
 }
 
 /// Why the coordinator could not run.
@@ -76,6 +98,9 @@ pub(crate) struct Shared {
     pub apps: AppStore,
     /// How long a heartbeat without news is held.
     pub heartbeat: Duration,
+    pub authority: Option<Arc<Authority>>,
+    pub insecure: bool,
+    pub data_roots: DataRoots,
 }
 
 impl Shared {
@@ -329,6 +354,9 @@ impl Engine {
             jobs: Notify::new(),
             apps,
             heartbeat: options.timing.heartbeat,
+            authority: options.authority.clone(),
+            insecure: options.insecure,
+            data_roots: options.data_roots.clone(),
         });
         let mut lp = Loop {
             state,

@@ -10,10 +10,12 @@
 //! - [`journal`]: the state directory's log of durable changes, replayed
 //!   when the coordinator restarts.
 //! - [`apps`]: the content-addressed store of uploaded apps.
+//! - [`security`]: the cluster CA, its tokens and its members' certificates.
 
 pub mod apps;
 pub mod engine;
 pub mod journal;
+pub mod security;
 pub mod server;
 pub mod state;
 

@@ -1,12 +1,29 @@
 //! The RPC adapter around the [`Engine`]'s event loop, and its two
 //! transports: TCP ([`serve`]) and in process ([`in_process`], for `mr
-//! run`). Handlers hold no state of their own: they validate, do slow file
-//! work (locking an output directory, storing an app) outside the loop, and
-//! hand the loop a closure. Long polls (`request_tasks`, `heartbeat`,
-//! `watch`) wait on the engine's notifications, not in the loop.
+//! run`). Handlers hold no state of their own: they check who calls,
+//! validate, do slow file work (locking an output directory, storing an
+//! app) outside the loop, and hand the loop a closure. Long polls
+//! (`request_tasks`, `heartbeat`, `watch`) wait on the engine's
+//! notifications, not in the loop.
+//!
+//! Who may call what (unless `--insecure`; in process, everything):
+//!
+//! | caller | proved by | may call |
+//! |---|---|---|
+//! | anyone | the TLS handshake | `hello`, `register` (each with its token) |
+//! | a client | `hello` with the client token, on that connection | the CLI's calls, `fetch_app` |
+//! | worker `w` | `w`'s current certificate (mTLS) | the worker calls naming `w`, `fetch_app` |
+//!
+//! A connection that has not proved anything within
+//! [`HANDSHAKE_TIMEOUT`] is dropped, and at most [`MAX_PENDING`] wait at
+//! once (a new one pushes out the oldest): idle sockets cannot starve the
+//! cluster.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,13 +32,28 @@ use mr_core::job::{AppRef, JobSpec};
 use mr_core::output::{OutputDir, OutputError};
 use mr_core::rpc::{
     Assignment, AttemptResult, Chunk, Coordinator, CoordinatorClient, Heartbeat, HeartbeatReply,
-    JobDetail, JobSummary, Postcard, Register, Registered, RpcError, LONG_POLL, MAX_FRAME,
-    PROTOCOL_VERSION,
+    JobDetail, JobSummary, Postcard, Register, Registered, RpcError, Work, HANDSHAKE_TIMEOUT,
+    LONG_POLL, MAX_REQUEST_FRAME, PROTOCOL_VERSION,
 };
+use mr_core::tls::{Fingerprint, TokenKind};
 use tarpc::server::{BaseChannel, Channel};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::engine::{Engine, Options, ServeError, Shared};
+use crate::security::Authority;
+
+/// Connections that have not proved who they are, at most (the oldest is
+/// dropped for a new one).
+pub const MAX_PENDING: usize = 256;
+/// Calls in flight on one worker's connection (a report per slot, a
+/// heartbeat, a task request) ...
+const MEMBER_IN_FLIGHT: usize = crate::state::MAX_SLOTS as usize + 16;
+/// ... and on any other connection.
+const CLIENT_IN_FLIGHT: usize = 64;
+/// How long a shuffle grant outlives its reduce attempt's budget (room for
+/// clocks that disagree a little).
+const GRANT_SLACK: Duration = Duration::from_secs(600);
 
 /// How long `watch` gathers a job's changes before it answers (unless the
 /// job ends): at most this many answers a second per watcher.
@@ -32,12 +64,11 @@ const SETTLE_WAIT: Duration = Duration::from_secs(20);
 
 /// Serves one connection's calls (a tarpc channel), each on a task of its
 /// own. (A macro: tarpc's channel types are unwieldy as bounds.)
-macro_rules! spawn_channel {
-    ($channel:expr, $shared:expr) => {{
-        let server = Server { shared: $shared };
-        tokio::spawn($channel.execute(server.serve()).for_each(|call| async {
+macro_rules! channel_calls {
+    ($channel:expr, $server:expr) => {{
+        $channel.execute($server.serve()).for_each(|call| async {
             tokio::spawn(call);
-        }));
+        })
     }};
 }
 
@@ -67,9 +98,11 @@ impl Engine {
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             recovered = self.recovered(),
+            tls = self.shared.authority.is_some(),
             "coordinator listening"
         );
         let shared = self.shared.clone();
+        let gate = Arc::new(Gate::default());
         let accept = async {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -81,12 +114,8 @@ impl Engine {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let framed = tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
-                    .max_frame_length(MAX_FRAME)
-                    .new_framed(stream);
-                let transport = tarpc::serde_transport::new(framed, Postcard::default());
                 tracing::debug!(%peer, "connection");
-                spawn_channel!(BaseChannel::with_defaults(transport), shared.clone());
+                tokio::spawn(connection(stream, peer, shared.clone(), gate.clone()));
             }
         };
         tokio::select! {
@@ -101,17 +130,233 @@ impl Engine {
     }
 }
 
+/// Connections waiting to prove who they are, oldest first.
+#[derive(Default)]
+struct Gate {
+    pending: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    next: AtomicU64,
+}
+
+/// A connection's place at the [`Gate`]; leaves it when dropped.
+struct Waiting {
+    gate: Arc<Gate>,
+    id: u64,
+    evicted: Arc<Notify>,
+}
+
+impl Gate {
+    fn admit(self: &Arc<Self>) -> Waiting {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = Arc::new(Notify::new());
+        let mut p = self.pending.lock().expect("gate lock");
+        p.push_back((id, evicted.clone()));
+        if p.len() > MAX_PENDING {
+            if let Some((_, oldest)) = p.pop_front() {
+                oldest.notify_one();
+            }
+        }
+        Waiting {
+            gate: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut p = self.gate.pending.lock().expect("gate lock");
+        if let Some(i) = p.iter().position(|(id, _)| *id == self.id) {
+            p.remove(i);
+        }
+    }
+}
+
+/// Serves one TCP connection: the TLS handshake (unless `--insecure`),
+/// then its calls, until it closes; or drops it if it does not prove who
+/// it is in time.
+async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, gate: Arc<Gate>) {
+    let Some(authority) = shared.authority.clone() else {
+        let framed = tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_REQUEST_FRAME)
+            .new_framed(stream);
+        let transport = tarpc::serde_transport::new(framed, Postcard::default());
+        let channel =
+            BaseChannel::with_defaults(transport).max_concurrent_requests(MEMBER_IN_FLIGHT);
+        let server = Server {
+            shared,
+            peer: Arc::new(Peer::trusted()),
+        };
+        channel_calls!(channel, server).await;
+        return;
+    };
+    let waiting = gate.admit();
+    let evicted = waiting.evicted.clone();
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config());
+    let stream = tokio::select! {
+        r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %addr, "dropped a connection at the TLS handshake: {e} (a plaintext client, or one not of this cluster)");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %addr, "dropped a connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        },
+        _ = evicted.notified() => {
+            tracing::debug!(peer = %addr, "dropped a connection still in its handshake for a newer one");
+            return;
+        }
+    };
+    let cert = Fingerprint::of_peer(stream.get_ref().1.peer_certificates());
+    let member = cert.is_some_and(|c| authority.member(&c).is_some());
+    let peer = Arc::new(Peer {
+        authority: Some(authority),
+        cert,
+        client: AtomicBool::new(false),
+        proved: Notify::new(),
+        waiting: Mutex::new(Some(waiting)),
+    });
+    if member {
+        peer.proved();
+    }
+    let framed = tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_REQUEST_FRAME)
+        .new_framed(stream);
+    let transport = tarpc::serde_transport::new(framed, Postcard::default());
+    let in_flight = if member {
+        MEMBER_IN_FLIGHT
+    } else {
+        CLIENT_IN_FLIGHT
+    };
+    let channel = BaseChannel::with_defaults(transport).max_concurrent_requests(in_flight);
+    let server = Server {
+        shared,
+        peer: peer.clone(),
+    };
+    // Until it proves who it is, the connection may be pushed out or time out.
+    let unproved = async {
+        if !peer.has_proved() {
+            tokio::select! {
+                _ = peer.proved.notified() => {}
+                _ = evicted.notified() => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !peer.has_proved() {
+                        return;
+                    }
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = channel_calls!(channel, server) => {}
+        _ = unproved => {
+            tracing::debug!(peer = %addr, "dropped a connection that did not prove who it is in time");
+        }
+    }
+}
+
 /// A client connected to the engine in this process.
 pub(crate) fn in_process(shared: Arc<Shared>) -> CoordinatorClient {
     let (client, server) = tarpc::transport::channel::unbounded();
-    spawn_channel!(BaseChannel::with_defaults(server), shared);
+    let server_ = Server {
+        shared,
+        peer: Arc::new(Peer::trusted()),
+    };
+    tokio::spawn(channel_calls!(BaseChannel::with_defaults(server), server_));
     CoordinatorClient::new(tarpc::client::Config::default(), client).spawn()
+}
+
+/// Who is at the other end of a connection.
+struct Peer {
+    /// `None`: trusted (in process, or `--insecure`).
+    authority: Option<Arc<Authority>>,
+    /// The certificate it presented.
+    cert: Option<Fingerprint>,
+    /// It said `hello` with the client token.
+    client: AtomicBool,
+    /// Told once it has proved who it is.
+    proved: Notify,
+    /// Its place at the gate until then.
+    waiting: Mutex<Option<Waiting>>,
+}
+
+impl Peer {
+    fn trusted() -> Self {
+        Peer {
+            authority: None,
+            cert: None,
+            client: AtomicBool::new(false),
+            proved: Notify::new(),
+            waiting: Mutex::new(None),
+        }
+    }
+
+    fn proved(&self) {
+        self.waiting.lock().expect("peer lock").take();
+        self.proved.notify_one();
+    }
+
+    fn has_proved(&self) -> bool {
+        self.waiting.lock().expect("peer lock").is_none()
+    }
+
+    /// Checks the connection is worker `worker`'s; returns its
+    /// certificate (`None` when trusted).
+    ///
+    /// Fails if it has no worker certificate, or another worker's; a
+    /// certificate no longer current gets [`RpcError::UnknownWorker`]
+    /// (register again).
+    fn as_worker(&self, worker: &WorkerId) -> Result<Option<Fingerprint>, RpcError> {
+        let Some(a) = &self.authority else {
+            return Ok(None);
+        };
+        let Some(cert) = self.cert else {
+            return Err(RpcError::Unauthorized(
+                "this call needs the certificate a worker gets when it joins with the worker token"
+                    .into(),
+            ));
+        };
+        match a.member(&cert) {
+            None => Err(RpcError::UnknownWorker),
+            Some(w) if &w == worker => Ok(Some(cert)),
+            Some(w) => Err(RpcError::Unauthorized(format!(
+                "a worker cannot speak for another: this connection is {w}'s, the call names {worker}"
+            ))),
+        }
+    }
+
+    /// Checks the connection said `hello` with the client token.
+    fn as_client(&self) -> Result<(), RpcError> {
+        if self.authority.is_none() || self.client.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(RpcError::Unauthorized(
+            "this call needs the client token (say hello with it first)".into(),
+        ))
+    }
+
+    /// Checks the connection is a client's or a current worker's.
+    fn as_member_or_client(&self) -> Result<(), RpcError> {
+        if self.as_client().is_ok() {
+            return Ok(());
+        }
+        match (&self.authority, self.cert) {
+            (Some(a), Some(c)) if a.member(&c).is_some() => Ok(()),
+            _ => self.as_client(),
+        }
+    }
 }
 
 /// The RPC adapter: one per connection, cheap to clone.
 #[derive(Clone)]
 struct Server {
     shared: Arc<Shared>,
+    peer: Arc<Peer>,
 }
 
 fn blocking_failed(e: tokio::task::JoinError) -> RpcError {
@@ -124,9 +369,21 @@ impl Coordinator for Server {
         _: tarpc::context::Context,
         req: Register,
     ) -> Result<Registered, RpcError> {
-        self.shared
+        let public_key = req.public_key.clone();
+        if let Some(a) = &self.peer.authority {
+            a.check_token(TokenKind::Worker, &req.token)?;
+            a.check_key(&public_key)?;
+        }
+        let mut reg = self
+            .shared
             .state(move |s, now| s.register(now, req))
-            .await?
+            .await??;
+        if let Some(a) = &self.peer.authority {
+            reg.credentials = Some(a.issue(&reg.worker, &public_key)?);
+            self.peer.proved();
+        }
+        reg.data_roots = self.shared.data_roots.dirs().map(|d| d.to_vec());
+        Ok(reg)
     }
 
     async fn heartbeat(
@@ -135,6 +392,7 @@ impl Coordinator for Server {
         worker: WorkerId,
         beat: Heartbeat,
     ) -> Result<HeartbeatReply, RpcError> {
+        self.peer.as_worker(&worker)?;
         // Listen before looking, so news in between is not missed.
         let notified = self.shared.news.notified();
         tokio::pin!(notified);
@@ -170,6 +428,7 @@ impl Coordinator for Server {
         worker: WorkerId,
         free_slots: Vec<u32>,
     ) -> Result<Vec<Assignment>, RpcError> {
+        let cert = self.peer.as_worker(&worker)?;
         let deadline = Instant::now() + LONG_POLL;
         loop {
             // Listen before looking, so a wake-up in between is not missed.
@@ -182,7 +441,7 @@ impl Coordinator for Server {
                 .state(move |s, now| s.request_tasks(now, &w, slots))
                 .await??;
             if !got.is_empty() || Instant::now() >= deadline {
-                return Ok(got);
+                return Ok(self.with_grants(got, cert));
             }
             tokio::select! {
                 _ = notified => {}
@@ -197,15 +456,20 @@ impl Coordinator for Server {
         worker: WorkerId,
         result: AttemptResult,
     ) -> Result<(), RpcError> {
+        self.peer.as_worker(&worker)?;
         self.shared
             .state(move |s, now| s.report(now, &worker, result))
             .await?
     }
 
     async fn goodbye(self, _: tarpc::context::Context, worker: WorkerId) -> Result<(), RpcError> {
-        self.shared
-            .state(move |s, now| s.goodbye(now, &worker))
-            .await
+        self.peer.as_worker(&worker)?;
+        let w = worker.clone();
+        self.shared.state(move |s, now| s.goodbye(now, &w)).await?;
+        if let Some(a) = &self.peer.authority {
+            a.revoke(&worker);
+        }
+        Ok(())
     }
 
     async fn fetch_app(
@@ -214,24 +478,40 @@ impl Coordinator for Server {
         sha256: String,
         offset: u64,
     ) -> Result<Chunk, RpcError> {
+        self.peer.as_member_or_client()?;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.apps.read(&sha256, offset))
             .await
             .map_err(blocking_failed)?
     }
 
-    async fn hello(self, _: tarpc::context::Context, version: u32) -> Result<String, RpcError> {
+    async fn hello(
+        self,
+        _: tarpc::context::Context,
+        version: u32,
+        token: String,
+    ) -> Result<String, RpcError> {
         if version != PROTOCOL_VERSION {
             return Err(RpcError::Refused(format!(
                 "this coordinator speaks mr protocol version {PROTOCOL_VERSION}, this client version {version}; use the same mr release for both"
             )));
         }
+        if let Some(a) = &self.peer.authority {
+            a.check_token(TokenKind::Client, &token)?;
+            self.peer.client.store(true, Ordering::SeqCst);
+            self.peer.proved();
+        }
         let (workers, jobs) = self
             .shared
             .state(|s, _| (s.workers().len(), s.summaries().len()))
             .await?;
+        let mode = if self.shared.insecure {
+            " INSECURE (--insecure: no TLS, no tokens; anyone who reaches it can use it)"
+        } else {
+            ""
+        };
         Ok(format!(
-            "mr coordinator {} (protocol {PROTOCOL_VERSION}): {workers} workers, {jobs} jobs",
+            "mr coordinator {} (protocol {PROTOCOL_VERSION}){mode}: {workers} workers, {jobs} jobs",
             env!("CARGO_PKG_VERSION")
         ))
     }
@@ -243,6 +523,7 @@ impl Coordinator for Server {
         offset: u64,
         chunk: Chunk,
     ) -> Result<bool, RpcError> {
+        self.peer.as_client()?;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.apps.upload(&app, offset, &chunk.0))
             .await
@@ -250,10 +531,12 @@ impl Coordinator for Server {
     }
 
     async fn has_app(self, _: tarpc::context::Context, sha256: String) -> Result<bool, RpcError> {
+        self.peer.as_client()?;
         Ok(self.shared.apps.has(&sha256))
     }
 
     async fn submit(self, _: tarpc::context::Context, spec: JobSpec) -> Result<JobId, RpcError> {
+        self.peer.as_client()?;
         // Checked before the output directory is locked (and, with
         // --force, cleared): a job refused leaves it as it was.
         let check = spec.clone();
@@ -267,13 +550,28 @@ impl Coordinator for Server {
             )));
         }
         let (output, force) = (spec.output.clone(), spec.force);
-        let out = tokio::task::spawn_blocking(move || OutputDir::acquire(&output, force))
-            .await
-            .map_err(blocking_failed)?
-            .map_err(|e| match e {
-                OutputError::Invalid(m) => RpcError::Invalid(m),
-                e @ OutputError::Io { .. } => RpcError::Invalid(format!("{e}")),
-            })?;
+        let roots = self.shared.data_roots.clone();
+        let inputs: Vec<_> = spec.inputs.iter().map(|i| i.path.clone()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            if !roots.is_unlimited() {
+                for i in &inputs {
+                    roots.file(i).map_err(OutputError::Invalid)?;
+                }
+                roots.place(&output).map_err(OutputError::Invalid)?;
+            }
+            let out = OutputDir::acquire(&output, force)?;
+            // Checked again now that it exists (a symlink made meanwhile).
+            if !roots.is_unlimited() {
+                roots.file(&output).map_err(OutputError::Invalid)?;
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(blocking_failed)?
+        .map_err(|e| match e {
+            OutputError::Invalid(m) => RpcError::Invalid(m),
+            e @ OutputError::Io { .. } => RpcError::Invalid(format!("{e}")),
+        })?;
         self.shared
             .call(move |lp, now| {
                 let job = lp.state.submit(now, spec)?;
@@ -291,10 +589,12 @@ impl Coordinator for Server {
     }
 
     async fn jobs(self, _: tarpc::context::Context) -> Result<Vec<JobSummary>, RpcError> {
+        self.peer.as_client()?;
         self.shared.state(|s, _| s.summaries()).await
     }
 
     async fn summary(self, _: tarpc::context::Context, job: JobId) -> Result<JobSummary, RpcError> {
+        self.peer.as_client()?;
         self.shared.state(move |s, _| s.summary(&job)).await?
     }
 
@@ -304,6 +604,7 @@ impl Coordinator for Server {
         job: JobId,
         seen: u64,
     ) -> Result<JobSummary, RpcError> {
+        self.peer.as_client()?;
         // Changes are gathered for a little while (a job of many tiny
         // tasks changes thousands of times a second); its end is told at
         // once.
@@ -349,6 +650,7 @@ impl Coordinator for Server {
     }
 
     async fn job(self, _: tarpc::context::Context, job: JobId) -> Result<JobDetail, RpcError> {
+        self.peer.as_client()?;
         let (summary, report) = self.shared.state(move |s, _| s.detail(&job)).await??;
         Ok(JobDetail {
             summary,
@@ -362,12 +664,44 @@ impl Coordinator for Server {
         job: JobId,
         quiet: bool,
     ) -> Result<JobSummary, RpcError> {
+        self.peer.as_client()?;
         self.shared
             .state(move |s, now| s.cancel(now, &job, quiet))
             .await?
     }
 
     async fn shutdown(self, _: tarpc::context::Context) -> Result<(), RpcError> {
+        self.peer.as_client()?;
         self.shared.state(|s, now| s.shutdown(now)).await?
+    }
+}
+
+impl Server {
+    /// Gives each reduce in `got` its grants to read from the workers that
+    /// hold its input, for the certificate `cert` of the worker that will
+    /// run it.
+    fn with_grants(&self, mut got: Vec<Assignment>, cert: Option<Fingerprint>) -> Vec<Assignment> {
+        let (Some(a), Some(cert)) = (&self.peer.authority, cert) else {
+            return got;
+        };
+        for asg in &mut got {
+            if let Work::Reduce {
+                partition,
+                inputs,
+                grants,
+                ..
+            } = &mut asg.work
+            {
+                let expires = mr_core::tls::now_ms()
+                    .saturating_add(asg.limits.attempt_timeout.as_millis() as u64)
+                    .saturating_add(GRANT_SLACK.as_millis() as u64);
+                *grants = inputs
+                    .hosts
+                    .iter()
+                    .map(|h| a.grant(&h.worker, &cert, &asg.key.job, *partition, expires))
+                    .collect();
+            }
+        }
+        got
     }
 }

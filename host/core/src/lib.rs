@@ -9,14 +9,18 @@
 //!   capabilities a job grants its guests.
 //! - [`output`]: the output directory: locking, task and job commit.
 //! - [`rpc`]: the coordinator's RPC service (tarpc + postcard) and wire types.
+//! - [`tls`]: tokens, certificates, TLS settings and shuffle grants.
+//! - [`roots`]: the data roots jobs may read and write under.
 
 pub mod ids;
 pub mod job;
 pub mod output;
 pub mod partition;
 pub mod report;
+pub mod roots;
 pub mod rpc;
 pub mod split;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch, for reports.
 pub fn now_ms() -> u64 {

@@ -34,12 +34,17 @@ use crate::split::Split;
 
 /// The version of this protocol. Bump it on any change to the service or
 /// its types; mismatched peers are refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
 /// 64 MiB is room for several million map tasks).
 pub const MAX_FRAME: usize = 64 << 20;
+
+/// Largest frame a coordinator accepts: its callers send at most an app
+/// chunk ([`APP_CHUNK`]) and small messages; the big frames go the other
+/// way.
+pub const MAX_REQUEST_FRAME: usize = APP_CHUNK + (1 << 20);
 
 /// Bytes of an app per upload or download call.
 pub const APP_CHUNK: usize = 4 << 20;
@@ -84,9 +89,12 @@ pub trait Coordinator {
 
     // --- the CLI ---
 
-    /// Checks the caller's protocol version; returns the coordinator's
-    /// description of itself.
-    async fn hello(version: u32) -> Result<String, RpcError>;
+    /// Checks the caller's protocol version and, unless the coordinator
+    /// runs with `--insecure`, its client token (the text of
+    /// `DIR/client.token`): every later call on the connection may then
+    /// use the client calls below. Returns the coordinator's description
+    /// of itself.
+    async fn hello(version: u32, token: String) -> Result<String, RpcError>;
 
     /// Stores (part of) an app. Chunks go in order from offset 0; the app
     /// is kept once its size is reached and its sha256 matches. Returns
@@ -139,6 +147,9 @@ pub enum RpcError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// The caller lacks the token or certificate the call needs.
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
 }
 
 /// Bytes on the wire, encoded as one byte string.
@@ -159,6 +170,27 @@ pub struct Register {
     pub shuffle_addr: Option<SocketAddr>,
     /// The id it had before the coordinator restarted, if any.
     pub previous: Option<WorkerId>,
+    /// The worker token (the text of `DIR/worker.token`; empty when the
+    /// coordinator runs with `--insecure`).
+    pub token: String,
+    /// The public key to certify (an uncompressed P-256 point; empty
+    /// with `--insecure`): its private key never leaves the worker.
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+}
+
+/// What a worker joining a secure cluster is given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Its certificate (DER), for `<id>.worker.mr`, signed by the CA.
+    #[serde(with = "serde_bytes")]
+    pub cert: Vec<u8>,
+    /// The cluster CA's certificate (DER).
+    #[serde(with = "serde_bytes")]
+    pub ca: Vec<u8>,
+    /// The key its shuffle server checks grants with (see
+    /// [`crate::tls::grant`]); a new one at each registration.
+    pub shuffle_key: [u8; 32],
 }
 
 /// The coordinator's answer to a registration.
@@ -168,6 +200,12 @@ pub struct Registered {
     /// How often to heartbeat.
     #[serde(with = "crate::job::millis")]
     pub heartbeat: Duration,
+    /// Its certificate (`None` with `--insecure` or in process).
+    pub credentials: Option<Credentials>,
+    /// The trees jobs may read from and write to (the coordinator's
+    /// `--data-root`s, resolved); the worker opens nothing outside them.
+    /// `None`: no limit (in process: `mr run` reads what its user names).
+    pub data_roots: Option<Vec<PathBuf>>,
 }
 
 /// One attempt at one task of one job.
@@ -272,6 +310,9 @@ pub enum Work {
         /// Shared by every reduce assignment of the job.
         inputs: Arc<MapOutputs>,
         output: PathBuf,
+        /// For each of `inputs.hosts`, this reduce's grant to read from it
+        /// (`None` with `--insecure`, or for a host gone).
+        grants: Vec<Option<crate::tls::Grant>>,
     },
 }
 
@@ -444,15 +485,52 @@ impl<Item: DeserializeOwned, SinkItem> tarpc::tokio_serde::Deserializer<Item>
     }
 }
 
-/// Connects to the coordinator at `addr` (`host:port`).
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the coordinator at `addr` (`host:port`), over TLS with
+/// `tls` (see [`crate::tls::client_config`]) or, without, in plain text
+/// (`--insecure`).
 ///
-/// Fails if the address cannot be resolved or nothing accepts the
-/// connection.
-pub async fn connect(addr: &str) -> io::Result<CoordinatorClient> {
-    let mut connecting = tarpc::serde_transport::tcp::connect(addr, Postcard::default);
-    connecting.config_mut().max_frame_length(MAX_FRAME);
-    let transport = connecting.await?;
-    Ok(CoordinatorClient::new(tarpc::client::Config::default(), transport).spawn())
+/// Fails if the address cannot be resolved, nothing accepts the
+/// connection, or the TLS handshake fails (the coordinator is not of the
+/// cluster `tls` pins, or speaks plain text; see
+/// [`crate::tls::is_wrong_ca`]).
+pub async fn connect(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<CoordinatorClient> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let codec = || {
+        let mut b = tarpc::tokio_util::codec::LengthDelimitedCodec::builder();
+        b.max_frame_length(MAX_FRAME);
+        b
+    };
+    let config = tarpc::client::Config::default();
+    match tls {
+        None => {
+            let framed = codec().new_framed(stream);
+            let transport = tarpc::serde_transport::new(framed, Postcard::default());
+            Ok(CoordinatorClient::new(config, transport).spawn())
+        }
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(crate::tls::COORDINATOR_NAME)
+                .expect("a valid name");
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                    )
+                })??;
+            let framed = codec().new_framed(stream);
+            let transport = tarpc::serde_transport::new(framed, Postcard::default());
+            Ok(CoordinatorClient::new(config, transport).spawn())
+        }
+    }
 }
 
 /// How a client reaches a coordinator: over TCP, or in this process
@@ -460,7 +538,11 @@ pub async fn connect(addr: &str) -> io::Result<CoordinatorClient> {
 /// to the coordinator's engine per call).
 #[derive(Clone)]
 pub enum Transport {
-    Tcp(String),
+    /// TCP to `addr`, over TLS with `tls` (`None`: `--insecure`).
+    Tcp {
+        addr: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
     InProcess(Arc<dyn Fn() -> CoordinatorClient + Send + Sync>),
 }
 
@@ -470,7 +552,7 @@ impl Transport {
     /// Fails as [`connect`] does (never in process).
     pub async fn connect(&self) -> io::Result<CoordinatorClient> {
         match self {
-            Transport::Tcp(addr) => connect(addr).await,
+            Transport::Tcp { addr, tls } => connect(addr, tls.as_ref()).await,
             Transport::InProcess(new) => Ok(new()),
         }
     }
@@ -479,7 +561,7 @@ impl Transport {
 impl std::fmt::Display for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Transport::Tcp(addr) => f.write_str(addr),
+            Transport::Tcp { addr, .. } => f.write_str(addr),
             Transport::InProcess(_) => f.write_str("(in process)"),
         }
     }

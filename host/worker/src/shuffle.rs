@@ -16,6 +16,14 @@
 //! one segment of a run file ([`crate::runfile`]), streamed from disk; the
 //! fetcher checks each one's length and crc32 as it writes it to its own
 //! disk, all of a batch into one file.
+//!
+//! Unless the cluster runs with `--insecure`, all of it goes over mutual
+//! TLS: the server presents this worker's certificate (the fetcher checks
+//! it names the worker the coordinator said holds the output), the
+//! fetcher presents its own, and the request carries the coordinator's
+//! grant for that certificate to read that job's partition
+//! ([`mr_core::tls::grant`]). Anything else is refused before a byte of
+//! map output is read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,10 +31,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mr_core::ids::JobId;
+use mr_core::ids::{JobId, WorkerId};
+use mr_core::tls::{self, rustls, tokio_rustls, Fingerprint, Grant};
 use mr_runtime::TaskControl;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::runfile::{SegmentInfo, Source};
@@ -55,6 +64,41 @@ pub struct FetchRequest {
     pub job: JobId,
     pub partition: u32,
     pub maps: Vec<(u32, u32)>,
+    /// The coordinator's grant to read this job's partition here (`None`
+    /// with `--insecure`).
+    pub grant: Option<Grant>,
+}
+
+/// A worker's TLS settings for the shuffle (from its certificate).
+pub struct ShuffleAuth {
+    /// The worker itself.
+    pub me: WorkerId,
+    /// Its shuffle server's: fetchers must present a member's certificate.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Its fetches': the server must be the worker named.
+    pub client: Arc<rustls::ClientConfig>,
+    /// The key grants to read from it are made with.
+    pub key: [u8; 32],
+}
+
+/// How a shuffle server guards its port.
+pub enum Guard {
+    /// Plain TCP, anyone may read (`--insecure`).
+    Insecure,
+    /// Mutual TLS and grants, with the worker's current settings (`None`
+    /// until it has registered: connections are then refused).
+    Tls(Box<dyn Fn() -> Option<Arc<ShuffleAuth>> + Send + Sync>),
+}
+
+/// How a fetch reaches a server.
+#[derive(Clone)]
+pub enum Dial {
+    Plain,
+    /// TLS with these settings, to the worker named.
+    Tls {
+        config: Arc<rustls::ClientConfig>,
+        worker: WorkerId,
+    },
 }
 
 /// The file a map attempt leaves in its job's directory.
@@ -243,7 +287,11 @@ impl MapOutputs {
 }
 
 /// Serves segments of this worker's map outputs until the listener fails.
-pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>) {
+pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>, guard: Guard) {
+    let guard = Arc::new(guard);
+    // Connections in their handshake or request, at most: an idle socket
+    // holds a permit only until [`FETCH_TIMEOUT`].
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(crate::shuffle::MAX_HANDSHAKES));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -253,56 +301,162 @@ pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>) {
                 continue;
             }
         };
-        let outputs = outputs.clone();
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "dropped a shuffle connection: {MAX_HANDSHAKES} others are still in their handshake");
+            continue;
+        };
+        let (outputs, guard) = (outputs.clone(), guard.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &outputs).await {
+            if let Err(e) = handle(stream, peer, &outputs, &guard, permit).await {
                 tracing::debug!(%peer, "shuffle request failed: {e}");
             }
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, outputs: &Arc<MapOutputs>) -> std::io::Result<()> {
+/// Connections a shuffle server takes at once before they have sent
+/// their request.
+pub const MAX_HANDSHAKES: usize = 256;
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    outputs: &Arc<MapOutputs>,
+    guard: &Guard,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let mut head = [0u8; 8];
-    tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut head)).await??;
-    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-    if &head[..4] != MAGIC || len > MAX_REQUEST {
-        return refuse(
-            &mut stream,
-            "not an mr shuffle request (or another mr version)",
-        )
-        .await;
-    }
-    let mut body = vec![0u8; len as usize];
-    tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut body)).await??;
-    let Ok(req) = postcard::from_bytes::<FetchRequest>(&body) else {
-        return refuse(
-            &mut stream,
-            "a malformed shuffle request (another mr version?)",
-        )
-        .await;
+    let auth = match guard {
+        Guard::Insecure => {
+            let mut stream = stream;
+            let Some(req) = read_request(&mut stream).await? else {
+                return Ok(());
+            };
+            drop(permit);
+            let stream = blocking(stream)?;
+            let outputs = outputs.clone();
+            return tokio::task::spawn_blocking(move || send_segments(stream, &outputs, &req))
+                .await
+                .map_err(std::io::Error::other)?;
+        }
+        Guard::Tls(auth) => auth(),
     };
-    if !req.job.is_valid() {
-        return refuse(&mut stream, "a malformed job id").await;
+    let Some(auth) = auth else {
+        return Err(std::io::Error::other("not registered yet: no certificate"));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(auth.server.clone());
+    let mut stream = match tokio::time::timeout(FETCH_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, "dropped a shuffle connection at the TLS handshake: {e} (a plaintext client, or one not of this cluster)");
+            return Ok(());
+        }
+        Err(_) => return Err(std::io::Error::other("no TLS handshake in time")),
+    };
+    let Some(fetcher) = Fingerprint::of_peer(stream.get_ref().1.peer_certificates()) else {
+        return Err(std::io::Error::other("a client without a certificate"));
+    };
+    let Some(req) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
+    let allowed = req.grant.as_ref().is_some_and(|g| {
+        tls::grant_allows(
+            &auth.key,
+            g,
+            &req.job,
+            req.partition,
+            &fetcher,
+            tls::now_ms(),
+        )
+    });
+    if !allowed {
+        tracing::warn!(%peer, job = %req.job, partition = req.partition, "refused a shuffle request without a valid grant from the coordinator");
+        return refuse(
+            &mut stream,
+            "not authorized: no valid grant from the coordinator to read this job's partition here",
+        )
+        .await;
     }
-    if req.maps.len() > MAX_BATCH {
-        return refuse(&mut stream, "too many map outputs in one request").await;
-    }
-    // The rest is file reads and socket writes: on a blocking thread, with
-    // a deadline on every write (a reducer that stops reading is dropped).
-    let stream = stream.into_std()?;
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(FETCH_TIMEOUT))?;
+    drop(permit);
+    let (tcp, conn) = stream.into_inner();
+    let tcp = blocking(tcp)?;
+    let stream = rustls::StreamOwned::new(conn, tcp);
     let outputs = outputs.clone();
     tokio::task::spawn_blocking(move || send_segments(stream, &outputs, &req))
         .await
         .map_err(std::io::Error::other)?
 }
 
+/// `stream` as a blocking socket whose writes time out (a reducer that
+/// stops reading is dropped).
+fn blocking(stream: TcpStream) -> std::io::Result<std::net::TcpStream> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(FETCH_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Reads a request; a malformed one is refused on `stream` (`None`).
+///
+/// Fails if the peer sends nothing in time or the connection breaks.
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<Option<FetchRequest>> {
+    let mut head = [0u8; 8];
+    tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut head)).await??;
+    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    if &head[..4] != MAGIC || len > MAX_REQUEST {
+        refuse(stream, "not an mr shuffle request (or another mr version)").await?;
+        return Ok(None);
+    }
+    let mut body = vec![0u8; len as usize];
+    tokio::time::timeout(FETCH_TIMEOUT, stream.read_exact(&mut body)).await??;
+    let why = match decode_request(&body) {
+        Ok(req) => return Ok(Some(req)),
+        Err(why) => why,
+    };
+    refuse(stream, why).await?;
+    Ok(None)
+}
+
+/// A request's body, checked.
+///
+/// Fails (with what to tell the peer) if it is malformed or too big.
+pub fn decode_request(body: &[u8]) -> Result<FetchRequest, &'static str> {
+    let Ok(req) = postcard::from_bytes::<FetchRequest>(body) else {
+        return Err("a malformed shuffle request (another mr version?)");
+    };
+    if !req.job.is_valid() {
+        return Err("a malformed job id");
+    }
+    if req.maps.len() > MAX_BATCH {
+        return Err("too many map outputs in one request");
+    }
+    Ok(req)
+}
+
+/// A stream whose end can be told to the peer.
+trait Finish: std::io::Write {
+    fn finish(&mut self) -> std::io::Result<()>;
+}
+
+impl Finish for std::net::TcpStream {
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl Finish for rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.conn.send_close_notify();
+        std::io::Write::flush(self)?;
+        self.sock.shutdown(std::net::Shutdown::Write)
+    }
+}
+
 /// Writes the requested segments (or a refusal) to `stream`.
-fn send_segments(
-    stream: std::net::TcpStream,
+fn send_segments<W: Finish>(
+    stream: W,
     outputs: &MapOutputs,
     req: &FetchRequest,
 ) -> std::io::Result<()> {
@@ -318,7 +472,7 @@ fn send_segments(
                 );
                 out.write_all(&refusal(&msg))?;
                 out.flush()?;
-                return out.get_ref().shutdown(std::net::Shutdown::Write);
+                return out.get_mut().finish();
             }
         };
         let mut head = [0u8; 21];
@@ -354,7 +508,7 @@ fn send_segments(
         }
     }
     out.flush()?;
-    out.get_ref().shutdown(std::net::Shutdown::Write)
+    out.get_mut().finish()
 }
 
 /// A refusal on the wire.
@@ -365,7 +519,7 @@ fn refusal(msg: &str) -> Vec<u8> {
     out
 }
 
-async fn refuse(stream: &mut TcpStream, msg: &str) -> std::io::Result<()> {
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, msg: &str) -> std::io::Result<()> {
     stream.write_all(&refusal(msg)).await?;
     stream.shutdown().await
 }
@@ -427,19 +581,49 @@ pub struct Partial {
 /// not check out, or when `dest` cannot be written.
 pub async fn fetch(
     addr: SocketAddr,
+    dial: &Dial,
     req: &FetchRequest,
     dest: &Path,
     offset: u64,
     control: &TaskControl,
 ) -> Result<Vec<SegmentInfo>, Partial> {
     let mut done = Vec::with_capacity(req.maps.len());
-    match fetch_into(addr, req, dest, offset, control, &mut done).await {
+    let r = match connect(addr, dial).await {
+        Ok(Connected::Plain(s)) => fetch_into(s, addr, req, dest, offset, control, &mut done).await,
+        Ok(Connected::Tls(s)) => fetch_into(*s, addr, req, dest, offset, control, &mut done).await,
+        Err(e) => Err(e),
+    };
+    match r {
         Ok(()) => Ok(done),
         Err(error) => Err(Partial { done, error }),
     }
 }
 
-async fn fetch_into(
+enum Connected {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn connect(addr: SocketAddr, dial: &Dial) -> Result<Connected, FetchError> {
+    let stream = timed("cannot connect to", addr, TcpStream::connect(addr)).await?;
+    let _ = stream.set_nodelay(true);
+    let Dial::Tls { config, worker } = dial else {
+        return Ok(Connected::Plain(stream));
+    };
+    let name = rustls::pki_types::ServerName::try_from(tls::worker_name(worker))
+        .map_err(|e| FetchError::Peer(format!("{worker} is not a certificate name: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let s = timed(
+        "no TLS handshake with",
+        addr,
+        connector.connect(name, stream),
+    )
+    .await?;
+    Ok(Connected::Tls(Box::new(s)))
+}
+
+async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     addr: SocketAddr,
     req: &FetchRequest,
     dest: &Path,
@@ -447,13 +631,15 @@ async fn fetch_into(
     control: &TaskControl,
     done: &mut Vec<SegmentInfo>,
 ) -> Result<(), FetchError> {
-    let mut stream = timed("cannot connect to", addr, TcpStream::connect(addr)).await?;
-    let _ = stream.set_nodelay(true);
     let body = postcard::to_stdvec(req).expect("a request serializes");
     let mut msg = MAGIC.to_vec();
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(&body);
-    timed("cannot send to", addr, stream.write_all(&msg)).await?;
+    timed("cannot send to", addr, async {
+        stream.write_all(&msg).await?;
+        stream.flush().await
+    })
+    .await?;
     let mut stream = tokio::io::BufReader::with_capacity(64 * 1024, stream);
     let local =
         |e: std::io::Error| FetchError::Local(format!("cannot write {}: {e}", dest.display()));
@@ -558,7 +744,7 @@ mod tests {
         let outputs = Arc::new(MapOutputs::new(dir.to_path_buf()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, outputs.clone()));
+        tokio::spawn(serve(listener, outputs.clone(), Guard::Insecure));
         (addr, outputs)
     }
 
@@ -576,9 +762,12 @@ mod tests {
             job: job.clone(),
             partition: 1,
             maps: vec![(3, 2), (4, 1)],
+            grant: None,
         };
         let control = TaskControl::default();
-        let got = fetch(addr, &req, &dest, 0, &control).await.unwrap();
+        let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &control)
+            .await
+            .unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(
             (got[0].offset, got[0].len, got[0].records),
@@ -600,7 +789,9 @@ mod tests {
             maps: vec![(3, 2), (3, 1)],
             ..req.clone()
         };
-        let Partial { done, error } = fetch(addr, &missing, &dest, 0, &control).await.unwrap_err();
+        let Partial { done, error } = fetch(addr, &Dial::Plain, &missing, &dest, 0, &control)
+            .await
+            .unwrap_err();
         assert_eq!(done.len(), 1);
         assert!(
             error
@@ -609,16 +800,25 @@ mod tests {
             "{error}"
         );
         // This worker's own disk failing is not the map output's fault.
-        let err = fetch(addr, &req, Path::new("/nonexistent/dir/x"), 0, &control)
-            .await
-            .unwrap_err();
+        let err = fetch(
+            addr,
+            &Dial::Plain,
+            &req,
+            Path::new("/nonexistent/dir/x"),
+            0,
+            &control,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err.error, FetchError::Local(_)), "{err:?}");
         // Path tricks are refused.
         let evil = FetchRequest {
             job: JobId("../../etc".into()),
             ..req
         };
-        assert!(fetch(addr, &evil, &dest, 0, &control).await.is_err());
+        assert!(fetch(addr, &Dial::Plain, &evil, &dest, 0, &control)
+            .await
+            .is_err());
     }
 
     #[tokio::test]
@@ -653,9 +853,10 @@ mod tests {
             job: job.clone(),
             partition: 1,
             maps: vec![(0, 1)],
+            grant: None,
         };
         let dest = dir.path().join("fetched");
-        let got = fetch(addr, &req, &dest, 0, &TaskControl::default())
+        let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &TaskControl::default())
             .await
             .unwrap();
         assert_eq!(got[0].records, 1);
@@ -674,9 +875,11 @@ mod tests {
             job: JobId("job-1".into()),
             partition: 0,
             maps: vec![(0, 1)],
+            grant: None,
         };
         let err = fetch(
             addr,
+            &Dial::Plain,
             &req,
             &dir.path().join("x"),
             0,
@@ -704,9 +907,11 @@ mod tests {
             job: JobId("job-1".into()),
             partition: 0,
             maps: vec![(0, 1)],
+            grant: None,
         };
         let err = fetch(
             addr,
+            &Dial::Plain,
             &req,
             &dir.path().join("x"),
             0,

@@ -94,6 +94,7 @@ impl State {
                     partition: p,
                     inputs: self.map_outputs(r.job),
                     output,
+                    grants: Vec::new(),
                 }
             }
         };

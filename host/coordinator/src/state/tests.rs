@@ -79,6 +79,8 @@ fn register(s: &mut State, now: Now, port: u16) -> WorkerId {
             slots: 2,
             shuffle_addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             previous: None,
+            token: String::new(),
+            public_key: Vec::new(),
         },
     )
     .unwrap()
@@ -172,6 +174,8 @@ fn a_worker_with_another_protocol_version_is_refused() {
                 slots: 1,
                 shuffle_addr: Some("127.0.0.1:1".parse().unwrap()),
                 previous: None,
+                token: String::new(),
+                public_key: Vec::new(),
             },
         )
         .unwrap_err();
@@ -731,6 +735,8 @@ fn recovery_resumes_jobs_from_the_journal() {
                 slots: 2,
                 shuffle_addr: Some("127.0.0.1:1".parse().unwrap()),
                 previous: Some(w.clone()),
+                token: String::new(),
+                public_key: Vec::new(),
             },
         )
         .unwrap();
@@ -1292,6 +1298,8 @@ fn a_worker_claiming_more_slots_than_allowed_is_refused() {
                     slots,
                     shuffle_addr: None,
                     previous: None,
+                    token: String::new(),
+                    public_key: Vec::new(),
                 },
             )
             .unwrap_err();

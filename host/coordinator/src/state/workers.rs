@@ -79,6 +79,8 @@ impl State {
         Ok(Registered {
             worker: id,
             heartbeat: self.config.heartbeat,
+            credentials: None,
+            data_roots: None,
         })
     }
 

@@ -169,6 +169,18 @@ impl Worker {
                 Counters::default(),
             );
         }
+        // Nothing is opened outside the data roots, whoever asks.
+        let resolved = match self.check_paths(&a.work) {
+            Ok(p) => p,
+            Err(message) => {
+                tracing::warn!(key = %a.key, "refused: {message}");
+                let outcome = Outcome::Failed {
+                    message,
+                    retryable: false,
+                };
+                return (outcome, Counters::default());
+            }
+        };
         let sandbox = match self.sandbox(&a.app, &a.limits).await {
             Ok(s) => s,
             Err(message) => {
@@ -190,9 +202,13 @@ impl Worker {
         let name = a.key.task.to_string();
         match (&a.work, a.key.task) {
             (Work::Map { split }, TaskId::Map(index)) => {
+                let mut split = split.clone();
+                if let Some(p) = resolved {
+                    split.path = p;
+                }
                 let task = MapTask {
                     index,
-                    split: split.clone(),
+                    split,
                     reduces: a.limits.reduces,
                     dir: job_dir,
                     sort_buffer: a.limits.sort_buffer.min(usize::MAX as u64) as usize,
@@ -221,6 +237,7 @@ impl Worker {
                     partition,
                     inputs,
                     output,
+                    grants: shuffle_grants,
                 },
                 TaskId::Reduce(_),
             ) => {
@@ -242,7 +259,15 @@ impl Worker {
                     .checked_add(limit)
                     .unwrap_or(now + Duration::from_secs(86_400 * 365));
                 let gathered = self
-                    .gather(&a.key.job, *partition, inputs, &dir, control, deadline)
+                    .gather(
+                        &a.key.job,
+                        *partition,
+                        inputs,
+                        shuffle_grants,
+                        &dir,
+                        control,
+                        deadline,
+                    )
                     .await;
                 preparing.store(false, Ordering::SeqCst);
                 let outcome = match gathered {
@@ -331,6 +356,33 @@ async fn on_thread<T: Send + 'static>(
                         return Err(TaskError::Watchdog(WATCHDOG_GRACE));
                     }
                 }
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Checks a task's paths against the coordinator's data roots and this
+    /// worker's own; returns a map's input path resolved (symlinks and
+    /// `..` gone), to be opened instead.
+    ///
+    /// Fails with a message naming the path and the roots.
+    fn check_paths(&self, work: &Work) -> Result<Option<std::path::PathBuf>, String> {
+        let theirs = self.roots.lock().expect("roots lock").clone();
+        let mine = &self.options.data_roots;
+        if theirs.is_unlimited() && mine.is_unlimited() {
+            return Ok(None);
+        }
+        match work {
+            Work::Map { split } => {
+                let p = theirs.file(&split.path)?;
+                mine.file(&p)?;
+                Ok(Some(p))
+            }
+            Work::Reduce { output, .. } => {
+                let p = theirs.place(output)?;
+                mine.place(&p)?;
+                Ok(None)
             }
         }
     }

@@ -7,11 +7,15 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use mr_core::ids::WorkerId;
-use mr_core::rpc::{context, CoordinatorClient, Register, RpcError, Transport};
+use mr_core::rpc::{context, CoordinatorClient, Credentials, Register, RpcError, Transport};
+use mr_core::tls::{self, rustls, Fingerprint, Identity};
 use mr_runtime::LoadError;
 
 use super::{Worker, WorkerOptions};
+use crate::shuffle::ShuffleAuth;
 
 /// Longest wait between two tries to reach the coordinator.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -35,12 +39,16 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     Sandbox(#[from] LoadError),
+    #[error("the coordinator at {addr} is not of the cluster this worker's token is for: {why}; use the token in the coordinator's DIR/worker.token")]
+    WrongCluster { addr: String, why: String },
 }
 
 /// The connection to the coordinator and this worker's id there.
 pub(crate) struct Link {
     pub client: Option<CoordinatorClient>,
     pub id: Option<WorkerId>,
+    /// The TLS settings with this worker's certificate, once it has one.
+    pub member_tls: Option<Arc<rustls::ClientConfig>>,
     /// The last id, asked back after the coordinator restarts.
     pub previous: Option<WorkerId>,
     /// How long the coordinator holds a heartbeat without news.
@@ -52,6 +60,7 @@ impl Default for Link {
         Link {
             client: None,
             id: None,
+            member_tls: None,
             previous: None,
             heartbeat: Duration::from_secs(1),
         }
@@ -63,7 +72,7 @@ type Call<T> = Result<Result<T, RpcError>, tarpc::client::RpcError>;
 /// Finds the address this machine uses to reach the coordinator (over
 /// TCP), retrying until it answers or `give_up_after` passes.
 pub(super) async fn probe(options: &WorkerOptions) -> Result<IpAddr, WorkerError> {
-    let Transport::Tcp(addr) = &options.coordinator else {
+    let Transport::Tcp { addr, .. } = &options.coordinator else {
         return Ok(IpAddr::from([127, 0, 0, 1]));
     };
     let started = Instant::now();
@@ -129,8 +138,21 @@ impl Worker {
                 return Ok((c.clone(), id.clone()));
             }
             if link.client.is_none() {
-                match self.options.coordinator.connect().await {
+                let transport = match (&self.options.coordinator, &link.member_tls) {
+                    (Transport::Tcp { addr, tls: Some(_) }, Some(member)) => Transport::Tcp {
+                        addr: addr.clone(),
+                        tls: Some(member.clone()),
+                    },
+                    (t, _) => t.clone(),
+                };
+                match transport.connect().await {
                     Ok(c) => link.client = Some(c),
+                    Err(e) if tls::is_wrong_ca(&e) => {
+                        return Err(WorkerError::WrongCluster {
+                            addr: self.options.coordinator.to_string(),
+                            why: e.to_string(),
+                        })
+                    }
                     Err(e) => {
                         let why = e.to_string();
                         retry_or_give_up(&self.options, started, &mut backoff, &mut warned, why)
@@ -140,6 +162,10 @@ impl Worker {
                 }
             }
             let client = link.client.clone().expect("connected above");
+            if let Some(id) = &link.id {
+                // Connected again with the certificate just issued.
+                return Ok((client, id.clone()));
+            }
             let req = Register {
                 previous: link.previous.clone(),
                 ..self.register.clone()
@@ -156,6 +182,14 @@ impl Worker {
                     }
                     // Assignments are numbered afresh for each registration.
                     self.received.store(0, Ordering::SeqCst);
+                    if let Some(c) = &r.credentials {
+                        // Later calls go over a connection that presents
+                        // the new certificate.
+                        link.member_tls = Some(self.certified(&r.worker, c)?);
+                        link.client = None;
+                    }
+                    *self.roots.lock().expect("roots lock") =
+                        mr_core::roots::DataRoots::from_resolved(r.data_roots.clone());
                     link.previous = Some(r.worker.clone());
                     link.id = Some(r.worker);
                     link.heartbeat = r.heartbeat;
@@ -174,6 +208,45 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Takes the certificate the coordinator issued: checks it is from
+    /// the CA the token names, and makes the TLS settings of this worker's
+    /// calls and of its shuffle server and fetches from it.
+    ///
+    /// Fails if the coordinator sent a CA other than the token's.
+    fn certified(
+        &self,
+        id: &WorkerId,
+        c: &Credentials,
+    ) -> Result<Arc<rustls::ClientConfig>, WorkerError> {
+        let wrong = |why: String| WorkerError::WrongCluster {
+            addr: self.options.coordinator.to_string(),
+            why,
+        };
+        let (Some(token), Some(key)) = (&self.options.token, &self.key) else {
+            return Err(wrong(
+                "it sent a certificate to a worker without a token".into(),
+            ));
+        };
+        if Fingerprint::of(&c.ca) != token.ca {
+            return Err(wrong("its CA is not the one the token names".into()));
+        }
+        let ca = rustls::pki_types::CertificateDer::from(c.ca.clone());
+        let identity = Identity {
+            chain: vec![c.cert.clone().into(), ca.clone()],
+            key: key.clone_key(),
+        };
+        let client =
+            tls::client_config(token.ca, Some(&identity)).map_err(|e| wrong(e.to_string()))?;
+        let server = tls::server_config(&ca, &identity, true).map_err(|e| wrong(e.to_string()))?;
+        *self.shuffle_auth.write().expect("shuffle auth lock") = Some(Arc::new(ShuffleAuth {
+            me: id.clone(),
+            server,
+            client: client.clone(),
+            key: c.shuffle_key,
+        }));
+        Ok(client)
     }
 
     /// This worker's id, if registered.

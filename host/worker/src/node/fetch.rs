@@ -14,7 +14,8 @@ use mr_runtime::TaskControl;
 
 use super::Worker;
 use crate::runfile::{SegmentInfo, Source};
-use crate::shuffle::{self, FetchError, FetchRequest, Partial, MAX_BATCH};
+use crate::shuffle::{self, Dial, FetchError, FetchRequest, Partial, MAX_BATCH};
+use mr_core::tls::Grant;
 
 /// Workers fetched from at once.
 const FETCH_PARALLEL: usize = 4;
@@ -33,11 +34,13 @@ impl Worker {
     ///
     /// Fails with the first map output that cannot be had, or, past
     /// `deadline`, the first one not fetched yet from a host.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn gather(
         &self,
         job: &JobId,
         partition: u32,
         outputs: &MapOutputs,
+        grants: &[Option<Grant>],
         dir: &Path,
         control: &TaskControl,
         deadline: tokio::time::Instant,
@@ -86,18 +89,36 @@ impl Worker {
                 got[m as usize] = Some(s);
             }
         }
+        let auth = self.shuffle_auth.read().expect("shuffle auth lock").clone();
+        let secure = self.options.token.is_some();
         let fetches = remote.into_iter().map(|(h, maps)| {
             let host = &outputs.hosts[h as usize];
             let dest = dir.join(format!("from-{h}.seg"));
+            let grant = grants.get(h as usize).copied().flatten();
+            let dial = match &auth {
+                Some(a) => Some(Dial::Tls {
+                    config: a.client.clone(),
+                    worker: host.worker.clone(),
+                }),
+                None if secure => None,
+                None => Some(Dial::Plain),
+            };
             async move {
                 let Some(addr) = host.addr else {
                     let (m, a) = maps[0];
                     let why = format!("worker {} serves no map output", host.worker);
                     return Err((m, a, FetchError::Peer(why)));
                 };
-                fetch_host(addr, job, partition, maps, &dest, control, deadline)
-                    .await
-                    .map(|segs| (dest, segs))
+                let Some(dial) = dial else {
+                    let (m, a) = maps[0];
+                    let why = "this worker has no certificate yet".to_string();
+                    return Err((m, a, FetchError::Local(why)));
+                };
+                fetch_host(
+                    addr, &dial, grant, job, partition, maps, &dest, control, deadline,
+                )
+                .await
+                .map(|segs| (dest, segs))
             }
         });
         let mut results = futures::stream::iter(fetches).buffer_unordered(FETCH_PARALLEL);
@@ -119,8 +140,11 @@ impl Worker {
 /// batches, trying a batch again (a few times, with backoff, from its
 /// first missing segment) when the serving worker refused or failed, but
 /// not when it stalled, or this worker's disk failed.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_host(
     addr: std::net::SocketAddr,
+    dial: &Dial,
+    grant: Option<Grant>,
     job: &JobId,
     partition: u32,
     maps: Vec<(u32, u32)>,
@@ -138,10 +162,13 @@ async fn fetch_host(
                 job: job.clone(),
                 partition,
                 maps: batch[from..].to_vec(),
+                grant,
             };
-            let fetched =
-                tokio::time::timeout_at(deadline, shuffle::fetch(addr, &req, dest, end, control))
-                    .await;
+            let fetched = tokio::time::timeout_at(
+                deadline,
+                shuffle::fetch(addr, dial, &req, dest, end, control),
+            )
+            .await;
             let (done, error) = match fetched {
                 Ok(Ok(done)) => (done, None),
                 Ok(Err(Partial { done, error })) => (done, Some(error)),

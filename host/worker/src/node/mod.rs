@@ -40,14 +40,16 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use mr_core::roots::DataRoots;
 use mr_core::rpc::{AttemptKey, Register, TaskLimits, Transport};
+use mr_core::tls::{rustls, Token};
 use mr_runtime::{LoadError, Sandbox, SandboxEngine, TaskControl};
 use tokio::sync::Notify;
 
-use crate::shuffle::{self, MapOutputs};
+use crate::shuffle::{self, MapOutputs, ShuffleAuth};
 use crate::WATCHDOG_GRACE;
 
 pub use connection::WorkerError;
@@ -97,6 +99,12 @@ pub struct WorkerOptions {
     pub preloaded: Vec<Preloaded>,
     /// How long stopping waits for running attempts to end.
     pub stop_grace: Duration,
+    /// The worker token (`None`: the coordinator is in process or runs
+    /// with `--insecure`). With it, `coordinator` must be TLS.
+    pub token: Option<Token>,
+    /// Trees this worker itself allows jobs to read and write (beside the
+    /// coordinator's data roots; unlimited: only the coordinator's).
+    pub data_roots: DataRoots,
 }
 
 impl WorkerOptions {
@@ -114,6 +122,8 @@ impl WorkerOptions {
             engine: None,
             preloaded: Vec::new(),
             stop_grace: WATCHDOG_GRACE,
+            token: None,
+            data_roots: DataRoots::unlimited(),
         }
     }
 }
@@ -140,6 +150,12 @@ pub(crate) struct Worker {
     pub engine: SandboxEngine,
     pub apps: apps::AppCache,
     pub outputs: Arc<MapOutputs>,
+    /// This worker's private key (with a token).
+    pub key: Option<rustls::pki_types::PrivateKeyDer<'static>>,
+    /// Its certificate's TLS settings for the shuffle, once registered.
+    pub shuffle_auth: RwLock<Option<Arc<ShuffleAuth>>>,
+    /// The coordinator's data roots.
+    pub roots: Mutex<DataRoots>,
 }
 
 /// Runs a worker until `shutdown` completes, the coordinator tells it to
@@ -180,6 +196,13 @@ pub async fn run(
         None => None,
     };
     let outputs = Arc::new(MapOutputs::new(data.jobs()));
+    let (key, public_key) = match &options.token {
+        Some(_) => {
+            let (k, p) = mr_core::tls::new_key();
+            (Some(k), p)
+        }
+        None => (None, Vec::new()),
+    };
     let worker = Arc::new(Worker {
         register: Register {
             version: options.protocol_version,
@@ -188,7 +211,16 @@ pub async fn run(
             slots: options.slots,
             shuffle_addr,
             previous: None,
+            token: options
+                .token
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            public_key,
         },
+        key,
+        shuffle_auth: RwLock::new(None),
+        roots: Mutex::new(DataRoots::unlimited()),
         link: tokio::sync::Mutex::new(connection::Link::default()),
         running: Mutex::new(HashMap::new()),
         free: Mutex::new((0..options.slots).collect()),
@@ -201,7 +233,21 @@ pub async fn run(
         options,
     });
     worker.client().await?;
-    let shuffle = listener.map(|l| tokio::spawn(shuffle::serve(l, outputs)));
+    let shuffle = listener.map(|l| {
+        let guard = if worker.options.token.is_some() {
+            let w = Arc::downgrade(&worker);
+            shuffle::Guard::Tls(Box::new(move || {
+                w.upgrade()?
+                    .shuffle_auth
+                    .read()
+                    .expect("shuffle auth lock")
+                    .clone()
+            }))
+        } else {
+            shuffle::Guard::Insecure
+        };
+        tokio::spawn(shuffle::serve(l, outputs, guard))
+    });
     let heartbeats = tokio::spawn(worker.clone().heartbeat_loop());
     let requests = tokio::spawn(worker.clone().request_loop());
     let (hb_abort, req_abort) = (heartbeats.abort_handle(), requests.abort_handle());

@@ -47,6 +47,8 @@ impl Coordinator for Fake {
         Ok(Registered {
             worker: req.previous.unwrap_or(WorkerId(format!("w{}", s.next))),
             heartbeat: Duration::from_millis(50),
+            credentials: None,
+            data_roots: None,
         })
     }
     async fn heartbeat(
@@ -87,7 +89,7 @@ impl Coordinator for Fake {
         let s = self.0.lock().unwrap();
         Ok(Chunk(s.app[offset as usize..].to_vec()))
     }
-    async fn hello(self, _: Context, _: u32) -> Result<String, RpcError> {
+    async fn hello(self, _: Context, _: u32, _: String) -> Result<String, RpcError> {
         unused()
     }
     async fn upload_app(self, _: Context, _: AppRef, _: u64, _: Chunk) -> Result<bool, RpcError> {
@@ -153,6 +155,8 @@ fn worker(fake: &Fake, dir: &std::path::Path) -> Arc<Worker> {
             slots: options.slots,
             shuffle_addr: None,
             previous: None,
+            token: String::new(),
+            public_key: Vec::new(),
         },
         link: tokio::sync::Mutex::new(connection::Link::default()),
         running: Mutex::new(Default::default()),
@@ -163,6 +167,9 @@ fn worker(fake: &Fake, dir: &std::path::Path) -> Arc<Worker> {
         apps: apps::AppCache::new(dir.join("apps"), &[]),
         engine: SandboxEngine::new().unwrap(),
         outputs: Arc::new(MapOutputs::new(dir.join("jobs"))),
+        key: None,
+        shuffle_auth: std::sync::RwLock::new(None),
+        roots: Mutex::new(mr_core::roots::DataRoots::unlimited()),
         options,
     })
 }
@@ -234,7 +241,13 @@ async fn an_unreachable_coordinator_is_given_up_after_the_time_allowed() {
         .port();
     let options = WorkerOptions {
         give_up_after: Duration::from_millis(300),
-        ..WorkerOptions::new(Transport::Tcp(format!("127.0.0.1:{port}")), 1)
+        ..WorkerOptions::new(
+            Transport::Tcp {
+                addr: format!("127.0.0.1:{port}"),
+                tls: None,
+            },
+            1,
+        )
     };
     let started = std::time::Instant::now();
     let err = connection::probe(&options).await.unwrap_err();
@@ -412,7 +425,7 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     std::fs::create_dir_all(&scratch).unwrap();
     let control = TaskControl::default();
     let got = w
-        .gather(&job, 1, &mine, &scratch, &control, far())
+        .gather(&job, 1, &mine, &[], &scratch, &control, far())
         .await
         .unwrap();
     assert_eq!(got.len(), 2);
@@ -423,7 +436,7 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     let mut lost = mine.clone();
     lost.maps[1].attempt = 9;
     let (map, attempt, _) = w
-        .gather(&job, 1, &lost, &scratch, &control, far())
+        .gather(&job, 1, &lost, &[], &scratch, &control, far())
         .await
         .unwrap_err();
     assert_eq!((map, attempt), (1, 9));
@@ -435,7 +448,7 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     });
     elsewhere.maps[0].host = 1;
     let (map, _, e) = w
-        .gather(&job, 1, &elsewhere, &scratch, &control, far())
+        .gather(&job, 1, &elsewhere, &[], &scratch, &control, far())
         .await
         .unwrap_err();
     assert_eq!(map, 0);
@@ -474,6 +487,7 @@ async fn a_host_that_does_not_send_within_the_attempts_budget_is_blamed() {
             &job,
             0,
             &outputs,
+            &[],
             &scratch,
             &TaskControl::default(),
             deadline,

@@ -1,0 +1,182 @@
+//! Data roots: the trees a coordinator lets jobs read inputs from and write
+//! outputs to (`mr coordinator --data-root DIR`, repeatable). A path is
+//! inside a root when, with `..` and every symlink resolved, it lies under
+//! the root (resolved the same way). The coordinator checks a job's paths
+//! at submit; each worker checks them again before it opens anything.
+//!
+//! [`DataRoots::unlimited`] means no limit: `mr run` reads what its own
+//! user names. A coordinator given no `--data-root` has no roots at all
+//! and refuses every job.
+
+use std::path::{Component, Path, PathBuf};
+
+/// The resolved roots (`None`: no limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataRoots(Option<Vec<PathBuf>>);
+
+impl DataRoots {
+    /// No limit (`mr run`).
+    pub fn unlimited() -> Self {
+        DataRoots(None)
+    }
+
+    /// Resolves `dirs` (each must be an existing directory).
+    ///
+    /// Fails with a message naming the first that is not.
+    pub fn resolve(dirs: &[PathBuf]) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for d in dirs {
+            let c = std::fs::canonicalize(d)
+                .map_err(|e| format!("--data-root {}: {e}", d.display()))?;
+            if !c.is_dir() {
+                return Err(format!("--data-root {} is not a directory", d.display()));
+            }
+            out.push(c);
+        }
+        Ok(DataRoots(Some(out)))
+    }
+
+    /// Roots already resolved (as a coordinator sends them to workers).
+    pub fn from_resolved(dirs: Option<Vec<PathBuf>>) -> Self {
+        DataRoots(dirs)
+    }
+
+    /// The roots (`None`: no limit).
+    pub fn dirs(&self) -> Option<&[PathBuf]> {
+        self.0.as_deref()
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn inside(&self, resolved: &Path) -> bool {
+        match &self.0 {
+            None => true,
+            Some(roots) => roots.iter().any(|r| resolved.starts_with(r)),
+        }
+    }
+
+    fn refusal(&self, path: &Path, resolved: &Path) -> String {
+        let roots: Vec<String> = self
+            .0
+            .iter()
+            .flatten()
+            .map(|r| r.display().to_string())
+            .collect();
+        if roots.is_empty() {
+            return format!(
+                "{} is refused: the coordinator was started without --data-root, so jobs may read and write nowhere; start it with --data-root DIR naming the directories jobs may use",
+                path.display()
+            );
+        }
+        let seen = if resolved == path {
+            String::new()
+        } else {
+            format!(" (it resolves to {})", resolved.display())
+        };
+        format!(
+            "{}{seen} is outside the data roots ({}); jobs may only read and write there (the coordinator's --data-root)",
+            path.display(),
+            roots.join(", ")
+        )
+    }
+
+    /// An existing file's resolved path, if it is inside a root.
+    ///
+    /// Fails if it cannot be resolved or lies outside every root.
+    pub fn file(&self, path: &Path) -> Result<PathBuf, String> {
+        let resolved =
+            std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !self.inside(&resolved) {
+            return Err(self.refusal(path, &resolved));
+        }
+        Ok(resolved)
+    }
+
+    /// A path that may not exist yet (an output directory): its deepest
+    /// existing ancestor resolved, the rest appended (which may not hold
+    /// `..`). Returns that, if it is inside a root.
+    ///
+    /// Fails if it is outside every root, or cannot be resolved.
+    pub fn place(&self, path: &Path) -> Result<PathBuf, String> {
+        let mut existing = path.to_path_buf();
+        let mut rest = Vec::new();
+        let resolved = loop {
+            match std::fs::canonicalize(&existing) {
+                Ok(c) => break c,
+                Err(_) => {
+                    let Some(name) = existing.file_name() else {
+                        return Err(format!("{}: cannot be resolved", path.display()));
+                    };
+                    rest.push(name.to_os_string());
+                    if !existing.pop() {
+                        return Err(format!("{}: cannot be resolved", path.display()));
+                    }
+                    if existing.as_os_str().is_empty() {
+                        existing = PathBuf::from(".");
+                    }
+                }
+            }
+        };
+        let mut full = resolved;
+        for name in rest.iter().rev() {
+            let p = Path::new(name);
+            if p.components().any(|c| !matches!(c, Component::Normal(_))) {
+                return Err(format!("{}: cannot be resolved", path.display()));
+            }
+            full.push(p);
+        }
+        if path.components().any(|c| c == Component::ParentDir) && !rest.is_empty() {
+            // `a/missing/../b`: canonicalize never saw the `..`.
+            return Err(format!(
+                "{}: `..` after a directory that does not exist",
+                path.display()
+            ));
+        }
+        if !self.inside(&full) {
+            return Err(self.refusal(path, &full));
+        }
+        Ok(full)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_outside_the_roots_are_refused_however_they_are_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("secret");
+        std::fs::create_dir_all(root.join("in")).unwrap();
+        std::fs::write(root.join("in/a.txt"), "a").unwrap();
+        std::fs::write(&outside, "s").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("in/link")).unwrap();
+        let roots = DataRoots::resolve(std::slice::from_ref(&root)).unwrap();
+        assert!(roots.file(&root.join("in/a.txt")).is_ok());
+        let e = roots.file(&root.join("in/../../secret")).unwrap_err();
+        assert!(e.contains("outside the data roots"), "{e}");
+        let e = roots.file(&root.join("in/link")).unwrap_err();
+        assert!(e.contains("resolves to"), "{e}");
+        assert!(roots.file(Path::new("/etc/passwd")).is_err());
+        // Outputs that do not exist yet.
+        assert!(roots.place(&root.join("out/new")).is_ok());
+        assert!(roots.place(&root.join("../elsewhere")).is_err());
+        assert!(roots.place(&root.join("missing/../../x")).is_err());
+        assert!(roots.place(Path::new("/tmp/mr-out-anywhere")).is_err());
+        // A prefix that is not a parent is not inside.
+        let sibling = dir.path().join("rootless");
+        std::fs::create_dir_all(&sibling).unwrap();
+        assert!(roots.place(&sibling.join("x")).is_err());
+        assert!(DataRoots::unlimited().file(&outside).is_ok());
+        assert!(
+            DataRoots::resolve(std::slice::from_ref(&outside)).is_err(),
+            "a file is no root"
+        );
+        let none = DataRoots::resolve(&[]).unwrap();
+        let e = none.file(&root.join("in/a.txt")).unwrap_err();
+        assert!(e.contains("without --data-root"), "{e}");
+    }
+}
