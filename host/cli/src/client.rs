@@ -101,7 +101,10 @@ pub fn load_token(
 pub fn is_handshake_failure(e: &std::io::Error) -> bool {
     e.get_ref()
         .is_some_and(|i| i.downcast_ref::<tls::rustls::Error>().is_some())
-        || e.kind() == std::io::ErrorKind::InvalidData
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        )
 }
 
 /// How long one client call may take.
