@@ -199,7 +199,10 @@ pub fn answer<T>(
 ) -> anyhow::Result<T> {
     match r {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
+        Ok(Err(e)) => Err(anyhow::anyhow!(
+            "{}",
+            mr_core::text::escape_controls(&e.to_string())
+        )),
         Err(e) => Err(anyhow::anyhow!(
             "lost the connection to the coordinator at {addr}: {e}"
         )),

@@ -69,12 +69,13 @@ impl StatusArgs {
             println!("running  {} attempts", s.running);
             println!("failed   {} attempts", s.failed_attempts);
             if let Some(e) = &s.error {
-                println!("error    {e}");
+                println!("error    {}", mr_core::text::escape_controls(e));
             }
             for t in detail.report()?.tasks {
                 for a in t.attempts {
                     if a.outcome != "succeeded" {
-                        let first = a.outcome.lines().next().unwrap_or("");
+                        let outcome = mr_core::text::escape_controls(&a.outcome);
+                        let first = outcome.lines().next().unwrap_or("");
                         println!("  {} attempt {} on {}: {first}", t.task, a.attempt, a.worker);
                     }
                 }

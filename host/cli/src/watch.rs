@@ -98,6 +98,7 @@ impl Waiter<'_> {
                     for a in &t.attempts {
                         if let Some(why) = a.outcome.strip_prefix("failed: ") {
                             if seen.insert((t.task, a.attempt)) {
+                                let why = mr_core::text::escape_controls(why);
                                 let first = why.lines().next().unwrap_or("");
                                 bars.attempt_failed(t.task, a.attempt, &a.worker, first);
                             }
@@ -130,7 +131,7 @@ pub fn conclude(detail: &JobDetail, output: &std::path::Path) -> anyhow::Result<
         state => anyhow::bail!(
             "job {} {state}: {}\nits report is in {}/_FAILED",
             s.job,
-            s.error.as_deref().unwrap_or("(no reason given)"),
+            mr_core::text::escape_controls(s.error.as_deref().unwrap_or("(no reason given)")),
             output.display()
         ),
     }

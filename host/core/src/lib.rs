@@ -11,6 +11,7 @@
 //! - [`rpc`]: the coordinator's RPC service (tarpc + postcard) and wire types.
 //! - [`tls`]: tokens, certificates, TLS settings and shuffle grants.
 //! - [`roots`]: the data roots jobs may read and write under.
+//! - [`text`]: guest text made safe to print.
 
 pub mod ids;
 pub mod job;
@@ -20,6 +21,7 @@ pub mod report;
 pub mod roots;
 pub mod rpc;
 pub mod split;
+pub mod text;
 pub mod tls;
 
 /// Milliseconds since the Unix epoch, for reports.

@@ -87,17 +87,23 @@ impl TaskState {
         }
     }
 
-    /// The guest's stdout and stderr so far, lossily decoded.
+    /// The guest's stdout and stderr so far, lossily decoded, with
+    /// terminal control characters escaped: its first and its last bytes
+    /// (where a panic message is), and how many were dropped between.
     pub(crate) fn output(&self) -> String {
         let buf = self.output.buf.lock().expect("output lock");
-        let mut s = String::from_utf8_lossy(&buf.bytes).into_owned();
+        let mut s = String::from_utf8_lossy(&buf.head).into_owned();
         if buf.dropped > 0 {
             s.push_str(&format!(
-                "\n[{} more bytes of guest output dropped]",
+                "\n[... {} bytes of guest output dropped here ...]\n",
                 buf.dropped
             ));
         }
-        s
+        let (a, b) = buf.tail.as_slices();
+        let mut tail = a.to_vec();
+        tail.extend_from_slice(b);
+        s.push_str(&String::from_utf8_lossy(&tail));
+        mr_core::text::escape_controls(&s).into_owned()
     }
 }
 
@@ -315,12 +321,17 @@ impl HostMonotonicClock for FrozenClock {
 
 #[derive(Default)]
 struct Captured {
-    bytes: Vec<u8>,
+    /// The first half of the limit's bytes ...
+    head: Vec<u8>,
+    /// ... the last half's (a ring) ...
+    tail: std::collections::VecDeque<u8>,
+    /// ... and how many went between.
     dropped: u64,
 }
 
-/// Guest stdout/stderr: kept up to a limit, the rest counted and dropped.
-/// Writes always succeed, so a chatty guest is not failed for it.
+/// Guest stdout/stderr: its first and last bytes kept, up to a limit in
+/// all, the rest counted and dropped. Writes always succeed, so a chatty
+/// guest is not failed for it.
 #[derive(Clone)]
 struct CappedPipe {
     buf: Arc<Mutex<Captured>>,
@@ -354,11 +365,7 @@ impl tokio::io::AsyncWrite for CappedPipe {
         _: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let mut buf = self.buf.lock().expect("output lock");
-        let room = self.limit.saturating_sub(buf.bytes.len());
-        let keep = room.min(data.len());
-        buf.bytes.extend_from_slice(&data[..keep]);
-        buf.dropped += (data.len() - keep) as u64;
+        self.buf.lock().expect("output lock").push(data, self.limit);
         Poll::Ready(Ok(data.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -366,5 +373,52 @@ impl tokio::io::AsyncWrite for CappedPipe {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+impl Captured {
+    /// Takes `data`, keeping at most `limit` bytes in all.
+    fn push(&mut self, data: &[u8], limit: usize) {
+        let buf = self;
+        let half = limit / 2;
+        let room = half.saturating_sub(buf.head.len());
+        let (head, rest) = data.split_at(room.min(data.len()));
+        buf.head.extend_from_slice(head);
+        let tail_room = limit - half;
+        // The last `tail_room` bytes of `rest` stay; what they push out of
+        // the ring (or what of `rest` comes before them) is dropped.
+        let rest = if rest.len() > tail_room {
+            buf.dropped += (rest.len() - tail_room) as u64 + buf.tail.len() as u64;
+            buf.tail.clear();
+            &rest[rest.len() - tail_room..]
+        } else {
+            rest
+        };
+        let over = (buf.tail.len() + rest.len()).saturating_sub(tail_room);
+        buf.tail.drain(..over);
+        buf.dropped += over as u64;
+        buf.tail.extend(rest);
+    }
+}
+
+#[cfg(test)]
+mod capture_tests {
+    use super::*;
+
+    /// Regression: the first 64 KiB were kept, so a guest that wrote a lot
+    /// and then panicked lost its panic message.
+    #[test]
+    fn the_head_and_the_tail_are_kept_and_the_gap_is_counted() {
+        let mut c = Captured::default();
+        c.push(b"start\n", 20);
+        for _ in 0..1000 {
+            c.push(b"noise noise\n", 20);
+        }
+        c.push(b"panicked: boom", 20);
+        assert_eq!(c.head, b"start\nnois");
+        let tail: Vec<u8> = c.tail.iter().copied().collect();
+        assert_eq!(tail, b"cked: boom");
+        let total = 6 + 1000 * 12 + 14;
+        assert_eq!(c.dropped as usize, total - 20);
     }
 }

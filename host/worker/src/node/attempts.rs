@@ -155,7 +155,8 @@ impl Worker {
             } else {
                 Outcome::Failed {
                     retryable: e.retryable(grants),
-                    message: e.to_string(),
+                    // Guest text, made safe for the terminals it reaches.
+                    message: mr_core::text::escape_controls(&e.to_string()).into_owned(),
                 }
             }
         };
