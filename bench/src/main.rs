@@ -287,12 +287,32 @@ struct Cluster {
     addr: String,
     coordinator: Child,
     workers: Vec<Child>,
+    /// Where its CA and tokens are (`None`: `--insecure`).
+    state: Option<PathBuf>,
 }
 
 impl Cluster {
-    fn start(mr: &Path, workers: u32, slots: Option<u32>) -> Result<Cluster> {
+    /// A coordinator with its state in `dir` (TLS and tokens, or
+    /// `--insecure`), jobs allowed under `dir`, and its workers.
+    fn start(
+        mr: &Path,
+        dir: &Path,
+        workers: u32,
+        slots: Option<u32>,
+        insecure: bool,
+    ) -> Result<Cluster> {
+        let dir = std::path::absolute(dir)?;
+        let state = dir.join(if insecure {
+            "state-insecure"
+        } else {
+            "state-tls"
+        });
         let mut coordinator = Command::new(mr)
-            .args(["coordinator", "--listen", "127.0.0.1:0"])
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .arg("--data-root")
+            .arg(&dir)
+            .args(insecure.then_some("--insecure"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -304,10 +324,19 @@ impl Cluster {
             .strip_prefix("mr coordinator listening on ")
             .context("mr coordinator did not start")?
             .to_string();
+        let state = (!insecure).then_some(state);
+        let credentials = |kind: &str| match &state {
+            Some(s) => vec![
+                "--token-file".to_string(),
+                s.join(format!("{kind}.token")).display().to_string(),
+            ],
+            None => vec!["--insecure".to_string()],
+        };
         let workers = (0..workers)
             .map(|_| {
                 let mut c = Command::new(mr);
                 c.args(["worker", "--coordinator", &addr]);
+                c.args(credentials("worker"));
                 if let Some(k) = slots {
                     c.args(["--slots", &k.to_string()]);
                 }
@@ -320,15 +349,24 @@ impl Cluster {
             addr,
             coordinator,
             workers,
+            state,
         })
+    }
+
+    /// `mr submit` (or another client command) to this cluster.
+    fn client(&self, mr: &Path, sub: &str) -> Command {
+        let mut c = Command::new(mr);
+        c.args([sub, "--coordinator", &self.addr]);
+        match &self.state {
+            Some(s) => c.arg("--token-file").arg(s.join("client.token")),
+            None => c.arg("--insecure"),
+        };
+        c
     }
 
     /// Shuts the cluster down; returns the largest peak RSS of a worker.
     fn stop(self, mr: &Path) -> Result<f64> {
-        let status = Command::new(mr)
-            .args(["shutdown", "--coordinator", &self.addr])
-            .stdout(Stdio::null())
-            .status()?;
+        let status = self.client(mr, "shutdown").stdout(Stdio::null()).status()?;
         if !status.success() {
             bail!("mr shutdown failed");
         }
@@ -378,10 +416,24 @@ fn bench(a: RunArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
     let slots = a.slots.unwrap_or((cores / a.workers.max(1)).max(1));
     let cluster = if a.workers > 0 {
-        Some(Cluster::start(&a.mr, a.workers, Some(slots))?)
+        Some(Cluster::start(
+            &a.mr,
+            &a.dir,
+            a.workers,
+            Some(slots),
+            false,
+        )?)
     } else {
         None
     };
+    // The same cluster without TLS, tokens or grants, for the cost of them.
+    let insecure = if a.workers > 0 {
+        Some(Cluster::start(&a.mr, &a.dir, a.workers, Some(slots), true)?)
+    } else {
+        None
+    };
+    let insecure_out = a.dir.join("mr-cluster-insecure-wc");
+    let mut open = None;
     let best = |acc: Option<Measured>, m: Measured| match acc {
         Some(b) if b.secs <= m.secs => Some(b),
         _ => Some(m),
@@ -409,10 +461,21 @@ fn bench(a: RunArgs) -> Result<()> {
         )?;
         eprint!(", mr run {:.2} s", m.secs);
         mr = best(mr, m);
+        if let Some(c) = &insecure {
+            let d = measure(
+                c.client(&a.mr, "submit")
+                    .arg(&a.app)
+                    .args(&corpus)
+                    .args(["--reduces", "8", "--force", "--quiet", "--output"])
+                    .arg(&insecure_out)
+                    .stdout(Stdio::null()),
+            )?;
+            eprint!(", cluster --insecure {:.2} s", d.secs);
+            open = best(open, d);
+        }
         if let Some(c) = &cluster {
             let d = measure(
-                Command::new(&a.mr)
-                    .args(["submit", "--coordinator", &c.addr])
+                c.client(&a.mr, "submit")
                     .arg(&a.app)
                     .args(&corpus)
                     .args(["--reduces", "8", "--force", "--quiet", "--output"])
@@ -434,6 +497,17 @@ fn bench(a: RunArgs) -> Result<()> {
         Some(c) => Some(c.stop(&a.mr)?),
         None => None,
     };
+    if let Some(c) = insecure {
+        c.stop(&a.mr)?;
+    }
+    if let (Some(tls), Some(open)) = (&dist, &open) {
+        println!(
+            "cluster with TLS, tokens and grants (the default) against --insecure: best time {:.2} s vs {:.2} s, ratio {:.3}x",
+            tls.secs,
+            open.secs,
+            tls.secs / open.secs
+        );
+    }
 
     let want = sorted_lines(&[native_out])?;
     for (what, dir) in [("mr run", &mr_out), ("the cluster", &cluster_out)] {
@@ -580,7 +654,8 @@ fn tiny_files(a: &RunArgs, cluster: Option<&Cluster>) -> Result<Tiny> {
     let cluster = match cluster {
         Some(c) => {
             let out = std::path::absolute(a.dir.join("tiny-cluster"))?;
-            let m = measure(job("submit", &out).args(["--coordinator", &c.addr]))?;
+            let mut cmd = job("submit", &out);
+            let m = measure(cmd.args(c.client(&a.mr, "submit").get_args().skip(1)))?;
             check(&out)?;
             Some((format!("mr submit, {} workers", c.workers.len()), m))
         }
