@@ -232,6 +232,44 @@ mod tests {
     use mr_core::ids::{TaskId, WorkerId};
     use mr_core::rpc::{AttemptKey, JobState};
 
+    /// A journal damaged on disk is refused (or its torn last line
+    /// dropped), and whatever parses replays into a state without panicking.
+    #[test]
+    fn fuzz_journal_replay_refuses_or_recovers_cleanly() {
+        use mr_core::fuzz::{cases, Rng};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(&Record::Worker { n: 1 }).unwrap();
+        j.append(&started("job-1-1")).unwrap();
+        j.append(&Record::Finished {
+            job: JobId("job-1-1".into()),
+            state: JobState::Failed,
+            error: Some("x".into()),
+            ms: 2,
+        })
+        .unwrap();
+        drop(j);
+        let good = std::fs::read(dir.path().join(FILE)).unwrap();
+        let lines: Vec<Vec<u8>> = good.split(|&b| b == b'\n').map(|l| l.to_vec()).collect();
+        let mut rng = Rng::new(0x5eed_0005);
+        for _ in 0..cases(2_000) {
+            let mut text = Vec::new();
+            for _ in 0..1 + rng.below(6) {
+                text.extend(rng.input(&lines));
+                text.push(b'\n');
+            }
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(FILE), &text).unwrap();
+            if let Ok((_, records)) = Journal::open(d.path()) {
+                let _ = crate::state::State::recover(
+                    crate::state::Config::default(),
+                    records,
+                    crate::state::Now::real(),
+                );
+            }
+        }
+    }
+
     fn started(job: &str) -> Record {
         Record::Started {
             key: AttemptKey {

@@ -12,7 +12,9 @@
 //! - [`tls`]: tokens, certificates, TLS settings and shuffle grants.
 //! - [`roots`]: the data roots jobs may read and write under.
 //! - [`text`]: guest text made safe to print.
+//! - [`fuzz`]: the fuzzing harness of the decoders' tests.
 
+pub mod fuzz;
 pub mod ids;
 pub mod job;
 pub mod output;
@@ -37,3 +39,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// Test builds refuse any one allocation over 1 GiB (see [`fuzz::Bounded`]).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: fuzz::Bounded = fuzz::Bounded(1 << 30);

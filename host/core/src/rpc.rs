@@ -579,3 +579,47 @@ pub fn context(timeout: Duration) -> tarpc::context::Context {
     ctx.deadline = std::time::Instant::now() + timeout;
     ctx
 }
+
+#[cfg(test)]
+mod fuzz_tests {
+    use super::*;
+    use crate::fuzz::{cases, Rng};
+
+    /// Frames as a coordinator and a client decode them: any bytes give a
+    /// message or an error, never a panic or a huge allocation.
+    #[test]
+    fn fuzz_rpc_frames_decode_or_fail_cleanly() {
+        let heartbeat = CoordinatorRequest::Heartbeat {
+            worker: WorkerId("w1".into()),
+            beat: Heartbeat {
+                running: vec![RunningAttempt {
+                    key: AttemptKey {
+                        job: JobId("job-1-1".into()),
+                        task: TaskId::Map(3),
+                        attempt: 1,
+                    },
+                    progress: 9,
+                }],
+                received: 4,
+                jobs: vec![JobId("job-1-1".into())],
+            },
+        };
+        let hello = CoordinatorRequest::Hello {
+            version: PROTOCOL_VERSION,
+            token: "mr1.client.x".into(),
+        };
+        let seeds: Vec<Vec<u8>> = [heartbeat, hello]
+            .into_iter()
+            .map(|r| postcard::to_stdvec(&r).unwrap())
+            .chain([postcard::to_stdvec(&CoordinatorResponse::Jobs(Ok(vec![]))).unwrap()])
+            .collect();
+        let mut rng = Rng::new(0x5eed_0001);
+        for _ in 0..cases(20_000) {
+            let bytes = rng.input(&seeds);
+            let _ = postcard::from_bytes::<tarpc::ClientMessage<CoordinatorRequest>>(&bytes);
+            let _ = postcard::from_bytes::<CoordinatorRequest>(&bytes);
+            let _ = postcard::from_bytes::<tarpc::Response<CoordinatorResponse>>(&bytes);
+            let _ = postcard::from_bytes::<CoordinatorResponse>(&bytes);
+        }
+    }
+}

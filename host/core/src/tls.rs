@@ -531,6 +531,18 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_token_parsing_refuses_cleanly() {
+        use crate::fuzz::{cases, Rng};
+        let t = Token::generate(TokenKind::Client, Fingerprint([3; 32])).to_string();
+        let seeds = vec![t.into_bytes()];
+        let mut rng = Rng::new(0x5eed_0002);
+        for _ in 0..cases(20_000) {
+            let bytes = rng.input(&seeds);
+            let _ = Token::parse(&String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    #[test]
     fn a_grant_is_for_one_job_partition_reducer_and_time() {
         let key = [1u8; 32];
         let job = JobId("job-1-1".into());

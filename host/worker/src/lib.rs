@@ -191,3 +191,9 @@ mod tests {
         run(Box::new(|| Ok(std::thread::current().id()))).unwrap();
     }
 }
+
+/// Test builds refuse any one allocation over 1 GiB (see
+/// [`mr_core::fuzz::Bounded`]).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: mr_core::fuzz::Bounded = mr_core::fuzz::Bounded(1 << 30);

@@ -721,6 +721,50 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both ends of the shuffle protocol take any bytes from the other:
+    /// the server's request decoder, and the fetcher reading a response.
+    #[tokio::test]
+    async fn fuzz_shuffle_messages_are_refused_cleanly() {
+        use mr_core::fuzz::{cases, Rng};
+        let req = FetchRequest {
+            job: JobId("job-1-1".into()),
+            partition: 1,
+            maps: vec![(0, 1), (2, 1)],
+            grant: Some(Grant {
+                expires_ms: 5,
+                mac: [1; 32],
+            }),
+        };
+        let mut ok_response = vec![0u8];
+        ok_response.extend_from_slice(&3u64.to_le_bytes());
+        ok_response.extend_from_slice(&1u64.to_le_bytes());
+        ok_response.extend_from_slice(&crc32fast::hash(b"abc").to_le_bytes());
+        ok_response.extend_from_slice(b"abc");
+        let mut refused = refusal("no such output");
+        refused.splice(0..0, ok_response.clone());
+        let seeds = vec![postcard::to_stdvec(&req).unwrap(), ok_response, refused];
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("fetched");
+        let control = TaskControl::default();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut rng = Rng::new(0x5eed_0004);
+        for _ in 0..cases(5_000) {
+            let bytes = rng.input(&seeds);
+            let _ = decode_request(&bytes);
+            let (mut server, client) = tokio::io::duplex(1 << 16);
+            server.write_all(&bytes).await.unwrap();
+            drop(server);
+            let mut done = Vec::new();
+            let got = tokio::time::timeout(
+                Duration::from_secs(5),
+                fetch_into(client, addr, &req, &dest, 0, &control, &mut done),
+            )
+            .await
+            .expect("a response that ends is never waited on");
+            assert!(got.is_err() || done.len() == req.maps.len());
+        }
+    }
     use crate::runfile::RunFileWriter;
 
     /// A run file of job-1-1 map `map` attempt `attempt` with two
