@@ -273,6 +273,7 @@ fn the_coordinator_checks_every_spec_it_receives() {
         attempt_timeout: Duration::from_secs(600),
         progress_timeout: None,
         grants: Grants::default(),
+        output_format: Default::default(),
     };
     type Twist = fn(&mut JobSpec);
     let hostile: [(&str, Twist); 5] = [

@@ -229,3 +229,113 @@ fn a_map_task_and_its_combiner_share_one_memory_limit() {
         "hoard 2000\n"
     );
 }
+
+/// Regression: a guest's error text with terminal escape sequences was
+/// printed raw by `mr run` (clear the screen, set the title, fake a line).
+#[test]
+fn guest_text_reaches_the_terminal_with_its_control_characters_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = input(tmp.path(), "escapes", "x\n");
+    let out = tmp.path().join("out");
+    let got = mr_run(&[
+        HOSTILE,
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!got.status.success());
+    let err = stderr(&got);
+    assert!(
+        !err.contains('\u{1b}') && !err.contains('\u{7}') && !err.contains('\r'),
+        "{err:?}"
+    );
+    assert!(
+        err.contains("\\x1b[2J\\x1b]0;pwned\\x07\\rjob job-1-1 succeeded"),
+        "{err}"
+    );
+    let failed = std::fs::read_to_string(out.join("_FAILED")).unwrap();
+    assert!(
+        !failed.contains("\\u001b"),
+        "the report holds it escaped too: {failed}"
+    );
+}
+
+/// Regression: only the first 64 KiB of a guest's output were kept, so a
+/// guest that wrote a lot and then panicked lost its panic message.
+#[test]
+fn a_chatty_guests_last_words_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = input(tmp.path(), "chatty", "x\n");
+    let out = tmp.path().join("out");
+    let got = mr_run(&[
+        HOSTILE,
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!got.status.success());
+    let r = report(&out, "_FAILED");
+    let text = r.to_string();
+    assert!(text.contains("the last words of a chatty guest"), "{text}");
+    assert!(
+        text.contains("earlier bytes not shown"),
+        "{text}"
+    );
+}
+
+#[test]
+fn records_the_text_format_cannot_carry_fail_clearly_and_jsonl_carries_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = input(tmp.path(), "badkeys", "x\n");
+    let out = tmp.path().join("out");
+    let got = mr_run(&[
+        HOSTILE,
+        bad.to_str().unwrap(),
+        "--reduces",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!got.status.success());
+    let err = stderr(&got);
+    assert!(
+        err.contains("cannot be written as a `key value` line"),
+        "{err}"
+    );
+    assert!(err.contains("--output-format jsonl"), "{err}");
+    assert!(!out.join("mr-out-0").exists(), "no partial output");
+    // In JSON lines every record round-trips, one line per key.
+    let json = tmp.path().join("json");
+    mr_run_ok(&[
+        HOSTILE,
+        bad.to_str().unwrap(),
+        "--reduces",
+        "1",
+        "--output-format",
+        "jsonl",
+        "--output",
+        json.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(json.join("mr-out-0")).unwrap();
+    let mut got: Vec<(String, String)> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["key"].as_str().unwrap().into(),
+                v["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, String)> = [
+        ("", "1"),
+        ("fine", "multi\nline"),
+        ("line\nbreak", "1"),
+        ("two words", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}

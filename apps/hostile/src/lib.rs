@@ -3,6 +3,9 @@
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
 //! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
 //! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining;
+//! `badkeys` emits keys and values the text output format cannot carry;
+//! `escapes` panics with terminal control sequences, `chatty` after 3 MB
+//! of stderr;
 //! `hoard` holds 40 MiB in map while its combiner takes 40 MiB more;
 //! anything else is counted like `wc`.
 use std::io::Read;
@@ -104,6 +107,27 @@ impl App for Hostile {
                 emit(&batch);
                 std::hint::black_box(&hoard);
             }
+            "badkeys" => {
+                // Records the `key value` text format cannot carry.
+                out.emit("two words", "1");
+                out.emit("line\nbreak", "1");
+                out.emit("", "1");
+                out.emit("fine", "multi\nline");
+            }
+            "escapes" => {
+                // Terminal control sequences in its last words: clear the
+                // screen, set the window title, a fake success line.
+                panic!("\x1b[2J\x1b]0;pwned\x07\rjob job-1-1 succeeded");
+            }
+            "chatty" => {
+                // Writes far more than is kept, then dies: its last words
+                // must survive.
+                let line = "noise ".repeat(100);
+                for _ in 0..5000 {
+                    eprintln!("{line}");
+                }
+                panic!("the last words of a chatty guest");
+            }
             "sleep" => {
                 std::thread::sleep(Duration::from_secs(3600));
                 out.emit("slept", "an hour");
@@ -124,6 +148,9 @@ impl App for Hostile {
     }
 
     fn reduce(key: &str, values: &[&str]) -> String {
+        if key == "fine" || key.contains(' ') || key.contains('\n') || key.is_empty() {
+            return values.join(",");
+        }
         if key == "dup" || key == "hoard" {
             return values
                 .iter()

@@ -69,6 +69,13 @@ pub struct JobArgs {
     /// comma-separated. Files, network and environment are never granted.
     #[arg(long = "allow", value_name = "CAP", value_delimiter = ',', value_parser = ["clock", "random"])]
     pub allow: Vec<String>,
+
+    /// How mr-out-* lines are written: `text` (`key value`, as the lab;
+    /// a key with white space or a line break fails its task, naming it)
+    /// or `jsonl` (one `{"key":…,"value":…}` object per line: any key and
+    /// value).
+    #[arg(long, default_value = "text", value_parser = ["text", "jsonl"])]
+    pub output_format: String,
 }
 
 impl JobArgs {
@@ -144,6 +151,10 @@ impl TryFrom<JobRequest<'_>> for Job {
             attempt_timeout: a.attempt_timeout(),
             progress_timeout: a.progress_timeout,
             grants: a.grants(),
+            output_format: match a.output_format.as_str() {
+                "jsonl" => mr_core::job::OutputFormat::Jsonl,
+                _ => mr_core::job::OutputFormat::Text,
+            },
         };
         spec.validate()?;
         mr_core::output::precheck(&spec.output, spec.force)?;

@@ -98,6 +98,53 @@ pub struct JobSpec {
     #[serde(with = "opt_millis")]
     pub progress_timeout: Option<Duration>,
     pub grants: Grants,
+    /// How `mr-out-*` lines are written (`--output-format`).
+    #[serde(default)]
+    pub output_format: OutputFormat,
+}
+
+/// How a reduce task writes its `mr-out-*` file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// `key value` per line, as the lab's `mr-out-*`: a key may not be
+    /// empty or hold white space or control characters, a value may not
+    /// hold a line break or NUL (a record that would break the format
+    /// fails its task, naming the key).
+    #[default]
+    Text,
+    /// One JSON object per line, `{"key":…,"value":…}`: any key and value.
+    Jsonl,
+}
+
+impl OutputFormat {
+    /// Checks a record fits the format.
+    ///
+    /// Fails with what is wrong with it.
+    pub fn check(self, key: &str, value: &str) -> Result<(), String> {
+        if self == OutputFormat::Jsonl {
+            return Ok(());
+        }
+        let bad_key = key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control());
+        let bad_value = value
+            .chars()
+            .any(|c| matches!(c, '\n' | '\r' | '\0' | '\u{85}' | '\u{2028}' | '\u{2029}'));
+        if !bad_key && !bad_value {
+            return Ok(());
+        }
+        let shown: String = key.chars().take(60).collect();
+        let shown = crate::text::escape_controls(&format!("{shown:?}")).into_owned();
+        let why = if key.is_empty() {
+            "an empty key".to_string()
+        } else if bad_key {
+            format!("the key {shown}, which holds white space or a control character,")
+        } else {
+            format!("the value of key {shown}, which holds a line break or NUL,")
+        };
+        Err(format!(
+            "{why} cannot be written as a `key value` line of mr-out-*; use --output-format jsonl, which carries any key and value"
+        ))
+    }
 }
 
 /// The bounds [`JobSpec::validate`] enforces, and why each has its value.
@@ -334,6 +381,7 @@ mod tests {
             attempt_timeout: Duration::from_secs(600),
             progress_timeout: None,
             grants: Grants::default(),
+            output_format: OutputFormat::Text,
         }
     }
 

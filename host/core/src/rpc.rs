@@ -313,6 +313,8 @@ pub enum Work {
         /// For each of `inputs.hosts`, this reduce's grant to read from it
         /// (`None` with `--insecure`, or for a host gone).
         grants: Vec<Option<crate::tls::Grant>>,
+        /// How to write `output`.
+        format: crate::job::OutputFormat,
     },
 }
 

@@ -122,8 +122,12 @@ impl fmt::Display for GuestFailure {
                 .nth(QUOTE_CHARS)
                 .map(|(i, _)| i)
                 .unwrap_or(0);
-            let cut = if start > 0 { "..." } else { "" };
-            write!(f, "\nguest output:\n{cut}{}", &out[start..])?;
+            let cut = if start > 0 {
+                format!("[... {start} earlier bytes not shown ...]\n")
+            } else {
+                String::new()
+            };
+            write!(f, "\nguest output (its last words):\n{cut}{}", &out[start..])?;
         }
         Ok(())
     }

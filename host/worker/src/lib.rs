@@ -38,6 +38,9 @@ pub enum TaskError {
     Watchdog(std::time::Duration),
     #[error("internal error, a bug in mr (please report it): {0}")]
     Panic(String),
+    /// The guest's output does not fit the output format.
+    #[error("{0}")]
+    BadOutput(String),
 }
 
 impl TaskError {
@@ -52,6 +55,7 @@ impl TaskError {
     pub fn retryable(&self, grants: Grants) -> bool {
         match self {
             TaskError::Guest(g) => grants.nondeterministic() || !g.kind.deterministic(),
+            TaskError::BadOutput(_) => grants.nondeterministic(),
             TaskError::Io { .. } | TaskError::Watchdog(_) | TaskError::Panic(_) => true,
         }
     }

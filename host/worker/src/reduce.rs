@@ -32,6 +32,7 @@ pub struct ReduceTask {
     /// A directory of the attempt's own, for intermediate merges.
     pub scratch: PathBuf,
     pub seed: u64,
+    pub format: mr_core::job::OutputFormat,
 }
 
 /// A finished reduce task's output.
@@ -47,6 +48,7 @@ struct Batch {
     groups: Vec<Group>,
     bytes: usize,
     out: BufWriter<File>,
+    format: mr_core::job::OutputFormat,
     counters: Counters,
 }
 
@@ -71,14 +73,34 @@ impl Batch {
             let v = values
                 .next()
                 .expect("one value per last group (checked by the runtime)");
-            let line = [g.key.as_bytes(), b" ", v.as_bytes(), b"\n"];
-            for part in line {
-                self.out
-                    .write_all(part)
-                    .map_err(TaskError::io("cannot write reduce output"))?;
-            }
+            self.format
+                .check(&g.key, &v)
+                .map_err(TaskError::BadOutput)?;
+            let written = match self.format {
+                mr_core::job::OutputFormat::Text => {
+                    let line = [g.key.as_bytes(), b" ", v.as_bytes(), b"\n"];
+                    for part in line {
+                        self.out
+                            .write_all(part)
+                            .map_err(TaskError::io("cannot write reduce output"))?;
+                    }
+                    g.key.len() + v.len() + 2
+                }
+                mr_core::job::OutputFormat::Jsonl => {
+                    let mut line = serde_json::to_vec(&serde_json::json!({
+                        "key": &g.key,
+                        "value": &v,
+                    }))
+                    .expect("strings serialize");
+                    line.push(b'\n');
+                    self.out
+                        .write_all(&line)
+                        .map_err(TaskError::io("cannot write reduce output"))?;
+                    line.len()
+                }
+            };
             self.counters.reduce_output_records += 1;
-            self.counters.output_bytes += (g.key.len() + v.len() + 2) as u64;
+            self.counters.output_bytes += written as u64;
         }
         self.groups.clear();
         self.bytes = 0;
@@ -137,6 +159,7 @@ fn reduce(
         groups: Vec::new(),
         bytes: 0,
         out: BufWriter::with_capacity(256 * 1024, file),
+        format: task.format,
         counters: Counters::default(),
     };
     let mut current: Option<Group> = None;

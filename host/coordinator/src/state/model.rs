@@ -244,6 +244,7 @@ mod tests {
             attempt_timeout: Duration::from_secs(1),
             progress_timeout: None,
             grants: Grants::default(),
+            output_format: Default::default(),
         };
         let splits = mr_core::split::plan("i", "/i".as_ref(), maps * 10, 10);
         Job::new(JobId("job-1-1".into()), spec, splits, 0)

@@ -90,11 +90,13 @@ impl State {
             },
             TaskId::Reduce(p) => {
                 let output = job.reduce_output(p, key.attempt);
+                let format = job.spec.output_format;
                 Work::Reduce {
                     partition: p,
                     inputs: self.map_outputs(r.job),
                     output,
                     grants: Vec::new(),
+                    format,
                 }
             }
         };

@@ -66,6 +66,7 @@ fn spec(inputs: u32, reduces: u32) -> JobSpec {
         attempt_timeout: Duration::from_secs(600),
         progress_timeout: None,
         grants: Grants::default(),
+        output_format: Default::default(),
     }
 }
 

@@ -239,6 +239,7 @@ impl Worker {
                     inputs,
                     output,
                     grants: shuffle_grants,
+                    format,
                 },
                 TaskId::Reduce(_),
             ) => {
@@ -296,6 +297,7 @@ impl Worker {
                             output: output.clone(),
                             scratch: dir.clone(),
                             seed,
+                            format: *format,
                         };
                         let c = control.clone();
                         let run = move || crate::reduce::run(&sandbox, &task, &c);
