@@ -104,6 +104,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
             clock: false,
             random: true,
         },
+        output_format: Default::default(),
     };
     let job = s.submit(now(clock, ms), spec)?;
     let mut running: Vec<Vec<Assignment>> = vec![Vec::new(); workers as usize];
