@@ -277,10 +277,7 @@ fn a_chatty_guests_last_words_are_kept() {
     let r = report(&out, "_FAILED");
     let text = r.to_string();
     assert!(text.contains("the last words of a chatty guest"), "{text}");
-    assert!(
-        text.contains("earlier bytes not shown"),
-        "{text}"
-    );
+    assert!(text.contains("earlier bytes not shown"), "{text}");
 }
 
 #[test]
@@ -338,4 +335,48 @@ fn records_the_text_format_cannot_carry_fail_clearly_and_jsonl_carries_them() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     assert_eq!(got, want);
+}
+
+/// Regression: a batch was copied into host memory the task's budget does
+/// not count, however big; now one `emit` carries at most 16 MiB, and the
+/// message says so before any backtrace.
+#[test]
+fn an_emit_batch_over_the_cap_fails_with_the_cause_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = input(tmp.path(), "bigbatch", "x\n");
+    let out = tmp.path().join("out");
+    let got = mr_run(&[
+        HOSTILE,
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!got.status.success());
+    let err = stderr(&got);
+    let cause = err
+        .find("over the limit of 16777216 per `emit` call")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        err.find("wasm backtrace").is_none_or(|b| b > cause),
+        "the cause comes first: {err}"
+    );
+}
+
+#[test]
+fn an_app_too_big_to_start_is_told_so_without_the_split_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = input(tmp.path(), "ok.txt", "alpha beta\n");
+    let out = tmp.path().join("out");
+    let got = mr_run(&[
+        HOSTILE,
+        ok.to_str().unwrap(),
+        "--memory-limit",
+        "1MiB",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!got.status.success());
+    let err = stderr(&got);
+    assert!(err.contains("memory to start"), "{err}");
+    assert!(!err.contains("--split-size"), "{err}");
 }

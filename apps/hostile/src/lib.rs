@@ -3,7 +3,7 @@
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
 //! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
 //! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining;
-//! `badkeys` emits keys and values the text output format cannot carry;
+//! `bigbatch` emits 20 MiB in one call; `badkeys` emits keys and values the text output format cannot carry;
 //! `escapes` panics with terminal control sequences, `chatty` after 3 MB
 //! of stderr;
 //! `hoard` holds 40 MiB in map while its combiner takes 40 MiB more;
@@ -113,6 +113,17 @@ impl App for Hostile {
                 out.emit("line\nbreak", "1");
                 out.emit("", "1");
                 out.emit("fine", "multi\nline");
+            }
+            "bigbatch" => {
+                // One `emit` of 20 MiB, over the host's 16 MiB per call.
+                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
+                let batch: Vec<Kv> = (0..20)
+                    .map(|i| Kv {
+                        key: format!("big{i}"),
+                        value: "x".repeat(1 << 20),
+                    })
+                    .collect();
+                emit(&batch);
             }
             "escapes" => {
                 // Terminal control sequences in its last words: clear the

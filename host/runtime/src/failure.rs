@@ -34,6 +34,12 @@ pub enum LoadError {
         world = crate::WORLD
     )]
     WrongWorld { path: String, detail: String },
+    #[error(
+        "{path} imports `{import}`, which the sandbox does not provide (it gives guests mr:app/host \
+         and WASI 0.2 without files, network or environment); build the app without it \
+         (e.g. componentize-js with --disable http,fetch-event)"
+    )]
+    ExtraImport { path: String, import: String },
     #[error("cannot set up the sandbox: {0}")]
     Engine(String),
 }
@@ -82,6 +88,9 @@ pub struct GuestFailure {
     pub message: String,
     /// The guest's stdout/stderr (bounded), e.g. a Rust panic message.
     pub guest_output: String,
+    /// Out of memory before it ran: its initial memory is over the limit
+    /// (the input's size has nothing to do with it).
+    pub at_start: bool,
 }
 
 impl GuestFailure {
@@ -99,6 +108,7 @@ impl GuestFailure {
             kind,
             message,
             guest_output: String::new(),
+            at_start: false,
         }
     }
 
@@ -127,7 +137,11 @@ impl fmt::Display for GuestFailure {
             } else {
                 String::new()
             };
-            write!(f, "\nguest output (its last words):\n{cut}{}", &out[start..])?;
+            write!(
+                f,
+                "\nguest output (its last words):\n{cut}{}",
+                &out[start..]
+            )?;
         }
         Ok(())
     }
@@ -159,6 +173,18 @@ pub(crate) fn classify(
         );
     }
     if let Some(size) = state.limiter.exceeded {
+        if state.limiter.at_start {
+            let mut f = GuestFailure::new(
+                FailureKind::OutOfMemory,
+                format!(
+                    "the app needs {} of memory to start, above its limit of {} (raise it with --memory-limit)",
+                    mib(size),
+                    mib(config.memory_limit)
+                ),
+            );
+            f.at_start = true;
+            return f;
+        }
         return GuestFailure::new(
             FailureKind::OutOfMemory,
             format!(
@@ -195,7 +221,12 @@ pub(crate) fn classify(
             "the guest trapped: out-of-bounds memory access (a bug in the app, or its own stack overflowed)",
         ),
         Some(trap) => GuestFailure::new(FailureKind::Trap, format!("the guest trapped: {trap}")),
-        None => GuestFailure::new(FailureKind::Trap, format!("the guest failed: {e:#}")),
+        // The cause first (e.g. a bad value across the boundary), then the
+        // wasm backtrace wasmtime wraps it in.
+        None => GuestFailure::new(
+            FailureKind::Trap,
+            format!("the guest failed: {}\n{e:?}", e.root_cause()),
+        ),
     }
 }
 
@@ -246,4 +277,17 @@ pub(crate) fn check_imports(
         }
     }
     Ok(())
+}
+
+/// The import a component needs that the linker lacks, from wasmtime's
+/// message (`... imports instance `X`, but a matching implementation was
+/// not found in the linker`).
+pub(crate) fn missing_import(e: &wasmtime::Error) -> Option<String> {
+    let text = format!("{e:#}");
+    if !text.contains("matching implementation was not found") {
+        return None;
+    }
+    let start = text.find('`')? + 1;
+    let len = text[start..].find('`')?;
+    Some(text[start..start + len].to_string())
 }

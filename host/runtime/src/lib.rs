@@ -44,6 +44,11 @@ mod bindings {
 pub use bindings::mr::app::types::{Group, Kv};
 use bindings::{Mapreduce, MapreducePre};
 
+/// The most key and value bytes one `emit` call may hand over: the host
+/// copies a batch out of the guest, outside the guest's memory limit, so
+/// it is kept well below that (the SDKs send about 1 MiB).
+pub const MAX_EMIT_BATCH: usize = 16 << 20;
+
 /// The name and version of the world apps implement.
 pub const WORLD: &str = "mr:app/mapreduce@0.1.0";
 /// How often the epoch advances.
@@ -179,19 +184,25 @@ impl Sandbox {
             wasi::freeze_timers(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         }
         let missing = failure::missing_exports(&engine.engine, &component);
-        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
-            path: name.clone(),
-            detail: if missing.is_empty() {
-                format!("{e:#}")
-            } else {
-                format!(
-                    "it does not export {}",
-                    missing
-                        .iter()
-                        .map(|m| format!("`{m}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+        let wrong_world = |e: wasmtime::Error| match failure::missing_import(&e) {
+            Some(import) if missing.is_empty() => LoadError::ExtraImport {
+                path: name.clone(),
+                import,
+            },
+            _ => LoadError::WrongWorld {
+                path: name.clone(),
+                detail: if missing.is_empty() {
+                    format!("{e:#}")
+                } else {
+                    format!(
+                        "it does not export {}",
+                        missing
+                            .iter()
+                            .map(|m| format!("`{m}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
             },
         };
         let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;

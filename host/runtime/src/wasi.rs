@@ -78,6 +78,7 @@ impl TaskState {
                 shared: control.clone(),
                 mine: 0,
                 exceeded: None,
+                at_start: false,
             },
             output,
             sink,
@@ -122,6 +123,14 @@ impl Host for TaskState {
             self.protocol_error = Some("the guest called `emit` outside `map`".into());
             wasmtime::bail!("emit called outside map");
         };
+        let bytes: usize = pairs.iter().map(|p| p.key.len() + p.value.len()).sum();
+        if bytes > crate::MAX_EMIT_BATCH {
+            self.protocol_error = Some(format!(
+                "the guest emitted a batch of {bytes} bytes, over the limit of {} per `emit` call; emit in smaller batches (the SDKs send about 1 MiB)",
+                crate::MAX_EMIT_BATCH
+            ));
+            wasmtime::bail!("emit batch too large");
+        }
         if let Err(e) = sink(pairs) {
             self.host_error = Some(e.clone());
             wasmtime::bail!("{e}");
@@ -190,6 +199,8 @@ pub(crate) struct Limiter {
     mine: usize,
     /// The task total a refused growth asked for.
     pub(crate) exceeded: Option<usize>,
+    /// That growth was a memory's first (its initial size).
+    pub(crate) at_start: bool,
 }
 
 impl Limiter {
@@ -224,7 +235,11 @@ impl ResourceLimiter for Limiter {
         if maximum.is_some_and(|m| desired > m) {
             return Ok(false); // refused by the module's own maximum: charge nothing
         }
-        self.charge(current, desired)
+        let r = self.charge(current, desired);
+        if r.is_err() && current == 0 {
+            self.at_start = true;
+        }
+        r
     }
 
     fn table_growing(

@@ -106,7 +106,7 @@ pub fn run(
             buffer.discard();
             // A spill that failed in the app's combiner is the app's failure.
             let mut failure = buffer.combine_failure.clone().unwrap_or(e);
-            if failure.kind == mr_runtime::FailureKind::OutOfMemory {
+            if failure.kind == mr_runtime::FailureKind::OutOfMemory && !failure.at_start {
                 failure.message.push_str(&format!(
                     "; this task's input split is {} KiB, so a smaller --split-size also helps",
                     (split.end - split.start) >> 10
