@@ -13,6 +13,12 @@ use mr_core::rpc::{Chunk, RpcError, APP_CHUNK};
 
 /// Largest app accepted (a Python app is ~18 MB, a JavaScript one ~10 MB).
 pub const MAX_APP: u64 = 1 << 30;
+/// Bytes of apps kept at most, uploads under way included: past it, apps
+/// no unfinished job uses are forgotten (least recently stored first) to
+/// make room, and an upload that still does not fit is refused.
+pub const QUOTA: u64 = 4 << 30;
+/// Uploads under way at once.
+pub const MAX_UPLOADS: usize = 8;
 
 /// Apps on disk, and uploads under way.
 pub struct AppStore {
@@ -20,6 +26,8 @@ pub struct AppStore {
     _tmp: Option<tempfile::TempDir>,
     /// sha256 → (bytes received so far, the partial file, last chunk).
     uploads: Mutex<HashMap<String, (u64, File, std::time::Instant)>>,
+    /// [`QUOTA`] (less in tests).
+    quota: u64,
 }
 
 fn valid_sha(sha: &str) -> Result<(), RpcError> {
@@ -55,6 +63,7 @@ impl AppStore {
             dir,
             _tmp: tmp,
             uploads: Mutex::new(HashMap::new()),
+            quota: QUOTA,
         })
     }
 
@@ -81,7 +90,13 @@ impl AppStore {
     ///
     /// Fails on an out-of-order chunk, an app too large, or bytes that do
     /// not match the sha256.
-    pub fn upload(&self, app: &AppRef, offset: u64, chunk: &[u8]) -> Result<bool, RpcError> {
+    pub fn upload(
+        &self,
+        app: &AppRef,
+        offset: u64,
+        chunk: &[u8],
+        in_use: &std::collections::HashSet<String>,
+    ) -> Result<bool, RpcError> {
         valid_sha(&app.sha256)?;
         if self.has(&app.sha256) {
             return Ok(true);
@@ -103,6 +118,14 @@ impl AppStore {
         });
         let part = self.dir.join(format!("{}.part", app.sha256));
         if offset == 0 {
+            uploads.remove(&app.sha256);
+            if uploads.len() >= MAX_UPLOADS {
+                return Err(RpcError::Invalid(format!(
+                    "the coordinator takes {MAX_UPLOADS} app uploads at once; try again in a moment"
+                )));
+            }
+            let pending: u64 = uploads.values().map(|(got, _, _)| *got).sum();
+            self.make_room(app.size + pending, in_use)?;
             let file = File::create(&part).map_err(internal("cannot store the app"))?;
             uploads.insert(app.sha256.clone(), (0, file, std::time::Instant::now()));
         }
@@ -138,6 +161,53 @@ impl AppStore {
         Ok(true)
     }
 
+    /// Forgets apps no unfinished job uses (`in_use`), least recently
+    /// stored first, until `extra` more bytes fit in the [`QUOTA`].
+    ///
+    /// Fails if they cannot be made to fit.
+    fn make_room(
+        &self,
+        extra: u64,
+        in_use: &std::collections::HashSet<String>,
+    ) -> Result<(), RpcError> {
+        let mut apps: Vec<(std::time::SystemTime, u64, PathBuf, bool)> =
+            std::fs::read_dir(&self.dir)
+                .map_err(internal("cannot list the app store"))?
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let path = e.path();
+                    let sha = path.file_stem()?.to_str()?.to_string();
+                    let m = e.metadata().ok()?;
+                    let stored = path.extension().is_some_and(|x| x == "wasm");
+                    let used = !stored || in_use.contains(&sha);
+                    Some((
+                        m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                        m.len(),
+                        path,
+                        used,
+                    ))
+                })
+                .collect();
+        let mut total: u64 = apps.iter().map(|a| a.1).sum::<u64>() + extra;
+        apps.sort_by_key(|a| a.0);
+        for (_, len, path, used) in &apps {
+            if total <= self.quota {
+                break;
+            }
+            if !used && std::fs::remove_file(path).is_ok() {
+                tracing::info!(app = %path.display(), "forgot an app no unfinished job uses, to make room");
+                total -= len;
+            }
+        }
+        if total > self.quota {
+            return Err(RpcError::Invalid(format!(
+                "the coordinator's app store is full: its {} MiB are held by apps of unfinished jobs; wait for them to end",
+                self.quota >> 20
+            )));
+        }
+        Ok(())
+    }
+
     /// Up to [`APP_CHUNK`] bytes of an app from `offset` (empty at its end).
     ///
     /// Fails if there is no such app.
@@ -163,6 +233,10 @@ impl AppStore {
 mod tests {
     use super::*;
 
+    fn none() -> std::collections::HashSet<String> {
+        Default::default()
+    }
+
     fn app(bytes: &[u8]) -> AppRef {
         AppRef {
             name: "a.wasm".into(),
@@ -177,8 +251,8 @@ mod tests {
         let bytes: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         let a = app(&bytes);
         assert!(!store.has(&a.sha256));
-        assert!(!store.upload(&a, 0, &bytes[..4000]).unwrap());
-        assert!(store.upload(&a, 4000, &bytes[4000..]).unwrap());
+        assert!(!store.upload(&a, 0, &bytes[..4000], &none()).unwrap());
+        assert!(store.upload(&a, 4000, &bytes[4000..], &none()).unwrap());
         assert!(store.has(&a.sha256));
         assert_eq!(store.read(&a.sha256, 0).unwrap().0, bytes);
         assert_eq!(store.read(&a.sha256, 9000).unwrap().0, &bytes[9000..]);
@@ -190,14 +264,60 @@ mod tests {
         let store = AppStore::open(None).unwrap();
         let bytes = b"0123456789";
         let a = app(bytes);
-        assert!(store.upload(&a, 5, &bytes[5..]).is_err(), "must start at 0");
-        store.upload(&a, 0, &bytes[..5]).unwrap();
-        assert!(store.upload(&a, 7, &bytes[7..]).is_err(), "out of order");
+        assert!(
+            store.upload(&a, 5, &bytes[5..], &none()).is_err(),
+            "must start at 0"
+        );
+        store.upload(&a, 0, &bytes[..5], &none()).unwrap();
+        assert!(
+            store.upload(&a, 7, &bytes[7..], &none()).is_err(),
+            "out of order"
+        );
         let mut wrong = a.clone();
         wrong.sha256 = mr_core::sha256_hex(b"other");
-        let err = store.upload(&wrong, 0, bytes).unwrap_err();
+        let err = store.upload(&wrong, 0, bytes, &none()).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
         assert!(store.read(&"0".repeat(64), 0).is_err());
         assert!(store.read("../../etc/passwd", 0).is_err());
+    }
+
+    #[test]
+    fn the_store_forgets_unused_apps_to_stay_in_its_quota_and_bounds_uploads() {
+        let mut store = AppStore::open(None).unwrap();
+        store.quota = 20;
+        let small = app(b"small app");
+        store.upload(&small, 0, b"small app", &none()).unwrap();
+        // An app the size of the quota: the unused one makes room.
+        let mut huge = app(b"x");
+        huge.size = 15;
+        huge.sha256 = "f".repeat(64);
+        let in_use: std::collections::HashSet<String> = [small.sha256.clone()].into();
+        let e = store.upload(&huge, 0, b"x", &in_use).unwrap_err();
+        assert!(e.to_string().contains("app store is full"), "{e}");
+        assert!(store.has(&small.sha256), "an app in use is kept");
+        assert!(!store.upload(&huge, 0, b"x", &none()).unwrap());
+        assert!(!store.has(&small.sha256), "an unused one is forgotten");
+        // At most MAX_UPLOADS at once.
+        for i in 0..MAX_UPLOADS - 1 {
+            let mut a = app(b"y");
+            a.size = 2;
+            a.sha256 = format!("{:064x}", i + 1);
+            store.upload(&a, 0, b"y", &none()).unwrap_err_or_pending();
+        }
+        let mut one_more = app(b"z");
+        one_more.size = 2;
+        one_more.sha256 = "e".repeat(64);
+        let e = store.upload(&one_more, 0, b"z", &none()).unwrap_err();
+        assert!(e.to_string().contains("at once"), "{e}");
+    }
+
+    trait Pending {
+        fn unwrap_err_or_pending(self);
+    }
+
+    impl Pending for Result<bool, RpcError> {
+        fn unwrap_err_or_pending(self) {
+            assert_eq!(self, Ok(false), "an upload under way");
+        }
     }
 }

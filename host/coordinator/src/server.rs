@@ -525,7 +525,8 @@ impl Coordinator for Server {
     ) -> Result<bool, RpcError> {
         self.peer.as_client()?;
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.apps.upload(&app, offset, &chunk.0))
+        let in_use = self.shared.state(|s, _| s.apps_in_use()).await?;
+        tokio::task::spawn_blocking(move || shared.apps.upload(&app, offset, &chunk.0, &in_use))
             .await
             .map_err(blocking_failed)?
     }

@@ -10,6 +10,15 @@ use super::model::{TaskRef, TaskState};
 use super::State;
 
 impl State {
+    /// The apps (sha256) of jobs not over yet: the app store keeps them.
+    pub fn apps_in_use(&self) -> std::collections::HashSet<String> {
+        self.jobs
+            .values()
+            .filter(|j| !j.state.is_final())
+            .map(|j| j.spec.app.sha256.clone())
+            .collect()
+    }
+
     /// Every job, oldest first.
     pub fn summaries(&self) -> Vec<JobSummary> {
         self.jobs.keys().map(|&seq| self.summary_of(seq)).collect()
