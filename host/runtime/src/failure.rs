@@ -291,3 +291,28 @@ pub(crate) fn missing_import(e: &wasmtime::Error) -> Option<String> {
     let len = text[start..].find('`')?;
     Some(text[start..start + len].to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_import_the_sandbox_lacks_is_named() {
+        let e = wasmtime::Error::msg("instance not defined").context(
+            "component imports instance `wasi:http/types@0.2.0`, but a matching implementation was not found in the linker",
+        );
+        assert_eq!(missing_import(&e).as_deref(), Some("wasi:http/types@0.2.0"));
+        let msg = LoadError::ExtraImport {
+            path: "app.wasm".into(),
+            import: "wasi:http/types@0.2.0".into(),
+        }
+        .to_string();
+        assert!(
+            msg.starts_with(
+                "app.wasm imports `wasi:http/types@0.2.0`, which the sandbox does not provide"
+            ),
+            "{msg}"
+        );
+        assert_eq!(missing_import(&wasmtime::Error::msg("other")), None);
+    }
+}

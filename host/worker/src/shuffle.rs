@@ -909,6 +909,44 @@ mod tests {
         assert!(outputs.segment(&job, 0, 1, 1).is_err());
     }
 
+    /// Regression: a fetcher that stops reading held a serving thread
+    /// (and its task's output) forever; now each write has a deadline.
+    #[tokio::test]
+    async fn a_reducer_that_stops_reading_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, outputs) = server(dir.path()).await;
+        let job = JobId("job-1-1".into());
+        std::fs::create_dir_all(outputs.job_dir(&job)).unwrap();
+        let mut w = RunFileWriter::create(&outputs.path(&job, 0, 1), 1).unwrap();
+        let value = vec![b'v'; 1 << 20];
+        for i in 0..48u32 {
+            w.write(0, format!("k{i:03}").as_bytes(), &value).unwrap();
+        }
+        let index = w.finish().unwrap();
+        let req = FetchRequest {
+            job,
+            partition: 0,
+            maps: vec![(0, 1)],
+            grant: None,
+        };
+        let body = postcard::to_stdvec(&req).unwrap();
+        let mut msg = MAGIC.to_vec();
+        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        msg.extend_from_slice(&body);
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&msg).await.unwrap();
+        // Read nothing for longer than the server waits on a write.
+        tokio::time::sleep(FETCH_TIMEOUT + Duration::from_secs(3)).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+        assert!(
+            (got.len() as u64) < index[0].len,
+            "the server gave up part way ({} of {} bytes)",
+            got.len(),
+            index[0].len
+        );
+    }
+
     #[tokio::test]
     async fn a_dead_server_is_an_error_not_a_hang() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
