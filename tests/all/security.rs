@@ -599,3 +599,52 @@ fn the_default_state_dir_holds_the_tokens_and_rotation_revokes_them() {
     rotated.kill().unwrap();
     rotated.wait().unwrap();
 }
+
+/// Regression: after a coordinator restart anyone with the worker token
+/// could ask for a live worker's id back (`previous`) before it rejoined,
+/// and get its certificate and grant key.
+#[test]
+fn an_id_goes_back_only_to_the_holder_of_its_certificate() {
+    let mut c = Cluster::start(&["--worker-timeout", "60s"]);
+    c.worker(&["--slots", "1"]);
+    let (_, real) = shuffle_of(&c.logs[1]);
+    let addr = c.addr.clone();
+    c.kill_coordinator();
+    c.start_coordinator(&addr);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stolen = rt.block_on(async {
+        let text = token(&c, "worker");
+        let t = Token::parse(&text).unwrap();
+        let anon = tls::client_config(t.ca, None).unwrap();
+        let client = mr_core::rpc::connect(&c.addr, Some(&anon)).await.unwrap();
+        let (_, public_key) = tls::new_key();
+        let mut ids = Vec::new();
+        for spelling in [
+            real.0.clone(),
+            real.0.replace('w', "w0"),
+            real.0.replace('w', "w+"),
+        ] {
+            let mut req = register(text.clone(), public_key.clone());
+            req.previous = Some(WorkerId(spelling));
+            let reg = client.register(context(QUICK), req).await.unwrap().unwrap();
+            ids.push(reg.worker);
+        }
+        ids
+    });
+    for id in &stolen {
+        assert_ne!(id, &real, "an intruder got {real}'s id");
+        assert!(!id.0.contains('+') && !id.0.starts_with("w0"), "{id}");
+    }
+    // The real worker rejoins under its own id and runs a job.
+    let out = c.out("after-restart");
+    ok(&c.submit(&strs(&book_args(WC, &out, &[]))));
+    let r = crate::cluster::success(&out);
+    let workers: Vec<&str> = r["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["attempts"].as_array().unwrap())
+        .map(|a| a["worker"].as_str().unwrap())
+        .collect();
+    assert!(workers.iter().all(|w| *w == real.0), "{workers:?}");
+}

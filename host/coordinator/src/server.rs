@@ -35,7 +35,7 @@ use mr_core::rpc::{
     JobDetail, JobSummary, Postcard, Register, Registered, RpcError, Work, HANDSHAKE_TIMEOUT,
     LONG_POLL, MAX_REQUEST_FRAME, PROTOCOL_VERSION,
 };
-use mr_core::tls::{Fingerprint, TokenKind};
+use mr_core::tls::{self, Fingerprint, TokenKind};
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -211,11 +211,18 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, ga
             return;
         }
     };
-    let cert = Fingerprint::of_peer(stream.get_ref().1.peer_certificates());
+    let presented = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let cert = presented.as_ref().map(|c| Fingerprint::of(c));
     let member = cert.is_some_and(|c| authority.member(&c).is_some());
     let peer = Arc::new(Peer {
         authority: Some(authority),
         cert,
+        presented,
         client: AtomicBool::new(false),
         proved: Notify::new(),
         waiting: Mutex::new(Some(waiting)),
@@ -275,7 +282,9 @@ pub(crate) fn in_process(shared: Arc<Shared>) -> CoordinatorClient {
 struct Peer {
     /// `None`: trusted (in process, or `--insecure`).
     authority: Option<Arc<Authority>>,
-    /// The certificate it presented.
+    /// The certificate it presented (checked against the CA by the
+    /// handshake), and its fingerprint.
+    presented: Option<tls::rustls::pki_types::CertificateDer<'static>>,
     cert: Option<Fingerprint>,
     /// It said `hello` with the client token.
     client: AtomicBool,
@@ -290,6 +299,7 @@ impl Peer {
         Peer {
             authority: None,
             cert: None,
+            presented: None,
             client: AtomicBool::new(false),
             proved: Notify::new(),
             waiting: Mutex::new(None),
@@ -330,6 +340,20 @@ impl Peer {
         }
     }
 
+    /// Whether the connection presented a certificate of the CA for
+    /// worker `id` (issued before the coordinator restarted, say).
+    fn holds_certificate_of(&self, id: &WorkerId) -> bool {
+        let Some(der) = &self.presented else {
+            return false;
+        };
+        let Ok(name) = tls::rustls::pki_types::ServerName::try_from(tls::worker_name(id)) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(der)
+            .and_then(|c| c.verify_is_valid_for_subject_name(&name))
+            .is_ok()
+    }
+
     /// Checks the connection said `hello` with the client token.
     fn as_client(&self) -> Result<(), RpcError> {
         if self.authority.is_none() || self.client.load(Ordering::SeqCst) {
@@ -367,12 +391,20 @@ impl Coordinator for Server {
     async fn register(
         self,
         _: tarpc::context::Context,
-        req: Register,
+        mut req: Register,
     ) -> Result<Registered, RpcError> {
         let public_key = req.public_key.clone();
         if let Some(a) = &self.peer.authority {
             a.check_token(TokenKind::Worker, &req.token)?;
             a.check_key(&public_key)?;
+            // Its old id back only to the holder of that id's certificate:
+            // after a restart, another worker could otherwise claim it.
+            if let Some(p) = &req.previous {
+                if !self.peer.holds_certificate_of(p) {
+                    tracing::warn!(previous = %p, "a worker asked for an id whose certificate it does not hold; giving it a new one");
+                    req.previous = None;
+                }
+            }
         }
         let mut reg = self
             .shared

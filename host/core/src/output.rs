@@ -144,8 +144,13 @@ fn clear_output(dir: &Path) -> Result<(), OutputError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         let res = if name == TEMPORARY {
-            // Ours now (we hold the lock): empty it.
-            clear_dir(&path)
+            // Ours now (we hold the lock): empty it, unless it is not a
+            // real directory (a symlink would have `--force` empty
+            // whatever it points to): then just unlink it.
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => clear_dir(&path),
+                _ => std::fs::remove_file(&path),
+            }
         } else if name.starts_with("mr-out-") {
             std::fs::remove_file(&path)
         } else {
@@ -247,6 +252,17 @@ impl OutputDir {
     }
 
     fn lock(output: &Path) -> Result<OutputDir, OutputError> {
+        // `_temporary` must be a real directory or absent: through a
+        // symlink, a job would create and remove files elsewhere.
+        let temporary = output.join(TEMPORARY);
+        if let Ok(m) = std::fs::symlink_metadata(&temporary) {
+            if !m.is_dir() {
+                return Err(OutputError::Invalid(format!(
+                    "{} is not a directory (a symlink?); remove it",
+                    temporary.display()
+                )));
+            }
+        }
         let lock = std::fs::File::open(output)
             .map_err(io_err(format!("cannot open {}", output.display())))?;
         match lock.try_lock() {
@@ -348,6 +364,27 @@ impl OutputDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: `_temporary` as a symlink had `--force` empty (and a
+    /// job write into) the directory it points to.
+    #[test]
+    fn a_temporary_that_is_a_symlink_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(victim.join("sub")).unwrap();
+        std::fs::write(victim.join("precious.txt"), "keep").unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join(TEMPORARY)).unwrap();
+        for force in [true, false] {
+            let e = OutputDir::acquire(&out, force).unwrap_err();
+            assert!(e.to_string().contains("not a directory"), "{e}");
+        }
+        assert!(OutputDir::reclaim(&out).is_err());
+        assert!(victim.join("precious.txt").exists());
+        assert!(victim.join("sub").exists());
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 2);
+    }
 
     #[test]
     fn a_second_job_on_the_same_directory_is_refused_until_the_first_is_done() {

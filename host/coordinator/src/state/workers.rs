@@ -44,7 +44,8 @@ impl State {
                 && p.0
                     .strip_prefix(prefix.as_str())
                     .and_then(|n| n.parse::<u64>().ok())
-                    .is_some_and(|n| n < self.next_worker)
+                    // Only the one spelling (`w1`, not `w01` or `w+1`).
+                    .is_some_and(|n| n < self.next_worker && p.0 == format!("{prefix}{n}"))
         });
         let id = match reuse {
             Some(id) => id,

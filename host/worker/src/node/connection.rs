@@ -53,6 +53,9 @@ pub(crate) struct Link {
     pub previous: Option<WorkerId>,
     /// How long the coordinator holds a heartbeat without news.
     pub heartbeat: Duration,
+    /// Counts registrations: a call made before the last one that hears
+    /// "unknown worker" does not make the worker register once more.
+    pub registrations: u64,
 }
 
 impl Default for Link {
@@ -63,6 +66,7 @@ impl Default for Link {
             member_tls: None,
             previous: None,
             heartbeat: Duration::from_secs(1),
+            registrations: 0,
         }
     }
 }
@@ -193,6 +197,7 @@ impl Worker {
                     link.previous = Some(r.worker.clone());
                     link.id = Some(r.worker);
                     link.heartbeat = r.heartbeat;
+                    link.registrations += 1;
                 }
                 Ok(Err(e)) => {
                     return Err(WorkerError::Refused {
@@ -268,12 +273,16 @@ impl Worker {
         let mut backoff = Duration::from_millis(100);
         let mut warned = None;
         loop {
+            // Read before `client()`: a registration it makes (or one in
+            // between) makes this call's "unknown worker" stale, so at worst
+            // it is tried once more, never registers twice.
+            let generation = self.link.lock().await.registrations;
             let (client, id) = self.client().await?;
             match call(client, context(timeout), id.clone()).await {
                 Ok(Err(RpcError::UnknownWorker)) => {
-                    tracing::warn!(worker = %id, "the coordinator no longer knows this worker (it restarted?); registering again");
                     let mut link = self.link.lock().await;
-                    if link.id.as_ref() == Some(&id) {
+                    if link.id.as_ref() == Some(&id) && link.registrations == generation {
+                        tracing::warn!(worker = %id, "the coordinator no longer knows this worker (it restarted?); registering again");
                         link.id = None;
                     }
                 }
