@@ -131,8 +131,11 @@ impl CoordinatorArgs {
                 state_dir.display()
             ),
         }
-        let data_roots =
-            mr_core::roots::DataRoots::resolve(&self.data_roots).map_err(anyhow::Error::msg)?;
+        // The state directory holds the CA key and tokens: never a job's,
+        // even under a data root.
+        let data_roots = mr_core::roots::DataRoots::resolve(&self.data_roots)
+            .map_err(anyhow::Error::msg)?
+            .excluding(std::slice::from_ref(&state_dir));
         if data_roots.dirs().is_some_and(|d| d.is_empty()) {
             tracing::warn!("no --data-root: every job will be refused; name the directories jobs may read and write with --data-root DIR");
         } else {

@@ -9,7 +9,7 @@ use std::future::Future;
 
 use mr_core::ids::{JobId, TaskId};
 use mr_core::job::AppRef;
-use mr_core::rpc::{context, Chunk, CoordinatorClient, JobDetail, JobState, RpcError, APP_CHUNK};
+use mr_core::rpc::{context, Chunk, CoordinatorClient, JobDetail, JobState, RpcError};
 
 use crate::client::{answer, CALL};
 use crate::progress::{Observer, Phase};
@@ -155,7 +155,7 @@ pub async fn upload(
         return Ok(());
     }
     let mut offset = 0;
-    for chunk in bytes.chunks(APP_CHUNK) {
+    for chunk in bytes.chunks(mr_core::rpc::UPLOAD_CHUNK) {
         let done = answer(
             addr,
             client

@@ -240,6 +240,11 @@ impl Loop {
             }
             Action::WorkAvailable => self.shared.work.notify_waiters(),
             Action::WorkerNews => self.shared.news.notify_waiters(),
+            Action::WorkerGone(w) => {
+                if let Some(a) = &self.shared.authority {
+                    a.revoke(&w);
+                }
+            }
             Action::JobChanged => self.shared.jobs.notify_waiters(),
             Action::Exit => self.exit = true,
         }
@@ -328,6 +333,11 @@ impl Engine {
             })?;
         let mut outputs = HashMap::new();
         for (job, output) in state.unfinished_jobs() {
+            // Started again with other data roots: a job outside them ends.
+            if let Err(e) = options.data_roots.place(&output) {
+                state.fail_job(now, &job, format!("after the coordinator restarted: {e}"));
+                continue;
+            }
             match OutputDir::reclaim(&output).and_then(|o| o.work_dir(&job.0).map(|w| (o, w))) {
                 Ok((o, work)) => {
                     tracing::info!(%job, "resuming job");

@@ -107,20 +107,19 @@ impl std::fmt::Debug for Authority {
     }
 }
 
-/// Writes `text` to `path` readable by its owner only, atomically.
+/// Writes `text` to `path` readable by its owner only, atomically (a new
+/// file of a random name, `0600`, then renamed over `path`).
 fn write_private(path: &Path, text: &str) -> Result<(), SecurityError> {
-    let tmp = path.with_extension("tmp");
     let what = || format!("cannot write {}", path.display());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut f = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
         .map_err(io(what()))?;
     f.write_all(text.as_bytes()).map_err(io(what()))?;
-    f.sync_all().map_err(io(what()))?;
-    std::fs::rename(&tmp, path).map_err(io(what()))
+    f.as_file().sync_all().map_err(io(what()))?;
+    f.persist(path).map_err(|e| io(what())(e.error))?;
+    Ok(())
 }
 
 fn ca_params() -> Result<CertificateParams, SecurityError> {
@@ -166,9 +165,11 @@ fn leaf_params(name: &str, days: i64) -> Result<CertificateParams, SecurityError
     Ok(p)
 }
 
-/// Makes `dir` (owner only), or checks an existing one is not open to
-/// others (its secrets would be readable).
+/// Makes `dir` (owner only), or checks an existing one is this user's
+/// and nobody else can write it (they could have planted a CA or tokens);
+/// one others can only read is made private (rotate its tokens).
 fn private_dir(dir: &Path) -> Result<(), SecurityError> {
+    use std::os::unix::fs::MetadataExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -178,6 +179,19 @@ fn private_dir(dir: &Path) -> Result<(), SecurityError> {
             dir.display()
         )))?;
     let meta = std::fs::metadata(dir).map_err(io(format!("cannot read {}", dir.display())))?;
+    let me = tempfile::tempfile_in(dir)
+        .and_then(|f| f.metadata())
+        .map_err(io(format!(
+            "cannot write the state directory {}",
+            dir.display()
+        )))?
+        .uid();
+    if meta.uid() != me || meta.permissions().mode() & 0o022 != 0 {
+        return Err(SecurityError::Damaged(format!(
+            "the state directory {} belongs to another user or others may write it, so its CA and tokens cannot be trusted; use a directory of your own (mode 0700)",
+            dir.display()
+        )));
+    }
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(
             format!(
@@ -185,7 +199,7 @@ fn private_dir(dir: &Path) -> Result<(), SecurityError> {
                 dir.display()
             ),
         ))?;
-        tracing::warn!(dir = %dir.display(), "the state directory was open to other users; it is now private to this one");
+        tracing::warn!(dir = %dir.display(), "the state directory was readable by other users; it is now private to this one (rotate its tokens: --rotate-tokens)");
     }
     Ok(())
 }
@@ -301,8 +315,14 @@ impl Authority {
         Fingerprint::of(&self.ca_der)
     }
 
+    /// What to tell a caller with the wrong token: which file, without
+    /// telling a stranger where this coordinator keeps it.
     fn token_hint(&self, kind: TokenKind) -> String {
-        format!("use the token in {}", kind.file_in(&self.dir).display())
+        let file = kind.file_in(Path::new("DIR"));
+        format!(
+            "use the token in {} of the coordinator's state directory (it logs DIR at start)",
+            file.display()
+        )
     }
 
     /// Checks a presented token is the current one of `kind`.

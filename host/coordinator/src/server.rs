@@ -19,14 +19,14 @@
 //! once (a new one pushes out the oldest): idle sockets cannot starve the
 //! cluster.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use mr_core::gate::{Gate, Live};
 use mr_core::ids::{JobId, WorkerId};
 use mr_core::job::{AppRef, JobSpec};
 use mr_core::output::{OutputDir, OutputError};
@@ -43,9 +43,13 @@ use tokio::sync::Notify;
 use crate::engine::{Engine, Options, ServeError, Shared};
 use crate::security::Authority;
 
-/// Connections that have not proved who they are, at most (the oldest is
-/// dropped for a new one).
+/// Connections that have not proved who they are, at most (a new one
+/// pushes out the oldest of the address with the most waiting) ...
 pub const MAX_PENDING: usize = 256;
+/// ... and of one address.
+pub const PENDING_PER_ADDRESS: usize = 64;
+/// Connections open at once, at most (past it, new ones are dropped).
+pub const MAX_CONNECTIONS: usize = 4096;
 /// Calls in flight on one worker's connection (a report per slot, a
 /// heartbeat, a task request) ...
 const MEMBER_IN_FLIGHT: usize = crate::state::MAX_SLOTS as usize + 16;
@@ -102,7 +106,8 @@ impl Engine {
             "coordinator listening"
         );
         let shared = self.shared.clone();
-        let gate = Arc::new(Gate::default());
+        let gate = Gate::new(MAX_PENDING, PENDING_PER_ADDRESS, MAX_CONNECTIONS);
+        let mut said_full = None::<Instant>;
         let accept = async {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -113,9 +118,16 @@ impl Engine {
                         continue;
                     }
                 };
+                let Some(live) = gate.open() else {
+                    if said_full.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(%peer, "{MAX_CONNECTIONS} connections are open: dropping new ones");
+                        said_full = Some(Instant::now());
+                    }
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(%peer, "connection");
-                tokio::spawn(connection(stream, peer, shared.clone(), gate.clone()));
+                tokio::spawn(connection(stream, peer, shared.clone(), gate.clone(), live));
             }
         };
         tokio::select! {
@@ -130,52 +142,16 @@ impl Engine {
     }
 }
 
-/// Connections waiting to prove who they are, oldest first.
-#[derive(Default)]
-struct Gate {
-    pending: Mutex<VecDeque<(u64, Arc<Notify>)>>,
-    next: AtomicU64,
-}
-
-/// A connection's place at the [`Gate`]; leaves it when dropped.
-struct Waiting {
-    gate: Arc<Gate>,
-    id: u64,
-    evicted: Arc<Notify>,
-}
-
-impl Gate {
-    fn admit(self: &Arc<Self>) -> Waiting {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let evicted = Arc::new(Notify::new());
-        let mut p = self.pending.lock().expect("gate lock");
-        p.push_back((id, evicted.clone()));
-        if p.len() > MAX_PENDING {
-            if let Some((_, oldest)) = p.pop_front() {
-                oldest.notify_one();
-            }
-        }
-        Waiting {
-            gate: self.clone(),
-            id,
-            evicted,
-        }
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        let mut p = self.gate.pending.lock().expect("gate lock");
-        if let Some(i) = p.iter().position(|(id, _)| *id == self.id) {
-            p.remove(i);
-        }
-    }
-}
-
 /// Serves one TCP connection: the TLS handshake (unless `--insecure`),
 /// then its calls, until it closes; or drops it if it does not prove who
 /// it is in time.
-async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, gate: Arc<Gate>) {
+async fn connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    gate: Arc<Gate>,
+    _live: Live,
+) {
     let Some(authority) = shared.authority.clone() else {
         let framed = tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
             .max_frame_length(MAX_REQUEST_FRAME)
@@ -190,7 +166,7 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, ga
         channel_calls!(channel, server).await;
         return;
     };
-    let waiting = gate.admit();
+    let waiting = gate.wait(addr.ip());
     let evicted = waiting.evicted.clone();
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config());
@@ -198,7 +174,10 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, ga
         r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                tracing::warn!(peer = %addr, "dropped a connection at the TLS handshake: {e} (a plaintext client, or one not of this cluster)");
+                static SAID: mr_core::gate::Throttle = mr_core::gate::Throttle::new();
+                if let Some(quiet) = SAID.allow() {
+                    tracing::warn!(peer = %addr, "dropped a connection at the TLS handshake: {e} (a plaintext client, or one not of this cluster; {quiet} more since the last such message)");
+                }
                 return;
             }
             Err(_) => {
@@ -291,7 +270,7 @@ struct Peer {
     /// Told once it has proved who it is.
     proved: Notify,
     /// Its place at the gate until then.
-    waiting: Mutex<Option<Waiting>>,
+    waiting: Mutex<Option<mr_core::gate::Waiting>>,
 }
 
 impl Peer {

@@ -13,8 +13,10 @@
 //! - [`roots`]: the data roots jobs may read and write under.
 //! - [`text`]: guest text made safe to print.
 //! - [`fuzz`]: the fuzzing harness of the decoders' tests.
+//! - [`gate`]: bounds on connections that have not proved who they are.
 
 pub mod fuzz;
+pub mod gate;
 pub mod ids;
 pub mod job;
 pub mod output;

@@ -10,14 +10,24 @@
 
 use std::path::{Component, Path, PathBuf};
 
-/// The resolved roots (`None`: no limit).
+/// The resolved roots (`None`: no limit), and trees inside them that are
+/// never a job's (the coordinator's state directory with its CA key, a
+/// worker's data and cache directories).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DataRoots(Option<Vec<PathBuf>>);
+pub struct DataRoots(Option<Vec<PathBuf>>, Vec<PathBuf>);
 
 impl DataRoots {
     /// No limit (`mr run`).
     pub fn unlimited() -> Self {
-        DataRoots(None)
+        DataRoots(None, Vec::new())
+    }
+
+    /// The same roots, but never `dirs` (resolved here; those that do not
+    /// exist are skipped).
+    pub fn excluding(mut self, dirs: &[PathBuf]) -> Self {
+        self.1
+            .extend(dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()));
+        self
     }
 
     /// Resolves `dirs` (each must be an existing directory).
@@ -33,12 +43,12 @@ impl DataRoots {
             }
             out.push(c);
         }
-        Ok(DataRoots(Some(out)))
+        Ok(DataRoots(Some(out), Vec::new()))
     }
 
     /// Roots already resolved (as a coordinator sends them to workers).
     pub fn from_resolved(dirs: Option<Vec<PathBuf>>) -> Self {
-        DataRoots(dirs)
+        DataRoots(dirs, Vec::new())
     }
 
     /// The roots (`None`: no limit).
@@ -47,10 +57,13 @@ impl DataRoots {
     }
 
     pub fn is_unlimited(&self) -> bool {
-        self.0.is_none()
+        self.0.is_none() && self.1.is_empty()
     }
 
     fn inside(&self, resolved: &Path) -> bool {
+        if self.1.iter().any(|x| resolved.starts_with(x)) {
+            return false;
+        }
         match &self.0 {
             None => true,
             Some(roots) => roots.iter().any(|r| resolved.starts_with(r)),
@@ -70,10 +83,12 @@ impl DataRoots {
                 path.display()
             );
         }
+        // Where a symlink outside the roots leads is not told: the roots
+        // are all a submitter may learn about.
         let seen = if resolved == path {
-            String::new()
+            ""
         } else {
-            format!(" (it resolves to {})", resolved.display())
+            " (after `..` and symlinks are resolved)"
         };
         format!(
             "{}{seen} is outside the data roots ({}); jobs may only read and write there (the coordinator's --data-root)",
@@ -82,10 +97,50 @@ impl DataRoots {
         )
     }
 
+    /// Refuses a path that is outside every root as written (with `..`
+    /// taken literally), before the file system is asked anything: whether
+    /// a file outside the roots exists is not told.
+    fn lexically_inside(&self, path: &Path) -> Result<(), String> {
+        if self.0.is_none() {
+            return Ok(());
+        }
+        let mut lexical = PathBuf::new();
+        for c in path.components() {
+            match c {
+                Component::ParentDir => {
+                    lexical.pop();
+                }
+                Component::CurDir => {}
+                c => lexical.push(c),
+            }
+        }
+        if lexical.is_relative() || !self.inside(&lexical) && !self.inside_unresolved(&lexical) {
+            return Err(self.refusal(path, &lexical));
+        }
+        Ok(())
+    }
+
+    /// Whether `p` lies under a root as the user would spell it (the
+    /// roots are resolved; `p` is not yet: `/tmp` may be a symlink).
+    fn inside_unresolved(&self, p: &Path) -> bool {
+        // An ancestor of `p` that resolves into a root counts.
+        let mut a = p.to_path_buf();
+        loop {
+            if let Ok(c) = std::fs::canonicalize(&a) {
+                let rest = p.strip_prefix(&a).unwrap_or(Path::new(""));
+                return self.inside(&c.join(rest));
+            }
+            if !a.pop() {
+                return false;
+            }
+        }
+    }
+
     /// An existing file's resolved path, if it is inside a root.
     ///
     /// Fails if it cannot be resolved or lies outside every root.
     pub fn file(&self, path: &Path) -> Result<PathBuf, String> {
+        self.lexically_inside(path)?;
         let resolved =
             std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if !self.inside(&resolved) {
@@ -100,6 +155,7 @@ impl DataRoots {
     ///
     /// Fails if it is outside every root, or cannot be resolved.
     pub fn place(&self, path: &Path) -> Result<PathBuf, String> {
+        self.lexically_inside(path)?;
         let mut existing = path.to_path_buf();
         let mut rest = Vec::new();
         let resolved = loop {
@@ -154,8 +210,15 @@ mod tests {
         let e = roots.file(&root.join("in/../../secret")).unwrap_err();
         assert!(e.contains("outside the data roots"), "{e}");
         let e = roots.file(&root.join("in/link")).unwrap_err();
-        assert!(e.contains("resolves to"), "{e}");
+        assert!(e.contains("symlinks are resolved") && !e.contains("secret"), "{e}");
         assert!(roots.file(Path::new("/etc/passwd")).is_err());
+        // Whether a file outside exists is not told.
+        let there = roots.file(Path::new("/etc/passwd")).unwrap_err();
+        let not = roots.file(Path::new("/etc/no-such-file-here")).unwrap_err();
+        assert_eq!(
+            there.replace("/etc/passwd", "X"),
+            not.replace("/etc/no-such-file-here", "X")
+        );
         // Outputs that do not exist yet.
         assert!(roots.place(&root.join("out/new")).is_ok());
         assert!(roots.place(&root.join("../elsewhere")).is_err());
@@ -166,6 +229,16 @@ mod tests {
         std::fs::create_dir_all(&sibling).unwrap();
         assert!(roots.place(&sibling.join("x")).is_err());
         assert!(DataRoots::unlimited().file(&outside).is_ok());
+        // A tree inside a root that is never a job's (a state directory).
+        std::fs::create_dir_all(root.join("state")).unwrap();
+        std::fs::write(root.join("state/ca.key"), "k").unwrap();
+        let guarded = roots.clone().excluding(&[root.join("state")]);
+        assert!(guarded.file(&root.join("state/ca.key")).is_err());
+        assert!(guarded.file(&root.join("in/a.txt")).is_ok());
+        assert!(DataRoots::unlimited()
+            .excluding(&[root.join("state")])
+            .file(&root.join("state/ca.key"))
+            .is_err());
         assert!(
             DataRoots::resolve(std::slice::from_ref(&outside)).is_err(),
             "a file is no root"

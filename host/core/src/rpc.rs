@@ -41,10 +41,14 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// 64 MiB is room for several million map tasks).
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// Largest frame a coordinator accepts: its callers send at most an app
-/// chunk ([`APP_CHUNK`]) and small messages; the big frames go the other
-/// way.
-pub const MAX_REQUEST_FRAME: usize = APP_CHUNK + (1 << 20);
+/// Largest frame a coordinator accepts: its callers send at most an
+/// upload chunk ([`UPLOAD_CHUNK`]) and small messages; the big frames go
+/// the other way. Small, because the codec reserves a frame's size as soon
+/// as it reads its length, before the caller has proved who it is.
+pub const MAX_REQUEST_FRAME: usize = UPLOAD_CHUNK + (64 << 10);
+
+/// Bytes of an app per upload call.
+pub const UPLOAD_CHUNK: usize = 1 << 20;
 
 /// Bytes of an app per upload or download call.
 pub const APP_CHUNK: usize = 4 << 20;
@@ -156,8 +160,8 @@ pub enum RpcError {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
-/// A worker's registration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A worker's registration (its `Debug` leaves the token out).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
     pub version: u32,
     /// The worker's host name and process id, for people.
@@ -179,8 +183,9 @@ pub struct Register {
     pub public_key: Vec<u8>,
 }
 
-/// What a worker joining a secure cluster is given.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a worker joining a secure cluster is given (its `Debug` leaves
+/// the shuffle key out).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     /// Its certificate (DER), for `<id>.worker.mr`, signed by the CA.
     #[serde(with = "serde_bytes")]
@@ -191,6 +196,30 @@ pub struct Credentials {
     /// The key its shuffle server checks grants with (see
     /// [`crate::tls::grant`]); a new one at each registration.
     pub shuffle_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Register {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Register")
+            .field("version", &self.version)
+            .field("host", &self.host)
+            .field("pid", &self.pid)
+            .field("slots", &self.slots)
+            .field("shuffle_addr", &self.shuffle_addr)
+            .field("previous", &self.previous)
+            .field("token", &"(secret)")
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("cert", &crate::tls::Fingerprint::of(&self.cert))
+            .field("ca", &crate::tls::Fingerprint::of(&self.ca))
+            .field("shuffle_key", &"(secret)")
+            .finish()
+    }
 }
 
 /// The coordinator's answer to a registration.

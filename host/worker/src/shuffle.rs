@@ -289,9 +289,10 @@ impl MapOutputs {
 /// Serves segments of this worker's map outputs until the listener fails.
 pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>, guard: Guard) {
     let guard = Arc::new(guard);
-    // Connections in their handshake or request, at most: an idle socket
-    // holds a permit only until [`FETCH_TIMEOUT`].
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(crate::shuffle::MAX_HANDSHAKES));
+    // Connections in their handshake or request: bounded, and a stranger
+    // flooding the port pushes out its own (see `mr_core::gate`).
+    let gate = mr_core::gate::Gate::new(MAX_HANDSHAKES, HANDSHAKES_PER_ADDRESS, MAX_SERVING);
+    let mut said_full = None::<std::time::Instant>;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -301,29 +302,48 @@ pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>, guard: Guard
                 continue;
             }
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "dropped a shuffle connection: {MAX_HANDSHAKES} others are still in their handshake");
+        let Some(live) = gate.open() else {
+            if said_full.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(%peer, "{MAX_SERVING} shuffle connections are open: dropping new ones");
+                said_full = Some(std::time::Instant::now());
+            }
             continue;
         };
+        let waiting = gate.wait(peer.ip());
         let (outputs, guard) = (outputs.clone(), guard.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, peer, &outputs, &guard, permit).await {
-                tracing::debug!(%peer, "shuffle request failed: {e}");
+            let evicted = waiting.evicted.clone();
+            tokio::select! {
+                r = handle(stream, peer, &outputs, &guard, waiting) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "shuffle request failed: {e}");
+                    }
+                }
+                _ = evicted.notified() => {
+                    tracing::debug!(%peer, "dropped a shuffle connection still in its handshake for a newer one");
+                }
             }
+            drop(live);
         });
     }
 }
 
 /// Connections a shuffle server takes at once before they have sent
-/// their request.
+/// their request ...
 pub const MAX_HANDSHAKES: usize = 256;
+/// ... and of one address (a reducer opens a few at a time).
+const HANDSHAKES_PER_ADDRESS: usize = 32;
+/// Connections a shuffle server has open at once.
+const MAX_SERVING: usize = 4096;
+/// How long a fetcher has for its handshake and request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     outputs: &Arc<MapOutputs>,
     guard: &Guard,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: mr_core::gate::Waiting,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let auth = match guard {
@@ -345,10 +365,13 @@ async fn handle(
         return Err(std::io::Error::other("not registered yet: no certificate"));
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(auth.server.clone());
-    let mut stream = match tokio::time::timeout(FETCH_TIMEOUT, acceptor.accept(stream)).await {
+    let mut stream = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::warn!(%peer, "dropped a shuffle connection at the TLS handshake: {e} (a plaintext client, or one not of this cluster)");
+            static SAID: mr_core::gate::Throttle = mr_core::gate::Throttle::new();
+            if let Some(quiet) = SAID.allow() {
+                tracing::warn!(%peer, "dropped a shuffle connection at the TLS handshake: {e} (a plaintext client, or one not of this cluster; {quiet} more since the last such message)");
+            }
             return Ok(());
         }
         Err(_) => return Err(std::io::Error::other("no TLS handshake in time")),
@@ -370,7 +393,10 @@ async fn handle(
         )
     });
     if !allowed {
-        tracing::warn!(%peer, job = %req.job, partition = req.partition, "refused a shuffle request without a valid grant from the coordinator");
+        static SAID: mr_core::gate::Throttle = mr_core::gate::Throttle::new();
+        if let Some(quiet) = SAID.allow() {
+            tracing::warn!(%peer, job = %req.job, partition = req.partition, "refused a shuffle request without a valid grant from the coordinator ({quiet} more since the last such message)");
+        }
         return refuse(
             &mut stream,
             "not authorized: no valid grant from the coordinator to read this job's partition here",

@@ -182,6 +182,9 @@ pub enum Action {
     /// A worker has news (attempts to cancel, jobs to forget, shutdown):
     /// answer its held heartbeat.
     WorkerNews,
+    /// A worker is gone (it left or was given up): its certificate no
+    /// longer speaks for it.
+    WorkerGone(WorkerId),
     /// A job changed: answer `watch` calls.
     JobChanged,
     /// Shutdown is complete: the coordinator may exit.

@@ -220,6 +220,7 @@ impl State {
     /// again; its map output, where still needed, is recomputed.
     pub(super) fn worker_lost(&mut self, now: Now, worker: &WorkerId, why: String) {
         self.workers.remove(worker);
+        self.actions.push(Action::WorkerGone(worker.clone()));
         if self.gone.len() >= 100_000 {
             self.gone.clear(); // ids are never handed out twice anyway
         }

@@ -376,6 +376,7 @@ impl Worker {
         if theirs.is_unlimited() && mine.is_unlimited() {
             return Ok(None);
         }
+        let theirs = theirs.excluding(&self.private_dirs);
         match work {
             Work::Map { split } => {
                 let p = theirs.file(&split.path)?;

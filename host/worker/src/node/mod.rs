@@ -156,6 +156,9 @@ pub(crate) struct Worker {
     pub shuffle_auth: RwLock<Option<Arc<ShuffleAuth>>>,
     /// The coordinator's data roots.
     pub roots: Mutex<DataRoots>,
+    /// This worker's own directories (map output, apps, compiled apps):
+    /// never a job's to read or write.
+    pub private_dirs: Vec<PathBuf>,
 }
 
 /// Runs a worker until `shutdown` completes, the coordinator tells it to
@@ -221,6 +224,14 @@ pub async fn run(
         key,
         shuffle_auth: RwLock::new(None),
         roots: Mutex::new(DataRoots::unlimited()),
+        private_dirs: [
+            Some(data.jobs()),
+            Some(data.apps()),
+            options.cache_dir.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         link: tokio::sync::Mutex::new(connection::Link::default()),
         running: Mutex::new(HashMap::new()),
         free: Mutex::new((0..options.slots).collect()),

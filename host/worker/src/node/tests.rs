@@ -170,6 +170,7 @@ fn worker(fake: &Fake, dir: &std::path::Path) -> Arc<Worker> {
         key: None,
         shuffle_auth: std::sync::RwLock::new(None),
         roots: Mutex::new(mr_core::roots::DataRoots::unlimited()),
+        private_dirs: Vec::new(),
         options,
     })
 }
