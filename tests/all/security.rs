@@ -489,8 +489,34 @@ fn idle_sockets_and_huge_frames_do_not_stop_a_real_job() {
         matches!(dropped, Ok(Ok(0)) | Ok(Err(_))),
         "the connection is closed: {dropped:?}"
     );
+    // And a stranger that keeps opening fresh sockets to both ports while
+    // the job runs (each pushed out, it opens another).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            let mut opened = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for to in [shuffle, coordinator] {
+                    if let Ok(s) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+                        held.push_back(s);
+                        opened += 1;
+                    }
+                }
+                if held.len() > 600 {
+                    held.pop_front();
+                    held.pop_front();
+                }
+            }
+            opened
+        })
+    };
     let out = c.out("busy");
     ok(&c.submit(&strs(&book_args(WC, &out, &["-r", "4"]))));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    assert!(opened > 300, "the flood ran: {opened} sockets");
     assert_eq!(read_output(&out), reference_wc(&names(&books())));
     drop(idle);
 }

@@ -210,7 +210,10 @@ mod tests {
         let e = roots.file(&root.join("in/../../secret")).unwrap_err();
         assert!(e.contains("outside the data roots"), "{e}");
         let e = roots.file(&root.join("in/link")).unwrap_err();
-        assert!(e.contains("symlinks are resolved") && !e.contains("secret"), "{e}");
+        assert!(
+            e.contains("symlinks are resolved") && !e.contains("secret"),
+            "{e}"
+        );
         assert!(roots.file(Path::new("/etc/passwd")).is_err());
         // Whether a file outside exists is not told.
         let there = roots.file(Path::new("/etc/passwd")).unwrap_err();
