@@ -197,6 +197,7 @@ async fn connection(
         .and_then(|c| c.first())
         .map(|c| c.clone().into_owned());
     let cert = presented.as_ref().map(|c| Fingerprint::of(c));
+    waiting.handshaken();
     let member = cert.is_some_and(|c| authority.member(&c).is_some());
     let peer = Arc::new(Peer {
         authority: Some(authority),

@@ -1,9 +1,11 @@
 //! The gate of a port (the coordinator's, a worker's shuffle server):
 //! connections that have not yet proved who they are wait here, bounded
-//! in number overall and per source address. A new one pushes out the
-//! oldest waiting connection of the address that has the most waiting, so
-//! a stranger opening sockets in a loop pushes out its own, not the
-//! cluster's; and live connections are bounded too.
+//! in number overall and per source address. A new one pushes out a
+//! waiting connection of the address that has the most waiting: its
+//! oldest that has not finished its TLS handshake, else its oldest. So a
+//! stranger opening sockets in a loop pushes out its own, not the
+//! cluster's (whose connections finish their handshake in milliseconds);
+//! and live connections are bounded too.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -14,7 +16,8 @@ use tokio::sync::Notify;
 
 /// A port's gate.
 pub struct Gate {
-    waiting: Mutex<VecDeque<(u64, IpAddr, Arc<Notify>)>>,
+    /// Id, address, handshake done, told when pushed out.
+    waiting: Mutex<VecDeque<(u64, IpAddr, bool, Arc<Notify>)>>,
     next: AtomicU64,
     live: AtomicUsize,
     max_waiting: usize,
@@ -63,8 +66,8 @@ impl Gate {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let evicted = Arc::new(Notify::new());
         let mut q = self.waiting.lock().expect("gate lock");
-        q.push_back((id, from, evicted.clone()));
-        let mine = q.iter().filter(|(_, a, _)| *a == from).count();
+        q.push_back((id, from, false, evicted.clone()));
+        let mine = q.iter().filter(|(_, a, _, _)| *a == from).count();
         if q.len() > self.max_waiting || mine > self.per_address {
             // The address with the most waiting (this one, if it is over
             // its share) loses its oldest.
@@ -72,7 +75,7 @@ impl Gate {
                 from
             } else {
                 let mut counts: std::collections::HashMap<IpAddr, usize> = Default::default();
-                for (_, a, _) in q.iter() {
+                for (_, a, _, _) in q.iter() {
                     *counts.entry(*a).or_default() += 1;
                 }
                 counts
@@ -81,10 +84,12 @@ impl Gate {
                     .map(|(a, _)| a)
                     .unwrap_or(from)
             };
-            if let Some(i) = q.iter().position(|(_, a, _)| *a == victim) {
-                if let Some((_, _, n)) = q.remove(i) {
-                    n.notify_one();
-                }
+            let at = q
+                .iter()
+                .position(|(_, a, done, _)| *a == victim && !done)
+                .or_else(|| q.iter().position(|(_, a, _, _)| *a == victim));
+            if let Some((_, _, _, n)) = at.and_then(|i| q.remove(i)) {
+                n.notify_one();
             }
         }
         Waiting {
@@ -100,10 +105,21 @@ impl Gate {
     }
 }
 
+impl Waiting {
+    /// Its TLS handshake is done: it is pushed out only after those that
+    /// have not got that far.
+    pub fn handshaken(&self) {
+        let mut q = self.gate.waiting.lock().expect("gate lock");
+        if let Some(e) = q.iter_mut().find(|(id, _, _, _)| *id == self.id) {
+            e.2 = true;
+        }
+    }
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
         let mut q = self.gate.waiting.lock().expect("gate lock");
-        if let Some(i) = q.iter().position(|(id, _, _)| *id == self.id) {
+        if let Some(i) = q.iter().position(|(id, _, _, _)| *id == self.id) {
             q.remove(i);
         }
     }
@@ -128,6 +144,18 @@ mod tests {
         for _ in 0..100 {
             theirs.push(gate.wait(stranger));
         }
+        // Sharing the stranger's address, a connection past its handshake
+        // outlasts any number of new sockets.
+        let shared = gate.wait(stranger);
+        shared.handshaken();
+        for _ in 0..100 {
+            theirs.push(gate.wait(stranger));
+        }
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            shared.evicted.notified(),
+        );
+        assert!(gone.await.is_err(), "a handshaken connection stays");
         assert!(gate.waiting() <= 8);
         // The member's connection was never pushed out.
         let pushed = tokio::time::timeout(
@@ -138,7 +166,7 @@ mod tests {
         // The stranger's oldest were.
         theirs[0].evicted.notified().await;
         drop(theirs);
-        assert_eq!(gate.waiting(), 1);
+        assert_eq!(gate.waiting(), 2);
         // Live connections are bounded.
         let small = Gate::new(8, 4, 2);
         let (a, b) = (small.open(), small.open());

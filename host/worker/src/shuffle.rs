@@ -376,6 +376,7 @@ async fn handle(
         }
         Err(_) => return Err(std::io::Error::other("no TLS handshake in time")),
     };
+    permit.handshaken();
     let Some(fetcher) = Fingerprint::of_peer(stream.get_ref().1.peer_certificates()) else {
         return Err(std::io::Error::other("a client without a certificate"));
     };
