@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+/// A waiting connection: id, address, handshake done, told when pushed out.
+type Entry = (u64, IpAddr, bool, Arc<Notify>);
+
 /// A port's gate.
 pub struct Gate {
-    /// Id, address, handshake done, told when pushed out.
-    waiting: Mutex<VecDeque<(u64, IpAddr, bool, Arc<Notify>)>>,
+    waiting: Mutex<VecDeque<Entry>>,
     next: AtomicU64,
     live: AtomicUsize,
     max_waiting: usize,
