@@ -291,8 +291,34 @@ impl Authority {
             chain: vec![own.der().clone(), ca_der.clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(own_key.serialize_der())),
         };
-        let server = tls::server_config(&ca_der, &identity, false)
-            .map_err(|e| SecurityError::Damaged(e.to_string()))?;
+        let damaged = |e: &dyn std::fmt::Display| {
+            SecurityError::Damaged(format!(
+                "{} and {} are damaged or do not belong together ({e}); restore them, or remove both to make a new CA (every token then changes)",
+                crt.display(),
+                key.display()
+            ))
+        };
+        // The coordinator's certificate must check out against the CA, or
+        // no worker or client would accept it.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_der.clone()).map_err(|e| damaged(&e))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            tls::provider(),
+        )
+        .build()
+        .map_err(|e| damaged(&e))?;
+        let name = rustls::pki_types::ServerName::try_from(tls::COORDINATOR_NAME).expect("a name");
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            verifier.as_ref(),
+            own.der(),
+            &[],
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|e| damaged(&e))?;
+        let server = tls::server_config(&ca_der, &identity, false).map_err(|e| damaged(&e))?;
         Ok(Authority {
             dir: dir.to_path_buf(),
             ca_der,
@@ -478,6 +504,46 @@ mod tests {
         assert!(e.to_string().contains("wrong or was revoked"), "{e}");
         let new = std::fs::read_to_string(state.join("client.token")).unwrap();
         c.check_token(TokenKind::Client, &new).unwrap();
+    }
+
+    /// Damaged CA files are refused with a message, never a panic, and a
+    /// certificate a peer presents is parsed safely whatever its bytes.
+    #[test]
+    fn fuzz_certificates_and_keys_are_refused_cleanly() {
+        use mr_core::fuzz::{cases, Rng};
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("s");
+        let a = Authority::open(&state, lock_state_dir(&state).unwrap(), false).unwrap();
+        let (_, public) = tls::new_key();
+        let cert = a.issue(&WorkerId("w1".into()), &public).unwrap().cert;
+        drop(a);
+        let crt = std::fs::read(state.join("ca.crt")).unwrap();
+        let key = std::fs::read(state.join("ca.key")).unwrap();
+        let seeds = vec![crt.clone(), key.clone(), cert.clone()];
+        let mut rng = Rng::new(0x5eed_0006);
+        let name = rustls::pki_types::ServerName::try_from("w1.worker.mr").unwrap();
+        for i in 0..cases(3_000) {
+            let bytes = rng.input(&seeds);
+            let der = rustls::pki_types::CertificateDer::from(bytes.clone());
+            if let Ok(c) = webpki::EndEntityCert::try_from(&der) {
+                let _ = c.verify_is_valid_for_subject_name(&name);
+            }
+            let _ = rustls::pki_types::CertificateDer::from_pem_slice(&bytes);
+            // Now and then, the CA files themselves damaged on disk.
+            if i % 50 == 0 {
+                let (which, good) = if i % 100 == 0 {
+                    ("ca.crt", &crt)
+                } else {
+                    ("ca.key", &key)
+                };
+                std::fs::write(state.join(which), &bytes).unwrap();
+                match Authority::open(&state, lock_state_dir(&state).unwrap(), false) {
+                    Ok(_) => {}
+                    Err(e) => assert!(e.to_string().contains("damaged"), "{e}"),
+                }
+                std::fs::write(state.join(which), good).unwrap();
+            }
+        }
     }
 
     #[test]
