@@ -108,6 +108,11 @@ impl CoordinatorArgs {
                 "there is no default state directory (neither XDG_STATE_HOME nor HOME is set); pass --state-dir",
             )?,
         };
+        // The first thing said: where the state (and the tokens) are.
+        tracing::info!(
+            "state directory {} (its worker.token and client.token let workers and clients in)",
+            state_dir.display()
+        );
         let lock = mr_coordinator::security::lock_state_dir(&state_dir)?;
         let authority = if self.insecure {
             None
@@ -121,14 +126,12 @@ impl CoordinatorArgs {
         };
         match &authority {
             Some(_) => tracing::info!(
-                "state directory {}: workers join with {}, clients use {}",
-                state_dir.display(),
+                "workers join with {}, clients use {}",
                 TokenKind::Worker.file_in(&state_dir).display(),
                 TokenKind::Client.file_in(&state_dir).display()
             ),
             None => tracing::warn!(
-                "state directory {}; INSECURE (--insecure): no TLS, no tokens; anyone who can reach this port can run jobs, join as a worker and read job data",
-                state_dir.display()
+                "INSECURE (--insecure): no TLS, no tokens; anyone who can reach this port can run jobs, join as a worker and read job data"
             ),
         }
         // The state directory holds the CA key and tokens: never a job's,
