@@ -108,9 +108,13 @@ impl WorkerArgs {
         } else {
             mr_core::roots::DataRoots::resolve(&self.data_roots).map_err(anyhow::Error::msg)?
         };
+        let token_file = self.token_file.clone().or_else(|| {
+            mr_core::tls::default_state_dir().map(|d| mr_core::tls::TokenKind::Worker.file_in(&d))
+        });
         let options = WorkerOptions {
             token,
             data_roots,
+            token_file,
             data_dir: self.data_dir,
             shuffle: Shuffle::Serve(self.shuffle_listen),
             give_up_after: self.give_up_after,

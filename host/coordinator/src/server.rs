@@ -395,6 +395,7 @@ impl Coordinator for Server {
             self.peer.proved();
         }
         reg.data_roots = self.shared.data_roots.dirs().map(|d| d.to_vec());
+        reg.excluded = self.shared.data_roots.excluded().to_vec();
         Ok(reg)
     }
 

@@ -25,6 +25,24 @@ pub struct Gate {
     max_waiting: usize,
     per_address: usize,
     max_live: usize,
+    /// Never push out a connection past its handshake (on a shuffle port
+    /// that is a member's: mutual TLS).
+    keep_handshaken: bool,
+}
+
+/// The source a connection counts against: its IPv4 address, or the /64
+/// of its IPv6 one (a host has a whole /64 to pick addresses from).
+fn source(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// A connection's place at the gate until it proves who it is (or is
@@ -50,7 +68,20 @@ impl Gate {
             max_waiting,
             per_address,
             max_live,
+            keep_handshaken: false,
         })
+    }
+
+    /// Like [`Gate::new`], but a connection past its handshake is never
+    /// pushed out (a shuffle port's: only members finish it).
+    pub fn keeping_handshaken(
+        max_waiting: usize,
+        per_address: usize,
+        max_live: usize,
+    ) -> Arc<Self> {
+        let mut g = Gate::new(max_waiting, per_address, max_live);
+        Arc::get_mut(&mut g).expect("just made").keep_handshaken = true;
+        g
     }
 
     /// Counts a new connection from `from`, or `None` if too many are open.
@@ -68,28 +99,49 @@ impl Gate {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let evicted = Arc::new(Notify::new());
         let mut q = self.waiting.lock().expect("gate lock");
+        let from = source(from);
         q.push_back((id, from, false, evicted.clone()));
-        let mine = q.iter().filter(|(_, a, _, _)| *a == from).count();
-        if q.len() > self.max_waiting || mine > self.per_address {
-            // The address with the most waiting (this one, if it is over
-            // its share) loses its oldest.
+        // Kept connections (members') do not count against anyone.
+        let counts = |e: &&Entry| !(self.keep_handshaken && e.2);
+        let mine = q
+            .iter()
+            .filter(counts)
+            .filter(|(_, a, _, _)| *a == from)
+            .count();
+        let all = q.iter().filter(counts).count();
+        if all > self.max_waiting || mine > self.per_address {
+            // The source with the most waiting (this one, if it is over
+            // its share; on a tie, the one waiting longest) loses its
+            // oldest not past its handshake, else (unless those are kept)
+            // its oldest.
             let victim = if mine > self.per_address {
                 from
             } else {
-                let mut counts: std::collections::HashMap<IpAddr, usize> = Default::default();
-                for (_, a, _, _) in q.iter() {
-                    *counts.entry(*a).or_default() += 1;
+                let mut per: std::collections::HashMap<IpAddr, usize> = Default::default();
+                for (_, a, _, _) in q.iter().filter(counts) {
+                    *per.entry(*a).or_default() += 1;
                 }
-                counts
-                    .into_iter()
-                    .max_by_key(|(_, n)| *n)
-                    .map(|(a, _)| a)
+                let most = per.values().copied().max().unwrap_or(0);
+                q.iter()
+                    .filter(counts)
+                    .map(|(_, a, _, _)| *a)
+                    .find(|a| per[a] == most)
                     .unwrap_or(from)
             };
             let at = q
                 .iter()
                 .position(|(_, a, done, _)| *a == victim && !done)
-                .or_else(|| q.iter().position(|(_, a, _, _)| *a == victim));
+                .or_else(|| {
+                    // Its own are all past their handshake: the oldest
+                    // anyone's that is not ...
+                    q.iter().position(|(_, _, done, _)| !done)
+                })
+                .or_else(|| {
+                    // ... else, unless those are members (kept), its oldest.
+                    (!self.keep_handshaken)
+                        .then(|| q.iter().position(|(_, a, _, _)| *a == victim))
+                        .flatten()
+                });
             if let Some((_, _, _, n)) = at.and_then(|i| q.remove(i)) {
                 n.notify_one();
             }
@@ -169,6 +221,32 @@ mod tests {
         theirs[0].evicted.notified().await;
         drop(theirs);
         assert_eq!(gate.waiting(), 2);
+        // A member's handshaken connections are never pushed out on a
+        // port that keeps them, however many one host opens.
+        let shuffle = Gate::keeping_handshaken(8, 4, 100);
+        let members: Vec<Waiting> = (0..20)
+            .map(|_| {
+                let w = shuffle.wait(member);
+                w.handshaken();
+                w
+            })
+            .collect();
+        let stranger_socket = shuffle.wait(stranger);
+        for w in &members {
+            let gone =
+                tokio::time::timeout(std::time::Duration::from_millis(5), w.evicted.notified());
+            assert!(gone.await.is_err(), "a member's connection stays");
+        }
+        drop(stranger_socket);
+        // Many sources at one each: the longest waiting goes, not a
+        // random one.
+        let g = Gate::new(4, 4, 100);
+        let first = g.wait(IpAddr::from([10, 1, 0, 1]));
+        let later: Vec<Waiting> = (2..6)
+            .map(|i| g.wait(IpAddr::from([10, 1, 0, i])))
+            .collect();
+        first.evicted.notified().await;
+        drop(later);
         // Live connections are bounded.
         let small = Gate::new(8, 4, 2);
         let (a, b) = (small.open(), small.open());

@@ -170,6 +170,9 @@ pub mod limits {
     /// Failed attempts per task: enough for a flaky guest, and bounded so a
     /// broken one cannot keep a cluster busy.
     pub const MAX_ATTEMPTS: u32 = 1000;
+    /// A spec's encoded size, at most: it must fit in one frame to the
+    /// coordinator ([`crate::rpc::MAX_REQUEST_FRAME`]).
+    pub const MAX_SPEC_BYTES: usize = crate::rpc::MAX_REQUEST_FRAME - (64 << 10);
     /// The epoch ticks every 10 ms: a shorter attempt budget is not
     /// measurable; a week is longer than any sane task.
     pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(10);
@@ -227,6 +230,15 @@ impl JobSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         use limits::*;
         let bad = |m: String| Err(SpecError(m));
+        let bytes = postcard::to_stdvec(self).map_or(usize::MAX, |v| v.len());
+        if bytes > MAX_SPEC_BYTES {
+            return bad(format!(
+                "the job names {} input files, {} MiB of job description, more than a coordinator takes ({} MiB); pass fewer, larger files (or directories' files joined)",
+                self.inputs.len(),
+                bytes >> 20,
+                MAX_SPEC_BYTES >> 20
+            ));
+        }
         if self.reduces == 0 {
             return bad("--reduces must be at least 1 (it is the number of output files)".into());
         }

@@ -147,8 +147,10 @@ fn clear_output(dir: &Path) -> Result<(), OutputError> {
             // Ours now (we hold the lock): empty it, unless it is not a
             // real directory (a symlink would have `--force` empty
             // whatever it points to): then just unlink it.
+            // `remove_dir_all` never follows a symlink, even one swapped
+            // in meanwhile; `acquire` makes it anew.
             match entry.file_type() {
-                Ok(t) if t.is_dir() => clear_dir(&path),
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
                 _ => std::fs::remove_file(&path),
             }
         } else if name.starts_with("mr-out-") {
@@ -161,16 +163,23 @@ fn clear_output(dir: &Path) -> Result<(), OutputError> {
     Ok(())
 }
 
-fn clear_dir(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        } else {
-            std::fs::remove_file(entry.path())?;
-        }
+/// Makes `dir` (its parent exists), or checks it is a real directory and
+/// not a symlink: mr never follows one inside an output directory.
+///
+/// Fails if it cannot be made or is not a directory.
+fn real_dir(dir: &Path) -> Result<(), OutputError> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(format!("cannot create {}", dir.display()))(e)),
     }
-    Ok(())
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        _ => Err(OutputError::Invalid(format!(
+            "{} is not a directory (a symlink?); remove it",
+            dir.display()
+        ))),
+    }
 }
 
 fn busy(output: &Path) -> OutputError {
@@ -235,8 +244,7 @@ impl OutputDir {
             check_empty(output)?;
         }
         out.keep = false;
-        std::fs::create_dir_all(&out.temporary)
-            .map_err(io_err(format!("cannot create {}", out.temporary.display())))?;
+        real_dir(&out.temporary)?;
         Ok(out)
     }
 
@@ -246,8 +254,7 @@ impl OutputDir {
     /// Fails if the directory is gone, busy or cannot be locked.
     pub fn reclaim(output: &Path) -> Result<OutputDir, OutputError> {
         let out = Self::lock(output)?;
-        std::fs::create_dir_all(&out.temporary)
-            .map_err(io_err(format!("cannot create {}", out.temporary.display())))?;
+        real_dir(&out.temporary)?;
         Ok(out)
     }
 
@@ -296,8 +303,9 @@ impl OutputDir {
     /// Fails if it cannot be created.
     pub fn work_dir(&self, job: &str) -> Result<PathBuf, OutputError> {
         let work = self.temporary.join(job);
-        std::fs::create_dir_all(work.join(COMMITTED))
-            .map_err(io_err(format!("cannot create {}", work.display())))?;
+        real_dir(&self.temporary)?;
+        real_dir(&work)?;
+        real_dir(&work.join(COMMITTED))?;
         Ok(work)
     }
 

@@ -97,6 +97,30 @@ impl DataRoots {
         )
     }
 
+    /// The trees inside the roots that are never a job's.
+    pub fn excluded(&self) -> &[PathBuf] {
+        &self.1
+    }
+
+    /// Checks a file just opened (by a path checked before) is still
+    /// inside a root, by where the open file really is: a symlink swapped
+    /// in between is caught.
+    ///
+    /// Fails with the refusal if it is not, or cannot be told.
+    pub fn opened(&self, file: &std::fs::File) -> Result<(), String> {
+        if self.is_unlimited() {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let at =
+            std::fs::read_link(&link).map_err(|e| format!("cannot tell where {link} is: {e}"))?;
+        if !self.inside(&at) {
+            return Err(self.refusal(&at, &at));
+        }
+        Ok(())
+    }
+
     /// Refuses a path that is outside every root as written (with `..`
     /// taken literally), before the file system is asked anything: whether
     /// a file outside the roots exists is not told.
@@ -161,6 +185,11 @@ impl DataRoots {
         let resolved = loop {
             match std::fs::canonicalize(&existing) {
                 Ok(c) => break c,
+                // A symlink that leads nowhere (yet): writing through it
+                // would create its target, wherever that is.
+                Err(_) if std::fs::symlink_metadata(&existing).is_ok() => {
+                    return Err(self.refusal(path, &existing));
+                }
                 Err(_) => {
                     // `a/missing/..` has no file name: refused, as a `..`
                     // after a directory that does not exist.
@@ -232,6 +261,14 @@ mod tests {
         std::fs::create_dir_all(&sibling).unwrap();
         assert!(roots.place(&sibling.join("x")).is_err());
         assert!(DataRoots::unlimited().file(&outside).is_ok());
+        // A dangling symlink would have a write create its target anywhere.
+        std::os::unix::fs::symlink("/tmp/mr-nowhere-for-tests", root.join("dangling")).unwrap();
+        assert!(roots.place(&root.join("dangling")).is_err());
+        // An open file is checked where it really is.
+        let inside = std::fs::File::open(root.join("in/a.txt")).unwrap();
+        roots.opened(&inside).unwrap();
+        let outside_file = std::fs::File::open(&outside).unwrap();
+        assert!(roots.opened(&outside_file).is_err());
         // A tree inside a root that is never a job's (a state directory).
         std::fs::create_dir_all(root.join("state")).unwrap();
         std::fs::write(root.join("state/ca.key"), "k").unwrap();

@@ -41,11 +41,12 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// 64 MiB is room for several million map tasks).
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// Largest frame a coordinator accepts: its callers send at most an
-/// upload chunk ([`UPLOAD_CHUNK`]) and small messages; the big frames go
-/// the other way. Small, because the codec reserves a frame's size as soon
-/// as it reads its length, before the caller has proved who it is.
-pub const MAX_REQUEST_FRAME: usize = UPLOAD_CHUNK + (64 << 10);
+/// Largest frame a coordinator accepts: its callers send job specs (a
+/// job of ~100k input files fits), upload chunks ([`UPLOAD_CHUNK`]) and
+/// small messages; the big frames go the other way. Not more, because the
+/// codec reserves a frame's size as soon as it reads its length, before
+/// the caller has proved who it is (and its connection has 10 s to).
+pub const MAX_REQUEST_FRAME: usize = 16 << 20;
 
 /// Bytes of an app per upload call.
 pub const UPLOAD_CHUNK: usize = 1 << 20;
@@ -235,6 +236,9 @@ pub struct Registered {
     /// `--data-root`s, resolved); the worker opens nothing outside them.
     /// `None`: no limit (in process: `mr run` reads what its user names).
     pub data_roots: Option<Vec<PathBuf>>,
+    /// Trees inside them that are never a job's (the coordinator's state
+    /// directory).
+    pub excluded: Vec<PathBuf>,
 }
 
 /// One attempt at one task of one job.

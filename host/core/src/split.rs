@@ -77,7 +77,19 @@ pub fn plan(input: &str, path: &Path, len: u64, split_size: u64) -> Vec<Split> {
 ///
 /// Fails when the file cannot be opened or read.
 pub fn read_split(split: &Split) -> io::Result<Vec<u8>> {
+    read_split_checked(split, |_| Ok(()))
+}
+
+/// [`read_split`], with `check` run on the file once it is open (before
+/// anything is read): e.g. that it is still inside the data roots.
+///
+/// Fails as [`read_split`] does, or with `check`'s error.
+pub fn read_split_checked(
+    split: &Split,
+    check: impl Fn(&File) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
     let mut file = File::open(&split.path)?;
+    check(&file)?;
     let len = file.metadata()?.len();
     let begin = if split.start == 0 {
         0

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader, Source};
 use mr_core::partition::partition;
 use mr_core::report::Counters;
-use mr_core::split::{read_split, Split};
+use mr_core::split::{read_split_checked, Split};
 use mr_runtime::{Group, GuestFailure, Kv, Reducer, Sandbox, TaskControl};
 
 use crate::TaskError;
@@ -26,6 +26,8 @@ pub struct MapTask {
     /// kept in memory rather than written to a file (0: always a file).
     pub in_memory: usize,
     pub seed: u64,
+    /// The data roots its input must be in, checked on the open file.
+    pub roots: Vec<mr_core::roots::DataRoots>,
 }
 
 /// A finished map task's output.
@@ -50,7 +52,13 @@ pub fn run(
     control: &TaskControl,
 ) -> Result<MapOutput, TaskError> {
     let split = &task.split;
-    let bytes = read_split(split).map_err(TaskError::io(format!(
+    let check = |f: &std::fs::File| {
+        task.roots
+            .iter()
+            .try_for_each(|r| r.opened(f))
+            .map_err(std::io::Error::other)
+    };
+    let bytes = read_split_checked(split, check).map_err(TaskError::io(format!(
         "cannot read input {} (bytes {}..{})",
         split.path.display(),
         split.start,

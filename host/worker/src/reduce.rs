@@ -33,6 +33,8 @@ pub struct ReduceTask {
     pub scratch: PathBuf,
     pub seed: u64,
     pub format: mr_core::job::OutputFormat,
+    /// The data roots its output must be in, checked on the open file.
+    pub roots: Vec<mr_core::roots::DataRoots>,
 }
 
 /// A finished reduce task's output.
@@ -149,10 +151,34 @@ fn reduce(
     task: &ReduceTask,
     control: &TaskControl,
 ) -> Result<ReduceOutput, TaskError> {
-    let file = File::create(&task.output).map_err(TaskError::io(format!(
+    // A new file, never through a symlink (one planted there would have
+    // the output written wherever it points), checked where it really is.
+    match std::fs::remove_file(&task.output) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(TaskError::io(format!(
+                "cannot replace {}",
+                task.output.display()
+            ))(e))
+        }
+        _ => {}
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&task.output)
+    }
+    .map_err(TaskError::io(format!(
         "cannot create {}",
         task.output.display()
     )))?;
+    if let Err(why) = task.roots.iter().try_for_each(|r| r.opened(&file)) {
+        drop(file);
+        let _ = std::fs::remove_file(&task.output);
+        return Err(TaskError::BadOutput(why));
+    }
     let mut batch = Batch {
         reducer: sandbox.reducer(task.seed, control)?,
         control: control.clone(),

@@ -291,7 +291,11 @@ pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>, guard: Guard
     let guard = Arc::new(guard);
     // Connections in their handshake or request: bounded, and a stranger
     // flooding the port pushes out its own (see `mr_core::gate`).
-    let gate = mr_core::gate::Gate::new(MAX_HANDSHAKES, HANDSHAKES_PER_ADDRESS, MAX_SERVING);
+    let gate = mr_core::gate::Gate::keeping_handshaken(
+        MAX_HANDSHAKES,
+        HANDSHAKES_PER_ADDRESS,
+        MAX_SERVING,
+    );
     let mut said_full = None::<std::time::Instant>;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -331,8 +335,9 @@ pub async fn serve(listener: TcpListener, outputs: Arc<MapOutputs>, guard: Guard
 /// Connections a shuffle server takes at once before they have sent
 /// their request ...
 pub const MAX_HANDSHAKES: usize = 256;
-/// ... and of one address (a reducer opens a few at a time).
-const HANDSHAKES_PER_ADDRESS: usize = 32;
+/// ... and of one address (a reducer host opens up to 4 per reduce
+/// running there; those past their handshake no longer count).
+const HANDSHAKES_PER_ADDRESS: usize = 128;
 /// Connections a shuffle server has open at once.
 const MAX_SERVING: usize = 4096;
 /// How long a fetcher has for its handshake and request.

@@ -82,6 +82,7 @@ impl State {
             heartbeat: self.config.heartbeat,
             credentials: None,
             data_roots: None,
+            excluded: Vec::new(),
         })
     }
 

@@ -215,6 +215,7 @@ impl Worker {
                     sort_buffer: a.limits.sort_buffer.min(usize::MAX as u64) as usize,
                     in_memory: crate::shuffle::SMALL_OUTPUT,
                     seed,
+                    roots: self.task_roots(),
                 };
                 preparing.store(false, Ordering::SeqCst);
                 let (attempt, c) = (a.key.attempt, control.clone());
@@ -298,6 +299,7 @@ impl Worker {
                             scratch: dir.clone(),
                             seed,
                             format: *format,
+                            roots: self.task_roots(),
                         };
                         let c = control.clone();
                         let run = move || crate::reduce::run(&sandbox, &task, &c);
@@ -365,18 +367,28 @@ async fn on_thread<T: Send + 'static>(
 }
 
 impl Worker {
+    /// The roots a task's files must be in: the coordinator's (without
+    /// what it excludes, or this worker's own directories) and this
+    /// worker's own; none in process.
+    fn task_roots(&self) -> Vec<mr_core::roots::DataRoots> {
+        let theirs = self.roots.lock().expect("roots lock").clone();
+        let mine = &self.options.data_roots;
+        if theirs.is_unlimited() && mine.is_unlimited() {
+            return Vec::new();
+        }
+        vec![theirs.excluding(&self.private_dirs), mine.clone()]
+    }
+
     /// Checks a task's paths against the coordinator's data roots and this
     /// worker's own; returns a map's input path resolved (symlinks and
     /// `..` gone), to be opened instead.
     ///
     /// Fails with a message naming the path and the roots.
     fn check_paths(&self, work: &Work) -> Result<Option<std::path::PathBuf>, String> {
-        let theirs = self.roots.lock().expect("roots lock").clone();
         let mine = &self.options.data_roots;
-        if theirs.is_unlimited() && mine.is_unlimited() {
+        let Some(theirs) = self.task_roots().into_iter().next() else {
             return Ok(None);
-        }
-        let theirs = theirs.excluding(&self.private_dirs);
+        };
         match work {
             Work::Map { split } => {
                 let p = theirs.file(&split.path)?;

@@ -193,7 +193,8 @@ impl Worker {
                         link.client = None;
                     }
                     *self.roots.lock().expect("roots lock") =
-                        mr_core::roots::DataRoots::from_resolved(r.data_roots.clone());
+                        mr_core::roots::DataRoots::from_resolved(r.data_roots.clone())
+                            .excluding(&r.excluded);
                     link.previous = Some(r.worker.clone());
                     link.id = Some(r.worker);
                     link.heartbeat = r.heartbeat;

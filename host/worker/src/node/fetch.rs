@@ -190,7 +190,11 @@ async fn fetch_host(
             match e {
                 FetchError::Peer(why) if tries + 1 < FETCH_TRIES && !control.is_cancelled() => {
                     tracing::debug!(map = m, "fetch failed, trying again: {why}");
-                    tokio::time::sleep(Duration::from_millis(250 << (2 * tries))).await;
+                    // With jitter: a host's reduces do not retry in lockstep.
+                    let jitter = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos() as u64 % 250);
+                    tokio::time::sleep(Duration::from_millis((250 << (2 * tries)) + jitter)).await;
                     tries += 1;
                 }
                 e => return Err((m, a, e)),

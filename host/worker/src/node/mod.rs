@@ -105,6 +105,8 @@ pub struct WorkerOptions {
     /// Trees this worker itself allows jobs to read and write (beside the
     /// coordinator's data roots; unlimited: only the coordinator's).
     pub data_roots: DataRoots,
+    /// Where its token was read from: never a job's input.
+    pub token_file: Option<PathBuf>,
 }
 
 impl WorkerOptions {
@@ -124,6 +126,7 @@ impl WorkerOptions {
             stop_grace: WATCHDOG_GRACE,
             token: None,
             data_roots: DataRoots::unlimited(),
+            token_file: None,
         }
     }
 }
@@ -228,6 +231,7 @@ pub async fn run(
             Some(data.jobs()),
             Some(data.apps()),
             options.cache_dir.clone(),
+            options.token_file.clone(),
         ]
         .into_iter()
         .flatten()

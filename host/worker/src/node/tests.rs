@@ -49,6 +49,7 @@ impl Coordinator for Fake {
             heartbeat: Duration::from_millis(50),
             credentials: None,
             data_roots: None,
+            excluded: Vec::new(),
         })
     }
     async fn heartbeat(
