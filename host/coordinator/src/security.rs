@@ -199,7 +199,7 @@ fn private_dir(dir: &Path) -> Result<(), SecurityError> {
                 dir.display()
             ),
         ))?;
-        tracing::warn!(dir = %dir.display(), "the state directory was readable by other users; it is now private to this one (rotate its tokens: --rotate-tokens)");
+        tracing::warn!(dir = %dir.display(), "the state directory was readable by other users; it is now private to this one (its secrets may have been read: rotate the tokens with --rotate-tokens, and remove ca.crt and ca.key for a new CA)");
     }
     Ok(())
 }

@@ -128,20 +128,25 @@ impl Gate {
                     .find(|a| per[a] == most)
                     .unwrap_or(from)
             };
+            // The newcomer itself goes only if nothing else can: a
+            // source holding handshaken sockets must not turn every new
+            // connection from its address away.
+            let other = |e: &Entry| e.0 != id;
             let at = q
                 .iter()
-                .position(|(_, a, done, _)| *a == victim && !done)
+                .position(|e| other(e) && e.1 == victim && !e.2)
                 .or_else(|| {
                     // Its own are all past their handshake: the oldest
                     // anyone's that is not ...
-                    q.iter().position(|(_, _, done, _)| !done)
+                    q.iter().position(|e| other(e) && !e.2)
                 })
                 .or_else(|| {
                     // ... else, unless those are members (kept), its oldest.
                     (!self.keep_handshaken)
-                        .then(|| q.iter().position(|(_, a, _, _)| *a == victim))
+                        .then(|| q.iter().position(|e| other(e) && e.1 == victim))
                         .flatten()
-                });
+                })
+                .or_else(|| q.iter().position(|e| !other(e)));
             if let Some((_, _, _, n)) = at.and_then(|i| q.remove(i)) {
                 n.notify_one();
             }
@@ -238,6 +243,24 @@ mod tests {
             assert!(gone.await.is_err(), "a member's connection stays");
         }
         drop(stranger_socket);
+        // A source holding handshaken sockets does not turn a new one from
+        // its address away: its oldest goes.
+        let g = Gate::new(8, 4, 100);
+        let held: Vec<Waiting> = (0..4)
+            .map(|_| {
+                let w = g.wait(stranger);
+                w.handshaken();
+                w
+            })
+            .collect();
+        let newcomer = g.wait(stranger);
+        held[0].evicted.notified().await;
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            newcomer.evicted.notified(),
+        );
+        assert!(gone.await.is_err(), "the newcomer stays");
+        drop((held, newcomer));
         // Many sources at one each: the longest waiting goes, not a
         // random one.
         let g = Gate::new(4, 4, 100);

@@ -165,8 +165,17 @@ impl DataRoots {
     /// Fails if it cannot be resolved or lies outside every root.
     pub fn file(&self, path: &Path) -> Result<PathBuf, String> {
         self.lexically_inside(path)?;
-        let resolved =
-            std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let resolved = match std::fs::canonicalize(path) {
+            Ok(r) => r,
+            // Not there: told only if where it would be is inside (else
+            // whether a file outside exists would be told).
+            Err(e) => {
+                return Err(match self.place(path) {
+                    Ok(_) => format!("{}: {e}", path.display()),
+                    Err(refused) => refused,
+                })
+            }
+        };
         if !self.inside(&resolved) {
             return Err(self.refusal(path, &resolved));
         }
@@ -244,6 +253,16 @@ mod tests {
             "{e}"
         );
         assert!(roots.file(Path::new("/etc/passwd")).is_err());
+        // Nor through a symlink inside a root that leads outside.
+        std::os::unix::fs::symlink("/etc", root.join("etc-link")).unwrap();
+        let there = roots.file(&root.join("etc-link/passwd")).unwrap_err();
+        let not = roots
+            .file(&root.join("etc-link/no-such-file-here"))
+            .unwrap_err();
+        assert!(
+            there.contains("outside") && not.contains("outside"),
+            "{there} / {not}"
+        );
         // Whether a file outside exists is not told.
         let there = roots.file(Path::new("/etc/passwd")).unwrap_err();
         let not = roots.file(Path::new("/etc/no-such-file-here")).unwrap_err();
