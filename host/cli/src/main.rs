@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     // tarpc warns of every connection that closes; only its errors count.
     let level = match cli.command {
         Command::Coordinator(_) | Command::Worker(_) => {
-            "warn,tarpc=error,mr_coordinator=info,mr_worker=info,mr_runtime=info"
+            "warn,tarpc=error,mr=info,mr_coordinator=info,mr_worker=info,mr_runtime=info"
         }
         _ => "warn,tarpc=error",
     };

@@ -92,6 +92,28 @@ impl WorkerArgs {
             tracing::warn!("--insecure: no TLS to the coordinator, and map output is served to anyone who can reach this worker");
             (None, None)
         } else {
+            // A worker started together with its coordinator (`mr
+            // coordinator & mr worker`) may look before the token is
+            // written: the file is waited for as the coordinator is.
+            let from_env = self.token.as_deref().is_some_and(|t| !t.trim().is_empty());
+            let default = mr_core::tls::default_state_dir()
+                .map(|d| mr_core::tls::TokenKind::Worker.file_in(&d))
+                .filter(|_| self.token_file.is_none());
+            if let (false, Some(f)) = (from_env, &default) {
+                let started = std::time::Instant::now();
+                let mut said = false;
+                while !f.exists() && started.elapsed() < self.give_up_after {
+                    if !said && started.elapsed() > Duration::from_secs(1) {
+                        tracing::warn!(
+                            "waiting for the worker token {} (is the coordinator starting? giving up after {:?})",
+                            f.display(),
+                            self.give_up_after
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
             let token = crate::client::load_token(
                 mr_core::tls::TokenKind::Worker,
                 self.token_file.as_deref(),
