@@ -109,10 +109,14 @@ impl CoordinatorArgs {
             )?,
         };
         // The first thing said: where the state (and the tokens) are.
-        tracing::info!(
-            "state directory {} (its worker.token and client.token let workers and clients in)",
-            state_dir.display()
-        );
+        if self.insecure {
+            tracing::info!("state directory {}", state_dir.display());
+        } else {
+            tracing::info!(
+                "state directory {} (its worker.token and client.token let workers and clients in)",
+                state_dir.display()
+            );
+        }
         let lock = mr_coordinator::security::lock_state_dir(&state_dir)?;
         let authority = if self.insecure {
             None

@@ -21,8 +21,26 @@ impl ShutdownArgs {
         runtime()?.block_on(async {
             let addr = &self.coordinator.coordinator;
             let client = self.coordinator.connect(Duration::from_secs(2)).await?;
-            answer(addr, client.shutdown(context(CALL)).await)?;
-            println!("the coordinator at {addr} is shutting down; its workers exit at their next heartbeat");
+            match client.shutdown(context(CALL)).await {
+                // With no worker left it exits at once, maybe before the
+                // answer is sent: gone is the answer then.
+                Err(e) => {
+                    let probe = tokio::net::TcpStream::connect(addr.as_str());
+                    let gone = match tokio::time::timeout(Duration::from_secs(2), probe).await {
+                        Ok(Ok(_)) => false,
+                        Ok(Err(_)) => true,
+                        Err(_) => false,
+                    };
+                    if !gone {
+                        return answer(addr, Err::<Result<(), _>, _>(e));
+                    }
+                    println!("the coordinator at {addr} has shut down");
+                }
+                r => {
+                    answer(addr, r)?;
+                    println!("the coordinator at {addr} is shutting down; its workers exit at their next heartbeat");
+                }
+            }
             Ok(())
         })
     }

@@ -102,12 +102,15 @@ impl WorkerArgs {
             if let (false, Some(f)) = (from_env, &default) {
                 let started = std::time::Instant::now();
                 let mut said = false;
-                while !f.exists() && started.elapsed() < self.give_up_after {
+                // Not long: the file may never come (another machine, or
+                // another state directory).
+                let patience = self.give_up_after.min(Duration::from_secs(30));
+                while !f.exists() && started.elapsed() < patience {
                     if !said && started.elapsed() > Duration::from_secs(1) {
                         tracing::warn!(
                             "waiting for the worker token {} (is the coordinator starting? giving up after {:?})",
                             f.display(),
-                            self.give_up_after
+                            patience
                         );
                         said = true;
                     }

@@ -173,6 +173,12 @@ async fn connection(
     let stream = tokio::select! {
         r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => match r {
             Ok(Ok(s)) => s,
+            // Closed before it said anything: a port probe (a worker
+            // finding its own address), not worth a warning.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::debug!(peer = %addr, "a connection closed before its TLS handshake");
+                return;
+            }
             Ok(Err(e)) => {
                 static SAID: mr_core::gate::Throttle = mr_core::gate::Throttle::new();
                 if let Some(quiet) = SAID.allow() {
@@ -524,8 +530,10 @@ impl Coordinator for Server {
             ""
         };
         Ok(format!(
-            "mr coordinator {} (protocol {PROTOCOL_VERSION}){mode}: {workers} workers, {jobs} jobs",
-            env!("CARGO_PKG_VERSION")
+            "mr coordinator {} (protocol {PROTOCOL_VERSION}){mode}: {workers} worker{}, {jobs} job{}",
+            env!("CARGO_PKG_VERSION"),
+            if workers == 1 { "" } else { "s" },
+            if jobs == 1 { "" } else { "s" }
         ))
     }
 
@@ -569,7 +577,14 @@ impl Coordinator for Server {
         let out = tokio::task::spawn_blocking(move || {
             if !roots.is_unlimited() {
                 for i in &inputs {
-                    roots.file(i).map_err(OutputError::Invalid)?;
+                    let p = roots.file(i).map_err(OutputError::Invalid)?;
+                    // A FIFO or a device would hang or flood a worker.
+                    if !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+                        return Err(OutputError::Invalid(format!(
+                            "{} is not a regular file",
+                            i.display()
+                        )));
+                    }
                 }
                 roots.place(&output).map_err(OutputError::Invalid)?;
             }

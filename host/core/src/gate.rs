@@ -128,20 +128,16 @@ impl Gate {
                     .find(|a| per[a] == most)
                     .unwrap_or(from)
             };
-            // The newcomer itself goes only if nothing else can: a
-            // source holding handshaken sockets must not turn every new
-            // connection from its address away.
+            // Only the victim source's sockets go: its oldest not past its
+            // handshake, else (unless those are kept: members) its oldest,
+            // else the newcomer itself. Never another source's: a source
+            // holding handshaken sockets must neither turn its address's
+            // new connections away nor push out anyone else's.
             let other = |e: &Entry| e.0 != id;
             let at = q
                 .iter()
                 .position(|e| other(e) && e.1 == victim && !e.2)
                 .or_else(|| {
-                    // Its own are all past their handshake: the oldest
-                    // anyone's that is not ...
-                    q.iter().position(|e| other(e) && !e.2)
-                })
-                .or_else(|| {
-                    // ... else, unless those are members (kept), its oldest.
                     (!self.keep_handshaken)
                         .then(|| q.iter().position(|e| other(e) && e.1 == victim))
                         .flatten()
@@ -261,6 +257,23 @@ mod tests {
         );
         assert!(gone.await.is_err(), "the newcomer stays");
         drop((held, newcomer));
+        // A source over its share, all handshaken, pushes out its own,
+        // never another source's connection still in its handshake.
+        let g = Gate::new(8, 4, 100);
+        let honest = g.wait(member);
+        let mut flood: Vec<Waiting> = Vec::new();
+        for _ in 0..50 {
+            let w = g.wait(stranger);
+            w.handshaken();
+            flood.push(w);
+        }
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            honest.evicted.notified(),
+        );
+        assert!(gone.await.is_err(), "another source's connection stays");
+        assert!(g.waiting() <= 5, "the stranger keeps to its share");
+        drop((flood, honest));
         // Many sources at one each: the longest waiting goes, not a
         // random one.
         let g = Gate::new(4, 4, 100);

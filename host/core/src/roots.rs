@@ -83,6 +83,12 @@ impl DataRoots {
                 path.display()
             );
         }
+        if self.1.iter().any(|x| resolved.starts_with(x)) {
+            return format!(
+                "{} is refused: it is in a directory that is never a job's (the coordinator's state directory, or a worker's own)",
+                path.display()
+            );
+        }
         // Where a symlink outside the roots leads is not told: the roots
         // are all a submitter may learn about.
         let seen = if resolved == path {
@@ -203,11 +209,11 @@ impl DataRoots {
                     // `a/missing/..` has no file name: refused, as a `..`
                     // after a directory that does not exist.
                     let Some(name) = existing.file_name() else {
-                        return Err(format!("{}: cannot be resolved", path.display()));
+                        return Err(self.refusal(path, &existing));
                     };
                     rest.push(name.to_os_string());
                     if !existing.pop() {
-                        return Err(format!("{}: cannot be resolved", path.display()));
+                        return Err(self.refusal(path, &existing));
                     }
                     if existing.as_os_str().is_empty() {
                         existing = PathBuf::from(".");
@@ -219,7 +225,7 @@ impl DataRoots {
         for name in rest.iter().rev() {
             let p = Path::new(name);
             if p.components().any(|c| !matches!(c, Component::Normal(_))) {
-                return Err(format!("{}: cannot be resolved", path.display()));
+                return Err(self.refusal(path, &existing));
             }
             full.push(p);
         }

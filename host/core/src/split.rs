@@ -88,7 +88,21 @@ pub fn read_split_checked(
     split: &Split,
     check: impl Fn(&File) -> io::Result<()>,
 ) -> io::Result<Vec<u8>> {
-    let mut file = File::open(&split.path)?;
+    // Without blocking: opening a FIFO would otherwise wait forever for a
+    // writer. Only a regular file is read.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&split.path)?
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", split.path.display()),
+        ));
+    }
     check(&file)?;
     let len = file.metadata()?.len();
     let begin = if split.start == 0 {

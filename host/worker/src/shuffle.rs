@@ -372,6 +372,7 @@ async fn handle(
     let acceptor = tokio_rustls::TlsAcceptor::from(auth.server.clone());
     let mut stream = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
         Ok(Err(e)) => {
             static SAID: mr_core::gate::Throttle = mr_core::gate::Throttle::new();
             if let Some(quiet) = SAID.allow() {

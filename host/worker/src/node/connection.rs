@@ -137,6 +137,7 @@ impl Worker {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut warned = None;
+        let mut hung_up = 0u32;
         loop {
             if let (Some(c), Some(id)) = (&link.client, &link.id) {
                 return Ok((c.clone(), id.clone()));
@@ -208,6 +209,19 @@ impl Worker {
                 }
                 Err(e) => {
                     link.client = None;
+                    // In plain text, a coordinator that hangs up on every
+                    // registration at once speaks TLS (the default).
+                    let plain =
+                        matches!(&self.options.coordinator, Transport::Tcp { tls: None, .. });
+                    hung_up += 1;
+                    if plain && hung_up >= 3 {
+                        return Err(WorkerError::Refused {
+                            addr: self.options.coordinator.to_string(),
+                            reason: format!(
+                                "it hangs up on every registration ({e}); it most likely requires TLS (the default): drop --insecure and give this worker the coordinator's worker token"
+                            ),
+                        });
+                    }
                     let why = format!("registration failed: {e}");
                     retry_or_give_up(&self.options, started, &mut backoff, &mut warned, why)
                         .await?;
