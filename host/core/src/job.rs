@@ -170,6 +170,10 @@ pub mod limits {
     /// Failed attempts per task: enough for a flaky guest, and bounded so a
     /// broken one cannot keep a cluster busy.
     pub const MAX_ATTEMPTS: u32 = 1000;
+    /// Map tasks × reduces, at most: each map output has a segment per
+    /// reduce, and every one is indexed, fetched and merged (2^32 is far
+    /// past any job that shuffles in reasonable time).
+    pub const MAX_SEGMENTS: u64 = 1 << 32;
     /// A spec's encoded size, at most: it must fit in one frame to the
     /// coordinator ([`crate::rpc::MAX_REQUEST_FRAME`]).
     pub const MAX_SPEC_BYTES: usize = crate::rpc::MAX_REQUEST_FRAME - (64 << 10);
@@ -321,6 +325,12 @@ impl JobSpec {
                 size(self.split_size)
             ));
         }
+        if maps.saturating_mul(self.reduces as u64) > MAX_SEGMENTS {
+            return bad(format!(
+                "{maps} map tasks × {} reduces make more shuffle segments than mr handles ({MAX_SEGMENTS}); use fewer --reduces or a larger --split-size",
+                self.reduces
+            ));
+        }
         Ok(())
     }
 
@@ -414,6 +424,12 @@ mod tests {
         assert!(refused(|s| s.reduces = 1 << 30).contains("--reduces"));
         assert!(refused(|s| s.split_size = 0).contains("--split-size"));
         assert!(refused(|s| s.split_size = u64::MAX).contains("--split-size"));
+        assert!(refused(|s| {
+            s.inputs[0].bytes = 1 << 40;
+            s.split_size = 2 << 20;
+            s.reduces = 100_000;
+        })
+        .contains("shuffle segments"));
         assert!(refused(|s| s.sort_buffer = 10).contains("--sort-buffer"));
         assert!(refused(|s| s.sort_buffer = u64::MAX).contains("--sort-buffer"));
         assert!(refused(|s| s.memory_limit = u64::MAX).contains("--memory-limit"));
