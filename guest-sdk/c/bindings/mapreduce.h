@@ -83,7 +83,10 @@ typedef struct {
 
 // Imported Functions from `mr:app/host@0.1.0`
 // Hands a batch of map output pairs to the host. The host partitions,
-// sorts and spills them; it may be called any number of times.
+// sorts and spills them; it may be called any number of times. A batch
+// holds at most 16 MiB of keys and values (a larger one fails the
+// task): the host copies each batch out of the guest, outside the
+// guest's memory limit. The SDKs send about 1 MiB per call.
 extern void mr_app_host_emit(mr_app_host_list_kv_t *pairs);
 
 // Exported Functions from `mapreduce`
