@@ -234,16 +234,7 @@ fn a_map_task_and_its_combiner_share_one_memory_limit() {
 /// printed raw by `mr run` (clear the screen, set the title, fake a line).
 #[test]
 fn guest_text_reaches_the_terminal_with_its_control_characters_escaped() {
-    let tmp = tempfile::tempdir().unwrap();
-    let bad = input(tmp.path(), "escapes", "x\n");
-    let out = tmp.path().join("out");
-    let got = mr_run(&[
-        HOSTILE,
-        bad.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!got.status.success());
+    let (_tmp, out, got) = hostile_fails("escapes");
     let err = stderr(&got);
     assert!(
         !err.contains('\u{1b}') && !err.contains('\u{7}') && !err.contains('\r'),
@@ -264,16 +255,7 @@ fn guest_text_reaches_the_terminal_with_its_control_characters_escaped() {
 /// guest that wrote a lot and then panicked lost its panic message.
 #[test]
 fn a_chatty_guests_last_words_are_kept() {
-    let tmp = tempfile::tempdir().unwrap();
-    let bad = input(tmp.path(), "chatty", "x\n");
-    let out = tmp.path().join("out");
-    let got = mr_run(&[
-        HOSTILE,
-        bad.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!got.status.success());
+    let (_tmp, out, _) = hostile_fails("chatty");
     let r = report(&out, "_FAILED");
     let text = r.to_string();
     assert!(text.contains("the last words of a chatty guest"), "{text}");
@@ -342,16 +324,7 @@ fn records_the_text_format_cannot_carry_fail_clearly_and_jsonl_carries_them() {
 /// message says so before any backtrace.
 #[test]
 fn an_emit_batch_over_the_cap_fails_with_the_cause_first() {
-    let tmp = tempfile::tempdir().unwrap();
-    let bad = input(tmp.path(), "bigbatch", "x\n");
-    let out = tmp.path().join("out");
-    let got = mr_run(&[
-        HOSTILE,
-        bad.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!got.status.success());
+    let (_tmp, _, got) = hostile_fails("bigbatch");
     let err = stderr(&got);
     let cause = err
         .find("over the limit of 16777216 per `emit` call")
@@ -379,4 +352,20 @@ fn an_app_too_big_to_start_is_told_so_without_the_split_hint() {
     let err = stderr(&got);
     assert!(err.contains("memory to start"), "{err}");
     assert!(!err.contains("--split-size"), "{err}");
+}
+
+/// Runs the hostile guest over one input named `name`, which must fail;
+/// returns the temporary directory, the output directory and the run.
+fn hostile_fails(name: &str) -> (tempfile::TempDir, PathBuf, std::process::Output) {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = input(tmp.path(), name, "x\n");
+    let out = tmp.path().join("out");
+    let got = mr_run(&[
+        HOSTILE,
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!got.status.success(), "{name} must fail");
+    (tmp, out, got)
 }
