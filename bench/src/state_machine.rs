@@ -105,6 +105,8 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
             random: true,
         },
         output_format: Default::default(),
+        speculation: true,
+        verify: 1,
     };
     let job = s.submit(now(clock, ms), spec)?;
     let mut running: Vec<Vec<Assignment>> = vec![Vec::new(); workers as usize];
@@ -142,6 +144,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
                         key: a.key,
                         outcome,
                         counters: Counters::default(),
+                        digests: Vec::new(),
                     },
                 )?;
             }
@@ -157,6 +160,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
                         .map(|a| RunningAttempt {
                             key: a.key.clone(),
                             progress: rounds,
+                            done_ppm: None,
                         })
                         .collect(),
                     received: running[w].iter().map(|a| a.seq).max().unwrap_or(0),

@@ -274,6 +274,8 @@ fn the_coordinator_checks_every_spec_it_receives() {
         progress_timeout: None,
         grants: Grants::default(),
         output_format: Default::default(),
+        speculation: true,
+        verify: 1,
     };
     type Twist = fn(&mut JobSpec);
     let hostile: [(&str, Twist); 5] = [

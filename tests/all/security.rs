@@ -229,6 +229,7 @@ fn workers_need_the_worker_token_and_cannot_speak_for_another() {
             },
             outcome: mr_core::rpc::Outcome::MapDone,
             counters: Default::default(),
+            digests: Vec::new(),
         };
         let r = member
             .report(context(QUICK), real.clone(), forged)

@@ -76,6 +76,19 @@ pub struct JobArgs {
     /// value).
     #[arg(long, default_value = "text", value_parser = ["text", "jsonl"])]
     pub output_format: String,
+
+    /// Backup attempts for stragglers: when a task runs well past its
+    /// peers and a slot is free with nothing else waiting, a second
+    /// attempt runs on another worker and the first to finish wins.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub speculation: String,
+
+    /// Run every task on K distinct workers and accept its output only
+    /// when K of them (a strict majority of those that answered) computed
+    /// the same bytes; a worker that disagrees is named and given no more
+    /// of the job's tasks. Refused with --allow clock or random.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub verify: Option<u32>,
 }
 
 impl JobArgs {
@@ -155,6 +168,8 @@ impl TryFrom<JobRequest<'_>> for Job {
                 "jsonl" => mr_core::job::OutputFormat::Jsonl,
                 _ => mr_core::job::OutputFormat::Text,
             },
+            speculation: a.speculation == "on",
+            verify: a.verify.unwrap_or(1),
         };
         spec.validate()?;
         mr_core::output::precheck(&spec.output, spec.force)?;

@@ -171,7 +171,34 @@ impl Loop {
                     );
                 }
             }
-            Action::CommitTask { job, from, to } => {
+            Action::CommitTask {
+                job,
+                from,
+                to,
+                expect,
+                task,
+                worker,
+            } => {
+                if let Some(want) = expect {
+                    // A verified reduce: its file must be what the vote
+                    // accepted, whatever its worker said. (This blocks the
+                    // loop for as long as the file takes to read.)
+                    match digest_of(&from) {
+                        Ok(found) if found == want => {}
+                        found => {
+                            let found = match found {
+                                Ok(d) => {
+                                    format!("its digest is {}, not {}", d.short(), want.short())
+                                }
+                                Err(e) => format!("it cannot be read: {e}"),
+                            };
+                            tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
+                            let _ = std::fs::remove_file(&from);
+                            self.state.commit_mismatch(now, &job, task, &worker, found);
+                            return;
+                        }
+                    }
+                }
                 if let Err(e) = std::fs::rename(&from, &to) {
                     let msg = format!("cannot commit {} to {}: {e}", from.display(), to.display());
                     self.state.fail_job(now, &job, msg);
@@ -486,4 +513,23 @@ fn crashed(e: tokio::task::JoinError) -> ServeError {
     };
     tracing::error!("the coordinator's event loop failed: {why}");
     ServeError::Crashed(why)
+}
+
+/// The SHA-256 digest of a file, read without following a symlink.
+fn digest_of(path: &std::path::Path) -> std::io::Result<mr_core::digest::Digest> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let mut h = mr_core::digest::Hasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
 }

@@ -280,6 +280,7 @@ mod tests {
             worker: WorkerId("w1".into()),
             slot: 0,
             ms: 1,
+            reason: Default::default(),
         }
     }
 

@@ -32,8 +32,8 @@ use mr_core::job::{AppRef, JobSpec};
 use mr_core::output::{OutputDir, OutputError};
 use mr_core::rpc::{
     Assignment, AttemptResult, Chunk, Coordinator, CoordinatorClient, Heartbeat, HeartbeatReply,
-    JobDetail, JobSummary, Postcard, Register, Registered, RpcError, Work, HANDSHAKE_TIMEOUT,
-    LONG_POLL, MAX_REQUEST_FRAME, PROTOCOL_VERSION,
+    JobDetail, JobSummary, Postcard, Register, Registered, RpcError, Work, WorkerSummary,
+    HANDSHAKE_TIMEOUT, LONG_POLL, MAX_REQUEST_FRAME, PROTOCOL_VERSION,
 };
 use mr_core::tls::{self, Fingerprint, TokenKind};
 use tarpc::server::{BaseChannel, Channel};
@@ -702,6 +702,22 @@ impl Coordinator for Server {
     async fn shutdown(self, _: tarpc::context::Context) -> Result<(), RpcError> {
         self.peer.as_client()?;
         self.shared.state(|s, now| s.shutdown(now)).await?
+    }
+
+    async fn workers(self, _: tarpc::context::Context) -> Result<Vec<WorkerSummary>, RpcError> {
+        self.peer.as_client()?;
+        self.shared.state(|s, _| s.worker_summaries()).await
+    }
+
+    async fn release_worker(
+        self,
+        _: tarpc::context::Context,
+        worker: WorkerId,
+    ) -> Result<(), RpcError> {
+        self.peer.as_client()?;
+        self.shared
+            .state(move |s, _| s.release_worker(&worker))
+            .await?
     }
 }
 

@@ -101,6 +101,21 @@ pub struct JobSpec {
     /// How `mr-out-*` lines are written (`--output-format`).
     #[serde(default)]
     pub output_format: OutputFormat,
+    /// Backup attempts of stragglers (`--speculation on|off`).
+    #[serde(default = "yes")]
+    pub speculation: bool,
+    /// Attempts of each task, on distinct workers, whose output digests
+    /// must agree (`--verify K`); 1: no verification.
+    #[serde(default = "one")]
+    pub verify: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// How a reduce task writes its `mr-out-*` file.
@@ -170,6 +185,9 @@ pub mod limits {
     /// Failed attempts per task: enough for a flaky guest, and bounded so a
     /// broken one cannot keep a cluster busy.
     pub const MAX_ATTEMPTS: u32 = 1000;
+    /// Most workers one verified task runs on (`--verify K`): each is a
+    /// whole copy of the job's work.
+    pub const MAX_VERIFY: u32 = 16;
     /// Map tasks × reduces, at most: each map output has a segment per
     /// reduce, and every one is indexed, fetched and merged (2^32 is far
     /// past any job that shuffles in reasonable time).
@@ -299,6 +317,27 @@ impl JobSpec {
                 ));
             }
         }
+        if self.verify == 0 || self.verify > MAX_VERIFY {
+            return bad(format!(
+                "--verify must be between 2 and {MAX_VERIFY} (the workers whose results must agree), not {}",
+                self.verify
+            ));
+        }
+        if self.verify > 1 {
+            if self.grants.clock || self.grants.random {
+                return bad(format!(
+                    "--verify {} cannot be used with --allow {}: verification compares the bytes several workers computed, and a guest that reads a real clock or real randomness computes different bytes on each",
+                    self.verify,
+                    self.grants.names().join(",")
+                ));
+            }
+            if self.max_attempts < self.verify {
+                return bad(format!(
+                    "--verify {} needs --max-attempts of at least {} (each task runs that many times; more allow a vote to be decided after a disagreement), not {}",
+                    self.verify, self.verify, self.max_attempts
+                ));
+            }
+        }
         if self.inputs.is_empty() {
             return bad("no input files given".into());
         }
@@ -404,6 +443,8 @@ mod tests {
             progress_timeout: None,
             grants: Grants::default(),
             output_format: OutputFormat::Text,
+            speculation: true,
+            verify: 1,
         }
     }
 

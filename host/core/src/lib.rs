@@ -5,6 +5,7 @@
 //! - [`partition`]: the partitioner (the MIT lab's `ihash`).
 //! - [`split`]: planning input splits and finding their line boundaries.
 //! - [`report`]: the job report written to `_SUCCESS`.
+//! - [`digest`]: SHA-256 digests of task output, for verified jobs.
 //! - [`job`]: the job spec, its bounds and its one validation, and the
 //!   capabilities a job grants its guests.
 //! - [`output`]: the output directory: locking, task and job commit.
@@ -15,6 +16,7 @@
 //! - [`fuzz`]: the fuzzing harness of the decoders' tests.
 //! - [`gate`]: bounds on connections that have not proved who they are.
 
+pub mod digest;
 pub mod fuzz;
 pub mod gate;
 pub mod ids;

@@ -95,6 +95,55 @@ pub struct TaskReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub range: Option<(u64, u64)>,
     pub attempts: Vec<AttemptReport>,
+    /// For a verified job (`--verify K`): the vote that accepted the
+    /// task's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verdict>,
+}
+
+/// How a verified task's output was chosen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The digest of the accepted output.
+    pub digest: crate::digest::Digest,
+    /// The workers whose attempts computed it.
+    pub agreeing: Vec<String>,
+    /// The attempts that computed something else.
+    pub dissent: Vec<Dissent>,
+}
+
+/// An attempt whose output lost a vote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dissent {
+    pub worker: String,
+    pub attempt: u32,
+    pub digest: crate::digest::Digest,
+}
+
+/// Why an attempt started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reason {
+    /// The task's first attempt.
+    #[default]
+    First,
+    /// An earlier attempt failed or was lost.
+    Retry,
+    /// A backup of a straggler (speculative execution).
+    Backup,
+    /// One more vote for a verified task (`--verify K`).
+    Verify,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::First => "first",
+            Reason::Retry => "retry",
+            Reason::Backup => "backup",
+            Reason::Verify => "verify",
+        })
+    }
 }
 
 /// One attempt at a task.
@@ -107,6 +156,13 @@ pub struct AttemptReport {
     pub slot: u32,
     pub start_ms: u64,
     pub end_ms: u64,
-    /// `succeeded`, or `failed: <why>`.
+    /// `succeeded`, or `failed: <why>`, `killed: <why>`.
     pub outcome: String,
+    /// Why it started.
+    #[serde(default)]
+    pub reason: Reason,
+    /// The digest of its output (verified jobs only), computed by its
+    /// worker's host, not the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<crate::digest::Digest>,
 }

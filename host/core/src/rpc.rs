@@ -34,7 +34,7 @@ use crate::split::Split;
 
 /// The version of this protocol. Bump it on any change to the service or
 /// its types; mismatched peers are refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
@@ -133,6 +133,27 @@ pub trait Coordinator {
 
     /// Tells every worker to exit, then the coordinator exits too.
     async fn shutdown() -> Result<(), RpcError>;
+
+    /// The live workers, with any quarantine (`mr status`).
+    async fn workers() -> Result<Vec<WorkerSummary>, RpcError>;
+
+    /// Lets a quarantined worker take tasks again (`mr worker-release`).
+    async fn release_worker(worker: WorkerId) -> Result<(), RpcError>;
+}
+
+/// A live worker at a glance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSummary {
+    pub worker: WorkerId,
+    pub host: String,
+    pub slots: u32,
+    /// Attempts it runs now.
+    pub running: u32,
+    /// Why it gets no tasks at all: its results lost two votes of
+    /// verified jobs (`--verify`); the last one is described.
+    pub quarantined: Option<String>,
+    /// Jobs that give it no more tasks: its result lost a vote in each.
+    pub suspect_in: Vec<JobId>,
 }
 
 /// Why the coordinator refused a call.
@@ -262,6 +283,11 @@ impl std::fmt::Display for AttemptKey {
 pub struct RunningAttempt {
     pub key: AttemptKey,
     pub progress: u64,
+    /// How far it is, in millionths: of the partition merged (a reduce),
+    /// or of the map output written (a map, once its guest has returned:
+    /// while the guest runs the host cannot see how far into its split it
+    /// is). `None`: not known.
+    pub done_ppm: Option<u32>,
 }
 
 /// What a worker says in a heartbeat.
@@ -302,6 +328,8 @@ pub struct TaskLimits {
     pub grants: Grants,
     pub sort_buffer: u64,
     pub reduces: u32,
+    /// Whether the attempt's output digests are wanted (`--verify`).
+    pub digests: bool,
 }
 
 impl TaskLimits {
@@ -313,6 +341,7 @@ impl TaskLimits {
             grants: spec.grants,
             sort_buffer: spec.sort_buffer,
             reduces: spec.reduces,
+            digests: spec.verify > 1,
         }
     }
 }
@@ -348,6 +377,10 @@ pub enum Work {
         grants: Vec<Option<crate::tls::Grant>>,
         /// How to write `output`.
         format: crate::job::OutputFormat,
+        /// For a verified job: the accepted digest of this partition of
+        /// every map's output, which what is fetched must match (empty
+        /// otherwise).
+        expect: Vec<crate::digest::Digest>,
     },
 }
 
@@ -384,6 +417,9 @@ pub struct AttemptResult {
     pub key: AttemptKey,
     pub outcome: Outcome,
     pub counters: Counters,
+    /// With [`TaskLimits::digests`]: the digest of each partition of a
+    /// map's output, or of a reduce's output file (empty otherwise).
+    pub digests: Vec<crate::digest::Digest>,
 }
 
 /// How an attempt ended, in its own words.
@@ -463,6 +499,11 @@ pub struct JobSummary {
     pub finished_ms: Option<u64>,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Why tasks wait, when they wait for something other than a free
+    /// slot (e.g. `--verify 3` with two workers).
+    pub waiting: Option<String>,
+    /// Backup attempts started (speculation).
+    pub backups: u32,
 }
 
 /// A job in detail.
@@ -634,6 +675,7 @@ mod fuzz_tests {
                         attempt: 1,
                     },
                     progress: 9,
+                    done_ppm: Some(5),
                 }],
                 received: 4,
                 jobs: vec![JobId("job-1-1".into())],

@@ -114,6 +114,14 @@ impl SandboxEngine {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(MAX_WASM_STACK);
+        // Deterministic execution (wasmtime's "deterministic execution"
+        // guide), so that two hosts running one attempt compute the same
+        // bytes, as `--verify` and backup attempts rely on: NaNs are
+        // canonical, relaxed SIMD behaves the same on every CPU (threads are
+        // not built in). The rest (same memory limits, stack size, no clock or
+        // randomness unless granted) holds for every job already.
+        config.cranelift_nan_canonicalization(true);
+        config.relaxed_simd_deterministic(true);
         let engine = Engine::new(&config).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (e, s) = (engine.clone(), stop.clone());

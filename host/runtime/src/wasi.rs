@@ -2,7 +2,7 @@
 //! limiter, captured guest output and the map output sink.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -158,6 +158,8 @@ pub struct TaskControl(Arc<Control>);
 struct Control {
     memory: AtomicUsize,
     progress: AtomicU64,
+    /// How far the task is, in millionths, plus one (0: not known).
+    done: AtomicU32,
     cancelled: AtomicBool,
 }
 
@@ -170,6 +172,22 @@ impl TaskControl {
     /// The progress counter.
     pub fn progress(&self) -> u64 {
         self.0.progress.load(Ordering::Relaxed)
+    }
+
+    /// How far the task is, in millionths, if its host side knows.
+    pub fn done_ppm(&self) -> Option<u32> {
+        self.0.done.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Records that `part` of `whole` is done (and that work was done).
+    pub fn set_done(&self, part: u64, whole: u64) {
+        let ppm = if whole == 0 {
+            1_000_000
+        } else {
+            (u128::from(part.min(whole)) * 1_000_000 / u128::from(whole)) as u32
+        };
+        self.0.done.store(ppm + 1, Ordering::Relaxed);
+        self.bump();
     }
 
     /// Records that the task did some work.

@@ -417,7 +417,8 @@ impl SortBuffer {
                     self.control.bump();
                 }
             }
-            self.control.bump();
+            self.control
+                .set_done(u64::from(r) + 1, u64::from(self.reduces));
         }
         let segments = w.finish()?;
         self.discard();

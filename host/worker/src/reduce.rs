@@ -194,8 +194,13 @@ fn reduce(
     let mut failed: Option<TaskError> = None;
     let cancelled =
         || std::io::Error::new(std::io::ErrorKind::Interrupted, "the attempt was cancelled");
+    // Progress: the fraction of the partition's records merged.
+    let total: u64 = task.inputs.iter().map(|(_, i)| i.records).sum();
     let mut record = |key: &[u8], value: &[u8]| -> Result<(), Stop> {
         batch.counters.reduce_input_records += 1;
+        if batch.counters.reduce_input_records.is_multiple_of(4096) {
+            control.set_done(batch.counters.reduce_input_records, total);
+        }
         let same = current.as_ref().is_some_and(|g| g.key.as_bytes() == key);
         if !same {
             if let Some(g) = current.take() {

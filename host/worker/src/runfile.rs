@@ -52,6 +52,41 @@ fn corrupt(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
+/// The SHA-256 digest of segment `info`'s bytes in `source` (as stored
+/// and as served: the same records give the same digest wherever they
+/// are).
+///
+/// Fails if the segment cannot be read to its end.
+pub fn segment_digest(source: &Source, info: SegmentInfo) -> io::Result<mr_core::digest::Digest> {
+    let mut h = mr_core::digest::Hasher::default();
+    match source {
+        Source::Memory(bytes) => {
+            let start = usize::try_from(info.offset).unwrap_or(usize::MAX);
+            let end = start.saturating_add(usize::try_from(info.len).unwrap_or(usize::MAX));
+            let part = bytes
+                .get(start..end)
+                .ok_or_else(|| corrupt("a segment lies outside its run"))?;
+            h.update(part);
+        }
+        Source::File(path) => {
+            let mut f = File::open(path)?;
+            f.seek(SeekFrom::Start(info.offset))?;
+            let mut f = f.take(info.len);
+            let mut buf = vec![0u8; READ_BUFFER];
+            let mut left = info.len;
+            while left > 0 {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    return Err(corrupt(format!("{} ends inside a segment", path.display())));
+                }
+                h.update(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+    }
+    Ok(h.finish())
+}
+
 /// Where a run is: a file, or (a small map output) bytes in memory.
 #[derive(Clone, Debug)]
 pub enum Source {

@@ -163,19 +163,25 @@ impl State {
         };
         let job = self.job(seq);
         let running: Vec<(TaskRef, mr_core::ids::WorkerId, u32)> = (0..job.tasks.len())
-            .filter_map(|t| match &job.tasks[t].state {
-                TaskState::Running(run) => Some((
-                    TaskRef { job: seq, task: t },
-                    run.worker.clone(),
-                    run.attempt,
-                )),
-                _ => None,
+            .flat_map(|t| match &job.tasks[t].state {
+                TaskState::Active(a) => a
+                    .live
+                    .iter()
+                    .map(|run| {
+                        (
+                            TaskRef { job: seq, task: t },
+                            run.worker.clone(),
+                            run.attempt,
+                        )
+                    })
+                    .collect(),
+                _ => Vec::new(),
             })
             .collect();
         for (r, worker, attempt) in running {
             let key = self.key(r, attempt);
             self.cancel_on_worker(&worker, key);
-            self.end_attempt(now, r, why.into(), false, None);
+            self.end_attempt(now, r, attempt, why.into(), false, None);
         }
         let id = self.job(seq).id.clone();
         tracing::info!(job = %id, %state, error = error.as_deref().unwrap_or(""), "job finished");

@@ -71,9 +71,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use mr_core::digest::Digest;
 use mr_core::ids::{JobId, TaskId, WorkerId};
 use mr_core::job::JobSpec;
-use mr_core::report::{Counters, JobReport};
+use mr_core::report::{Counters, JobReport, Reason};
 use mr_core::rpc::{AttemptKey, JobState};
 use serde::{Deserialize, Serialize};
 
@@ -160,6 +161,12 @@ pub enum Action {
         job: JobId,
         from: PathBuf,
         to: PathBuf,
+        /// For a verified job: the digest the file must have (the
+        /// coordinator checks it rather than trust the worker that wrote
+        /// it); on a mismatch the loop calls [`State::commit_mismatch`].
+        expect: Option<mr_core::digest::Digest>,
+        task: TaskId,
+        worker: WorkerId,
     },
     /// Remove a losing attempt's output.
     Discard(PathBuf),
@@ -208,8 +215,11 @@ pub enum Record {
         worker: WorkerId,
         slot: u32,
         ms: u64,
+        #[serde(default)]
+        reason: Reason,
     },
-    /// An attempt ended; with `done`, its task is done.
+    /// An attempt ended; with `done`, it produced output: its task is
+    /// done, or (`--verify`) the output is one more vote.
     Ended {
         key: AttemptKey,
         outcome: String,
@@ -244,15 +254,34 @@ pub enum DoneOutput {
     Map {
         addr: Option<SocketAddr>,
         counters: Counters,
+        /// Per partition (`--verify` only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        digests: Vec<Digest>,
     },
     /// Reduce output, committed into the job's `committed/`.
-    Reduce { counters: Counters },
+    Reduce {
+        counters: Counters,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<Digest>,
+    },
 }
 
 impl DoneOutput {
     fn counters(&self) -> &Counters {
         match self {
-            DoneOutput::Map { counters, .. } | DoneOutput::Reduce { counters } => counters,
+            DoneOutput::Map { counters, .. } | DoneOutput::Reduce { counters, .. } => counters,
+        }
+    }
+
+    /// What the output votes for: the digest of its digests (a map's, one
+    /// per partition) or its digest (a reduce's); all zeros without.
+    fn vote(&self) -> Digest {
+        match self {
+            DoneOutput::Map { digests, .. } if !digests.is_empty() => Digest::of_all(digests),
+            DoneOutput::Reduce {
+                digest: Some(d), ..
+            } => *d,
+            _ => Digest([0; 32]),
         }
     }
 }
@@ -273,6 +302,10 @@ pub struct State {
     running_on: HashMap<WorkerId, BTreeSet<TaskRef>>,
     /// Done map tasks whose output each worker holds.
     held_by: HashMap<WorkerId, BTreeSet<TaskRef>>,
+    /// Votes each worker lost (`--verify`), over all jobs.
+    losses: HashMap<WorkerId, u32>,
+    /// Workers given no tasks at all, and why (a second lost vote).
+    quarantined: BTreeMap<WorkerId, String>,
     /// Finished jobs, in the order they finished (for forgetting).
     finished: VecDeque<u64>,
     next_worker: u64,
@@ -296,6 +329,8 @@ impl State {
             runnable: BTreeSet::new(),
             running_on: HashMap::new(),
             held_by: HashMap::new(),
+            losses: HashMap::new(),
+            quarantined: BTreeMap::new(),
             finished: VecDeque::new(),
             next_worker: 1,
             next_job: 1,
@@ -357,13 +392,16 @@ impl State {
     fn set_task(&mut self, r: TaskRef, new: TaskState) -> TaskState {
         let job = self.jobs.get_mut(&r.job).expect("a job the state holds");
         let is_map = r.task < job.maps();
+        job.unqueue(r.task);
         let old = std::mem::replace(&mut job.tasks[r.task].state, new);
         match &old {
-            TaskState::Idle => job.unqueue(r.task),
-            TaskState::Running(run) => {
-                job.running -= 1;
-                if let Some(set) = self.running_on.get_mut(&run.worker) {
-                    set.remove(&r);
+            TaskState::Idle => {}
+            TaskState::Active(a) => {
+                job.running -= a.live.len();
+                for run in &a.live {
+                    if let Some(set) = self.running_on.get_mut(&run.worker) {
+                        set.remove(&r);
+                    }
                 }
             }
             TaskState::Done(d) => {
@@ -378,14 +416,19 @@ impl State {
                 }
             }
         }
+        if job.wants(r.task) {
+            job.queue(r.task);
+        }
         match &job.tasks[r.task].state {
-            TaskState::Idle => job.queue(r.task),
-            TaskState::Running(run) => {
-                job.running += 1;
-                self.running_on
-                    .entry(run.worker.clone())
-                    .or_default()
-                    .insert(r);
+            TaskState::Idle => {}
+            TaskState::Active(a) => {
+                job.running += a.live.len();
+                for run in &a.live {
+                    self.running_on
+                        .entry(run.worker.clone())
+                        .or_default()
+                        .insert(r);
+                }
             }
             TaskState::Done(d) => {
                 if is_map {

@@ -1,16 +1,17 @@
 //! The state machine's domain types: workers, tasks and jobs as the
 //! coordinator sees them (the wire types are in `mr_core::rpc`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mr_core::digest::Digest;
 use mr_core::ids::{JobId, TaskId, WorkerId};
 use mr_core::job::JobSpec;
 use mr_core::output::TEMPORARY;
-use mr_core::report::AttemptReport;
+use mr_core::report::{AttemptReport, Reason, Verdict};
 use mr_core::rpc::{AttemptKey, JobState, MapOutputs};
 use mr_core::split::Split;
 
@@ -54,8 +55,69 @@ pub(super) struct Running {
     pub start_ms: u64,
     pub last_progress: Instant,
     pub progress: u64,
+    /// How far it is, in millionths, if its worker knows.
+    pub done_ppm: Option<u32>,
+    /// When it started, on this coordinator's clock.
+    pub started: Instant,
     /// Its assignment's number on its worker (0 after a replay).
     pub seq: u64,
+    pub reason: Reason,
+}
+
+/// An attempt that finished with output, not yet accepted: a vote for its
+/// digest (with `--verify 1` the first vote is accepted at once).
+#[derive(Clone, Debug)]
+pub(super) struct Vote {
+    pub attempt: u32,
+    pub worker: WorkerId,
+    pub digest: Digest,
+    pub output: DoneOutput,
+}
+
+/// A task under way: its running attempts (on distinct workers) and the
+/// results of finished ones still short of a verdict.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Active {
+    pub live: Vec<Running>,
+    pub votes: Vec<Vote>,
+}
+
+impl Active {
+    /// Whether `worker` has run or runs an attempt here.
+    pub fn involves(&self, worker: &WorkerId) -> bool {
+        self.live.iter().any(|r| &r.worker == worker)
+            || self.votes.iter().any(|v| &v.worker == worker)
+    }
+
+    /// The digest a strict majority of at least `k` votes agree on.
+    pub fn accepted(&self, k: u32) -> Option<Digest> {
+        let (digest, n) = self.largest_group()?;
+        (n >= k as usize && 2 * n > self.votes.len()).then_some(digest)
+    }
+
+    /// More agreeing votes needed at the least before a verdict is
+    /// possible: `m` with `g + m ≥ k` and `2(g + m) > n + m`, for `n`
+    /// votes whose largest group has `g`.
+    pub fn more_needed(&self, k: u32) -> usize {
+        let g = self.largest_group().map_or(0, |(_, n)| n);
+        let n = self.votes.len();
+        (k as usize)
+            .saturating_sub(g)
+            .max((n + 1).saturating_sub(2 * g))
+    }
+
+    fn largest_group(&self) -> Option<(Digest, usize)> {
+        let mut count: BTreeMap<Digest, usize> = BTreeMap::new();
+        for v in &self.votes {
+            *count.entry(v.digest).or_default() += 1;
+        }
+        // The largest group; of equals, the one voted for first.
+        let best = count.values().copied().max()?;
+        self.votes
+            .iter()
+            .find(|v| count[&v.digest] == best)
+            .map(|v| (v.digest, best))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -68,7 +130,7 @@ pub(super) struct Done {
 #[derive(Clone, Debug)]
 pub(super) enum TaskState {
     Idle,
-    Running(Running),
+    Active(Active),
     Done(Done),
 }
 
@@ -80,6 +142,8 @@ pub(super) struct Task {
     /// Attempts that failed and count toward `max_attempts`.
     pub failures: u32,
     pub history: Vec<AttemptReport>,
+    /// How a verified task's output was chosen.
+    pub verdict: Option<Verdict>,
 }
 
 pub(super) struct Job {
@@ -103,6 +167,13 @@ pub(super) struct Job {
     /// Where every map output is, once every map is done (built when the
     /// first reduce is handed out; dropped when a map output is lost).
     pub map_outputs: Option<Arc<MapOutputs>>,
+    /// Workers whose results lost a vote: they get no more of its tasks.
+    pub suspects: BTreeSet<WorkerId>,
+    /// How long the winning attempts of done maps and of done reduces
+    /// took (ms), sorted: what a straggler is measured against.
+    pub took: [Vec<u64>; 2],
+    /// Backup attempts started.
+    pub backups: u32,
     /// Grows with every change (see `mr_core::rpc::JobSummary::version`).
     pub version: u64,
 }
@@ -120,6 +191,7 @@ impl Job {
                 attempts: 0,
                 failures: 0,
                 history: Vec::new(),
+                verdict: None,
             })
             .collect();
         Job {
@@ -138,6 +210,9 @@ impl Job {
             running: 0,
             failures: 0,
             map_outputs: None,
+            suspects: BTreeSet::new(),
+            took: [Vec::new(), Vec::new()],
+            backups: 0,
             version: 0,
         }
     }
@@ -171,18 +246,47 @@ impl Job {
                 || (self.all_maps_done() && !self.idle_reduces.is_empty()))
     }
 
-    /// The next task to hand out, if any (see [`Job::has_work`]).
-    pub fn next_task(&self) -> Option<usize> {
-        if self.state != JobState::Running {
+    /// The next task to hand `worker`, if any (see [`Job::has_work`]
+    /// and [`Job::may_run`]). Costs time in the tasks waiting for votes
+    /// that `worker` has already given (none without `--verify`).
+    pub fn next_task(&self, worker: &WorkerId) -> Option<usize> {
+        if self.state != JobState::Running || self.suspects.contains(worker) {
             return None;
         }
-        if let Some(&t) = self.idle_maps.first() {
+        let ok = |t: &&usize| self.may_run(**t, worker);
+        if let Some(&t) = self.idle_maps.iter().find(ok) {
             return Some(t);
         }
         if self.all_maps_done() {
-            return self.idle_reduces.first().copied();
+            return self.idle_reduces.iter().find(ok).copied();
         }
         None
+    }
+
+    /// Whether task `t` wants another attempt handed out: it has none,
+    /// or (`--verify`) fewer running than the votes it still needs.
+    pub fn wants(&self, t: usize) -> bool {
+        match &self.tasks[t].state {
+            TaskState::Idle => true,
+            TaskState::Active(a) => a.more_needed(self.spec.verify) > a.live.len(),
+            TaskState::Done(_) => false,
+        }
+    }
+
+    /// Whether `worker` may take an attempt of task `t`: attempts of one
+    /// task run on distinct workers, and suspects take none of the job's.
+    pub fn may_run(&self, t: usize, worker: &WorkerId) -> bool {
+        !self.suspects.contains(worker)
+            && match &self.tasks[t].state {
+                TaskState::Active(a) => !a.involves(worker),
+                _ => true,
+            }
+    }
+
+    /// The median time done tasks of a kind took (maps: `0`), if any.
+    pub fn median_took(&self, kind: usize) -> Option<u64> {
+        let v = &self.took[kind];
+        (!v.is_empty()).then(|| v[v.len() / 2])
     }
 
     pub fn queue(&mut self, t: usize) {
@@ -245,6 +349,8 @@ mod tests {
             progress_timeout: None,
             grants: Grants::default(),
             output_format: Default::default(),
+            speculation: true,
+            verify: 1,
         };
         let splits = mr_core::split::plan("i", "/i".as_ref(), maps * 10, 10);
         Job::new(JobId("job-1-1".into()), spec, splits, 0)
@@ -253,17 +359,18 @@ mod tests {
     #[test]
     fn maps_come_first_in_order_then_reduces_once_every_map_is_done() {
         let mut j = job(3, 2);
-        assert_eq!(j.next_task(), Some(0));
+        let w = WorkerId("w1".into());
+        assert_eq!(j.next_task(&w), Some(0));
         j.unqueue(0);
         j.unqueue(1);
-        assert_eq!(j.next_task(), Some(2));
+        assert_eq!(j.next_task(&w), Some(2));
         j.unqueue(2);
         assert!(!j.has_work(), "reduces wait for the maps");
-        assert_eq!(j.next_task(), None);
+        assert_eq!(j.next_task(&w), None);
         j.maps_done = 3;
-        assert_eq!(j.next_task(), Some(3));
+        assert_eq!(j.next_task(&w), Some(3));
         j.queue(1);
-        assert_eq!(j.next_task(), Some(1), "a map again goes first");
+        assert_eq!(j.next_task(&w), Some(1), "a map again goes first");
         assert_eq!(j.index(TaskId::Reduce(1)), Some(4));
         assert_eq!(j.index(TaskId::Reduce(2)), None);
         assert_eq!(j.index(TaskId::Map(3)), None);

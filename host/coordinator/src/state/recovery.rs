@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 
+use mr_core::digest::Digest;
 use mr_core::ids::{JobId, TaskId};
-use mr_core::report::AttemptReport;
+use mr_core::report::{AttemptReport, Dissent, Verdict};
 use mr_core::rpc::JobState;
 use mr_core::split::{plan, Split};
 
-use super::model::{Done, Job, Running, TaskRef, TaskState};
+use super::model::{Active, Done, Job, Running, TaskRef, TaskState, Vote};
 use super::{Action, Config, DoneOutput, Now, Record, State, FINISHED_KEPT};
 
 impl State {
@@ -22,12 +23,11 @@ impl State {
         for r in records {
             s.apply(now, r);
         }
-        let mut running: Vec<TaskRef> = s.running_on.values().flatten().copied().collect();
-        running.sort_unstable();
-        for r in running {
+        for (r, attempt) in s.live_attempts() {
             s.end_attempt(
                 now,
                 r,
+                attempt,
                 "killed: the coordinator restarted while it ran".into(),
                 false,
                 None,
@@ -130,24 +130,34 @@ impl State {
                 worker,
                 slot,
                 ms,
+                reason,
             } => {
                 let Some(r) = self.task_ref(&key.job, key.task) else {
                     return;
                 };
                 let task = &mut self.job_mut(r.job).tasks[r.task];
                 task.attempts = task.attempts.max(key.attempt);
-                self.set_task(
-                    r,
-                    TaskState::Running(Running {
-                        attempt: key.attempt,
-                        worker,
-                        slot,
-                        start_ms: ms,
-                        last_progress: now.at,
-                        progress: 0,
-                        seq: 0,
-                    }),
-                );
+                let run = Running {
+                    attempt: key.attempt,
+                    worker,
+                    slot,
+                    start_ms: ms,
+                    last_progress: now.at,
+                    progress: 0,
+                    done_ppm: None,
+                    started: now.at,
+                    seq: 0,
+                    reason,
+                };
+                let active = match &task.state {
+                    TaskState::Idle => Active::default(),
+                    TaskState::Active(a) => a.clone(),
+                    TaskState::Done(_) => return,
+                };
+                let mut active = active;
+                active.live.retain(|l| l.worker != run.worker);
+                active.live.push(run);
+                self.set_task(r, TaskState::Active(active));
             }
             Record::Ended {
                 key,
@@ -159,27 +169,18 @@ impl State {
                 let Some(r) = self.task_ref(&key.job, key.task) else {
                     return;
                 };
-                let TaskState::Running(run) = &self.job(r.job).tasks[r.task].state else {
+                let TaskState::Active(a) = &self.job(r.job).tasks[r.task].state else {
                     return;
                 };
-                if run.attempt != key.attempt {
+                let Some(i) = a.live.iter().position(|l| l.attempt == key.attempt) else {
                     return;
-                }
-                let run = run.clone();
+                };
+                let mut a = a.clone();
+                let run = a.live.remove(i);
                 let job = self.job_mut(r.job);
+                let k = job.spec.verify;
+                let kind = usize::from(r.task >= job.maps());
                 let task = &mut job.tasks[r.task];
-                task.history.push(AttemptReport {
-                    attempt: run.attempt,
-                    worker: run.worker.0.clone(),
-                    slot: run.slot,
-                    start_ms: run.start_ms,
-                    end_ms: ms,
-                    outcome,
-                });
-                if counted {
-                    task.failures += 1;
-                    job.failures += 1;
-                }
                 // Output of the wrong kind (only a damaged journal has it)
                 // is no output: the task runs again.
                 let fits = |o: &DoneOutput| {
@@ -189,13 +190,79 @@ impl State {
                             | (DoneOutput::Reduce { .. }, TaskId::Reduce(_))
                     )
                 };
-                let new = match done.filter(fits) {
-                    Some(output) => TaskState::Done(Done {
+                let done = done.filter(fits);
+                task.history.push(AttemptReport {
+                    attempt: run.attempt,
+                    worker: run.worker.0.clone(),
+                    slot: run.slot,
+                    start_ms: run.start_ms,
+                    end_ms: ms,
+                    outcome,
+                    reason: run.reason,
+                    digest: done.as_ref().filter(|_| k > 1).map(DoneOutput::vote),
+                });
+                if counted {
+                    task.failures += 1;
+                    job.failures += 1;
+                }
+                if let Some(output) = done {
+                    a.votes.push(Vote {
                         attempt: run.attempt,
-                        worker: run.worker,
+                        worker: run.worker.clone(),
+                        digest: output.vote(),
                         output,
-                    }),
-                    None => TaskState::Idle,
+                    });
+                }
+                let new = match a.accepted(k) {
+                    Some(digest) => {
+                        let winner = a
+                            .votes
+                            .iter()
+                            .find(|v| v.digest == digest)
+                            .expect("an accepted digest has a vote")
+                            .clone();
+                        if k > 1 {
+                            task.verdict = Some(verdict(&a, digest));
+                            for h in task.history.iter_mut() {
+                                if h.digest.is_some_and(|d| d != digest) {
+                                    h.outcome = format!(
+                                        "succeeded, but outvoted: its output differs from the one {} workers agreed on",
+                                        a.votes.iter().filter(|v| v.digest == digest).count()
+                                    );
+                                }
+                            }
+                        }
+                        // Attempts still running (a replay of a journal cut
+                        // short) are over: the task is done.
+                        for l in a.live.drain(..) {
+                            task.history.push(AttemptReport {
+                                attempt: l.attempt,
+                                worker: l.worker.0.clone(),
+                                slot: l.slot,
+                                start_ms: l.start_ms,
+                                end_ms: ms,
+                                outcome: "killed: another attempt finished first".into(),
+                                reason: l.reason,
+                                digest: None,
+                            });
+                        }
+                        let took = ms.saturating_sub(
+                            task.history
+                                .iter()
+                                .find(|h| h.attempt == winner.attempt)
+                                .map_or(ms, |h| h.start_ms),
+                        );
+                        let v = &mut job.took[kind];
+                        let at = v.partition_point(|&x| x <= took);
+                        v.insert(at, took);
+                        TaskState::Done(Done {
+                            attempt: winner.attempt,
+                            worker: winner.worker,
+                            output: winner.output,
+                        })
+                    }
+                    None if a.live.is_empty() && a.votes.is_empty() => TaskState::Idle,
+                    None => TaskState::Active(a),
                 };
                 self.set_task(r, new);
             }
@@ -209,6 +276,7 @@ impl State {
                     if let Some(h) = t.history.iter_mut().find(|h| h.attempt == attempt) {
                         h.outcome = format!("succeeded, then lost: {why}");
                     }
+                    t.verdict = None;
                     self.set_task(r, TaskState::Idle);
                 }
                 if self.job(r.job).state == JobState::Committing {
@@ -239,5 +307,28 @@ impl State {
                 }
             }
         }
+    }
+}
+
+/// The verdict of votes `a` that accepted `digest`.
+fn verdict(a: &Active, digest: Digest) -> Verdict {
+    Verdict {
+        digest,
+        agreeing: a
+            .votes
+            .iter()
+            .filter(|v| v.digest == digest)
+            .map(|v| v.worker.0.clone())
+            .collect(),
+        dissent: a
+            .votes
+            .iter()
+            .filter(|v| v.digest != digest)
+            .map(|v| Dissent {
+                worker: v.worker.0.clone(),
+                attempt: v.attempt,
+                digest: v.digest,
+            })
+            .collect(),
     }
 }

@@ -4,7 +4,7 @@
 
 use mr_core::ids::{JobId, TaskId};
 use mr_core::report::{AppInfo, AttemptReport, Counters, InputInfo, JobReport, TaskReport};
-use mr_core::rpc::{JobSummary, RpcError};
+use mr_core::rpc::{JobState, JobSummary, RpcError};
 
 use super::model::{TaskRef, TaskState};
 use super::State;
@@ -61,7 +61,31 @@ impl State {
             submitted_ms: job.submitted_ms,
             finished_ms: job.finished_ms,
             error: job.error.clone(),
+            waiting: self.waiting(seq),
+            backups: job.backups,
         }
+    }
+
+    /// Why job `seq`'s tasks wait for something other than a free slot:
+    /// `--verify K` with fewer than K workers that may take them.
+    fn waiting(&self, seq: u64) -> Option<String> {
+        let job = self.job(seq);
+        let k = job.spec.verify;
+        if k < 2 || job.state != JobState::Running || !job.has_work() {
+            return None;
+        }
+        let able = self
+            .workers
+            .keys()
+            .filter(|w| !self.quarantined.contains_key(*w) && !job.suspects.contains(*w))
+            .count();
+        let gone = job.suspects.len() + self.quarantined.len();
+        (able < k as usize).then(|| {
+            format!(
+                "--verify {k} runs each task on {k} distinct workers, and {able} can take this job's tasks ({} live, {gone} suspect or quarantined); it goes on when more join",
+                self.workers.len()
+            )
+        })
     }
 
     /// The job report so far: every attempt of every task (a running one
@@ -75,14 +99,19 @@ impl State {
             let mut attempts = t.history.clone();
             match &t.state {
                 TaskState::Done(d) => counters.add(d.output.counters()),
-                TaskState::Running(r) => attempts.push(AttemptReport {
-                    attempt: r.attempt,
-                    worker: r.worker.0.clone(),
-                    slot: r.slot,
-                    start_ms: r.start_ms,
-                    end_ms: 0,
-                    outcome: "running".into(),
-                }),
+                TaskState::Active(a) => {
+                    attempts.extend(a.live.iter().map(|r| AttemptReport {
+                        attempt: r.attempt,
+                        worker: r.worker.0.clone(),
+                        slot: r.slot,
+                        start_ms: r.start_ms,
+                        end_ms: 0,
+                        outcome: "running".into(),
+                        reason: r.reason,
+                        digest: None,
+                    }));
+                    attempts.sort_by_key(|a| a.attempt);
+                }
                 TaskState::Idle => {}
             }
             let split = match t.id {
@@ -94,6 +123,7 @@ impl State {
                 input: split.map(|s| s.input.clone()),
                 range: split.map(|s| (s.start, s.end)),
                 attempts,
+                verified: t.verdict.clone(),
             });
         }
         // Splits are planned input by input, in order.

@@ -1,13 +1,19 @@
 //! Handing out tasks: the oldest runnable job first; within a job, map
-//! tasks in order, then (once every map is done) reduce tasks.
+//! tasks in order, then (once every map is done) reduce tasks; attempts of
+//! one task on distinct workers; and, with nothing waiting, backups of
+//! stragglers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use mr_core::ids::{TaskId, WorkerId};
 use mr_core::rpc::{
     Assignment, AttemptKey, MapHost, MapOutputRef, MapOutputs, RpcError, TaskLimits, Work,
 };
+
+use mr_core::digest::Digest;
+use mr_core::report::Reason;
+use mr_core::rpc::JobState;
 
 use super::model::{Done, TaskRef, TaskState};
 use super::{DoneOutput, Now, Record, State};
@@ -20,13 +26,20 @@ pub const MAX_REPLY: usize = 16 << 20;
 const ASSIGNMENT_BYTES: usize = 256;
 const MAP_OUTPUT_BYTES: usize = 12;
 
+/// A task runs this much longer than the median of its done peers before
+/// it is a straggler (Spark's `spark.speculation.multiplier`).
+const SLOW: f64 = 1.5;
+/// Nor is any attempt younger than this one (a second of heartbeats).
+const BACKUP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl State {
-    /// Hands a worker up to one task per free slot.
+    /// Hands a worker up to one task per free slot: tasks waiting first,
+    /// then (with nothing waiting that it may run) backups of stragglers.
     ///
     /// Fails if the worker is not registered (it must register again).
     /// Slots not among the worker's (`0..slots`) and repeated ones are
     /// ignored; a reply carries at most about [`MAX_REPLY`] bytes (one
-    /// assignment always goes).
+    /// assignment always goes). A quarantined worker gets nothing.
     pub fn request_tasks(
         &mut self,
         now: Now,
@@ -37,7 +50,7 @@ impl State {
             return Err(RpcError::UnknownWorker);
         };
         w.last_seen = now.at;
-        if self.shutdown.is_some() {
+        if self.shutdown.is_some() || self.quarantined.contains_key(worker) {
             return Ok(Vec::new());
         }
         let slots = w.slots;
@@ -46,9 +59,28 @@ impl State {
         free_slots.dedup();
         let mut out = Vec::new();
         let mut bytes = 0usize;
+        // At most one new backup per job and kind of task per call
+        // (Hadoop's one per scan).
+        let mut backed_up: BTreeSet<(u64, usize)> = BTreeSet::new();
         for slot in free_slots {
-            let Some(r) = self.next_task() else {
-                break;
+            let (r, reason) = match self.next_task(worker) {
+                Some(r) => {
+                    let task = &self.job(r.job).tasks[r.task];
+                    let reason = match &task.state {
+                        TaskState::Active(_) => Reason::Verify,
+                        _ if task.attempts == 0 => Reason::First,
+                        _ => Reason::Retry,
+                    };
+                    (r, reason)
+                }
+                None => match self.straggler(now, worker, &backed_up) {
+                    Some(r) => {
+                        backed_up.insert((r.job, usize::from(r.task >= self.job(r.job).maps())));
+                        self.job_mut(r.job).backups += 1;
+                        (r, Reason::Backup)
+                    }
+                    None => break,
+                },
             };
             let job = self.job(r.job);
             let size = ASSIGNMENT_BYTES
@@ -57,26 +89,121 @@ impl State {
                     let split = &job.splits[r.task];
                     split.input.len() + split.path.as_os_str().len()
                 } else {
-                    job.maps() * MAP_OUTPUT_BYTES
+                    job.maps() * (MAP_OUTPUT_BYTES + if job.spec.verify > 1 { 32 } else { 0 })
                 };
             if !out.is_empty() && bytes + size > MAX_REPLY {
                 break;
             }
             bytes += size;
-            out.push(self.start(now, r, worker, slot));
+            out.push(self.start(now, r, worker, slot, reason));
         }
         Ok(out)
     }
 
-    /// The next task to hand out: the oldest runnable job's next task.
-    fn next_task(&self) -> Option<TaskRef> {
-        let &seq = self.runnable.first()?;
-        let task = self.job(seq).next_task()?;
-        Some(TaskRef { job: seq, task })
+    /// The next task to hand `worker`: the oldest runnable job's next task
+    /// that it may run.
+    fn next_task(&self, worker: &WorkerId) -> Option<TaskRef> {
+        self.runnable.iter().find_map(|&seq| {
+            let task = self.job(seq).next_task(worker)?;
+            Some(TaskRef { job: seq, task })
+        })
+    }
+
+    /// The straggler a backup attempt on `worker` would help most, if any
+    /// (the paper's §3.6, bounded as Hadoop's `DefaultSpeculator`): a task
+    /// of a job with `--speculation on` and without `--verify`, with one
+    /// attempt running, elsewhere, for at least [`BACKUP_AFTER`] and
+    /// longer than [`SLOW`] times the median its done peers took, whose
+    /// estimated finish (from its progress rate, where known) lies further
+    /// off than that median: a fresh attempt would likely finish first.
+    /// No tasks of its kind may be waiting, and a job's backups running at
+    /// once stay under max(10, 1 % of its tasks, 10 % of those running).
+    /// Of the candidates, the one whose estimated time left is longest
+    /// goes first. Costs time in the attempts running.
+    fn straggler(
+        &self,
+        now: Now,
+        worker: &WorkerId,
+        skip: &BTreeSet<(u64, usize)>,
+    ) -> Option<TaskRef> {
+        let mut best: Option<(u64, TaskRef)> = None;
+        let mut backups: HashMap<u64, usize> = HashMap::new();
+        let live = self.live_attempts();
+        for &(r, _) in &live {
+            let TaskState::Active(a) = &self.job(r.job).tasks[r.task].state else {
+                continue;
+            };
+            if a.live.iter().any(|l| l.reason == Reason::Backup) {
+                *backups.entry(r.job).or_default() += 1;
+            }
+        }
+        for (r, attempt) in live {
+            let job = self.job(r.job);
+            let kind = usize::from(r.task >= job.maps());
+            if !job.spec.speculation
+                || job.spec.verify > 1
+                || job.state != JobState::Running
+                || skip.contains(&(r.job, kind))
+                || !job.may_run(r.task, worker)
+            {
+                continue;
+            }
+            let waiting = if kind == 0 {
+                &job.idle_maps
+            } else {
+                &job.idle_reduces
+            };
+            if !waiting.is_empty() {
+                continue;
+            }
+            let TaskState::Active(a) = &job.tasks[r.task].state else {
+                continue;
+            };
+            let [run] = a.live.as_slice() else {
+                continue;
+            };
+            if run.attempt != attempt {
+                continue;
+            }
+            let Some(median) = job.median_took(kind) else {
+                continue;
+            };
+            let ran = now.at.saturating_duration_since(run.started).as_millis() as u64;
+            let slow = (median as f64 * SLOW) as u64;
+            if ran < BACKUP_AFTER.as_millis() as u64 || ran <= slow {
+                continue;
+            }
+            // Time left, from its progress rate; not known: it runs on.
+            let left = match run.done_ppm {
+                Some(p) if p > 0 => {
+                    let total = ran as f64 * 1e6 / f64::from(p.min(1_000_000));
+                    (total - ran as f64).max(0.0) as u64
+                }
+                _ => u64::MAX,
+            };
+            if left <= median {
+                continue;
+            }
+            let cap = 10usize.max(job.tasks.len() / 100).max(job.running / 10);
+            if backups.get(&r.job).copied().unwrap_or(0) >= cap {
+                continue;
+            }
+            if best.is_none_or(|(l, _)| left > l) {
+                best = Some((left, r));
+            }
+        }
+        best.map(|(_, r)| r)
     }
 
     /// Starts the next attempt of task `r` on `worker`'s `slot`.
-    fn start(&mut self, now: Now, r: TaskRef, worker: &WorkerId, slot: u32) -> Assignment {
+    fn start(
+        &mut self,
+        now: Now,
+        r: TaskRef,
+        worker: &WorkerId,
+        slot: u32,
+        reason: Reason,
+    ) -> Assignment {
         let job = self.job(r.job);
         let task = &job.tasks[r.task];
         let key = AttemptKey {
@@ -91,12 +218,27 @@ impl State {
             TaskId::Reduce(p) => {
                 let output = job.reduce_output(p, key.attempt);
                 let format = job.spec.output_format;
+                let expect = if job.spec.verify > 1 {
+                    job.tasks[..job.maps()]
+                        .iter()
+                        .map(|t| match &t.state {
+                            TaskState::Done(Done {
+                                output: DoneOutput::Map { digests, .. },
+                                ..
+                            }) => digests.get(p as usize).copied().unwrap_or(Digest([0; 32])),
+                            _ => unreachable!("reduces start only once every map is done"),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 Work::Reduce {
                     partition: p,
                     inputs: self.map_outputs(r.job),
                     output,
                     grants: Vec::new(),
                     format,
+                    expect,
                 }
             }
         };
@@ -112,7 +254,10 @@ impl State {
             limits: TaskLimits::of(&job.spec),
             work,
         };
-        tracing::debug!(%key, %worker, slot, "attempt started");
+        tracing::debug!(%key, %worker, slot, %reason, "attempt started");
+        if reason == Reason::Backup {
+            tracing::info!(%key, %worker, "backup attempt of a straggler started");
+        }
         self.record(
             now,
             Record::Started {
@@ -120,10 +265,13 @@ impl State {
                 worker: worker.clone(),
                 slot,
                 ms: now.ms,
+                reason,
             },
         );
-        if let TaskState::Running(run) = &mut self.job_mut(r.job).tasks[r.task].state {
-            run.seq = seq;
+        if let TaskState::Active(a) = &mut self.job_mut(r.job).tasks[r.task].state {
+            if let Some(run) = a.live.iter_mut().find(|l| &l.worker == worker) {
+                run.seq = seq;
+            }
         }
         assignment
     }

@@ -4,9 +4,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mr_core::digest::Digest;
 use mr_core::ids::{JobId, TaskId, WorkerId};
 use mr_core::job::{AppRef, Grants, InputFile, JobSpec};
-use mr_core::report::Counters;
+use mr_core::report::{Counters, Reason};
 use mr_core::rpc::{
     Assignment, AttemptKey, AttemptResult, Heartbeat, JobState, JobSummary, Outcome, Register,
     RpcError, RunningAttempt, Work, PROTOCOL_VERSION,
@@ -67,6 +68,8 @@ fn spec(inputs: u32, reduces: u32) -> JobSpec {
         progress_timeout: None,
         grants: Grants::default(),
         output_format: Default::default(),
+        speculation: true,
+        verify: 1,
     }
 }
 
@@ -106,6 +109,7 @@ fn result(key: &AttemptKey, outcome: Outcome) -> AttemptResult {
             map_input_bytes: 100,
             ..Counters::default()
         },
+        digests: Vec::new(),
     }
 }
 
@@ -329,6 +333,7 @@ fn a_late_attempt_changes_nothing_and_its_reduce_output_is_discarded() {
         let running = vec![RunningAttempt {
             key: first[0].key.clone(),
             progress: 7,
+            done_ppm: None,
         }];
         s.heartbeat(c.at(t), &slow, hb(running)).unwrap();
         s.heartbeat(c.at(t), &fast, hb(vec![])).unwrap();
@@ -385,6 +390,7 @@ fn progress_reported_in_heartbeats_keeps_a_long_attempt_alive() {
         let running = vec![RunningAttempt {
             key: a[0].key.clone(),
             progress: i,
+            done_ppm: None,
         }];
         assert!(s.heartbeat(now, &w, hb(running)).unwrap().cancel.is_empty());
         s.tick(now);
@@ -396,6 +402,7 @@ fn progress_reported_in_heartbeats_keeps_a_long_attempt_alive() {
         let running = vec![RunningAttempt {
             key: a[0].key.clone(),
             progress: 30,
+            done_ppm: None,
         }];
         s.heartbeat(c.at(t), &w, hb(running)).unwrap();
         s.tick(c.at(t));
@@ -657,6 +664,7 @@ fn heartbeats_cancel_attempts_the_coordinator_does_not_know() {
             hb(vec![RunningAttempt {
                 key: stray.clone(),
                 progress: 3,
+                done_ppm: None,
             }]),
         )
         .unwrap();
@@ -860,6 +868,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
         running: vec![RunningAttempt {
             key: again[0].key.clone(),
             progress: 1,
+            done_ppm: None,
         }],
         received: 2,
         jobs: Vec::new(),
@@ -918,9 +927,25 @@ fn check_invariants(s: &State) {
             match &task.state {
                 TaskState::Idle if is_map => drop(idle_maps.insert(t)),
                 TaskState::Idle => drop(idle_reduces.insert(t)),
-                TaskState::Running(run) => {
-                    running += 1;
-                    running_on.entry(run.worker.clone()).or_default().insert(r);
+                TaskState::Active(a) => {
+                    assert!(!a.live.is_empty() || !a.votes.is_empty(), "an empty Active");
+                    let mut workers: Vec<_> = a.live.iter().map(|l| &l.worker).collect();
+                    workers.extend(a.votes.iter().map(|v| &v.worker));
+                    let n = workers.len();
+                    workers.sort();
+                    workers.dedup();
+                    assert_eq!(workers.len(), n, "attempts of one task on one worker");
+                    if job.wants(t) {
+                        if is_map {
+                            idle_maps.insert(t);
+                        } else {
+                            idle_reduces.insert(t);
+                        }
+                    }
+                    running += a.live.len();
+                    for run in &a.live {
+                        running_on.entry(run.worker.clone()).or_default().insert(r);
+                    }
                 }
                 TaskState::Done(d) if is_map => {
                     maps_done += 1;
@@ -980,22 +1005,28 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
         let mut jobs: Vec<JobId> = Vec::new();
         let mut live: Vec<(WorkerId, Assignment)> = Vec::new();
         let mut t = 0.0;
-        for step in 0..400 {
+        for step in 0..600 {
             t += 0.3;
             let now = c.at(t);
-            match rng.below(12) {
+            match rng.below(13) {
                 0 if workers.len() < 4 => {
                     workers.push(register(&mut s, now, 100 + workers.len() as u16))
                 }
                 1 if jobs.len() < 6 => {
                     let mut sp = spec(1 + rng.below(5) as u32, 1 + rng.below(3) as u32);
-                    sp.max_attempts = 1 + rng.below(4) as u32;
+                    sp.verify = 1 + rng.below(3) as u32;
+                    sp.max_attempts = sp.verify.max(1 + rng.below(4) as u32) + rng.below(2) as u32;
                     jobs.push(s.submit(now, sp).unwrap());
                 }
                 2..=4 if !workers.is_empty() => {
                     let w = workers[rng.below(workers.len())].clone();
-                    if let Ok(got) = s.request_tasks(now, &w, vec![0, 1]) {
-                        live.extend(got.into_iter().map(|a| (w.clone(), a)));
+                    match s.request_tasks(now, &w, vec![0, 1]) {
+                        Ok(got) => live.extend(got.into_iter().map(|a| (w.clone(), a))),
+                        // Given up (it went silent): it registers again.
+                        Err(_) => {
+                            workers.retain(|x| x != &w);
+                            live.retain(|(x, _)| x != &w);
+                        }
                     }
                 }
                 5..=8 if !live.is_empty() => {
@@ -1014,7 +1045,17 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
                         (_, TaskId::Map(_)) => Outcome::MapDone,
                         (_, TaskId::Reduce(_)) => Outcome::ReduceDone,
                     };
-                    let _ = s.report(now, &w, result(&a.key, outcome));
+                    let mut res = result(&a.key, outcome);
+                    if a.limits.digests {
+                        // Two possible results: votes agree and disagree.
+                        let n = match a.key.task {
+                            TaskId::Map(_) => a.limits.reduces as usize,
+                            TaskId::Reduce(_) => 1,
+                        };
+                        let d = Digest([u8::from(rng.below(5) == 0); 32]);
+                        res.digests = vec![d; n];
+                    }
+                    let _ = s.report(now, &w, res);
                 }
                 9 if !workers.is_empty() => {
                     let w = workers[rng.below(workers.len())].clone();
@@ -1024,6 +1065,7 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
                         .map(|(_, a)| RunningAttempt {
                             key: a.key.clone(),
                             progress: step,
+                            done_ppm: None,
                         })
                         .collect();
                     let received = live
@@ -1047,7 +1089,11 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
                     s.goodbye(now, &w);
                     live.retain(|(x, _)| x != &w);
                 }
-                11 if !jobs.is_empty() && rng.below(3) == 0 => {
+                11 if !workers.is_empty() && rng.below(3) == 0 => {
+                    let w = workers[rng.below(workers.len())].clone();
+                    let _ = s.release_worker(&w);
+                }
+                12 if !jobs.is_empty() && rng.below(8) == 0 => {
                     let j = jobs[rng.below(jobs.len())].clone();
                     let _ = s.cancel(now, &j, rng.below(2) == 0);
                 }
@@ -1307,4 +1353,349 @@ fn a_worker_claiming_more_slots_than_allowed_is_refused() {
         assert!(matches!(err, RpcError::Refused(_)), "{slots}: {err}");
     }
     assert!(s.workers().is_empty());
+}
+
+/// A heartbeat from `w` saying attempt `a` made progress `p` and is
+/// `ppm` millionths done.
+fn progress(s: &mut State, now: Now, w: &WorkerId, a: &Assignment, p: u64, ppm: Option<u32>) {
+    let running = vec![RunningAttempt {
+        key: a.key.clone(),
+        progress: p,
+        done_ppm: ppm,
+    }];
+    s.heartbeat(now, w, hb(running)).unwrap();
+}
+
+fn reason_and_outcome(s: &State, job: &JobId, task: usize) -> Vec<(u32, String, Reason, String)> {
+    s.detail(job).unwrap().1.tasks[task]
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.worker.clone(), a.reason, a.outcome.clone()))
+        .collect()
+}
+
+#[test]
+fn a_straggler_gets_a_backup_on_another_worker_and_the_first_to_finish_wins() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2, w3) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+        register(&mut s, c.at(0.0), 3),
+    );
+    let job = s.submit(c.at(0.0), spec(3, 1)).unwrap();
+    let a1 = ask(&mut s, c.at(0.0), &w1, 1).remove(0);
+    let a2 = ask(&mut s, c.at(0.0), &w2, 1).remove(0);
+    let slow = ask(&mut s, c.at(0.0), &w3, 1).remove(0);
+    s.report(c.at(2.0), &w1, map_done(&a1.key)).unwrap();
+    s.report(c.at(2.0), &w2, map_done(&a2.key)).unwrap();
+    // The median map took 2 s: at 2.5 s the third is not yet a straggler.
+    progress(&mut s, c.at(2.5), &w3, &slow, 1, None);
+    assert!(ask(&mut s, c.at(2.5), &w1, 1).is_empty());
+    // At 3.5 s it is (past 1.5 × the median); not on its own worker.
+    progress(&mut s, c.at(3.5), &w3, &slow, 2, None);
+    assert!(
+        ask(&mut s, c.at(3.5), &w3, 2).is_empty(),
+        "never on its own worker"
+    );
+    let backup = ask(&mut s, c.at(3.5), &w1, 2);
+    assert_eq!(tasks(&backup), ["map-2#2"], "one backup, in one slot");
+    assert_eq!(summary(&s, &job).backups, 1);
+    // No second backup of a task that has one.
+    assert!(ask(&mut s, c.at(3.6), &w2, 1).is_empty());
+    assert_eq!(summary(&s, &job).running, 2);
+    s.drain_actions();
+    s.report(c.at(4.0), &w1, map_done(&backup[0].key)).unwrap();
+    let acts = s.drain_actions();
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::WorkerNews)),
+        "the straggler is told to stop at once"
+    );
+    let told = s
+        .news(&w3)
+        .unwrap()
+        .expect("news for the straggler's worker");
+    assert_eq!(told.cancel, std::slice::from_ref(&slow.key));
+    assert_eq!(
+        reason_and_outcome(&s, &job, 2),
+        [
+            (
+                1,
+                w3.0.clone(),
+                Reason::First,
+                "killed: a backup finished first".into()
+            ),
+            (2, w1.0.clone(), Reason::Backup, "succeeded".into()),
+        ]
+    );
+    // Its late report changes nothing; the reduce goes on.
+    s.report(c.at(4.1), &w3, map_done(&slow.key)).unwrap();
+    assert_eq!(summary(&s, &job).maps_done, 3);
+    assert_eq!(tasks(&ask(&mut s, c.at(4.2), &w3, 1)), ["reduce-0#1"]);
+    check_invariants(&s);
+}
+
+#[test]
+fn backups_wait_for_waiting_tasks_honour_the_progress_rate_and_can_be_turned_off() {
+    let c = Clock::new();
+    for speculation in [true, false] {
+        let mut s = State::new(cfg());
+        let (w1, w2) = (
+            register(&mut s, c.at(0.0), 1),
+            register(&mut s, c.at(0.0), 2),
+        );
+        let mut sp = spec(4, 1);
+        sp.speculation = speculation;
+        let job = s.submit(c.at(0.0), sp).unwrap();
+        let slow = s.request_tasks(c.at(0.0), &w2, vec![0]).unwrap().remove(0);
+        let a = ask(&mut s, c.at(0.0), &w1, 1).remove(0);
+        s.report(c.at(1.0), &w1, map_done(&a.key)).unwrap();
+        // Maps still wait: w1 gets one of them, not a backup. Each takes
+        // a second.
+        let next = ask(&mut s, c.at(1.0), &w1, 1);
+        assert_eq!(tasks(&next), ["map-2#1"]);
+        s.report(c.at(2.0), &w1, map_done(&next[0].key)).unwrap();
+        let next = ask(&mut s, c.at(2.0), &w1, 1);
+        s.report(c.at(3.0), &w1, map_done(&next[0].key)).unwrap();
+        // Almost done by its rate: 3 s for 95 %, 0.16 s left, less than a
+        // fresh attempt would take; no backup.
+        progress(&mut s, c.at(3.0), &w2, &slow, 1, Some(950_000));
+        assert!(ask(&mut s, c.at(3.0), &w1, 1).is_empty());
+        // Now its rate says 14 s more: a backup, unless turned off.
+        progress(&mut s, c.at(3.5), &w2, &slow, 2, Some(200_000));
+        let got = ask(&mut s, c.at(3.5), &w1, 1);
+        if speculation {
+            assert_eq!(tasks(&got), ["map-0#2"]);
+            assert_eq!(got[0].key.attempt, 2);
+        } else {
+            assert!(got.is_empty(), "--speculation off: {got:?}");
+            assert_eq!(summary(&s, &job).backups, 0);
+        }
+        check_invariants(&s);
+    }
+}
+
+/// A verified job's map: `digests` for its one partition.
+fn voted(key: &AttemptKey, d: u8) -> AttemptResult {
+    let mut r = map_done(key);
+    r.digests = vec![Digest([d; 32])];
+    r
+}
+
+#[test]
+fn verify_runs_each_task_on_distinct_workers_and_accepts_what_they_agree_on() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+    );
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w1, 2);
+    assert_eq!(
+        tasks(&a),
+        ["map-0#1"],
+        "the second vote is not on the same worker"
+    );
+    assert!(a[0].limits.digests);
+    let b = ask(&mut s, c.at(0.0), &w2, 2);
+    assert_eq!(tasks(&b), ["map-0#2"]);
+    s.report(c.at(1.0), &w1, voted(&a[0].key, 7)).unwrap();
+    assert_eq!(summary(&s, &job).maps_done, 0, "one vote is not a verdict");
+    // A report without digests is refused as a failure.
+    s.report(c.at(1.0), &w2, map_done(&b[0].key)).unwrap();
+    let b = ask(&mut s, c.at(1.0), &w2, 1);
+    assert_eq!(tasks(&b), ["map-0#3"]);
+    s.report(c.at(2.0), &w2, voted(&b[0].key, 7)).unwrap();
+    assert_eq!(summary(&s, &job).maps_done, 1);
+    let report = s.detail(&job).unwrap().1;
+    let v = report.tasks[0].verified.clone().expect("a verdict");
+    assert_eq!(v.agreeing, [w1.0.clone(), w2.0.clone()]);
+    assert!(v.dissent.is_empty());
+    // The reduce gets the accepted digest of its partition of each map.
+    let r = ask(&mut s, c.at(2.0), &w1, 1);
+    let Work::Reduce { expect, .. } = &r[0].work else {
+        panic!("a reduce: {r:?}")
+    };
+    assert_eq!(expect, &[Digest([7; 32])]);
+    check_invariants(&s);
+}
+
+#[test]
+fn a_worker_outvoted_is_a_suspect_then_quarantined_and_can_be_released() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let ws: Vec<WorkerId> = (1..=3).map(|p| register(&mut s, c.at(0.0), p)).collect();
+    let mut sp = spec(2, 1);
+    sp.verify = 2;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    // map-0 on w1 and w2, who disagree: a third vote, on w3.
+    let a = ask(&mut s, c.at(0.0), &ws[0], 1);
+    let b = ask(&mut s, c.at(0.0), &ws[1], 1);
+    assert_eq!(tasks(&a).concat() + &tasks(&b).concat(), "map-0#1map-0#2");
+    s.report(c.at(1.0), &ws[0], voted(&a[0].key, 1)).unwrap();
+    s.report(c.at(1.0), &ws[1], voted(&b[0].key, 66)).unwrap();
+    let third = ask(&mut s, c.at(1.0), &ws[2], 1);
+    assert_eq!(tasks(&third), ["map-0#3"]);
+    assert_eq!(reason_and_outcome(&s, &job, 0)[2].2, Reason::Verify);
+    s.report(c.at(2.0), &ws[2], voted(&third[0].key, 1))
+        .unwrap();
+    let report = s.detail(&job).unwrap().1;
+    let v = report.tasks[0].verified.clone().unwrap();
+    assert_eq!(v.agreeing, [ws[0].0.clone(), ws[2].0.clone()]);
+    assert_eq!(v.dissent.len(), 1);
+    assert_eq!(
+        (v.dissent[0].worker.as_str(), v.dissent[0].attempt),
+        (ws[1].0.as_str(), 2)
+    );
+    assert!(report.tasks[0].attempts[1].outcome.contains("outvoted"));
+    // w2 is a suspect of the job: no more of its tasks.
+    let sum = s.worker_summaries();
+    assert_eq!(sum[1].suspect_in, std::slice::from_ref(&job));
+    assert!(sum[1].quarantined.is_none());
+    assert!(ask(&mut s, c.at(2.0), &ws[1], 1).is_empty());
+    // A second job, where w2 is outvoted again: quarantined everywhere.
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    let job2 = s.submit(c.at(2.0), sp).unwrap();
+    let x = ask(&mut s, c.at(2.0), &ws[1], 1);
+    assert_eq!(x[0].key.job, job2);
+    let y = ask(&mut s, c.at(2.0), &ws[2], 1);
+    assert_eq!(y[0].key.job, job, "the older job first");
+    s.report(c.at(2.5), &ws[2], voted(&y[0].key, 5)).unwrap();
+    let y = ask(&mut s, c.at(2.5), &ws[2], 1);
+    assert_eq!(y[0].key.job, job2);
+    s.report(c.at(3.0), &ws[1], voted(&x[0].key, 66)).unwrap();
+    s.report(c.at(3.0), &ws[2], voted(&y[0].key, 3)).unwrap();
+    let z = ask(&mut s, c.at(3.0), &ws[0], 2);
+    let z = z.iter().find(|a| a.key.job == job2).expect("a third vote");
+    s.report(c.at(3.5), &ws[0], voted(&z.key, 3)).unwrap();
+    let q = s.worker_summaries()[1]
+        .quarantined
+        .clone()
+        .expect("quarantined");
+    assert!(q.contains(&job2.0) && q.contains("lost a vote"), "{q}");
+    let j3 = s.submit(c.at(4.0), spec(1, 1)).unwrap();
+    assert!(
+        ask(&mut s, c.at(4.0), &ws[1], 1).is_empty(),
+        "a quarantined worker gets nothing"
+    );
+    s.release_worker(&ws[1]).unwrap();
+    let got = ask(&mut s, c.at(4.0), &ws[1], 1);
+    assert!(got.iter().any(|a| a.key.job == j3), "{got:?}");
+    assert!(s.release_worker(&WorkerId("w99".into())).is_err());
+    check_invariants(&s);
+}
+
+#[test]
+fn votes_that_cannot_agree_within_max_attempts_fail_the_job() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let ws: Vec<WorkerId> = (1..=4).map(|p| register(&mut s, c.at(0.0), p)).collect();
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    sp.max_attempts = 3;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    for (i, w) in ws.iter().take(3).enumerate() {
+        let a = ask(&mut s, c.at(i as f64), w, 1);
+        assert_eq!(a.len(), 1, "{i}");
+        s.report(c.at(i as f64 + 0.5), w, voted(&a[0].key, i as u8))
+            .unwrap();
+    }
+    let sum = summary(&s, &job);
+    assert_eq!(sum.state, JobState::Failed);
+    let err = sum.error.unwrap();
+    assert!(
+        err.contains("verification failed: 3 results disagree"),
+        "{err}"
+    );
+    check_invariants(&s);
+}
+
+#[test]
+fn verify_with_too_few_workers_waits_says_why_and_goes_on_when_one_joins() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w1 = register(&mut s, c.at(0.0), 1);
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w1, 2);
+    assert_eq!(a.len(), 1);
+    s.report(c.at(1.0), &w1, voted(&a[0].key, 9)).unwrap();
+    assert!(ask(&mut s, c.at(1.0), &w1, 2).is_empty());
+    let why = summary(&s, &job).waiting.expect("a reason to wait");
+    assert!(
+        why.contains("--verify 2") && why.contains("1 can take"),
+        "{why}"
+    );
+    let w2 = register(&mut s, c.at(2.0), 2);
+    assert_eq!(summary(&s, &job).waiting, None);
+    let b = ask(&mut s, c.at(2.0), &w2, 1);
+    s.report(c.at(3.0), &w2, voted(&b[0].key, 9)).unwrap();
+    assert_eq!(summary(&s, &job).maps_done, 1);
+    check_invariants(&s);
+}
+
+#[test]
+fn a_verified_reduce_is_committed_with_its_digest_and_a_lying_file_reruns_it() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+    );
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    for w in [&w1, &w2] {
+        let a = ask(&mut s, c.at(0.0), w, 1);
+        s.report(c.at(0.5), w, voted(&a[0].key, 4)).unwrap();
+    }
+    let r1 = ask(&mut s, c.at(1.0), &w1, 1);
+    let r2 = ask(&mut s, c.at(1.0), &w2, 1);
+    let done = |k: &AttemptKey| {
+        let mut r = result(k, Outcome::ReduceDone);
+        r.digests = vec![Digest([8; 32])];
+        r
+    };
+    s.report(c.at(2.0), &w1, done(&r1[0].key)).unwrap();
+    s.drain_actions();
+    s.report(c.at(2.0), &w2, done(&r2[0].key)).unwrap();
+    let acts = s.drain_actions();
+    let commit = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::CommitTask { expect, worker, .. } => Some((*expect, worker.clone())),
+            _ => None,
+        })
+        .expect("a task commit");
+    assert_eq!(
+        commit,
+        (Some(Digest([8; 32])), w1.clone()),
+        "the first agreeing vote's file"
+    );
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::Discard(_))),
+        "the other file goes"
+    );
+    // The coordinator finds the file is not what w1 said: reduce-0 again.
+    s.commit_mismatch(
+        c.at(2.1),
+        &job,
+        TaskId::Reduce(0),
+        &w1,
+        "its digest is 00".into(),
+    );
+    let sum = summary(&s, &job);
+    assert_eq!((sum.state, sum.reduces_done), (JobState::Running, 0));
+    assert_eq!(s.worker_summaries()[0].suspect_in, std::slice::from_ref(&job));
+    assert!(
+        ask(&mut s, c.at(2.2), &w1, 1).is_empty(),
+        "the liar gets no more"
+    );
+    assert_eq!(tasks(&ask(&mut s, c.at(2.2), &w2, 1)), ["reduce-0#3"]);
+    check_invariants(&s);
 }

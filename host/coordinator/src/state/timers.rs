@@ -5,7 +5,7 @@
 use mr_core::ids::WorkerId;
 use mr_core::rpc::JobState;
 
-use super::model::{TaskRef, TaskState};
+use super::model::TaskState;
 use super::{Now, State};
 
 impl State {
@@ -20,10 +20,14 @@ impl State {
                 for w in self.workers.values_mut() {
                     w.last_seen = (w.last_seen + gap).min(now.at);
                 }
-                for r in self.running_refs() {
-                    let job = self.jobs.get_mut(&r.job).expect("a running attempt's job");
-                    if let TaskState::Running(run) = &mut job.tasks[r.task].state {
-                        run.last_progress = (run.last_progress + gap).min(now.at);
+                for job in self.jobs.values_mut() {
+                    for t in &mut job.tasks {
+                        if let TaskState::Active(a) = &mut t.state {
+                            for run in &mut a.live {
+                                run.last_progress = (run.last_progress + gap).min(now.at);
+                                run.started = (run.started + gap).min(now.at);
+                            }
+                        }
                     }
                 }
             }
@@ -41,25 +45,28 @@ impl State {
             tracing::warn!(worker = %id, "{why}");
             self.worker_lost(now, &id, why);
         }
-        for r in self.running_refs() {
+        for (r, attempt) in self.live_attempts() {
             let job = self.job(r.job);
             // An earlier attempt's failure may have ended its job.
             if job.state != JobState::Running {
                 continue;
             }
-            let TaskState::Running(run) = &job.tasks[r.task].state else {
+            let TaskState::Active(a) = &job.tasks[r.task].state else {
+                continue;
+            };
+            let Some(run) = a.live.iter().find(|l| l.attempt == attempt) else {
                 continue;
             };
             let limit = job.progress_timeout(self.config.progress_timeout);
             if now.at.saturating_duration_since(run.last_progress) <= limit {
                 continue;
             }
-            let (worker, key) = (run.worker.clone(), self.key(r, run.attempt));
+            let (worker, key) = (run.worker.clone(), self.key(r, attempt));
             self.cancel_on_worker(&worker, key);
             let msg = format!(
                 "no progress for {limit:?}: stuck (e.g. asleep in a host call) or its worker is hung (--progress-timeout)"
             );
-            self.attempt_failed(now, r, msg, true);
+            self.attempt_failed(now, r, attempt, msg, true);
         }
         if let Some(deadline) = self.shutdown {
             if self.workers.is_empty() || now.at >= deadline {
@@ -67,12 +74,5 @@ impl State {
             }
         }
         self.prune_finished();
-    }
-
-    /// Every running attempt, in a stable order.
-    fn running_refs(&self) -> Vec<TaskRef> {
-        let mut all: Vec<TaskRef> = self.running_on.values().flatten().copied().collect();
-        all.sort_unstable();
-        all
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use mr_core::ids::{TaskId, WorkerId};
 use mr_core::rpc::{
-    AttemptKey, Heartbeat, HeartbeatReply, JobState, Register, Registered, RpcError,
+    AttemptKey, Heartbeat, HeartbeatReply, JobState, Register, Registered, RpcError, WorkerSummary,
     PROTOCOL_VERSION,
 };
 
@@ -107,11 +107,11 @@ impl State {
             let current =
                 found.and_then(
                     |t| match &mut self.jobs.get_mut(&t.job)?.tasks[t.task].state {
-                        TaskState::Running(run)
-                            if run.attempt == r.key.attempt && &run.worker == worker =>
-                        {
-                            Some((t, run))
-                        }
+                        TaskState::Active(a) => a
+                            .live
+                            .iter_mut()
+                            .find(|l| l.attempt == r.key.attempt && &l.worker == worker)
+                            .map(|run| (t, run)),
                         _ => None,
                     },
                 );
@@ -121,6 +121,7 @@ impl State {
                         run.progress = r.progress;
                         run.last_progress = now.at;
                     }
+                    run.done_ppm = r.done_ppm.map(|p| p.min(1_000_000));
                     listed.insert(t);
                 }
                 None => stale.push(r.key),
@@ -135,13 +136,17 @@ impl State {
             let Some(job) = self.jobs.get(&r.job) else {
                 continue;
             };
-            let TaskState::Running(run) = &job.tasks[r.task].state else {
+            let TaskState::Active(a) = &job.tasks[r.task].state else {
+                continue;
+            };
+            let Some(run) = a.live.iter().find(|l| &l.worker == worker) else {
                 continue;
             };
             if run.seq != 0 && run.seq <= beat.received && !listed.contains(&r) {
                 let why =
                     "killed: its worker never started it (the assignment was lost on the way)";
-                self.end_attempt(now, r, why.into(), false, None);
+                let attempt = run.attempt;
+                self.end_attempt(now, r, attempt, why.into(), false, None);
                 self.actions.push(Action::WorkAvailable);
             }
         }
@@ -232,7 +237,9 @@ impl State {
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
         for r in running {
-            self.end_attempt(now, r, format!("killed: {why}"), false, None);
+            if let Some(attempt) = self.live_on(r, worker) {
+                self.end_attempt(now, r, attempt, format!("killed: {why}"), false, None);
+            }
         }
         self.running_on.remove(worker);
         let held: Vec<TaskRef> = self
@@ -273,5 +280,44 @@ impl State {
             .iter()
             .map(|(id, w)| (id.clone(), w.host.clone(), w.pid, w.slots, w.addr))
             .collect()
+    }
+
+    /// Live workers at a glance, with quarantines and suspicions.
+    pub fn worker_summaries(&self) -> Vec<WorkerSummary> {
+        self.workers
+            .iter()
+            .map(|(id, w)| WorkerSummary {
+                worker: id.clone(),
+                host: w.host.clone(),
+                slots: w.slots,
+                running: self.running_on.get(id).map_or(0, |s| s.len() as u32),
+                quarantined: self.quarantined.get(id).cloned(),
+                suspect_in: self
+                    .jobs
+                    .values()
+                    .filter(|j| !j.state.is_final() && j.suspects.contains(id))
+                    .map(|j| j.id.clone())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Lets a quarantined worker take tasks again (`mr worker-release`);
+    /// its count of lost votes starts afresh.
+    ///
+    /// Fails if no live worker has that id.
+    pub fn release_worker(&mut self, worker: &WorkerId) -> Result<(), RpcError> {
+        if !self.workers.contains_key(worker) {
+            return Err(RpcError::Invalid(format!(
+                "no live worker is called {worker}; `mr status` lists them"
+            )));
+        }
+        let was = self.quarantined.remove(worker).is_some();
+        self.losses.remove(worker);
+        if was {
+            tracing::info!(%worker, "released from quarantine");
+            self.actions.push(Action::WorkAvailable);
+        }
+        Ok(())
     }
 }

@@ -4,9 +4,10 @@
 //! abandoned), and its outcome is reported.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mr_core::digest::Digest;
 use mr_core::ids::TaskId;
 use mr_core::report::Counters;
 use mr_core::rpc::{Assignment, AttemptResult, Outcome, Work, LONG_POLL};
@@ -16,6 +17,7 @@ use tokio::sync::oneshot;
 use super::{RunningTask, Worker, WorkerError};
 use crate::map::MapTask;
 use crate::reduce::ReduceTask;
+use crate::runfile::{SegmentInfo, Source};
 use crate::shuffle::FetchError;
 use crate::{spawn_task, task_seed, TaskError, WATCHDOG_GRACE};
 
@@ -91,8 +93,8 @@ impl Worker {
     ) {
         tracing::debug!(key = %a.key, slot = a.slot, "attempt started");
         let started = Instant::now();
-        let (outcome, counters) = if self.stopping() {
-            (Outcome::Cancelled, Counters::default())
+        let (outcome, counters, digests) = if self.stopping() {
+            (Outcome::Cancelled, Counters::default(), Vec::new())
         } else {
             self.execute(&a, &control, &preparing).await
         };
@@ -123,6 +125,7 @@ impl Worker {
             key: a.key.clone(),
             outcome,
             counters,
+            digests,
         };
         let sent = self
             .rpc(Duration::from_secs(30), |c, ctx, id| {
@@ -142,11 +145,26 @@ impl Worker {
         self.freed.notify_waiters();
     }
 
+    /// Runs an attempt: how it ended, its counters and (when the job
+    /// verifies) its output's digests.
     async fn execute(
         &self,
         a: &Assignment,
         control: &TaskControl,
         preparing: &AtomicBool,
+    ) -> (Outcome, Counters, Vec<Digest>) {
+        let digests = Arc::new(Mutex::new(Vec::new()));
+        let (outcome, counters) = self.attempt(a, control, preparing, &digests).await;
+        let digests = std::mem::take(&mut *digests.lock().expect("digests lock"));
+        (outcome, counters, digests)
+    }
+
+    async fn attempt(
+        &self,
+        a: &Assignment,
+        control: &TaskControl,
+        preparing: &AtomicBool,
+        digests: &Arc<Mutex<Vec<Digest>>>,
     ) -> (Outcome, Counters) {
         let grants = a.limits.grants;
         let failed = |e: TaskError| {
@@ -220,10 +238,20 @@ impl Worker {
                 preparing.store(false, Ordering::SeqCst);
                 let (attempt, c) = (a.key.attempt, control.clone());
                 let (outputs, job) = (self.outputs.clone(), a.key.job.clone());
+                let (want, put) = (a.limits.digests, digests.clone());
                 // The output is kept (in memory if small and there is room,
                 // else in its file) on the task thread.
                 let run = move || {
                     let out = crate::map::run(&sandbox, &task, attempt, &c)?;
+                    if want {
+                        let d = out
+                            .segments
+                            .iter()
+                            .map(|s| crate::runfile::segment_digest(&out.run, *s))
+                            .collect::<std::io::Result<Vec<_>>>()
+                            .map_err(TaskError::io("cannot read back map output"))?;
+                        *put.lock().expect("digests lock") = d;
+                    }
                     outputs
                         .keep(&job, index, attempt, out.run.clone(), &out.segments)
                         .map_err(TaskError::io("cannot write map output"))?;
@@ -241,6 +269,7 @@ impl Worker {
                     output,
                     grants: shuffle_grants,
                     format,
+                    expect,
                 },
                 TaskId::Reduce(_),
             ) => {
@@ -261,6 +290,18 @@ impl Worker {
                 let deadline = now
                     .checked_add(limit)
                     .unwrap_or(now + Duration::from_secs(86_400 * 365));
+                // Each map's attempt and host, for what a check finds.
+                let maps: Vec<(u32, String)> = inputs
+                    .maps
+                    .iter()
+                    .map(|m| {
+                        let host = inputs.hosts.get(m.host as usize);
+                        (
+                            m.attempt,
+                            host.map_or_else(String::new, |h| h.worker.0.clone()),
+                        )
+                    })
+                    .collect();
                 let gathered = self
                     .gather(
                         &a.key.job,
@@ -291,7 +332,48 @@ impl Worker {
                         },
                         Counters::default(),
                     ),
+                    Ok(inputs) if !expect.is_empty() && expect.len() != inputs.len() => (
+                        Outcome::Failed {
+                            message: format!(
+                                "the coordinator sent {} digests for {} map outputs (a bug)",
+                                expect.len(),
+                                inputs.len()
+                            ),
+                            retryable: true,
+                        },
+                        Counters::default(),
+                    ),
                     Ok(inputs) => {
+                        // A verified job: each map output must be the one
+                        // its verifiers agreed on, whoever served it.
+                        let checked = if expect.is_empty() {
+                            Ok(inputs)
+                        } else {
+                            let expect = expect.clone();
+                            let maps = maps.clone();
+                            tokio::task::spawn_blocking(move || {
+                                check_inputs(inputs, &expect, &maps)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err((0, 0, format!("the check failed: {e}"))))
+                        };
+                        let inputs = match checked {
+                            Ok(i) => i,
+                            Err((map, attempt, message)) => {
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    std::fs::remove_dir_all(dir)
+                                })
+                                .await;
+                                return (
+                                    Outcome::FetchFailed {
+                                        map,
+                                        attempt,
+                                        message,
+                                    },
+                                    Counters::default(),
+                                );
+                            }
+                        };
                         let task = ReduceTask {
                             partition: *partition,
                             inputs,
@@ -302,7 +384,16 @@ impl Worker {
                             roots: self.task_roots(),
                         };
                         let c = control.clone();
-                        let run = move || crate::reduce::run(&sandbox, &task, &c);
+                        let (want, put) = (a.limits.digests, digests.clone());
+                        let run = move || {
+                            let out = crate::reduce::run(&sandbox, &task, &c)?;
+                            if want {
+                                let d = digest_file(&out.output)
+                                    .map_err(TaskError::io("cannot read back reduce output"))?;
+                                *put.lock().expect("digests lock") = vec![d];
+                            }
+                            Ok(out)
+                        };
                         match on_thread(name, limit, control, run).await {
                             Ok(out) => (Outcome::ReduceDone, out.counters),
                             Err(e) => (failed(e), Counters::default()),
@@ -401,5 +492,49 @@ impl Worker {
                 Ok(None)
             }
         }
+    }
+}
+
+/// Checks each gathered map output against the digest its verifiers
+/// agreed on (`maps`: each map's attempt and the worker that held it).
+///
+/// Fails with the first map output that differs: the map, its attempt and
+/// what is wrong.
+fn check_inputs(
+    inputs: Vec<(Source, SegmentInfo)>,
+    expect: &[Digest],
+    maps: &[(u32, String)],
+) -> Result<Vec<(Source, SegmentInfo)>, (u32, u32, String)> {
+    for (m, ((source, info), want)) in inputs.iter().zip(expect).enumerate() {
+        let (attempt, host) = maps.get(m).cloned().unwrap_or_default();
+        let found = crate::runfile::segment_digest(source, *info)
+            .map_err(|e| (m as u32, attempt, format!("cannot read it back: {e}")))?;
+        if found != *want {
+            return Err((
+                m as u32,
+                attempt,
+                format!(
+                    "what {host} served (digest {}) is not the output its verifiers agreed on ({})",
+                    found.short(),
+                    want.short()
+                ),
+            ));
+        }
+    }
+    Ok(inputs)
+}
+
+/// The SHA-256 digest of a file.
+fn digest_file(path: &std::path::Path) -> std::io::Result<Digest> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = mr_core::digest::Hasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
     }
 }

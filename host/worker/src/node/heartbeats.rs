@@ -35,6 +35,7 @@ impl Worker {
                 RunningAttempt {
                     key: key.clone(),
                     progress: t.control.progress(),
+                    done_ppm: t.control.done_ppm(),
                 }
             })
             .collect();

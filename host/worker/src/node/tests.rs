@@ -120,6 +120,14 @@ impl Coordinator for Fake {
     async fn shutdown(self, _: Context) -> Result<(), RpcError> {
         unused()
     }
+
+    async fn workers(self, _: Context) -> Result<Vec<mr_core::rpc::WorkerSummary>, RpcError> {
+        unused()
+    }
+
+    async fn release_worker(self, _: Context, _: WorkerId) -> Result<(), RpcError> {
+        unused()
+    }
 }
 
 /// A connection to `fake`, in process.
@@ -317,6 +325,7 @@ fn assignment(seq: u64, slot: u32) -> Assignment {
             grants: Default::default(),
             sort_buffer: 1 << 20,
             reduces: 1,
+            digests: false,
         },
         work: Work::Map {
             split: mr_core::split::Split {
