@@ -158,8 +158,26 @@ impl Cluster {
 
     /// Starts a worker with `args` (default: two slots); returns its index.
     pub(crate) fn worker(&mut self, args: &[&str]) -> usize {
+        self.worker_under(&[], args)
+    }
+
+    /// Starts a worker with `args` as the arguments of the command `wrap`
+    /// (e.g. `unshare ... sh -c ...`, run with `mr`'s environment; none:
+    /// `mr` itself); returns its index.
+    pub(crate) fn worker_under(&mut self, wrap: &[&str], args: &[&str]) -> usize {
         let log = self.log("worker");
         let mut cmd = mr();
+        if let Some((first, rest)) = wrap.split_first() {
+            let base = mr();
+            cmd = Command::new(first);
+            for (k, v) in base.get_envs() {
+                match v {
+                    Some(v) => cmd.env(k, v),
+                    None => cmd.env_remove(k),
+                };
+            }
+            cmd.args(rest).arg(env!("CARGO_BIN_EXE_mr"));
+        }
         cmd.args([
             "worker",
             "--coordinator",

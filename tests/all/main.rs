@@ -10,6 +10,7 @@ mod languages;
 mod sandbox;
 mod security;
 mod splits;
+mod verify;
 
 use std::io::Read;
 use std::path::Path;

@@ -12,6 +12,7 @@ mod status;
 mod submit;
 mod watch;
 mod worker;
+mod worker_release;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ enum Command {
     Status(status::StatusArgs),
     Cancel(cancel::CancelArgs),
     Shutdown(shutdown::ShutdownArgs),
+    WorkerRelease(worker_release::WorkerReleaseArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Status(args) => args.run(),
         Command::Cancel(args) => args.run(),
         Command::Shutdown(args) => args.run(),
+        Command::WorkerRelease(args) => args.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

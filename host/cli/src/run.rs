@@ -14,7 +14,7 @@ use mr_coordinator::state::Config;
 use mr_coordinator::{Engine, Options};
 use mr_core::rpc::{context, JobState, TaskLimits};
 use mr_runtime::{Sandbox, SandboxEngine};
-use mr_worker::{Preloaded, Shuffle, WorkerOptions};
+use mr_worker::{Pool, Preloaded, Shuffle, WorkerOptions};
 
 use crate::client::{answer, runtime, Interrupts, CALL};
 use crate::job_args::{sandbox_config, CacheArgs, Job, JobArgs, JobRequest};
@@ -131,25 +131,41 @@ impl RunArgs {
             }
         };
         let engine = Engine::start(Options::in_process(Config::in_process()))?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut worker = tokio::spawn(mr_worker::run(
-            WorkerOptions {
-                tmp_dir: self.tmp_dir.clone(),
-                shuffle: Shuffle::InPlace,
-                cache_dir: self.cache.resolve(),
-                engine: Some(sandboxes),
-                preloaded: vec![Preloaded {
-                    sha256: job.spec.app.sha256.clone(),
-                    limits: TaskLimits::of(&job.spec),
-                    sandbox,
-                }],
-                stop_grace: STOP_GRACE,
-                ..WorkerOptions::new(engine.connector(), parallelism)
-            },
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        // One in-process worker per sandbox (at least --verify K of them),
+        // sharing their map output, so that backups and verification run
+        // on distinct workers as in a cluster.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let options = WorkerOptions {
+            tmp_dir: self.tmp_dir.clone(),
+            shuffle: Shuffle::Shared(Pool::default()),
+            cache_dir: self.cache.resolve(),
+            engine: Some(sandboxes),
+            preloaded: vec![Preloaded {
+                sha256: job.spec.app.sha256.clone(),
+                limits: TaskLimits::of(&job.spec),
+                sandbox,
+            }],
+            stop_grace: STOP_GRACE,
+            ..WorkerOptions::new(engine.connector(), 1)
+        };
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..parallelism.max(job.spec.verify) {
+            let mut stopped = stopped.clone();
+            workers.spawn(mr_worker::run(options.clone(), async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }));
+        }
+        // Over when every worker is, or at the first that fails.
+        let mut worker = tokio::spawn(async move {
+            while let Some(r) = workers.join_next().await {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(e) => return Err(format!("the worker failed: {e}")),
+                }
+            }
+            Ok(())
+        });
         let here = "this process";
         let client = engine.client();
         let output = self.job.output.clone();
@@ -161,7 +177,7 @@ impl RunArgs {
             Ok(id) => id,
             Err(e) => {
                 drop(client);
-                let _ = stop.send(());
+                let _ = stop.send(true);
                 let _ = worker.await;
                 engine.stop().await?;
                 return Err(e);
@@ -183,7 +199,7 @@ impl RunArgs {
             // The worker cannot stop before the job unless it failed (its
             // data directory cannot be made, say): then the job cannot run.
             w = &mut worker => End::WorkerStopped(match w {
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => e,
                 Ok(Ok(())) => "the worker stopped".into(),
                 Err(e) => format!("the worker failed: {e}"),
             }),
@@ -212,7 +228,7 @@ impl RunArgs {
         drop(client);
         // The job is over: its attempts still running were cancelled; wait
         // for them a little, then for the engine's last file work.
-        let _ = stop.send(());
+        let _ = stop.send(true);
         if !matches!(end, End::WorkerStopped(_))
             && tokio::time::timeout(STOP_GRACE * 2, worker).await.is_err()
         {

@@ -36,7 +36,7 @@ impl StatusArgs {
                 if jobs.is_empty() {
                     println!("no jobs on {addr}");
                 }
-                for s in jobs {
+                for s in &jobs {
                     println!(
                         "{}  {:<10} map {}/{}  reduce {}/{}  running {}  failed attempts {}  {} -> {}",
                         s.job,
@@ -49,6 +49,36 @@ impl StatusArgs {
                         s.failed_attempts,
                         s.app,
                         s.output.display()
+                    );
+                    if let Some(w) = &s.waiting {
+                        println!("    waiting: {w}");
+                    }
+                }
+                let workers = answer(addr, client.workers(context(CALL)).await)?;
+                println!("{} workers", workers.len());
+                for w in workers {
+                    let state = match (&w.quarantined, w.suspect_in.is_empty()) {
+                        (Some(why), _) => format!(
+                            "QUARANTINED: {} (mr worker-release {})",
+                            mr_core::text::escape_controls(why),
+                            w.worker
+                        ),
+                        (None, false) => format!(
+                            "suspect in {}",
+                            w.suspect_in
+                                .iter()
+                                .map(|j| j.0.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        (None, true) => "ok".into(),
+                    };
+                    println!(
+                        "  {}  {}  slots {}  running {}  {state}",
+                        w.worker,
+                        mr_core::text::escape_controls(&w.host),
+                        w.slots,
+                        w.running
                     );
                 }
                 return Ok(());
@@ -68,15 +98,35 @@ impl StatusArgs {
             println!("reduce   {}/{} done", s.reduces_done, s.reduces);
             println!("running  {} attempts", s.running);
             println!("failed   {} attempts", s.failed_attempts);
+            println!("backups  {} attempts", s.backups);
+            if let Some(w) = &s.waiting {
+                println!("waiting  {w}");
+            }
             if let Some(e) = &s.error {
                 println!("error    {}", mr_core::text::escape_controls(e));
             }
             for t in detail.report()?.tasks {
-                for a in t.attempts {
+                for a in &t.attempts {
                     if a.outcome != "succeeded" {
                         let outcome = mr_core::text::escape_controls(&a.outcome);
                         let first = outcome.lines().next().unwrap_or("");
-                        println!("  {} attempt {} on {}: {first}", t.task, a.attempt, a.worker);
+                        println!(
+                            "  {} attempt {} ({}) on {}: {first}",
+                            t.task, a.attempt, a.reason, a.worker
+                        );
+                    }
+                }
+                if let Some(v) = t.verified.filter(|v| !v.dissent.is_empty()) {
+                    for d in &v.dissent {
+                        println!(
+                            "  {} verified {} (agreed by {}); {} attempt {} computed {}",
+                            t.task,
+                            v.digest.short(),
+                            v.agreeing.join(", "),
+                            d.worker,
+                            d.attempt,
+                            d.digest.short()
+                        );
                     }
                 }
             }

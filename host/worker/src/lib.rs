@@ -17,7 +17,7 @@ pub mod reduce;
 pub mod runfile;
 pub mod shuffle;
 
-pub use node::{run, Preloaded, Shuffle, WorkerError, WorkerOptions};
+pub use node::{run, Pool, Preloaded, Shuffle, WorkerError, WorkerOptions};
 
 use std::time::Duration;
 

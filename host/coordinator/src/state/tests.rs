@@ -1691,7 +1691,10 @@ fn a_verified_reduce_is_committed_with_its_digest_and_a_lying_file_reruns_it() {
     );
     let sum = summary(&s, &job);
     assert_eq!((sum.state, sum.reduces_done), (JobState::Running, 0));
-    assert_eq!(s.worker_summaries()[0].suspect_in, std::slice::from_ref(&job));
+    assert_eq!(
+        s.worker_summaries()[0].suspect_in,
+        std::slice::from_ref(&job)
+    );
     assert!(
         ask(&mut s, c.at(2.2), &w1, 1).is_empty(),
         "the liar gets no more"

@@ -55,7 +55,9 @@ impl Worker {
                 let e = FetchError::Peer(format!("map-{m}'s output has no known host (a bug)"));
                 (m as u32, r.attempt, e)
             })?;
-            if Some(&host.worker) == me.as_ref() {
+            let shared =
+                host.addr.is_none() && matches!(self.options.shuffle, super::Shuffle::Shared(_));
+            if Some(&host.worker) == me.as_ref() || shared {
                 local.push((m as u32, r.attempt));
             } else {
                 remote

@@ -61,8 +61,24 @@ pub enum Shuffle {
     /// machine uses to reach the coordinator, any free port).
     Serve(Option<SocketAddr>),
     /// Serve nothing: only this worker's own reducers read its output, in
-    /// place (`mr run`).
+    /// place.
     InPlace,
+    /// Serve nothing, and share map output with the other workers of this
+    /// process that have the same pool (`mr run`'s workers): each reads
+    /// any of theirs in place.
+    Shared(Pool),
+}
+
+/// Map output shared by the workers of one process (see
+/// [`Shuffle::Shared`]); it lives in the data directory of the first of
+/// them to start.
+#[derive(Clone, Default)]
+pub struct Pool(Arc<std::sync::OnceLock<Arc<MapOutputs>>>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
 }
 
 /// An app already loaded, handed to the worker so it need not fetch and
@@ -179,7 +195,7 @@ pub async fn run(
         None => SandboxEngine::new().map_err(WorkerError::Sandbox)?,
     };
     let listener = match &options.shuffle {
-        Shuffle::InPlace => None,
+        Shuffle::InPlace | Shuffle::Shared(_) => None,
         Shuffle::Serve(listen) => {
             let listen = match listen {
                 Some(a) => *a,
@@ -201,7 +217,13 @@ pub async fn run(
         })?),
         None => None,
     };
-    let outputs = Arc::new(MapOutputs::new(data.jobs()));
+    let outputs = match &options.shuffle {
+        Shuffle::Shared(pool) => pool
+            .0
+            .get_or_init(|| Arc::new(MapOutputs::new(data.jobs())))
+            .clone(),
+        _ => Arc::new(MapOutputs::new(data.jobs())),
+    };
     let (key, public_key) = match &options.token {
         Some(_) => {
             let (k, p) = mr_core::tls::new_key();

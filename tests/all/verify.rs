@@ -1,0 +1,164 @@
+//! Several attempts of one task: `--verify K` against a worker that lies
+//! as a compromised node could. The liar is a real `mr worker` that sees
+//! other bytes at the input's path (a bind mount in a mount namespace of
+//! its own), so nothing in `mr` is told to lie.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::cluster::{ok, Cluster, JOB_LIMIT};
+use crate::{mr_run_ok, wait_for};
+
+/// The sorted lines of a job's output.
+fn lines(dir: &std::path::Path) -> Vec<String> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("mr-out-")
+        {
+            all.extend(
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(String::from),
+            );
+        }
+    }
+    all.sort();
+    all
+}
+
+#[test]
+fn verify_outvotes_a_worker_that_sees_other_input_and_names_it() {
+    // The liar needs a mount namespace: root (as on CI) and unshare.
+    let can = Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run this test: unshare -m needs root"
+        );
+        eprintln!("skipped: unshare -m does not work here (not root?)");
+        return;
+    }
+    let mut c = Cluster::start(&[]);
+    let input = c.dir.path().join("book.txt");
+    let real = std::fs::read_to_string(mr_tests::data_dir().join("pg-frankenstein.txt")).unwrap();
+    std::fs::write(&input, &real).unwrap();
+    // What the liar sees at the same path: the same bytes but for one word
+    // misspelt throughout (so every split differs, and no line moves).
+    let fake = c.dir.path().join("fake.txt");
+    std::fs::write(&fake, real.replace(" the ", " teh ")).unwrap();
+    let (input_s, fake_s) = (input.display().to_string(), fake.display().to_string());
+    let wrap = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"",
+        "sh",
+        fake_s.as_str(),
+        input_s.as_str(),
+    ];
+    let wc = mr_tests::WC.to_string();
+    let reference = c.dir.path().join("reference");
+    mr_run_ok(&[
+        &wc,
+        &input_s,
+        "-o",
+        &reference.display().to_string(),
+        "-r",
+        "2",
+    ]);
+    let want = lines(&reference);
+    let job = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            wc.clone(),
+            input_s.clone(),
+            "-o".into(),
+            out.into(),
+            "-r".into(),
+            "2".into(),
+        ];
+        a.extend(["--split-size".into(), "64KiB".into()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // Without --verify, the liar's output is taken as it is.
+    let liar = c.worker_under(&wrap, &["--slots", "1"]);
+    let plain = c.dir.path().join("plain").display().to_string();
+    ok(&c.submit(&crate::cluster::strs(&job(&plain, &[]))));
+    assert_ne!(
+        lines(plain.as_ref()),
+        want,
+        "the liar's word count is wrong"
+    );
+    // With --verify 2: the liar and one honest worker disagree on every
+    // map until a second honest worker joins and settles each vote.
+    c.worker(&["--slots", "1"]);
+    let verified = c.dir.path().join("verified").display().to_string();
+    let mut submit = c.spawn_submit(&crate::cluster::strs(&job(&verified, &["--verify", "2"])));
+    c.wait_report(JOB_LIMIT, |r| {
+        r["tasks"][0]["attempts"]
+            .as_array()
+            .is_some_and(|a| a.iter().filter(|a| a["outcome"] == "succeeded").count() == 2)
+    });
+    let report = c.wait_report(Duration::from_secs(5), |_| true);
+    assert_eq!(
+        report["tasks"][0]["verified"],
+        serde_json::Value::Null,
+        "two votes disagree"
+    );
+    c.worker(&["--slots", "1"]);
+    c.finished(&mut submit, JOB_LIMIT);
+    assert_eq!(lines(verified.as_ref()), want, "verified output is exact");
+    // The report names the liar in the dissent of the tasks it ran.
+    let success: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(c.dir.path().join("verified/_SUCCESS")).unwrap(),
+    )
+    .unwrap();
+    let liar_id = success["tasks"][0]["verified"]["dissent"][0]["worker"]
+        .as_str()
+        .expect("a dissenting worker")
+        .to_string();
+    assert!(
+        success["tasks"][0]["verified"]["agreeing"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    );
+    // And `mr status` shows it quarantined (it lost more than one vote).
+    let status = || {
+        let out = crate::output_within(&mut c.cmd("status", &[]), Duration::from_secs(30));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = status();
+    let line = shown
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{liar_id} ")))
+        .unwrap_or_else(|| panic!("no line for {liar_id}:\n{shown}"));
+    assert!(
+        line.contains("QUARANTINED") && line.contains("lost a vote"),
+        "{line}"
+    );
+    let out = crate::output_within(
+        &mut c.cmd("worker-release", &[&liar_id]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_for(Duration::from_secs(10), || !status()
+        .contains("QUARANTINED")));
+    let _ = liar;
+}
