@@ -195,7 +195,7 @@ fn reduce(
     let cancelled =
         || std::io::Error::new(std::io::ErrorKind::Interrupted, "the attempt was cancelled");
     // Progress: the fraction of the partition's records merged.
-    let total: u64 = task.inputs.iter().map(|(_, i)| i.records).sum();
+    let total = (task.inputs.iter()).fold(0u64, |n, (_, i)| n.saturating_add(i.records));
     let mut record = |key: &[u8], value: &[u8]| -> Result<(), Stop> {
         batch.counters.reduce_input_records += 1;
         if batch.counters.reduce_input_records.is_multiple_of(4096) {

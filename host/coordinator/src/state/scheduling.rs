@@ -153,7 +153,9 @@ impl State {
             } else {
                 &job.idle_reduces
             };
-            if !waiting.is_empty() {
+            // A reduce's backup needs every map output (one may have been
+            // lost since the reduce started).
+            if !waiting.is_empty() || (kind == 1 && !job.all_maps_done()) {
                 continue;
             }
             let TaskState::Active(a) = &job.tasks[r.task].state else {

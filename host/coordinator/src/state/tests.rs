@@ -1640,7 +1640,7 @@ fn verify_with_too_few_workers_waits_says_why_and_goes_on_when_one_joins() {
 }
 
 #[test]
-fn a_verified_reduce_is_committed_with_its_digest_and_a_lying_file_reruns_it() {
+fn a_verified_reduce_is_committed_with_its_digest_and_a_changed_file_reruns_it() {
     let c = Clock::new();
     let mut s = State::new(cfg());
     let (w1, w2) = (
@@ -1681,7 +1681,8 @@ fn a_verified_reduce_is_committed_with_its_digest_and_a_lying_file_reruns_it() {
         acts.iter().any(|a| matches!(a, Action::Discard(_))),
         "the other file goes"
     );
-    // The coordinator finds the file is not what w1 said: reduce-0 again.
+    // The coordinator finds the file is not what the vote accepted:
+    // reduce-0 again. Not blamed on w1: others can write the directory.
     s.commit_mismatch(
         c.at(2.1),
         &job,
@@ -1691,14 +1692,37 @@ fn a_verified_reduce_is_committed_with_its_digest_and_a_lying_file_reruns_it() {
     );
     let sum = summary(&s, &job);
     assert_eq!((sum.state, sum.reduces_done), (JobState::Running, 0));
-    assert_eq!(
-        s.worker_summaries()[0].suspect_in,
-        std::slice::from_ref(&job)
-    );
-    assert!(
-        ask(&mut s, c.at(2.2), &w1, 1).is_empty(),
-        "the liar gets no more"
-    );
+    assert!(s.worker_summaries()[0].suspect_in.is_empty());
     assert_eq!(tasks(&ask(&mut s, c.at(2.2), &w2, 1)), ["reduce-0#3"]);
+    assert_eq!(tasks(&ask(&mut s, c.at(2.2), &w1, 1)), ["reduce-0#4"]);
+    check_invariants(&s);
+}
+
+/// Regression: a reduce straggling while a map output was lost got a
+/// backup, whose assignment needs every map output: the coordinator's
+/// loop panicked ("reduces start only once every map is done").
+#[test]
+fn no_backup_of_a_reduce_while_a_map_output_is_lost() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2, w3) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+        register(&mut s, c.at(0.0), 3),
+    );
+    s.submit(c.at(0.0), spec(1, 2)).unwrap();
+    let m = ask(&mut s, c.at(0.0), &w3, 1);
+    s.report(c.at(1.0), &w3, map_done(&m[0].key)).unwrap();
+    let r0 = ask(&mut s, c.at(1.0), &w1, 1);
+    let r1 = ask(&mut s, c.at(1.0), &w2, 1);
+    s.report(c.at(2.0), &w1, result(&r0[0].key, Outcome::ReduceDone))
+        .unwrap();
+    // The map's worker leaves: its output is lost, the map waits again.
+    s.goodbye(c.at(2.0), &w3);
+    assert_eq!(summary(&s, &JobId(r1[0].key.job.0.clone())).maps_done, 0);
+    // reduce-1 straggles; w1 is free: it gets the map, never a backup of
+    // the reduce.
+    let got = ask(&mut s, c.at(9.0), &w1, 2);
+    assert_eq!(tasks(&got), ["map-0#2"]);
     check_invariants(&s);
 }
