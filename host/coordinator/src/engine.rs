@@ -517,19 +517,10 @@ fn crashed(e: tokio::task::JoinError) -> ServeError {
 
 /// The SHA-256 digest of a file, read without following a symlink.
 fn digest_of(path: &std::path::Path) -> std::io::Result<mr_core::digest::Digest> {
-    use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    let mut h = mr_core::digest::Hasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finish());
-        }
-        h.update(&buf[..n]);
-    }
+    mr_core::digest::Digest::of_reader(f)
 }

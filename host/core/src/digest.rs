@@ -26,6 +26,21 @@ impl Digest {
         Digest(h.finalize().into())
     }
 
+    /// The digest of everything `r` yields.
+    ///
+    /// Fails if reading fails.
+    pub fn of_reader(mut r: impl std::io::Read) -> std::io::Result<Self> {
+        let mut h = Hasher::default();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                return Ok(h.finish());
+            }
+            h.update(&buf[..n]);
+        }
+    }
+
     /// The first 12 hex digits, for messages.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..6])

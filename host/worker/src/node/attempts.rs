@@ -526,15 +526,5 @@ fn check_inputs(
 
 /// The SHA-256 digest of a file.
 fn digest_file(path: &std::path::Path) -> std::io::Result<Digest> {
-    use std::io::Read as _;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = mr_core::digest::Hasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finish());
-        }
-        h.update(&buf[..n]);
-    }
+    Digest::of_reader(std::fs::File::open(path)?)
 }
