@@ -4,7 +4,9 @@
 # commands (installing their toolchains the first time), then runs mr-bench
 # from the repository root. Arguments go to mr-bench, e.g.
 #   bench/run.sh --size-mib 64 --lang-size-mib 8   or   bench/run.sh --mr-args --parallelism 1
-# MR_BENCH_LANGS=0 leaves the other languages out.
+# MR_BENCH_LANGS=0 leaves the other languages out. A subcommand of mr-bench
+# skips them too: `bench/run.sh backups` (backup tasks with a slowed worker,
+# and --verify 2; see bench/src/backups.rs), `bench/run.sh state-machine`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
@@ -12,6 +14,9 @@ cargo build --release -q -p mr-cli -p mr-bench
 cargo build --release -q --target wasm32-wasip2 --manifest-path apps/Cargo.toml -p wc
 
 langs=()
+case "${1:-}" in
+    backups | state-machine | native-wc) MR_BENCH_LANGS=0 ;;
+esac
 if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
     apps=target/bench/apps
     mkdir -p "$apps"
@@ -34,4 +39,4 @@ if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
     build python apps/wc-python/build.sh "$apps/wc-python.wasm"
     build js apps/wc-js/build.sh "$apps/wc-js.wasm"
 fi
-exec target/release/mr-bench "${langs[@]}" "$@"
+exec target/release/mr-bench ${langs[@]+"${langs[@]}"} "$@"

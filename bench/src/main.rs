@@ -32,6 +32,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod backups;
 mod state_machine;
 
 #[derive(Parser)]
@@ -62,6 +63,9 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         slots: u32,
     },
+    /// Backup tasks with one slowed worker of three, and `--verify 2`,
+    /// against the same cluster's plain run.
+    Backups(backups::Args),
 }
 
 #[derive(clap::Args)]
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
             workers,
             slots,
         }) => state_machines(&maps, reduces, workers, slots),
+        Some(Cmd::Backups(a)) => backups::run(a),
         None => bench(cli.run),
     }
 }
@@ -725,7 +730,12 @@ fn run_mr(a: &RunArgs, app: &Path, corpus: &[PathBuf], out: &Path) -> Result<Mea
 }
 
 fn outputs(dir: &Path) -> Vec<PathBuf> {
-    (0..REDUCES)
+    outputs_of(dir, REDUCES)
+}
+
+/// A job's output files, given its number of reduces.
+fn outputs_of(dir: &Path, reduces: u32) -> Vec<PathBuf> {
+    (0..reduces)
         .map(|r| dir.join(format!("mr-out-{r}")))
         .collect()
 }

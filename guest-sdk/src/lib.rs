@@ -291,9 +291,13 @@ thread_local! {
 }
 
 /// Gathers groups into whole keys and calls `f` once per whole key; `f`
-/// returning `None` stops early (used for "no combiner").
+/// returning `None` stops early (used for "no combiner"). With `fold` (a
+/// combiner, which may run on any subset of a key's values), `f` also folds
+/// a key's values gathered so far into one whenever a group of it is not
+/// its last, so a long run of one key never piles up in the guest.
 fn gather(
     groups: Vec<Group>,
+    fold: bool,
     mut f: impl FnMut(&str, &[&str]) -> Option<String>,
 ) -> Result<Option<Vec<String>>, String> {
     let mut out = Vec::new();
@@ -317,6 +321,15 @@ fn gather(
                 None => return Ok(None),
             }
         } else {
+            let values = if fold && values.len() > 1 {
+                let all: Vec<&str> = values.iter().map(String::as_str).collect();
+                match f(&key, &all) {
+                    Some(value) => vec![value],
+                    None => return Ok(None),
+                }
+            } else {
+                values
+            };
             PENDING.with(|p| *p.borrow_mut() = Some((key, values)));
         }
     }
@@ -325,12 +338,12 @@ fn gather(
 
 #[doc(hidden)]
 pub fn run_reduce<A: App>(groups: Vec<Group>) -> Result<Vec<String>, String> {
-    gather(groups, |k, v| Some(A::reduce(k, v))).map(Option::unwrap_or_default)
+    gather(groups, false, |k, v| Some(A::reduce(k, v))).map(Option::unwrap_or_default)
 }
 
 #[doc(hidden)]
 pub fn run_combine<A: App>(groups: Vec<Group>) -> Result<Option<Vec<String>>, String> {
-    gather(groups, A::combine)
+    gather(groups, true, A::combine)
 }
 
 /// Exports an [`App`] as the component's `mr:app/mapreduce` world.

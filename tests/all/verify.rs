@@ -162,3 +162,125 @@ fn verify_outvotes_a_worker_that_sees_other_input_and_names_it() {
         .contains("QUARANTINED")));
     let _ = liar;
 }
+
+#[test]
+fn verify_with_fewer_workers_than_k_waits_says_why_and_goes_on_when_one_joins() {
+    let mut c = Cluster::start(&[]);
+    c.worker(&["--slots", "1"]);
+    let book = mr_tests::data_dir().join("pg-frankenstein.txt");
+    let reference = c.out("reference");
+    let (book_s, reference_s) = (book.display().to_string(), reference.display().to_string());
+    mr_run_ok(&[mr_tests::WC, &book_s, "-o", &reference_s, "-r", "2"]);
+    let out = c.out("verified").display().to_string();
+    let mut submit = c.spawn_submit(&[
+        mr_tests::WC,
+        &book_s,
+        "-o",
+        &out,
+        "-r",
+        "2",
+        "--verify",
+        "3",
+    ]);
+    // One worker of the three --verify 3 needs: the job waits and says so.
+    let status = |c: &Cluster| {
+        let out = crate::output_within(&mut c.cmd("status", &[]), Duration::from_secs(30));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut shown = String::new();
+    let waits = wait_for(Duration::from_secs(60), || {
+        shown = status(&c);
+        shown.contains("waiting: --verify 3 runs each task on 3 distinct workers, and 1 can take")
+    });
+    assert!(waits, "mr status says why the job waits:\n{shown}");
+    c.worker(&["--slots", "1"]);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            shown = status(&c);
+            shown.contains("and 2 can take")
+        }),
+        "{shown}"
+    );
+    assert!(submit.try_wait().unwrap().is_none(), "the job still waits");
+    c.worker(&["--slots", "1"]);
+    c.finished(&mut submit, JOB_LIMIT);
+    assert_eq!(lines(out.as_ref()), lines(&reference));
+    let success = crate::cluster::success(out.as_ref());
+    for t in success["tasks"].as_array().unwrap() {
+        assert_eq!(
+            t["verified"]["agreeing"].as_array().map(Vec::len),
+            Some(3),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn a_tasks_digest_does_not_depend_on_sort_buffer_spill_points_or_parallelism() {
+    // The same job through `mr run --verify 2` with the whole map output in
+    // memory, with many spills at two sort-buffer sizes, and with 1 to 3
+    // tasks at once: every task's accepted digest is the same. Once with
+    // `wc` (the SDK combines in the guest) and once with a guest that emits
+    // every word raw, so the host's combiner runs on each spill and on
+    // their merge.
+    let tmp = tempfile::tempdir().unwrap();
+    let books: Vec<String> = mr_tests::books()[..2]
+        .iter()
+        .map(|b| b.display().to_string())
+        .collect();
+    let raw = tmp.path().join("rawwords");
+    std::fs::write(&raw, std::fs::read(&books[0]).unwrap()).unwrap();
+    let raw = vec![raw.display().to_string(), books[1].clone()];
+    same_digests(&tmp.path().join("wc"), mr_tests::WC, &books, false);
+    same_digests(&tmp.path().join("raw"), mr_tests::HOSTILE, &raw, true);
+}
+
+/// Runs `app` on `inputs` three ways (see above) with outputs under `tmp`
+/// and asserts every task's digest is the same each time, and whether the
+/// host's combiner ran.
+fn same_digests(tmp: &std::path::Path, app: &str, inputs: &[String], host_combines: bool) {
+    let mut seen: Option<(String, Vec<(String, String)>)> = None;
+    for (name, extra) in [
+        ("memory", &["--parallelism", "2"][..]),
+        (
+            "spills-64k",
+            &["--sort-buffer", "64KiB", "--parallelism", "3"][..],
+        ),
+        (
+            "spills-200k",
+            &["--sort-buffer", "200KiB", "--parallelism", "1"][..],
+        ),
+    ] {
+        let out = tmp.join(name);
+        let out_s = out.display().to_string();
+        let mut args: Vec<&str> = vec![app];
+        args.extend(inputs.iter().map(String::as_str));
+        args.extend(["-o", &out_s, "-r", "3", "--verify", "2"]);
+        args.extend(extra);
+        mr_run_ok(&args);
+        let r = crate::report(&out, "_SUCCESS");
+        let spills = r["counters"]["map_spills"].as_u64().unwrap();
+        assert_eq!(spills == 0, name == "memory", "{name}: {spills} spills");
+        let combined = r["counters"]["combine_input_records"].as_u64().unwrap();
+        assert_eq!(combined > 0, host_combines, "{name}: {combined} combined");
+        let digests: Vec<(String, String)> = r["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["task"].to_string(),
+                    t["verified"]["digest"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("{name}: no accepted digest: {t}"))
+                        .to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(digests.len(), 5, "{name}");
+        match &seen {
+            None => seen = Some((name.to_string(), digests)),
+            Some((first, want)) => assert_eq!(&digests, want, "{app} {name} against {first}"),
+        }
+    }
+}

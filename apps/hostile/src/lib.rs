@@ -3,6 +3,8 @@
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
 //! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
 //! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining;
+//! `rawwords` emits ("n:WORD", "1") for every word of its input, bypassing it
+//! too (its combiner sums);
 //! `bigbatch` emits 20 MiB in one call; `badkeys` emits keys and values the text output format cannot carry;
 //! `escapes` panics with terminal control sequences, `chatty` after 3 MB
 //! of stderr;
@@ -76,6 +78,21 @@ impl App for Hostile {
                 out.emit("env", &seen);
                 let args = std::env::args().count();
                 out.emit("args", &args.to_string());
+            }
+            "rawwords" => {
+                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
+                let mut batch = Vec::with_capacity(1000);
+                for word in mr_sdk::words(contents) {
+                    batch.push(Kv {
+                        key: format!("n:{word}"),
+                        value: "1".into(),
+                    });
+                    if batch.len() == 1000 {
+                        emit(&batch);
+                        batch.clear();
+                    }
+                }
+                emit(&batch);
             }
             "dupes" => {
                 // Like a guest without in-guest combining (the host's
@@ -162,7 +179,7 @@ impl App for Hostile {
         if key == "fine" || key.contains(' ') || key.contains('\n') || key.is_empty() {
             return values.join(",");
         }
-        if key == "dup" || key == "hoard" {
+        if key == "dup" || key == "hoard" || key.starts_with("n:") {
             return values
                 .iter()
                 .map(|v| v.parse::<u64>().unwrap())
@@ -178,7 +195,7 @@ impl App for Hostile {
         if key == "hoard" {
             std::hint::black_box(vec![1u8; 40 << 20]);
         }
-        (key == "dup" || key == "hoard").then(|| Self::reduce(key, values))
+        (key == "dup" || key == "hoard" || key.starts_with("n:")).then(|| Self::reduce(key, values))
     }
 }
 

@@ -180,24 +180,16 @@ impl Loop {
                 worker,
             } => {
                 if let Some(want) = expect {
-                    // A verified reduce: its file must be what the vote
-                    // accepted, whatever its worker said. (This blocks the
-                    // loop for as long as the file takes to read.)
-                    match digest_of(&from) {
-                        Ok(found) if found == want => {}
-                        found => {
-                            let found = match found {
-                                Ok(d) => {
-                                    format!("its digest is {}, not {}", d.short(), want.short())
-                                }
-                                Err(e) => format!("it cannot be read: {e}"),
-                            };
-                            tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
-                            let _ = std::fs::remove_file(&from);
-                            self.state.commit_mismatch(now, &job, task, &worker, found);
-                            return;
-                        }
+                    // A verified reduce: the file committed must be what
+                    // the vote accepted, whatever its worker said. (This
+                    // blocks the loop for as long as the file takes to read.)
+                    if let Err(found) = commit_verified(&from, &to, want) {
+                        tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
+                        let _ = std::fs::remove_file(&from);
+                        let _ = std::fs::remove_file(&to);
+                        self.state.commit_mismatch(now, &job, task, &worker, found);
                     }
+                    return;
                 }
                 if let Err(e) = std::fs::rename(&from, &to) {
                     let msg = format!("cannot commit {} to {}: {e}", from.display(), to.display());
@@ -516,11 +508,56 @@ fn crashed(e: tokio::task::JoinError) -> ServeError {
 }
 
 /// The SHA-256 digest of a file, read without following a symlink.
-fn digest_of(path: &std::path::Path) -> std::io::Result<mr_core::digest::Digest> {
-    use std::os::unix::fs::OpenOptionsExt as _;
+/// Commits the reduce output `from` to `to` if its bytes have digest
+/// `want`: hashes the open file (no symlink, a regular file), checks that
+/// nothing changed it while it was read (size, modification and change
+/// times), renames it, and checks that the file now at `to` is the one
+/// read. Says what was wrong otherwise (the caller removes both paths).
+fn commit_verified(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    want: mr_core::digest::Digest,
+) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    mr_core::digest::Digest::of_reader(f)
+        .open(from)
+        .map_err(|e| format!("it cannot be opened: {e}"))?;
+    let stamp = |m: &std::fs::Metadata| {
+        (
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        )
+    };
+    let before = f
+        .metadata()
+        .map_err(|e| format!("it cannot be read: {e}"))?;
+    if !before.is_file() {
+        return Err("it is not a regular file".into());
+    }
+    let found =
+        mr_core::digest::Digest::of_reader(&f).map_err(|e| format!("it cannot be read: {e}"))?;
+    if found != want {
+        return Err(format!(
+            "its digest is {}, not {}",
+            found.short(),
+            want.short()
+        ));
+    }
+    let after = f
+        .metadata()
+        .map_err(|e| format!("it cannot be read: {e}"))?;
+    if stamp(&after) != stamp(&before) {
+        return Err("it changed while the coordinator read it".into());
+    }
+    std::fs::rename(from, to).map_err(|e| format!("cannot commit it to {}: {e}", to.display()))?;
+    let moved = std::fs::symlink_metadata(to).map_err(|e| format!("it is gone: {e}"))?;
+    if (moved.dev(), moved.ino()) != (before.dev(), before.ino()) {
+        return Err("another file took its place while it was committed".into());
+    }
+    Ok(())
 }

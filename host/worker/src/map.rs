@@ -288,7 +288,10 @@ impl SortBuffer {
                 i = run_end;
                 continue;
             }
-            // Cut long runs into chunks, each combined on its own.
+            // Cut long runs into chunks, handed over as consecutive groups
+            // of one key (`last` on the final one): one combined value per
+            // key and spill, however long its run.
+            let run_start = i;
             while i < run_end {
                 let mut end = i;
                 let mut bytes = 0;
@@ -303,9 +306,14 @@ impl SortBuffer {
                         .iter()
                         .map(|e| text(value(arena, e)))
                         .collect(),
-                    last: true,
+                    last: end == run_end,
                 });
-                pending.push(Pending::Combined { first: i, end });
+                if end == run_end {
+                    pending.push(Pending::Combined {
+                        first: run_start,
+                        end,
+                    });
+                }
                 group_bytes += bytes;
                 i = end;
                 if group_bytes >= COMBINE_CHUNK_BYTES || groups.len() >= COMBINE_BATCH_GROUPS {
@@ -391,7 +399,15 @@ impl SortBuffer {
         }
         self.arena = Vec::new();
         self.entries = Vec::new();
-        // Spills were combined one by one; their merge is not combined again.
+        // Spills were combined one by one, and their merge is combined
+        // again (Hadoop combines during its merge too): with a combiner that
+        // is associative, as a combiner must be, a map's output is then the
+        // same bytes at any sort-buffer size or spill point, which verified
+        // jobs rely on (two hosts' hashes of one map must agree). Merged
+        // records are staged in the emptied buffer and written through
+        // `write_sorted` (its stable sort of sorted input is linear); a
+        // stage is cut only between keys, unless one key alone outgrows
+        // twice the buffer.
         let indexes = self
             .spills
             .iter()
@@ -408,7 +424,14 @@ impl SortBuffer {
             let mut m = Merger::new(readers)?;
             let mut n = 0u32;
             while m.advance()? {
-                w.write(r, m.key(), m.value())?;
+                if matches!(self.combiner, Combiner::Absent) {
+                    if !self.entries.is_empty() {
+                        self.write_sorted(&mut w)?;
+                    }
+                    w.write(r, m.key(), m.value())?;
+                } else {
+                    self.stage(&mut w, r, m.key(), m.value())?;
+                }
                 n = n.wrapping_add(1);
                 if n.is_multiple_of(65536) {
                     if self.control.is_cancelled() {
@@ -417,12 +440,45 @@ impl SortBuffer {
                     self.control.bump();
                 }
             }
+            if !self.entries.is_empty() {
+                self.write_sorted(&mut w)?;
+            }
             self.control
                 .set_done(u64::from(r) + 1, u64::from(self.reduces));
         }
         let segments = w.finish()?;
         self.discard();
         Ok((Source::File(path.to_path_buf()), segments, self.counters))
+    }
+
+    /// Adds one merged record of partition `partition` to the buffer,
+    /// first writing out what it holds if it is full and `key` starts a
+    /// new run (or one run alone fills twice the buffer).
+    fn stage<W: std::io::Write>(
+        &mut self,
+        w: &mut RunFileWriter<W>,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), SpillError> {
+        if self.used() >= self.limit {
+            let same = self.entries.last().is_some_and(|e| {
+                e.partition == partition
+                    && &self.arena[e.offset..e.offset + e.key_len as usize] == key
+            });
+            if !same || self.used() >= self.limit.saturating_mul(2) {
+                self.write_sorted(w)?;
+            }
+        }
+        self.entries.push(Entry {
+            partition,
+            key_len: key.len() as u32,
+            value_len: value.len() as u32,
+            offset: self.arena.len(),
+        });
+        self.arena.extend_from_slice(key);
+        self.arena.extend_from_slice(value);
+        Ok(())
     }
 
     fn discard(&self) {

@@ -74,16 +74,25 @@ impl State {
         if k < 2 || job.state != JobState::Running || !job.has_work() {
             return None;
         }
-        let able = self
+        let able: Vec<_> = self
             .workers
             .keys()
             .filter(|w| !self.quarantined.contains_key(*w) && !job.suspects.contains(*w))
-            .count();
+            .collect();
         let gone = job.suspects.len() + self.quarantined.len();
-        (able < k as usize).then(|| {
-            format!(
-                "--verify {k} runs each task on {k} distinct workers, and {able} can take this job's tasks ({} live, {gone} suspect or quarantined); it goes on when more join",
+        if able.len() < k as usize {
+            return Some(format!(
+                "--verify {k} runs each task on {k} distinct workers, and {} can take this job's tasks ({} live, {gone} suspect or quarantined); it goes on when more join",
+                able.len(),
                 self.workers.len()
+            ));
+        }
+        // Enough workers, but each has already voted on every task that
+        // waits (their votes disagree, so more are needed).
+        able.iter().all(|w| job.next_task(w).is_none()).then(|| {
+            format!(
+                "--verify {k}: the votes on the tasks that wait disagree, and every worker that may take them ({}) has voted already; it goes on when another joins",
+                able.len()
             )
         })
     }

@@ -109,6 +109,31 @@ impl State {
         })
     }
 
+    /// Whether attempt `run` of task `t` of `job` became old enough for a
+    /// backup (see [`State::straggler`]) between `prev` and `now`: idle
+    /// workers wait in a long poll, which this wakes, rather than seeing
+    /// the straggler only when their poll next times out.
+    pub(super) fn backup_due(
+        job: &super::model::Job,
+        t: usize,
+        run: &super::model::Running,
+        prev: std::time::Instant,
+        now: std::time::Instant,
+    ) -> bool {
+        let kind = usize::from(t >= job.maps());
+        if !job.spec.speculation || job.spec.verify > 1 {
+            return false;
+        }
+        let Some(median) = job.median_took(kind) else {
+            return false;
+        };
+        let after = BACKUP_AFTER.max(std::time::Duration::from_millis(
+            (median as f64 * SLOW) as u64 + 1,
+        ));
+        let due = run.started + after;
+        prev < due && due <= now
+    }
+
     /// The straggler a backup attempt on `worker` would help most, if any
     /// (the paper's §3.6, bounded as Hadoop's `DefaultSpeculator`): a task
     /// of a job with `--speculation on` and without `--verify`, with one

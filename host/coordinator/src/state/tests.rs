@@ -1215,6 +1215,41 @@ fn a_quiet_cancel_writes_no_report() {
 }
 
 #[test]
+fn an_attempt_reported_running_past_its_attempt_timeout_is_failed_by_the_coordinator() {
+    // A worker that claims progress for ever (as a lying one could) does
+    // not hold a --verify job, which has no backups, past the timeout.
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w = register(&mut s, c.at(0.0), 1);
+    let w2 = register(&mut s, c.at(0.0), 2);
+    let mut sp = spec(1, 1);
+    sp.attempt_timeout = Duration::from_secs(20);
+    sp.verify = 2;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    let a = ask(&mut s, c.at(0.0), &w, 1);
+    for i in 1..=40u64 {
+        let now = c.at(i as f64);
+        let running = vec![RunningAttempt {
+            key: a[0].key.clone(),
+            progress: i,
+            done_ppm: None,
+        }];
+        s.heartbeat(now, &w, hb(running)).unwrap();
+        s.heartbeat(now, &w2, hb(vec![])).unwrap();
+        s.tick(now);
+        // 20 s and the 10 s worker timeout's grace.
+        assert_eq!(summary(&s, &job).failed_attempts, u32::from(i > 30), "{i}");
+    }
+    let report = s.detail(&job).unwrap().1;
+    let first = &report.tasks[0].attempts[0];
+    assert!(
+        first.outcome.contains("past --attempt-timeout"),
+        "{first:?}"
+    );
+    check_invariants(&s);
+}
+
+#[test]
 fn a_jobs_own_progress_timeout_overrides_the_default() {
     let c = Clock::new();
     let mut s = State::new(cfg());
@@ -1475,6 +1510,38 @@ fn backups_wait_for_waiting_tasks_honour_the_progress_rate_and_can_be_turned_off
     }
 }
 
+#[test]
+fn time_making_a_straggler_wakes_idle_workers_once() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+    );
+    s.submit(c.at(0.0), spec(2, 1)).unwrap();
+    let _slow = ask(&mut s, c.at(0.0), &w2, 1);
+    let a = ask(&mut s, c.at(0.0), &w1, 1).remove(0);
+    // The median map took 0.5 s, so the other is a straggler from 1 s on.
+    s.report(c.at(0.5), &w1, map_done(&a.key)).unwrap();
+    let wakes = |s: &mut State| {
+        s.drain_actions()
+            .iter()
+            .filter(|a| matches!(a, Action::WorkAvailable))
+            .count()
+    };
+    let mut woken = Vec::new();
+    for i in 2..=8 {
+        let t = f64::from(i) * 0.25;
+        s.heartbeat(c.at(t), &w1, hb(vec![])).unwrap();
+        s.heartbeat(c.at(t), &w2, hb(vec![])).unwrap();
+        wakes(&mut s);
+        s.tick(c.at(t));
+        woken.push(wakes(&mut s));
+    }
+    assert_eq!(woken, [0, 0, 1, 0, 0, 0, 0], "a wake at 1 s only");
+    assert_eq!(tasks(&ask(&mut s, c.at(2.0), &w1, 1)), ["map-0#2"]);
+}
+
 /// A verified job's map: `digests` for its one partition.
 fn voted(key: &AttemptKey, d: u8) -> AttemptResult {
     let mut r = map_done(key);
@@ -1635,6 +1702,31 @@ fn verify_with_too_few_workers_waits_says_why_and_goes_on_when_one_joins() {
     assert_eq!(summary(&s, &job).waiting, None);
     let b = ask(&mut s, c.at(2.0), &w2, 1);
     s.report(c.at(3.0), &w2, voted(&b[0].key, 9)).unwrap();
+    assert_eq!(summary(&s, &job).maps_done, 1);
+    check_invariants(&s);
+}
+
+#[test]
+fn verify_votes_that_disagree_wait_for_a_worker_that_has_not_voted_and_say_so() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let w1 = register(&mut s, c.at(0.0), 1);
+    let w2 = register(&mut s, c.at(0.0), 2);
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    for (i, w) in [&w1, &w2].into_iter().enumerate() {
+        let a = ask(&mut s, c.at(0.0), w, 1);
+        assert_eq!(a.len(), 1);
+        s.report(c.at(1.0), w, voted(&a[0].key, i as u8)).unwrap();
+    }
+    assert!(ask(&mut s, c.at(1.0), &w1, 1).is_empty());
+    let why = summary(&s, &job).waiting.expect("a reason to wait");
+    assert!(why.contains("disagree") && why.contains("(2)"), "{why}");
+    let w3 = register(&mut s, c.at(2.0), 3);
+    assert_eq!(summary(&s, &job).waiting, None);
+    let b = ask(&mut s, c.at(2.0), &w3, 1);
+    s.report(c.at(3.0), &w3, voted(&b[0].key, 1)).unwrap();
     assert_eq!(summary(&s, &job).maps_done, 1);
     check_invariants(&s);
 }

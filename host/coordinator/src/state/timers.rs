@@ -13,6 +13,7 @@ impl State {
     /// again, and a shutdown completes. Costs time in the number of
     /// workers and running attempts, not of tasks.
     pub fn tick(&mut self, now: Now) {
+        let prev_tick = self.last_tick;
         if let Some(prev) = self.last_tick {
             let gap = now.at.saturating_duration_since(prev);
             if gap > self.config.stall {
@@ -45,6 +46,7 @@ impl State {
             tracing::warn!(worker = %id, "{why}");
             self.worker_lost(now, &id, why);
         }
+        let mut backup_due = false;
         for (r, attempt) in self.live_attempts() {
             let job = self.job(r.job);
             // An earlier attempt's failure may have ended its job.
@@ -58,15 +60,35 @@ impl State {
                 continue;
             };
             let limit = job.progress_timeout(self.config.progress_timeout);
-            if now.at.saturating_duration_since(run.last_progress) <= limit {
+            // The worker stops an attempt at --attempt-timeout itself; one
+            // that reports progress past it (and a grace of the worker
+            // timeout) is not trusted to: a lying worker must not hold a
+            // task, and a --verify job, which has no backups, forever.
+            let most = job
+                .spec
+                .attempt_timeout
+                .saturating_add(self.config.worker_timeout);
+            let msg = if now.at.saturating_duration_since(run.last_progress) > limit {
+                format!(
+                    "no progress for {limit:?}: stuck (e.g. asleep in a host call) or its worker is hung (--progress-timeout)"
+                )
+            } else if now.at.saturating_duration_since(run.started) > most {
+                format!(
+                    "still running {most:?} after it started, past --attempt-timeout {:?}: its worker did not stop it",
+                    job.spec.attempt_timeout
+                )
+            } else {
+                if prev_tick.is_some_and(|p| State::backup_due(job, r.task, run, p, now.at)) {
+                    backup_due = true;
+                }
                 continue;
-            }
+            };
             let (worker, key) = (run.worker.clone(), self.key(r, attempt));
             self.cancel_on_worker(&worker, key);
-            let msg = format!(
-                "no progress for {limit:?}: stuck (e.g. asleep in a host call) or its worker is hung (--progress-timeout)"
-            );
             self.attempt_failed(now, r, attempt, msg, true);
+        }
+        if backup_due {
+            self.actions.push(super::Action::WorkAvailable);
         }
         if let Some(deadline) = self.shutdown {
             if self.workers.is_empty() || now.at >= deadline {
