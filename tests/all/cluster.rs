@@ -194,7 +194,7 @@ impl Cluster {
         self.workers.len() - 1
     }
 
-    fn signal_worker(&self, i: usize, signal: libc::c_int) {
+    pub(crate) fn signal_worker(&self, i: usize, signal: libc::c_int) {
         // SAFETY: sending a signal to our own child process.
         #[allow(unsafe_code)]
         unsafe {

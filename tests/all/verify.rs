@@ -1,5 +1,5 @@
-//! Several attempts of one task: `--verify K` against a worker that lies
-//! as a compromised node could. The liar is a real `mr worker` that sees
+//! Several attempts of one task: a backup of a stopped worker's task, and
+//! `--verify K` against a worker that lies as a compromised node could. The liar is a real `mr worker` that sees
 //! other bytes at the input's path (a bind mount in a mount namespace of
 //! its own), so nothing in `mr` is told to lie.
 
@@ -283,4 +283,55 @@ fn same_digests(tmp: &std::path::Path, app: &str, inputs: &[String], host_combin
             Some((first, want)) => assert_eq!(&digests, want, "{app} {name} against {first}"),
         }
     }
+}
+
+#[test]
+fn a_stopped_workers_task_gets_a_backup_that_wins() {
+    // A takes the first map (it sleeps 1.5 s) and is stopped (SIGSTOP)
+    // while it runs; B does the other maps (0.2 s each), then a backup of
+    // the stopped one, which wins; the job finishes without A.
+    let mut c = Cluster::start(&["--worker-timeout", "60s"]);
+    let a = c.worker(&["--slots", "1"]);
+    let body = "alpha beta beta gamma delta epsilon zeta eta theta iota kappa\n";
+    let mut inputs = Vec::new();
+    for (i, ms) in [1500, 200, 200, 200, 200, 200].into_iter().enumerate() {
+        let p = c.dir.path().join(format!("in{i}.txt"));
+        std::fs::write(&p, format!("sleep {ms}\n{body}")).unwrap();
+        inputs.push(p.display().to_string());
+    }
+    let plain = c.dir.path().join("plain.txt");
+    std::fs::write(&plain, body.repeat(6)).unwrap();
+    let out = c.out("backup").display().to_string();
+    let mut args = vec![mr_tests::TIMING, "--allow", "clock", "-r", "1", "-o", &out];
+    args.extend(inputs.iter().map(String::as_str));
+    let mut submit = c.spawn_submit(&args);
+    let running = c.wait_report(Duration::from_secs(30), |r| {
+        r["tasks"][0]["attempts"][0]["outcome"] == "running"
+    });
+    c.signal_worker(a, libc::SIGSTOP);
+    let slow = running["tasks"][0]["attempts"][0]["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.worker(&["--slots", "1"]);
+    let finished = wait_for(JOB_LIMIT, || submit.try_wait().unwrap().is_some());
+    c.signal_worker(a, libc::SIGCONT);
+    assert!(finished, "{}", c.logs());
+    assert!(submit.wait().unwrap().success(), "{}", c.logs());
+    assert_eq!(
+        mr_tests::read_output(out.as_ref()),
+        mr_tests::reference_wc(&[plain.display().to_string()])
+    );
+    let r = crate::cluster::success(out.as_ref());
+    let tries = r["tasks"][0]["attempts"].as_array().unwrap();
+    assert_eq!(tries.len(), 2, "{r}");
+    assert_eq!(tries[0]["worker"], slow.as_str());
+    assert_eq!(tries[0]["reason"], "first");
+    assert_eq!(
+        tries[0]["outcome"], "killed: a backup finished first",
+        "{r}"
+    );
+    assert_eq!(tries[1]["reason"], "backup");
+    assert_eq!(tries[1]["outcome"], "succeeded");
+    assert_ne!(tries[1]["worker"], slow.as_str());
 }
