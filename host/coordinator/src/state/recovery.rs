@@ -215,14 +215,24 @@ impl State {
                 }
                 let new = match a.accepted(k) {
                     Some(digest) => {
+                        // The vote that settled it: its worker has just
+                        // reported, so it is alive (an earlier voter's
+                        // may not be, and a map's output lives there).
                         let winner = a
                             .votes
                             .iter()
+                            .rev()
                             .find(|v| v.digest == digest)
                             .expect("an accepted digest has a vote")
                             .clone();
                         if k > 1 {
                             task.verdict = Some(verdict(&a, digest));
+                            // Dissenters are suspects again (not the
+                            // cluster-wide quarantine: that lives in
+                            // memory, and a restart lifts it).
+                            for v in a.votes.iter().filter(|v| v.digest != digest) {
+                                job.suspects.insert(v.worker.clone());
+                            }
                             for h in task.history.iter_mut() {
                                 if h.digest.is_some_and(|d| d != digest) {
                                     h.outcome = format!(

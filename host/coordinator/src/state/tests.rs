@@ -1766,20 +1766,20 @@ fn a_verified_reduce_is_committed_with_its_digest_and_a_changed_file_reruns_it()
         .expect("a task commit");
     assert_eq!(
         commit,
-        (Some(Digest([8; 32])), w1.clone()),
-        "the first agreeing vote's file"
+        (Some(Digest([8; 32])), w2.clone()),
+        "the file of the vote that settled it (its worker just reported)"
     );
     assert!(
         acts.iter().any(|a| matches!(a, Action::Discard(_))),
         "the other file goes"
     );
     // The coordinator finds the file is not what the vote accepted:
-    // reduce-0 again. Not blamed on w1: others can write the directory.
+    // reduce-0 again. Not blamed on w2: others can write the directory.
     s.commit_mismatch(
         c.at(2.1),
         &job,
         TaskId::Reduce(0),
-        &w1,
+        &w2,
         "its digest is 00".into(),
     );
     let sum = summary(&s, &job);
