@@ -398,6 +398,23 @@ static void drop_pending(int which) {
     pending[which].active = false;
 }
 
+// A combiner may run on any subset of a key's values: folds a combine key's
+// values gathered so far into one, so a long run does not pile up here.
+static void fold(int which, mr_reduce_fn f) {
+    if (which != 1 || pending[which].n < 2)
+        return;
+    size_t total = pending[which].n;
+    mr_str *all = xrealloc(NULL, total * sizeof(mr_str));
+    for (size_t j = 0; j < total; j++)
+        all[j] = (mr_str){pending[which].values[j].ptr, pending[which].values[j].len};
+    mr_string folded = f((mr_str){pending[which].key.ptr, pending[which].key.len}, all, total);
+    free(all);
+    for (size_t j = 0; j < total; j++)
+        free(pending[which].values[j].ptr);
+    pending[which].values[0] = folded;
+    pending[which].n = 1;
+}
+
 const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn f,
                        mr_string *out, size_t *n_out) {
     size_t k = 0;
@@ -412,8 +429,10 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
             }
             for (size_t j = 0; j < g->n; j++)
                 keep(which, g->values[j]);
-            if (!g->last)
+            if (!g->last) {
+                fold(which, f);
                 continue;
+            }
             size_t total = pending[which].n;
             mr_str *all = xrealloc(NULL, total * sizeof(mr_str));
             for (size_t j = 0; j < total; j++)
@@ -428,6 +447,7 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
             pending[which].key = mr_string_copy(g->key);
             for (size_t j = 0; j < g->n; j++)
                 keep(which, g->values[j]);
+            fold(which, f);
         }
     }
     *n_out = k;

@@ -143,7 +143,8 @@ typedef struct {
 /// Gathers groups into whole keys and calls `f` once per whole key, writing
 /// its results to `out` (one per group with `last`); `pending` keeps a key
 /// whose values are still arriving between calls (index 0: reduce,
-/// 1: combine). Returns NULL, or a message on a protocol error.
+/// 1: combine; a combine key's values are folded with `f` whenever a group
+/// of it is not its last). Returns NULL, or a message on a protocol error.
 const char *mr__gather(int pending, const mr_group *groups, size_t n, mr_reduce_fn f,
                        mr_string *out, size_t *n_out);
 

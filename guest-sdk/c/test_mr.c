@@ -187,6 +187,17 @@ static void test_combining(void) {
     CHECK(host_total("w0") == 6 && host_total("w4999") == 6);
 }
 
+// The number of values, and the values after the first joined by ';'
+// when the first is itself a count: "2;3" is a fold of two, then "3".
+static mr_string count(mr_str key, const mr_str *values, size_t n) {
+    (void)key;
+    char *p = malloc(64);
+    int len = snprintf(p, 64, "%zu", n);
+    if (n == 2 && values[0].len == 1 && values[0].ptr[0] == '2')
+        len = snprintf(p, 64, "2;%.*s", (int)values[1].len, values[1].ptr);
+    return (mr_string){p, (size_t)len};
+}
+
 static void test_gather(void) {
     mr_str v1[] = {MR_STR("1"), MR_STR("2")}, v2[] = {MR_STR("3")}, v3[] = {MR_STR("x")};
     mr_string out[4];
@@ -207,6 +218,14 @@ static void test_gather(void) {
     // A key that ends without its last group is the host's error.
     mr_group broken[] = {{MR_STR("p"), v1, 2, false}, {MR_STR("q"), v2, 1, true}};
     CHECK(mr__gather(1, broken, 2, join, out, &n) != NULL);
+    // Combining (1) folds a key's values so far at each group that is not
+    // its last: the last call sees the fold ("2": two values) and "3".
+    mr_group c1[] = {{MR_STR("k"), v1, 2, false}};
+    CHECK(mr__gather(1, c1, 1, count, out, &n) == NULL && n == 0);
+    mr_group c2[] = {{MR_STR("k"), v2, 1, true}};
+    CHECK(mr__gather(1, c2, 1, count, out, &n) == NULL && n == 1);
+    CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("2;3")));
+    free(out[0].ptr);
 }
 
 int main(void) {

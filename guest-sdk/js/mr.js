@@ -143,8 +143,12 @@ export class Emitter {
  * `last: false`) into whole keys.
  */
 export class Gatherer {
-  constructor() {
+  /** `fold`: a combiner, which may run on any subset of a key's values;
+   * a key's values so far are folded into one whenever a group of it is
+   * not its last, so a long run does not pile up in the guest. */
+  constructor(fold = false) {
     this._pending = null; // [key, values] still arriving
+    this._fold = fold;
   }
 
   /** Calls `f(key, values)` once per whole key; returns the results, or
@@ -168,7 +172,13 @@ export class Gatherer {
         if (r === undefined || r === null) return undefined;
         out.push(r);
       } else {
-        this._pending = [key, Array.from(values)];
+        let kept = Array.from(values);
+        if (this._fold && kept.length > 1) {
+          const r = f(key, kept);
+          if (r === undefined || r === null) return undefined;
+          kept = [r];
+        }
+        this._pending = [key, kept];
       }
     }
     return out;
@@ -189,7 +199,7 @@ function failure(what, e) {
 export function exportApp(app, emit) {
   const combine = app.combine ? (k, v) => app.combine(k, v) : () => undefined;
   const reducing = new Gatherer();
-  const combining = new Gatherer();
+  const combining = new Gatherer(true);
   const reduceOne = (key, values) => {
     const r = app.reduce(key, values);
     if (typeof r !== 'string') {

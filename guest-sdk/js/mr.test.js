@@ -92,6 +92,27 @@ test('split groups are gathered into one call', () => {
   assert.throws(() => new Gatherer().run([{ key: 'p', values: [], last: false }, { key: 'q', values: [], last: true }], join), /protocol error/);
 });
 
+test('combining folds a key at each group that is not its last', () => {
+  const g = new Gatherer(true);
+  const seen = [];
+  const total = (k, v) => {
+    seen.push([...v]);
+    return String(v.reduce((a, x) => a + Number(x), 0));
+  };
+  assert.deepEqual(g.run([{ key: 'k', values: ['1', '2'], last: false }], total), []);
+  assert.deepEqual(
+    g.run(
+      [
+        { key: 'k', values: ['3'], last: false },
+        { key: 'k', values: ['4'], last: true },
+      ],
+      total,
+    ),
+    ['10'],
+  );
+  assert.deepEqual(seen, [['1', '2'], ['3', '3'], ['6', '4']]);
+});
+
 test('exportApp wires map, reduce and combine, and turns exceptions into messages', () => {
   const host = fakeHost();
   const wc = {

@@ -143,6 +143,14 @@ class GathererTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             g.run([Group("p", ["1"], False), Group("q", ["2"], True)], lambda k, v: "")
 
+    def test_combining_folds_a_key_at_each_group_that_is_not_its_last(self):
+        g = mr_sdk._Gatherer(fold=True)
+        seen = []
+        total = lambda k, v: seen.append(list(v)) or str(sum(int(x) for x in v))
+        self.assertEqual(g.run([Group("k", ["1", "2"], False)], total), [])
+        self.assertEqual(g.run([Group("k", ["3"], False), Group("k", ["4"], True)], total), ["10"])
+        self.assertEqual(seen, [["1", "2"], ["3", "3"], ["6", "4"]])
+
     def test_none_stops_early(self):
         g = mr_sdk._Gatherer()
         self.assertIsNone(g.run([Group("a", ["1"], True)], lambda k, v: None))

@@ -2,7 +2,8 @@
 //! depends on the input's file name (its last path component):
 //! `loop`, `alloc`, `recurse`, `trap` fail the task; `passwd`, `socket`,
 //! `env`, `clock`, `sleep` report what the sandbox let them see as output pairs;
-//! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining;
+//! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining
+//! (`bigdupes` 200 000);
 //! `rawwords` emits ("n:WORD", "1") for every word of its input, bypassing it
 //! too (its combiner sums);
 //! `bigbatch` emits 20 MiB in one call; `badkeys` emits keys and values the text output format cannot carry;
@@ -94,9 +95,11 @@ impl App for Hostile {
                 }
                 emit(&batch);
             }
-            "dupes" => {
+            "dupes" | "bigdupes" => {
                 // Like a guest without in-guest combining (the host's
-                // combiner then runs on its spills): 10 000 raw ("dup", "1").
+                // combiner then runs on its spills): 10 000 raw ("dup", "1"),
+                // or 200 000 (more than the host hands the combiner in one
+                // group).
                 use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
                 let batch: Vec<Kv> = (0..1000)
                     .map(|_| Kv {
@@ -104,7 +107,7 @@ impl App for Hostile {
                         value: "1".into(),
                     })
                     .collect();
-                for _ in 0..10 {
+                for _ in 0..if name == "dupes" { 10 } else { 200 } {
                     emit(&batch);
                 }
             }

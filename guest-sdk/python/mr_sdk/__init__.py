@@ -169,8 +169,12 @@ class _Gatherer:
     """Gathers groups (a key's values may come in several, all but the last
     with `last = False`) into whole keys."""
 
-    def __init__(self):
+    def __init__(self, fold=False):
         self._pending = None  # (key, values) still arriving
+        # A combiner may run on any subset of a key's values: with `fold`,
+        # a key's values so far are folded into one whenever a group of it
+        # is not its last, so a long run does not pile up in the guest.
+        self._fold = fold
 
     def run(self, groups, f):
         """Calls `f(key, values)` once per whole key; returns the results,
@@ -193,7 +197,13 @@ class _Gatherer:
                     return None
                 out.append(r)
             else:
-                self._pending = (key, list(values))
+                values = list(values)
+                if self._fold and len(values) > 1:
+                    r = f(key, values)
+                    if r is None:
+                        return None
+                    values = [r]
+                self._pending = (key, values)
         return out
 
 
@@ -213,7 +223,7 @@ def export(app):
 
     instance = app() if isinstance(app, type) else app
     reducing = _Gatherer()
-    combining = _Gatherer()
+    combining = _Gatherer(fold=True)
 
     def reduce_one(key, values):
         r = instance.reduce(key, values)

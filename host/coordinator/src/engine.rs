@@ -183,11 +183,24 @@ impl Loop {
                     // A verified reduce: the file committed must be what
                     // the vote accepted, whatever its worker said. (This
                     // blocks the loop for as long as the file takes to read.)
-                    if let Err(found) = commit_verified(&from, &to, want) {
-                        tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
-                        let _ = std::fs::remove_file(&from);
-                        let _ = std::fs::remove_file(&to);
-                        self.state.commit_mismatch(now, &job, task, &worker, found);
+                    match commit_verified(&from, &to, want) {
+                        Ok(()) => {}
+                        Err(CommitError::Rename(e)) => {
+                            let msg = format!(
+                                "cannot commit {} to {}: {e}",
+                                from.display(),
+                                to.display()
+                            );
+                            self.state.fail_job(now, &job, msg);
+                        }
+                        Err(CommitError::Mismatch { found, renamed }) => {
+                            tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
+                            let _ = std::fs::remove_file(&from);
+                            if renamed {
+                                let _ = std::fs::remove_file(&to);
+                            }
+                            self.state.commit_mismatch(now, &job, task, &worker, found);
+                        }
                     }
                     return;
                 }
@@ -507,23 +520,36 @@ fn crashed(e: tokio::task::JoinError) -> ServeError {
     ServeError::Crashed(why)
 }
 
-/// The SHA-256 digest of a file, read without following a symlink.
+/// Why [`commit_verified`] did not commit a file.
+enum CommitError {
+    /// The file is not the one the vote accepted (`renamed`: it was moved
+    /// to `to` before that was found).
+    Mismatch { found: String, renamed: bool },
+    /// The rename itself failed (the job fails, as for any commit).
+    Rename(std::io::Error),
+}
+
 /// Commits the reduce output `from` to `to` if its bytes have digest
-/// `want`: hashes the open file (no symlink, a regular file), checks that
-/// nothing changed it while it was read (size, modification and change
-/// times), renames it, and checks that the file now at `to` is the one
-/// read. Says what was wrong otherwise (the caller removes both paths).
+/// `want`: hashes the open file (no symlink, a regular file with one
+/// link, so no other name reaches it), checks that nothing changed it
+/// while it was read (size, modification and change times), renames it,
+/// and checks that the file now at `to` is the one read. A writer that
+/// still holds the file open can change it later; see the README.
 fn commit_verified(
     from: &std::path::Path,
     to: &std::path::Path,
     want: mr_core::digest::Digest,
-) -> Result<(), String> {
+) -> Result<(), CommitError> {
     use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let mismatch = |found: String| CommitError::Mismatch {
+        found,
+        renamed: false,
+    };
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(from)
-        .map_err(|e| format!("it cannot be opened: {e}"))?;
+        .map_err(|e| mismatch(format!("it cannot be opened: {e}")))?;
     let stamp = |m: &std::fs::Metadata| {
         (
             m.size(),
@@ -535,29 +561,39 @@ fn commit_verified(
     };
     let before = f
         .metadata()
-        .map_err(|e| format!("it cannot be read: {e}"))?;
+        .map_err(|e| mismatch(format!("it cannot be read: {e}")))?;
     if !before.is_file() {
-        return Err("it is not a regular file".into());
+        return Err(mismatch("it is not a regular file".into()));
     }
-    let found =
-        mr_core::digest::Digest::of_reader(&f).map_err(|e| format!("it cannot be read: {e}"))?;
+    if before.nlink() != 1 {
+        return Err(mismatch(format!(
+            "it has {} names (hard links), so others can write it",
+            before.nlink()
+        )));
+    }
+    let found = mr_core::digest::Digest::of_reader(&f)
+        .map_err(|e| mismatch(format!("it cannot be read: {e}")))?;
     if found != want {
-        return Err(format!(
+        return Err(mismatch(format!(
             "its digest is {}, not {}",
             found.short(),
             want.short()
-        ));
+        )));
     }
     let after = f
         .metadata()
-        .map_err(|e| format!("it cannot be read: {e}"))?;
+        .map_err(|e| mismatch(format!("it cannot be read: {e}")))?;
     if stamp(&after) != stamp(&before) {
-        return Err("it changed while the coordinator read it".into());
+        return Err(mismatch("it changed while the coordinator read it".into()));
     }
-    std::fs::rename(from, to).map_err(|e| format!("cannot commit it to {}: {e}", to.display()))?;
-    let moved = std::fs::symlink_metadata(to).map_err(|e| format!("it is gone: {e}"))?;
-    if (moved.dev(), moved.ino()) != (before.dev(), before.ino()) {
-        return Err("another file took its place while it was committed".into());
+    std::fs::rename(from, to).map_err(CommitError::Rename)?;
+    let same = std::fs::symlink_metadata(to)
+        .is_ok_and(|m| (m.dev(), m.ino()) == (before.dev(), before.ino()));
+    if !same {
+        return Err(CommitError::Mismatch {
+            found: "another file took its place while it was committed".into(),
+            renamed: true,
+        });
     }
     Ok(())
 }

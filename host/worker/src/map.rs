@@ -394,6 +394,14 @@ impl SortBuffer {
             let segments = w.finish()?;
             return Ok((Source::File(path.to_path_buf()), segments, self.counters));
         }
+        // The spills go whether their merge works or not.
+        let merged = self.merge_spills(path);
+        self.discard();
+        Ok((Source::File(path.to_path_buf()), merged?, self.counters))
+    }
+
+    /// Spills what the buffer holds and merges every spill into `path`.
+    fn merge_spills(&mut self, path: &Path) -> Result<Vec<SegmentInfo>, SpillError> {
         if !self.entries.is_empty() {
             self.spill()?;
         }
@@ -403,11 +411,13 @@ impl SortBuffer {
         // again (Hadoop combines during its merge too): with a combiner that
         // is associative, as a combiner must be, a map's output is then the
         // same bytes at any sort-buffer size or spill point, which verified
-        // jobs rely on (two hosts' hashes of one map must agree). Merged
-        // records are staged in the emptied buffer and written through
-        // `write_sorted` (its stable sort of sorted input is linear); a
-        // stage is cut only between keys, unless one key alone outgrows
-        // twice the buffer.
+        // jobs rely on (two hosts' hashes of one map must agree; they run
+        // it with the same sort buffer, so spill points agree anyway).
+        // Merged records are staged in the emptied buffer and written
+        // through `write_sorted` (its stable sort of sorted input is
+        // linear); a stage is cut only between keys, unless one key's
+        // combined values alone outgrow twice the buffer (then that key
+        // has more than one record, and the output depends on where).
         let indexes = self
             .spills
             .iter()
@@ -446,9 +456,7 @@ impl SortBuffer {
             self.control
                 .set_done(u64::from(r) + 1, u64::from(self.reduces));
         }
-        let segments = w.finish()?;
-        self.discard();
-        Ok((Source::File(path.to_path_buf()), segments, self.counters))
+        Ok(w.finish()?)
     }
 
     /// Adds one merged record of partition `partition` to the buffer,

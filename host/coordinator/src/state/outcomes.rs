@@ -262,7 +262,21 @@ impl State {
             },
         );
         tracing::warn!(%worker, "{why}; the task runs again");
-        let _ = r;
+        // Bounded like attempts: something that keeps changing the files
+        // must not keep the job running for ever.
+        let job_ = self.job(r.job);
+        let lost = job_.tasks[r.task]
+            .history
+            .iter()
+            .filter(|h| h.outcome.contains("is not what it said it computed"))
+            .count();
+        if lost >= job_.spec.max_attempts as usize {
+            let msg = format!(
+                "{task}'s output file was not what its workers computed {lost} times (the latest: {found}); something else writes the job's work directory"
+            );
+            self.fail_job(now, job, msg);
+            return;
+        }
         self.actions.push(Action::WorkAvailable);
     }
 

@@ -8,6 +8,10 @@ use mr_core::rpc::JobState;
 use super::model::TaskState;
 use super::{Now, State};
 
+/// What an attempt may run past twice its `--attempt-timeout` before the
+/// coordinator fails it (see [`State::tick`]).
+const ATTEMPT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl State {
     /// Time passes: dead workers are given up, stuck attempts handed out
     /// again, and a shutdown completes. Costs time in the number of
@@ -60,21 +64,25 @@ impl State {
                 continue;
             };
             let limit = job.progress_timeout(self.config.progress_timeout);
-            // The worker stops an attempt at --attempt-timeout itself; one
-            // that reports progress past it (and a grace of the worker
-            // timeout) is not trusted to: a lying worker must not hold a
-            // task, and a --verify job, which has no backups, forever.
+            // The worker stops an attempt's work at --attempt-timeout
+            // itself, but its clock does not cover everything: a reduce's
+            // fetches have a deadline of their own before it, and fetching
+            // and compiling the app come first. An attempt still reported
+            // running at twice the timeout and a minute is not trusted: a
+            // lying worker must not hold a task, and a --verify job, which
+            // has no backups, for ever.
             let most = job
                 .spec
                 .attempt_timeout
-                .saturating_add(self.config.worker_timeout);
+                .saturating_mul(2)
+                .saturating_add(ATTEMPT_GRACE);
             let msg = if now.at.saturating_duration_since(run.last_progress) > limit {
                 format!(
                     "no progress for {limit:?}: stuck (e.g. asleep in a host call) or its worker is hung (--progress-timeout)"
                 )
             } else if now.at.saturating_duration_since(run.started) > most {
                 format!(
-                    "still running {most:?} after it started, past --attempt-timeout {:?}: its worker did not stop it",
+                    "still running {most:?} after it started, far past --attempt-timeout {:?}: its worker did not stop it",
                     job.spec.attempt_timeout
                 )
             } else {

@@ -358,7 +358,10 @@ impl Worker {
                             .unwrap_or_else(|e| Err((0, 0, format!("the check failed: {e}"))))
                         };
                         let inputs = match checked {
-                            Ok(i) => i,
+                            Ok(i) => i
+                                .into_iter()
+                                .filter(|(_, s)| s.records > 0 || s.len > 0)
+                                .collect(),
                             Err((map, attempt, message)) => {
                                 let _ = tokio::task::spawn_blocking(move || {
                                     std::fs::remove_dir_all(dir)

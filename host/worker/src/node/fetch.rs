@@ -130,11 +130,9 @@ impl Worker {
                 got[m as usize] = Some((Source::File(dest.clone()), s));
             }
         }
-        Ok(got
-            .into_iter()
-            .flatten()
-            .filter(|(_, s)| s.records > 0 || s.len > 0)
-            .collect())
+        // One per map, in map order, empty ones too: a verified job's
+        // digests are per map (the caller drops the empty ones).
+        Ok(got.into_iter().flatten().collect())
     }
 }
 
