@@ -1790,6 +1790,48 @@ fn a_verified_reduce_is_committed_with_its_digest_and_a_changed_file_reruns_it()
     check_invariants(&s);
 }
 
+#[test]
+fn verified_reduce_files_that_keep_changing_fail_the_job_within_max_attempts() {
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let ws = [
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+    ];
+    let mut sp = spec(1, 1);
+    sp.verify = 2;
+    sp.max_attempts = 3;
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    for w in &ws {
+        let a = ask(&mut s, c.at(0.0), w, 1);
+        s.report(c.at(0.5), w, voted(&a[0].key, 4)).unwrap();
+    }
+    let mut rounds = 0;
+    while summary(&s, &job).state == JobState::Running {
+        rounds += 1;
+        assert!(rounds <= 3, "bounded");
+        let t = f64::from(rounds);
+        for w in &ws {
+            let r = ask(&mut s, c.at(t), w, 1);
+            let mut done = result(&r[0].key, Outcome::ReduceDone);
+            done.digests = vec![Digest([8; 32])];
+            s.report(c.at(t + 0.1), w, done).unwrap();
+        }
+        s.drain_actions();
+        s.commit_mismatch(
+            c.at(t + 0.2),
+            &job,
+            TaskId::Reduce(0),
+            &ws[1],
+            "changed".into(),
+        );
+    }
+    let sum = summary(&s, &job);
+    assert_eq!((sum.state, rounds), (JobState::Failed, 3));
+    assert!(sum.error.unwrap().contains("something else writes"));
+    check_invariants(&s);
+}
+
 /// Regression: a reduce straggling while a map output was lost got a
 /// backup, whose assignment needs every map output: the coordinator's
 /// loop panicked ("reduces start only once every map is done").
