@@ -91,7 +91,7 @@ impl State {
         // waits (their votes disagree, so more are needed).
         able.iter().all(|w| job.next_task(w).is_none()).then(|| {
             format!(
-                "--verify {k}: the votes on the tasks that wait disagree, and every worker that may take them ({}) has voted already; it goes on when another joins",
+                "--verify {k}: the votes on the tasks that wait disagree, and every worker that may take them ({}) has voted or is voting; it goes on when another joins",
                 able.len()
             )
         })
