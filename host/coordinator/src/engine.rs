@@ -145,6 +145,10 @@ pub(crate) struct Loop {
     /// Jobs that are over whose `_FAILED` is still being written: `watch`
     /// does not tell their end before it is on disk.
     pub settling: HashSet<JobId>,
+    /// Verified reduce files being checked on blocking threads, per job.
+    verifying: HashMap<JobId, usize>,
+    /// Job commits waiting for those checks.
+    deferred: HashMap<JobId, Action>,
     exit: bool,
 }
 
@@ -181,27 +185,35 @@ impl Loop {
             } => {
                 if let Some(want) = expect {
                     // A verified reduce: the file committed must be what
-                    // the vote accepted, whatever its worker said. (This
-                    // blocks the loop for as long as the file takes to read.)
-                    match commit_verified(&from, &to, want) {
-                        Ok(()) => {}
-                        Err(CommitError::Rename(e)) => {
-                            let msg = format!(
-                                "cannot commit {} to {}: {e}",
-                                from.display(),
-                                to.display()
-                            );
-                            self.state.fail_job(now, &job, msg);
-                        }
-                        Err(CommitError::Mismatch { found, renamed }) => {
-                            tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
+                    // the vote accepted, whatever its worker said. It is
+                    // read on a blocking thread; the job's own commit waits
+                    // for it (see `verified`).
+                    *self.verifying.entry(job.clone()).or_default() += 1;
+                    let tx = self.shared.tx.clone();
+                    self.pending.spawn_blocking(move || {
+                        let result = commit_verified(&from, &to, want);
+                        if let Err(CommitError::Mismatch { renamed, .. }) = &result {
                             let _ = std::fs::remove_file(&from);
-                            if renamed {
+                            if *renamed {
                                 let _ = std::fs::remove_file(&to);
                             }
-                            self.state.commit_mismatch(now, &job, task, &worker, found);
                         }
-                    }
+                        let result = result.map_err(|e| match e {
+                            CommitError::Rename(e) => (
+                                true,
+                                format!(
+                                    "cannot commit {} to {}: {e}",
+                                    from.display(),
+                                    to.display()
+                                ),
+                            ),
+                            CommitError::Mismatch { found, .. } => (false, found),
+                        });
+                        let _ = tx.blocking_send(Box::new(move |lp: &mut Loop, now| {
+                            lp.verified(now, job, task, worker, result);
+                            Box::new(|| {}) as Reply
+                        }));
+                    });
                     return;
                 }
                 if let Err(e) = std::fs::rename(&from, &to) {
@@ -218,6 +230,20 @@ impl Loop {
                 reduces,
                 mut report,
             } => {
+                // Verified reduce files still being read: the job's commit
+                // waits for them (and is dropped if one is not right).
+                if self.verifying.contains_key(&job) {
+                    self.deferred.insert(
+                        job.clone(),
+                        Action::CommitJob {
+                            job,
+                            work,
+                            reduces,
+                            report,
+                        },
+                    );
+                    return;
+                }
                 // A task's commit may have failed the job in this batch.
                 let committing = self
                     .state
@@ -279,6 +305,38 @@ impl Loop {
             }
             Action::JobChanged => self.shared.jobs.notify_waiters(),
             Action::Exit => self.exit = true,
+        }
+    }
+
+    /// A verified reduce's file was checked (and committed) on a blocking
+    /// thread: a failed rename fails the job, a file that is not what the
+    /// vote accepted reruns the task; the job's commit, if it waited for
+    /// this, goes on.
+    fn verified(
+        &mut self,
+        now: Now,
+        job: JobId,
+        task: mr_core::ids::TaskId,
+        worker: mr_core::ids::WorkerId,
+        result: Result<(), (bool, String)>,
+    ) {
+        match result {
+            Ok(()) => {}
+            Err((true, msg)) => self.state.fail_job(now, &job, msg),
+            Err((false, found)) => {
+                tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
+                self.state.commit_mismatch(now, &job, task, &worker, found);
+            }
+        }
+        let left = self.verifying.get_mut(&job).map(|n| {
+            *n -= 1;
+            *n
+        });
+        if left == Some(0) {
+            self.verifying.remove(&job);
+            if let Some(commit) = self.deferred.remove(&job) {
+                self.act(now, commit);
+            }
         }
     }
 
@@ -407,6 +465,8 @@ impl Engine {
             shared: shared.clone(),
             pending: tokio::task::JoinSet::new(),
             settling: HashSet::new(),
+            verifying: HashMap::new(),
+            deferred: HashMap::new(),
             exit: false,
         };
         lp.run_actions(now);
