@@ -154,11 +154,15 @@ impl State {
         let mut best: Option<(u64, TaskRef)> = None;
         let mut backups: HashMap<u64, usize> = HashMap::new();
         let live = self.live_attempts();
-        for &(r, _) in &live {
+        for &(r, attempt) in &live {
             let TaskState::Active(a) = &self.job(r.job).tasks[r.task].state else {
                 continue;
             };
-            if a.live.iter().any(|l| l.reason == Reason::Backup) {
+            // One count per backup attempt (not per attempt of its task).
+            if a.live
+                .iter()
+                .any(|l| l.attempt == attempt && l.reason == Reason::Backup)
+            {
                 *backups.entry(r.job).or_default() += 1;
             }
         }

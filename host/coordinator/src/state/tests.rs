@@ -1511,6 +1511,33 @@ fn backups_wait_for_waiting_tasks_honour_the_progress_rate_and_can_be_turned_off
 }
 
 #[test]
+fn backups_at_once_are_capped_at_ten_for_a_small_job() {
+    // max(10, 1 % of 24 tasks, 10 % of those running): 10 backups, counted
+    // once each (not once per attempt of their task).
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let ws: Vec<WorkerId> = (1..=36).map(|p| register(&mut s, c.at(0.0), p)).collect();
+    let job = s.submit(c.at(0.0), spec(24, 1)).unwrap();
+    let first: Vec<Assignment> = ws[..24]
+        .iter()
+        .map(|w| ask(&mut s, c.at(0.0), w, 1).remove(0))
+        .collect();
+    for (w, a) in ws[..12].iter().zip(&first) {
+        s.report(c.at(1.0), w, map_done(&a.key)).unwrap();
+    }
+    for w in &ws {
+        s.heartbeat(c.at(3.0), w, hb(vec![])).unwrap();
+    }
+    let got: usize = ws[24..]
+        .iter()
+        .map(|w| ask(&mut s, c.at(3.0), w, 1).len())
+        .sum();
+    assert_eq!(got, 10);
+    assert_eq!(summary(&s, &job).backups, 10);
+    check_invariants(&s);
+}
+
+#[test]
 fn time_making_a_straggler_wakes_idle_workers_once() {
     let c = Clock::new();
     let mut s = State::new(cfg());
