@@ -11,7 +11,7 @@
 //!
 //! Every output is checked against the first run's.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{generate, measure, outputs_of, sorted_lines, Cluster, Measured};
+use crate::{generate, measure, outputs_of, sorted_lines, Cluster, Measured, Tools};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,15 +32,8 @@ pub struct Args {
     /// Reduce tasks.
     #[arg(long, default_value_t = 6)]
     reduces: u32,
-    /// Where the corpus and outputs go.
-    #[arg(long, default_value = "target/bench")]
-    dir: PathBuf,
-    /// The mr binary.
-    #[arg(long, default_value = "target/release/mr")]
-    mr: PathBuf,
-    /// The wc app.
-    #[arg(long, default_value = "apps/target/wasm32-wasip2/release/wc.wasm")]
-    app: PathBuf,
+    #[command(flatten)]
+    tools: Tools,
     /// Runs of each command; the fastest of each counts.
     #[arg(long, default_value_t = 1)]
     runs: u32,
@@ -105,28 +98,23 @@ fn backups_of(out: &Path) -> Result<(usize, usize)> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    for (what, p) in [("mr binary", &a.mr), ("wc app", &a.app)] {
-        if !p.exists() {
-            bail!(
-                "{what} {} not found; run bench/run.sh backups, which builds it",
-                p.display()
-            );
-        }
-    }
+    a.tools.check("bench/run.sh backups")?;
     let corpus = generate(
-        &a.dir.join(format!("corpus-{}m-{}", a.size_mib, a.files)),
+        &a.tools
+            .dir
+            .join(format!("corpus-{}m-{}", a.size_mib, a.files)),
         a.size_mib << 20,
         a.files,
     )?;
-    let cluster = Cluster::start(&a.mr, &a.dir, 3, Some(1), false)?;
+    let cluster = Cluster::start(&a.tools.mr, &a.tools.dir, 3, Some(1), false)?;
     let slow_pid = cluster.workers[0].id();
     let reduces = a.reduces.to_string();
     let job = |name: &str, extra: &[&str]| -> Result<Measured> {
-        let out = std::path::absolute(a.dir.join(name))?;
+        let out = std::path::absolute(a.tools.dir.join(name))?;
         measure(
             cluster
-                .client(&a.mr, "submit")
-                .arg(&a.app)
+                .client(&a.tools.mr, "submit")
+                .arg(&a.tools.app)
                 .args(&corpus)
                 .args(["--reduces", &reduces, "--force", "--quiet", "--output"])
                 .arg(&out)
@@ -162,16 +150,16 @@ pub fn run(a: Args) -> Result<()> {
             eprint!(" {what} {:.2} s;", m.secs);
             all[i].push(m.secs);
             if best[i].as_ref().is_none_or(|b| m.secs < b.secs) {
-                backups[i] = backups_of(&a.dir.join(dir))?;
+                backups[i] = backups_of(&a.tools.dir.join(dir))?;
                 best[i] = Some(m);
             }
         }
         eprintln!();
     }
-    cluster.stop(&a.mr)?;
-    let want = sorted_lines(&outputs_of(&a.dir.join(runs[0].1), a.reduces))?;
+    cluster.stop(&a.tools.mr)?;
+    let want = sorted_lines(&outputs_of(&a.tools.dir.join(runs[0].1), a.reduces))?;
     for (what, dir, _, _) in &runs[1..] {
-        if sorted_lines(&outputs_of(&a.dir.join(dir), a.reduces))? != want {
+        if sorted_lines(&outputs_of(&a.tools.dir.join(dir), a.reduces))? != want {
             bail!("{what}: the output differs from the run without a slow worker");
         }
     }

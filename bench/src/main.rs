@@ -68,14 +68,9 @@ enum Cmd {
     Backups(backups::Args),
 }
 
+/// Where a benchmark works and what it runs (shared by its commands).
 #[derive(clap::Args)]
-struct RunArgs {
-    /// Corpus size in MiB.
-    #[arg(long, default_value_t = 256)]
-    size_mib: u64,
-    /// Number of corpus files.
-    #[arg(long, default_value_t = 4)]
-    files: u32,
+struct Tools {
     /// Where the corpus and outputs go.
     #[arg(long, default_value = "target/bench")]
     dir: PathBuf,
@@ -85,6 +80,34 @@ struct RunArgs {
     /// The wc app.
     #[arg(long, default_value = "apps/target/wasm32-wasip2/release/wc.wasm")]
     app: PathBuf,
+}
+
+impl Tools {
+    /// Fails unless the mr binary and the app exist (`build`: the command
+    /// that builds them, for the message).
+    fn check(&self, build: &str) -> Result<()> {
+        for (what, p) in [("mr binary", &self.mr), ("wc app", &self.app)] {
+            if !p.exists() {
+                bail!(
+                    "{what} {} not found; run {build}, which builds it",
+                    p.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Corpus size in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Number of corpus files.
+    #[arg(long, default_value_t = 4)]
+    files: u32,
+    #[command(flatten)]
+    tools: Tools,
     /// Extra arguments for `mr run` (e.g. --parallelism 1).
     #[arg(long, allow_hyphen_values = true, num_args = 1..)]
     mr_args: Vec<String>,
@@ -394,17 +417,12 @@ fn sorted_lines(paths: &[PathBuf]) -> Result<Vec<String>> {
 }
 
 fn bench(a: RunArgs) -> Result<()> {
-    for (what, p) in [("mr binary", &a.mr), ("wc app", &a.app)] {
-        if !p.exists() {
-            bail!(
-                "{what} {} not found; run bench/run.sh, which builds it",
-                p.display()
-            );
-        }
-    }
+    a.tools.check("bench/run.sh")?;
     let size = a.size_mib << 20;
     let corpus = generate(
-        &a.dir.join(format!("corpus-{}m-{}", a.size_mib, a.files)),
+        &a.tools
+            .dir
+            .join(format!("corpus-{}m-{}", a.size_mib, a.files)),
         size,
         a.files,
     )?;
@@ -414,16 +432,16 @@ fn bench(a: RunArgs) -> Result<()> {
         .sum();
     let mb = bytes as f64 / 1e6;
 
-    let native_out = a.dir.join("native-wc.txt");
+    let native_out = a.tools.dir.join("native-wc.txt");
     let me = std::env::current_exe()?;
-    let mr_out = a.dir.join("mr-wc");
-    let cluster_out = a.dir.join("mr-cluster-wc");
+    let mr_out = a.tools.dir.join("mr-wc");
+    let cluster_out = a.tools.dir.join("mr-cluster-wc");
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
     let slots = a.slots.unwrap_or((cores / a.workers.max(1)).max(1));
     let cluster = if a.workers > 0 {
         Some(Cluster::start(
-            &a.mr,
-            &a.dir,
+            &a.tools.mr,
+            &a.tools.dir,
             a.workers,
             Some(slots),
             false,
@@ -433,11 +451,17 @@ fn bench(a: RunArgs) -> Result<()> {
     };
     // The same cluster without TLS, tokens or grants, for the cost of them.
     let insecure = if a.workers > 0 {
-        Some(Cluster::start(&a.mr, &a.dir, a.workers, Some(slots), true)?)
+        Some(Cluster::start(
+            &a.tools.mr,
+            &a.tools.dir,
+            a.workers,
+            Some(slots),
+            true,
+        )?)
     } else {
         None
     };
-    let insecure_out = a.dir.join("mr-cluster-insecure-wc");
+    let insecure_out = a.tools.dir.join("mr-cluster-insecure-wc");
     let mut open = None;
     let best = |acc: Option<Measured>, m: Measured| match acc {
         Some(b) if b.secs <= m.secs => Some(b),
@@ -455,9 +479,9 @@ fn bench(a: RunArgs) -> Result<()> {
         eprint!("native {:.2} s", n.secs);
         native = best(native, n);
         let m = measure(
-            Command::new(&a.mr)
+            Command::new(&a.tools.mr)
                 .arg("run")
-                .arg(&a.app)
+                .arg(&a.tools.app)
                 .args(&corpus)
                 .args(["--reduces", "8", "--force", "--quiet", "--output"])
                 .arg(&mr_out)
@@ -468,8 +492,8 @@ fn bench(a: RunArgs) -> Result<()> {
         mr = best(mr, m);
         if let Some(c) = &insecure {
             let d = measure(
-                c.client(&a.mr, "submit")
-                    .arg(&a.app)
+                c.client(&a.tools.mr, "submit")
+                    .arg(&a.tools.app)
                     .args(&corpus)
                     .args(["--reduces", "8", "--force", "--quiet", "--output"])
                     .arg(&insecure_out)
@@ -480,8 +504,8 @@ fn bench(a: RunArgs) -> Result<()> {
         }
         if let Some(c) = &cluster {
             let d = measure(
-                c.client(&a.mr, "submit")
-                    .arg(&a.app)
+                c.client(&a.tools.mr, "submit")
+                    .arg(&a.tools.app)
                     .args(&corpus)
                     .args(["--reduces", "8", "--force", "--quiet", "--output"])
                     .arg(&cluster_out)
@@ -499,11 +523,11 @@ fn bench(a: RunArgs) -> Result<()> {
         None
     };
     let worker_rss = match cluster {
-        Some(c) => Some(c.stop(&a.mr)?),
+        Some(c) => Some(c.stop(&a.tools.mr)?),
         None => None,
     };
     if let Some(c) = insecure {
-        c.stop(&a.mr)?;
+        c.stop(&a.tools.mr)?;
     }
     if let (Some(tls), Some(open)) = (&dist, &open) {
         println!(
@@ -609,7 +633,7 @@ impl Tiny {
 /// `--tiny-files` inputs of one line each through `mr run` and the
 /// cluster; checks both counted every word.
 fn tiny_files(a: &RunArgs, cluster: Option<&Cluster>) -> Result<Tiny> {
-    let dir = a.dir.join(format!("tiny-{}", a.tiny_files));
+    let dir = a.tools.dir.join(format!("tiny-{}", a.tiny_files));
     let names: Vec<String> = (0..a.tiny_files).map(|i| format!("t{i:06}.txt")).collect();
     if !dir.join(names.last().expect("tiny files")).exists() {
         std::fs::create_dir_all(&dir)?;
@@ -634,9 +658,9 @@ fn tiny_files(a: &RunArgs, cluster: Option<&Cluster>) -> Result<Tiny> {
         format!("gamma {}", n / 2),
     ];
     let job = |sub: &str, out: &Path| {
-        let mut c = Command::new(std::path::absolute(&a.mr).expect("a path"));
+        let mut c = Command::new(std::path::absolute(&a.tools.mr).expect("a path"));
         c.arg(sub)
-            .arg(std::path::absolute(&a.app).expect("a path"))
+            .arg(std::path::absolute(&a.tools.app).expect("a path"))
             .args(&names)
             .args(["--reduces", "8", "--force", "--quiet", "--output"])
             .arg(out)
@@ -652,15 +676,15 @@ fn tiny_files(a: &RunArgs, cluster: Option<&Cluster>) -> Result<Tiny> {
         Ok(())
     };
     eprintln!("scale: {} tiny inputs ...", a.tiny_files);
-    let out = std::path::absolute(a.dir.join("tiny-mr"))?;
+    let out = std::path::absolute(a.tools.dir.join("tiny-mr"))?;
     let mut cmd = job("run", &out);
     let mr = measure(cmd.args(&a.mr_args))?;
     check(&out)?;
     let cluster = match cluster {
         Some(c) => {
-            let out = std::path::absolute(a.dir.join("tiny-cluster"))?;
+            let out = std::path::absolute(a.tools.dir.join("tiny-cluster"))?;
             let mut cmd = job("submit", &out);
-            let m = measure(cmd.args(c.client(&a.mr, "submit").get_args().skip(1)))?;
+            let m = measure(cmd.args(c.client(&a.tools.mr, "submit").get_args().skip(1)))?;
             check(&out)?;
             Some((format!("mr submit, {} workers", c.workers.len()), m))
         }
@@ -712,7 +736,7 @@ const REDUCES: u32 = 8;
 /// Runs `mr run app corpus` into `out` and measures it.
 fn run_mr(a: &RunArgs, app: &Path, corpus: &[PathBuf], out: &Path) -> Result<Measured> {
     measure(
-        Command::new(&a.mr)
+        Command::new(&a.tools.mr)
             .arg("run")
             .arg(app)
             .args(corpus)
@@ -743,7 +767,8 @@ fn outputs_of(dir: &Path, reduces: u32) -> Vec<PathBuf> {
 /// The Rust wc app and the other languages' on a smaller corpus.
 fn languages(a: &RunArgs) -> Result<()> {
     let corpus = generate(
-        &a.dir
+        &a.tools
+            .dir
             .join(format!("corpus-{}m-{}", a.lang_size_mib, a.files)),
         a.lang_size_mib << 20,
         a.files,
@@ -753,9 +778,9 @@ fn languages(a: &RunArgs) -> Result<()> {
         .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
         .sum::<u64>() as f64
         / 1e6;
-    let warm_up = a.dir.join("warm-up.txt");
+    let warm_up = a.tools.dir.join("warm-up.txt");
     std::fs::write(&warm_up, "warm up\n")?;
-    let mut apps = vec![("Rust".to_string(), a.app.clone())];
+    let mut apps = vec![("Rust".to_string(), a.tools.app.clone())];
     apps.extend(a.lang_apps.iter().cloned());
     let mut results = Vec::new();
     let mut want = None;
@@ -763,7 +788,7 @@ fn languages(a: &RunArgs) -> Result<()> {
         if !app.exists() {
             bail!("{name} app {} not found", app.display());
         }
-        let out = a.dir.join(format!("lang-{name}"));
+        let out = a.tools.dir.join(format!("lang-{name}"));
         // Compiles the app into mr's cache, so the timed run measures the
         // job, not the compiler (a Python app takes seconds to compile).
         run_mr(a, app, std::slice::from_ref(&warm_up), &out)?;

@@ -198,17 +198,6 @@ impl Loop {
                                 let _ = std::fs::remove_file(&to);
                             }
                         }
-                        let result = result.map_err(|e| match e {
-                            CommitError::Rename(e) => (
-                                true,
-                                format!(
-                                    "cannot commit {} to {}: {e}",
-                                    from.display(),
-                                    to.display()
-                                ),
-                            ),
-                            CommitError::Mismatch { found, .. } => (false, found),
-                        });
                         let _ = tx.blocking_send(Box::new(move |lp: &mut Loop, now| {
                             lp.verified(now, job, task, worker, result);
                             Box::new(|| {}) as Reply
@@ -318,12 +307,12 @@ impl Loop {
         job: JobId,
         task: mr_core::ids::TaskId,
         worker: mr_core::ids::WorkerId,
-        result: Result<(), (bool, String)>,
+        result: Result<(), CommitError>,
     ) {
         match result {
             Ok(()) => {}
-            Err((true, msg)) => self.state.fail_job(now, &job, msg),
-            Err((false, found)) => {
+            Err(CommitError::Rename(msg)) => self.state.fail_job(now, &job, msg),
+            Err(CommitError::Mismatch { found, .. }) => {
                 tracing::warn!(%job, %task, %worker, "a verified reduce output is not what its worker reported: {found}");
                 self.state.commit_mismatch(now, &job, task, &worker, found);
             }
@@ -585,8 +574,8 @@ enum CommitError {
     /// The file is not the one the vote accepted (`renamed`: it was moved
     /// to `to` before that was found).
     Mismatch { found: String, renamed: bool },
-    /// The rename itself failed (the job fails, as for any commit).
-    Rename(std::io::Error),
+    /// The rename itself failed (the job fails, as for any commit): why.
+    Rename(String),
 }
 
 /// Commits the reduce output `from` to `to` if its bytes have digest
@@ -646,7 +635,13 @@ fn commit_verified(
     if stamp(&after) != stamp(&before) {
         return Err(mismatch("it changed while the coordinator read it".into()));
     }
-    std::fs::rename(from, to).map_err(CommitError::Rename)?;
+    std::fs::rename(from, to).map_err(|e| {
+        CommitError::Rename(format!(
+            "cannot commit {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
     let same = std::fs::symlink_metadata(to)
         .is_ok_and(|m| (m.dev(), m.ino()) == (before.dev(), before.ino()));
     if !same {

@@ -120,17 +120,10 @@ impl State {
         prev: std::time::Instant,
         now: std::time::Instant,
     ) -> bool {
-        let kind = usize::from(t >= job.maps());
-        if !job.spec.speculation || job.spec.verify > 1 {
-            return false;
-        }
-        let Some(median) = job.median_took(kind) else {
+        let Some(after) = backup_after(job, usize::from(t >= job.maps())) else {
             return false;
         };
-        let after = BACKUP_AFTER.max(std::time::Duration::from_millis(
-            (median as f64 * SLOW) as u64 + 1,
-        ));
-        let due = run.started + after;
+        let due = run.started + std::time::Duration::from_millis(after);
         prev < due && due <= now
     }
 
@@ -169,9 +162,7 @@ impl State {
         for (r, attempt) in live {
             let job = self.job(r.job);
             let kind = usize::from(r.task >= job.maps());
-            if !job.spec.speculation
-                || job.spec.verify > 1
-                || job.state != JobState::Running
+            if job.state != JobState::Running
                 || skip.contains(&(r.job, kind))
                 || !job.may_run(r.task, worker)
             {
@@ -196,12 +187,12 @@ impl State {
             if run.attempt != attempt {
                 continue;
             }
-            let Some(median) = job.median_took(kind) else {
+            let (Some(after), Some(median)) = (backup_after(job, kind), job.median_took(kind))
+            else {
                 continue;
             };
             let ran = now.at.saturating_duration_since(run.started).as_millis() as u64;
-            let slow = (median as f64 * SLOW) as u64;
-            if ran < BACKUP_AFTER.as_millis() as u64 || ran <= slow {
+            if ran < after {
                 continue;
             }
             // Time left, from its progress rate; not known: it runs on.
@@ -342,4 +333,17 @@ impl State {
         self.job_mut(seq).map_outputs = Some(outputs.clone());
         outputs
     }
+}
+
+/// How long (ms) an attempt of a task of kind `kind` (maps: `0`) in `job`
+/// runs before it is a straggler: [`BACKUP_AFTER`], and longer than
+/// [`SLOW`] times the median its done peers took. `None` when the job
+/// starts no backups (`--speculation off`, `--verify`) or none of its
+/// tasks of that kind is done yet.
+fn backup_after(job: &super::model::Job, kind: usize) -> Option<u64> {
+    if !job.spec.speculation || job.spec.verify > 1 {
+        return None;
+    }
+    let median = job.median_took(kind)?;
+    Some((BACKUP_AFTER.as_millis() as u64).max((median as f64 * SLOW) as u64 + 1))
 }
