@@ -14,6 +14,7 @@ const APPS: &[&str] = &[
     "early_exit",
     "hostile",
     "timing",
+    "wc_wit010",
 ];
 
 fn main() {

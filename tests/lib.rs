@@ -14,6 +14,8 @@ pub const CRASH: &str = env!("MR_GUEST_CRASH");
 pub const EARLY_EXIT: &str = env!("MR_GUEST_EARLY_EXIT");
 pub const HOSTILE: &str = env!("MR_GUEST_HOSTILE");
 pub const TIMING: &str = env!("MR_GUEST_TIMING");
+/// Word count built against `mr:app@0.1.0` (ASCII words, no combiner).
+pub const WC_WIT010: &str = env!("MR_GUEST_WC_WIT010");
 pub const REPO_ROOT: &str = env!("MR_REPO_ROOT");
 
 /// The eight books of the lab, as paths.

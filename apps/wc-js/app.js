@@ -1,7 +1,7 @@
 // Word count: for every word (maximal run of Unicode letters, case kept),
 // the number of times it occurs. Same output as apps/wc (Rust) and the MIT
 // 6.5840 lab's wc.go.
-import { emit } from 'mr:app/host@0.1.0';
+import { emit, progress } from 'mr:app/host@0.1.1';
 import { exportApp, words } from '../../guest-sdk/js/mr.js';
 
 const wordCount = {
@@ -21,4 +21,4 @@ const wordCount = {
   },
 };
 
-export const { map, reduce, combine } = exportApp(wordCount, emit);
+export const { map, reduce, combine } = exportApp(wordCount, emit, progress);

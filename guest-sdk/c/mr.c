@@ -24,6 +24,10 @@
 #define TABLE_BYTES (48u << 20)
 // Estimated bytes a table entry costs beyond its text.
 #define ENTRY_OVERHEAD 96
+// Pairs emitted between two looks at how far into its input a map is, and
+// progress reports per map, at most (at least 64 KiB apart).
+#define PROGRESS_EVERY 4096
+#define PROGRESS_STEPS 256
 
 _Noreturn void mr_fail(const char *fmt, ...) {
     va_list ap;
@@ -310,13 +314,49 @@ static void add_value(entry *e, mr_str value) {
     e->ends[e->used++] = e->vlen;
 }
 
-void mr__emitter_start(mr_combine_fn combine) {
+// Where the map is: its contents, and when to look and report next.
+static struct {
+    uintptr_t base;
+    size_t len, next_report;
+    uint32_t countdown;
+} where;
+
+void mr__emitter_start(mr_combine_fn combine, mr_str contents) {
     table.combine = combine;
     batch.n = 0;
     batch.len = 0;
+    where.base = (uintptr_t)contents.ptr;
+    where.len = contents.len;
+    where.next_report = 0;
+    where.countdown = PROGRESS_EVERY;
+}
+
+void mr_progress(uint64_t done, uint64_t total) { mr__host_progress(done, total); }
+
+// Whether `s` starts inside the contents; its offset in `*at`.
+static bool offset_of(mr_str s, size_t *at) {
+    uintptr_t p = (uintptr_t)s.ptr;
+    if (p < where.base || p - where.base >= where.len)
+        return false;
+    *at = p - where.base;
+    return true;
+}
+
+static void look(mr_str key, mr_str value) {
+    where.countdown = PROGRESS_EVERY;
+    size_t at;
+    if (!offset_of(key, &at) && !offset_of(value, &at))
+        return;
+    if (at >= where.next_report) {
+        size_t step = where.len / PROGRESS_STEPS;
+        where.next_report = at + (step > (64 << 10) ? step : (64 << 10));
+        mr__host_progress(at, where.len);
+    }
 }
 
 void mr_emit(mr_str key, mr_str value) {
+    if (--where.countdown == 0)
+        look(key, value);
     if (!table.combine) {
         push(key, value);
         return;

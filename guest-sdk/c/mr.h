@@ -23,6 +23,10 @@
 //   lists of up to 8192 pairs or 1 MiB.
 // - Combining: with a combiner, map output is combined inside the guest
 //   before it is emitted, in a hash table of bounded size.
+// - Progress: every few thousand pairs, mr_emit looks at where the pair's
+//   key (or value) lies in the map's contents; when it points into them, as
+//   mr_next_word's words do, the host hears how far the map is. Apps that
+//   emit text of their own call mr_progress instead.
 // - Streaming keys: the host may deliver a key with very many values in
 //   several groups; the SDK gathers them and calls reduce once.
 // - Failing: mr_fail (or abort) fails the task; what the app printed to
@@ -101,6 +105,12 @@ typedef struct {
 /// Emits one intermediate pair (copied; call it from map only).
 void mr_emit(mr_str key, mr_str value);
 
+/// Tells the host that the map is `done` (bytes, lines, any unit) of
+/// `total` through its input; for apps whose keys and values do not point
+/// into the contents (mr_emit sees those by itself). A few hundred calls
+/// per map are plenty.
+void mr_progress(uint64_t done, uint64_t total);
+
 /// Splits text into words the way the MIT 6.5840 lab does (Go's
 /// unicode.IsLetter): maximal runs of Unicode letters (general category L),
 /// case kept. Finds the next word in `*text`, stores it in `*word`, moves
@@ -126,8 +136,13 @@ typedef struct {
 /// Hands a batch to the host (mr_component.c: the `emit` import).
 void mr__host_emit(mr_kv *pairs, size_t n);
 
-/// Starts a map task's emitter (with the app's combiner, or NULL).
-void mr__emitter_start(mr_combine_fn combine);
+/// Tells the host how far the map is (mr_component.c: the `progress`
+/// import).
+void mr__host_progress(uint64_t done, uint64_t total);
+
+/// Starts a map task's emitter (with the app's combiner, or NULL) for a
+/// map of `contents`.
+void mr__emitter_start(mr_combine_fn combine, mr_str contents);
 
 /// Hands everything the emitter still holds to the host.
 void mr__emitter_finish(void);

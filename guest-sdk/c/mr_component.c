@@ -25,12 +25,14 @@ void mr__host_emit(mr_kv *pairs, size_t n) {
     mr_app_host_emit(&list);
 }
 
+void mr__host_progress(uint64_t done, uint64_t total) { mr_app_host_progress(done, total); }
+
 static mr_str borrow(const mapreduce_string_t *s) { return (mr_str){(const char *)s->ptr, s->len}; }
 
 bool exports_mapreduce_map(mapreduce_string_t *input, mapreduce_string_t *contents,
                            mapreduce_string_t *err) {
     (void)err;
-    mr__emitter_start(mr_the_app.combine);
+    mr__emitter_start(mr_the_app.combine, borrow(contents));
     mr_the_app.map(borrow(input), borrow(contents));
     mr__emitter_finish();
     mapreduce_string_free(input);

@@ -32,6 +32,18 @@ static struct {
     size_t n, batches, largest_batch, largest_bytes;
 } host;
 
+static struct {
+    uint64_t done[1024], total[1024];
+    size_t n;
+} reports;
+
+void mr__host_progress(uint64_t done, uint64_t total) {
+    CHECK(reports.n < 1024);
+    reports.done[reports.n] = done;
+    reports.total[reports.n] = total;
+    reports.n++;
+}
+
 void mr__host_emit(mr_kv *pairs, size_t n) {
     size_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
@@ -130,7 +142,7 @@ static void test_numbers(void) {
 
 static void test_batches_without_combiner(void) {
     host_reset();
-    mr__emitter_start(NULL);
+    mr__emitter_start(NULL, MR_STR(""));
     char key[16];
     for (int i = 0; i < 10000; i++) {
         int len = snprintf(key, sizeof key, "k%d", i % 7);
@@ -144,7 +156,7 @@ static void test_batches_without_combiner(void) {
     CHECK(strcmp(host.keys[9999], "k3") == 0);
     // A batch is also cut at 1 MiB of keys and values.
     host_reset();
-    mr__emitter_start(NULL);
+    mr__emitter_start(NULL, MR_STR(""));
     char *big = malloc(600 << 10);
     memset(big, 'v', 600 << 10);
     for (int i = 0; i < 5; i++)
@@ -160,7 +172,7 @@ static void test_batches_without_combiner(void) {
 static void test_combining(void) {
     host_reset();
     combine_calls = 0;
-    mr__emitter_start(sum);
+    mr__emitter_start(sum, MR_STR(""));
     for (int i = 0; i < 20; i++)
         mr_emit(MR_STR("a"), MR_STR("1"));
     mr_emit(MR_STR("b"), MR_STR("5"));
@@ -175,7 +187,7 @@ static void test_combining(void) {
     CHECK(combine_calls == 2 + 1 + 1);
     // Many distinct keys (table growth), each with a few values.
     host_reset();
-    mr__emitter_start(sum);
+    mr__emitter_start(sum, MR_STR(""));
     char key[16];
     for (int round = 0; round < 3; round++)
         for (int i = 0; i < 5000; i++) {
@@ -228,12 +240,46 @@ static void test_gather(void) {
     free(out[0].ptr);
 }
 
+// Words of the contents tell the host how far the map is; keys of the
+// app's own tell nothing unless it says.
+static void test_progress(void) {
+    size_t len = 23 * 100000;
+    char *text = malloc(len);
+    for (size_t i = 0; i < len; i += 23)
+        memcpy(text + i, "alpha beta gamma delta ", 23);
+    host_reset();
+    reports.n = 0;
+    mr_str contents = {text, len}, rest = contents, word;
+    mr__emitter_start(sum, contents);
+    while (mr_next_word(&rest, &word))
+        mr_emit(word, MR_STR("1"));
+    size_t step = 64 << 10;
+    CHECK(reports.n + 2 >= len / step && reports.n <= 257);
+    for (size_t i = 0; i < reports.n; i++) {
+        CHECK(reports.total[i] == len);
+        CHECK(i == 0 || reports.done[i] > reports.done[i - 1]);
+    }
+    CHECK(reports.done[reports.n - 1] + step + 4 * 6 * 4096 >= len);
+    mr__emitter_finish();
+    reports.n = 0;
+    char key[8] = "ALPHA";
+    mr__emitter_start(sum, contents);
+    for (int i = 0; i < 20000; i++)
+        mr_emit((mr_str){key, 5}, MR_STR("1"));
+    CHECK(reports.n == 0);
+    mr_progress(5, 10);
+    CHECK(reports.n == 1 && reports.done[0] == 5 && reports.total[0] == 10);
+    mr__emitter_finish();
+    free(text);
+}
+
 int main(void) {
     test_words();
     test_numbers();
     test_batches_without_combiner();
     test_combining();
     test_gather();
+    test_progress();
     host_reset();
     printf("C SDK: %d checks passed\n", checks);
     return 0;

@@ -1,7 +1,7 @@
 // The JavaScript SDK for `mr` apps: write an object with map/reduce/combine,
 // export it, build it with componentize-js (see apps/wc-js).
 //
-//   import { emit } from 'mr:app/host@0.1.0';
+//   import { emit, progress } from 'mr:app/host@0.1.1';
 //   import { exportApp, words } from './mr.js';
 //
 //   const wordCount = {
@@ -18,7 +18,7 @@
 //     },
 //   };
 //
-//   export const { map, reduce, combine } = exportApp(wordCount, emit);
+//   export const { map, reduce, combine } = exportApp(wordCount, emit, progress);
 //
 // What the SDK does for the app, as the Rust SDK does:
 // - Batching: `out.emit` buffers pairs and hands them to the host in
@@ -26,12 +26,15 @@
 // - Combining: when the app's `combine` returns a string (not undefined),
 //   map output is combined inside the guest before it is emitted, in a
 //   table of bounded size.
+// - Progress: `words(contents)` tells the host how far into its input the
+//   map is, as it goes (a few hundred `progress` calls per split); maps that
+//   read their input otherwise call `out.progress(done, total)`.
 // - Streaming keys: the host may deliver a key with very many values in
 //   several groups; the SDK gathers them and calls `reduce` once.
 // - Errors: an exception in the app fails the task with its message and
 //   stack.
 //
-// `emit` is passed in (rather than imported here) so this module also runs
+// `emit` and `progress` are passed in (rather than imported here) so this module also runs
 // under Node for its tests.
 
 import { WORD } from './letters.js';
@@ -53,15 +56,40 @@ const ENTRY_OVERHEAD = 120;
  */
 export function* words(text) {
   const re = new RegExp(WORD);
+  // Words of the running map's own contents tell the host how far it is.
+  const at = where !== null && text === where.text ? where : null;
   let m;
-  while ((m = re.exec(text)) !== null) yield m[0];
+  while ((m = re.exec(text)) !== null) {
+    if (at !== null && re.lastIndex >= at.next) {
+      at.next = re.lastIndex + at.step;
+      at.report(re.lastIndex, text.length);
+    }
+    yield m[0];
+  }
+  if (at !== null && text.length > 0) at.report(text.length, text.length);
+}
+
+/** Progress reports per map call, at most (and at least 64 Ki units apart). */
+export const PROGRESS_STEPS = 256;
+
+/** A count as the host's u64 (a BigInt). */
+const u64 = (n) => BigInt(Math.max(0, Math.floor(Number(n))));
+
+/** The running map's contents, and where `words` reports next. */
+let where = null;
+
+function startMap(text, report) {
+  where = report
+    ? { text, report, next: 0, step: Math.max(Math.floor(text.length / PROGRESS_STEPS), 1 << 16) }
+    : null;
 }
 
 /** Collects map output; see the module comment. */
 export class Emitter {
-  constructor(combine, emit) {
+  constructor(combine, emit, progress) {
     this._combine = combine;
     this._emit = emit;
+    this._progress = progress;
     this._combining = undefined; // unknown until the combiner is first asked
     this._table = new Map();
     this._tableBytes = 0;
@@ -95,6 +123,16 @@ export class Emitter {
       // the engine's interpreter.
       this._table.set(key, [combined]);
     }
+  }
+
+  /**
+   * Tells the host that the map is `done` (characters, lines, any unit) of
+   * `total` through its input: for maps that do not split their contents
+   * with `words` (which reports by itself). A few hundred calls per map are
+   * plenty.
+   */
+  progress(done, total) {
+    if (this._progress) this._progress(u64(done), u64(total));
   }
 
   _push(key, value) {
@@ -192,11 +230,12 @@ function failure(what, e) {
 
 /**
  * The component's exports for `app` ({ map(input, contents, out),
- * reduce(key, values), combine?(key, values) }); `emit` is the host's,
- * imported from 'mr:app/host@0.1.0'. Export its `map`, `reduce` and
- * `combine` from the app's module.
+ * reduce(key, values), combine?(key, values) }); `emit` and `progress`
+ * are the host's, imported from 'mr:app/host@0.1.1' (`progress` is
+ * optional: without it the host hears nothing of how far a map is).
+ * Export its `map`, `reduce` and `combine` from the app's module.
  */
-export function exportApp(app, emit) {
+export function exportApp(app, emit, progress) {
   const combine = app.combine ? (k, v) => app.combine(k, v) : () => undefined;
   const reducing = new Gatherer();
   const combining = new Gatherer(true);
@@ -209,12 +248,16 @@ export function exportApp(app, emit) {
   };
   return {
     map(input, contents) {
+      const report = progress ? (done, total) => progress(u64(done), u64(total)) : null;
       try {
-        const out = new Emitter(combine, emit);
+        startMap(contents, report);
+        const out = new Emitter(combine, emit, progress);
         app.map(input, contents, out);
         out.finish();
       } catch (e) {
         throw failure(`map of ${JSON.stringify(input)}`, e);
+      } finally {
+        startMap('', null);
       }
     },
     reduce(groups) {

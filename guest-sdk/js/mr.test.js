@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { Emitter, Gatherer, exportApp, words } from './mr.js';
+import { Emitter, Gatherer, PROGRESS_STEPS, exportApp, words } from './mr.js';
 
 function fakeHost() {
   const batches = [];
@@ -137,4 +137,28 @@ test('exportApp wires map, reduce and combine, and turns exceptions into message
   assert.throws(() => app.reduce([{ key: 'num', values: [], last: true }]), (e) => e.includes('reduce returned number for key "num"'));
   const noCombiner = exportApp({ map() {}, reduce: () => '' }, host.emit);
   assert.equal(noCombiner.combine([{ key: 'a', values: ['1', '2'], last: true }]), undefined);
+});
+
+test('words of the map contents report how far it is; other text does not', () => {
+  const reports = [];
+  const progress = (done, total) => reports.push([done, total]);
+  const text = 'alpha beta gamma '.repeat(200000);
+  const { map } = exportApp(
+    { map: (input, contents, out) => { for (const w of words(contents)) out.emit(w, '1'); }, reduce: () => '' },
+    () => {},
+    progress,
+  );
+  map('in.txt', text);
+  const n = BigInt(text.length);
+  assert.ok(reports.length > 30 && reports.length <= PROGRESS_STEPS + 1, `${reports.length}`);
+  assert.ok(reports.every(([, t]) => t === n));
+  assert.ok(reports.every(([d], i) => i === 0 || d > reports[i - 1][0]));
+  assert.deepEqual(reports.at(-1), [n, n]);
+  reports.length = 0;
+  // After the map, and for text that is not its contents: nothing.
+  for (const _ of words(text)) { /* no report */ }
+  assert.equal(reports.length, 0);
+  const out = new Emitter(() => undefined, () => {}, progress);
+  out.progress(3, 4.5);
+  assert.deepEqual(reports, [[3n, 4n]]);
 });

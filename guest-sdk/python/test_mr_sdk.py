@@ -128,6 +128,16 @@ class EmitterTest(unittest.TestCase):
         self.assertEqual(len(host.pairs()), 100)
 
 
+class ProgressTest(unittest.TestCase):
+    def test_words_of_other_text_report_nothing_and_out_progress_does(self):
+        reports = []
+        out = mr_sdk.Emitter(lambda k, v: None, Host(), Kv, lambda d, t: reports.append((d, t)))
+        list(mr_sdk.words("a b " * 100000))
+        self.assertEqual(reports, [])
+        out.progress(3, 4)
+        self.assertEqual(reports, [(3, 4)])
+
+
 class GathererTest(unittest.TestCase):
     def test_split_groups_are_gathered_into_one_call(self):
         g = mr_sdk._Gatherer()
@@ -199,9 +209,21 @@ class ExportTest(unittest.TestCase):
 
         emitted = Host()
         self.host.emit = emitted
+        reports = []
+        self.host.progress = lambda done, total: reports.append((done, total))
         w = self.world(Wc)
         w.map("in.txt", "a b a " * 10)
         self.assertEqual(sorted(emitted.pairs()), [("a", "20"), ("b", "10")])
+        self.assertEqual(reports, [(60, 60)])
+        # A long input: reports as `words` goes, at most PROGRESS_STEPS.
+        reports.clear()
+        text = "alpha beta gamma " * 200000
+        w.map("in.txt", text)
+        self.assertGreater(len(reports), 30)
+        self.assertLessEqual(len(reports), mr_sdk.PROGRESS_STEPS + 1)
+        self.assertEqual(reports[-1], (len(text), len(text)))
+        self.assertTrue(all(a[0] < b[0] for a, b in zip(reports, reports[1:])))
+        self.assertIsNone(mr_sdk._where)
         G = self.types.Group
         self.assertEqual(w.reduce([G("a", ["1", "2"], False)]), [])
         self.assertEqual(w.reduce([G("a", ["3"], True), G("b", ["4"], True)]), ["6", "4"])

@@ -27,6 +27,11 @@
 //! - **Combining.** When the app's [`App::combine`] returns `Some`, map
 //!   output is combined inside the guest before it is emitted, in a table of
 //!   bounded size.
+//! - **Progress.** Every few thousand pairs, [`Emitter::emit`] looks at
+//!   where the pair's key (or value) lies in the map's `contents`; when it
+//!   is a slice of them, as [`words`] gives, the host hears how far the map
+//!   is (the `progress` call, a few hundred per split). Apps that emit
+//!   text of their own call [`Emitter::progress`] instead.
 //! - **Streaming keys.** The host may deliver a key with very many values in
 //!   several groups; the SDK gathers them and calls [`App::reduce`] once.
 //!
@@ -48,7 +53,7 @@ pub mod bindings {
     });
 }
 
-use bindings::mr::app::host::emit as host_emit;
+use bindings::mr::app::host::{emit as host_emit, progress as host_progress};
 use bindings::mr::app::types::{Group, Kv};
 
 /// A MapReduce app. All functions are associated functions: an app keeps no
@@ -84,6 +89,10 @@ const COMBINE_AT: usize = 8;
 const TABLE_BYTES: usize = 48 << 20;
 /// Estimated bytes a table entry costs beyond its text.
 const ENTRY_OVERHEAD: usize = 96;
+/// Pairs emitted between two looks at how far into its input a map is.
+const PROGRESS_EVERY: u32 = 4096;
+/// Progress reports per map call, at most (and at least 64 KiB apart).
+const PROGRESS_STEPS: usize = 256;
 
 /// The values of one key waiting to be combined, packed in one string:
 /// a small entry per key keeps the table cache-friendly, and the steady
@@ -149,10 +158,26 @@ pub struct Emitter {
     table_bytes: usize,
     batch: Vec<Kv>,
     batch_bytes: usize,
+    /// Where the map's contents lie in memory, and their length.
+    input: (usize, usize),
+    /// Pairs left until the next look at where the map is.
+    countdown: u32,
+    /// The offset into the contents beyond which progress is reported next.
+    next_report: usize,
+    /// What the host is told with `progress`.
+    report: fn(u64, u64),
 }
 
 impl Emitter {
-    fn new(combine: fn(&str, &[&str]) -> Option<String>) -> Self {
+    fn new(combine: fn(&str, &[&str]) -> Option<String>, contents: &str) -> Self {
+        Emitter::with_report(combine, contents, host_progress)
+    }
+
+    fn with_report(
+        combine: fn(&str, &[&str]) -> Option<String>,
+        contents: &str,
+        report: fn(u64, u64),
+    ) -> Self {
         Emitter {
             combine,
             combining: Combining::Unknown,
@@ -160,11 +185,47 @@ impl Emitter {
             table_bytes: 0,
             batch: Vec::new(),
             batch_bytes: 0,
+            input: (contents.as_ptr() as usize, contents.len()),
+            countdown: PROGRESS_EVERY,
+            next_report: 0,
+            report,
+        }
+    }
+
+    /// Tells the host that the map is `done` bytes (or lines, or any unit)
+    /// of `total` through its input: for apps whose keys and values are
+    /// not slices of `contents` (the SDK cannot see where those are). A
+    /// few hundred calls per map are plenty; each crosses to the host.
+    pub fn progress(&mut self, done: u64, total: u64) {
+        (self.report)(done, total);
+    }
+
+    /// Where `text` starts in the map's contents, if it is a slice of them.
+    fn offset_of(&self, text: &str) -> Option<usize> {
+        let at = (text.as_ptr() as usize).checked_sub(self.input.0)?;
+        (at < self.input.1).then_some(at)
+    }
+
+    /// Reports progress if `key` or `value` shows the map is further in.
+    #[cold]
+    fn look(&mut self, key: &str, value: &str) {
+        self.countdown = PROGRESS_EVERY;
+        let Some(at) = self.offset_of(key).or_else(|| self.offset_of(value)) else {
+            return;
+        };
+        if at >= self.next_report {
+            let len = self.input.1;
+            self.next_report = at + (len / PROGRESS_STEPS).max(64 << 10);
+            (self.report)(at as u64, len as u64);
         }
     }
 
     /// Emits one intermediate pair.
     pub fn emit(&mut self, key: &str, value: &str) {
+        self.countdown -= 1;
+        if self.countdown == 0 {
+            self.look(key, value);
+        }
         if self.combining == Combining::No {
             self.push(key.to_owned(), value.to_owned());
             return;
@@ -279,7 +340,7 @@ pub fn is_letter(c: char) -> bool {
 
 #[doc(hidden)]
 pub fn run_map<A: App>(input: &str, contents: &str) -> Result<(), String> {
-    let mut out = Emitter::new(A::combine);
+    let mut out = Emitter::new(A::combine, contents);
     A::map(input, contents, &mut out);
     out.finish();
     Ok(())
@@ -386,6 +447,58 @@ mod tests {
         slot.push("7");
         let (v, n) = slot.values();
         assert_eq!(&v[..n], ["42", "7"]);
+    }
+
+    thread_local! {
+        static REPORTS: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn record(done: u64, total: u64) {
+        REPORTS.with(|r| r.borrow_mut().push((done, total)));
+    }
+
+    fn sum(_key: &str, values: &[&str]) -> Option<String> {
+        Some(
+            values
+                .iter()
+                .map(|v| v.parse::<u64>().unwrap())
+                .sum::<u64>()
+                .to_string(),
+        )
+    }
+
+    #[test]
+    fn emitting_slices_of_the_input_reports_how_far_the_map_is() {
+        let contents = "alpha beta gamma delta ".repeat(100_000);
+        let mut out = Emitter::with_report(sum, &contents, record);
+        for w in words(&contents) {
+            out.emit(w, "1");
+        }
+        let reports = REPORTS.with(|r| r.take());
+        let len = contents.len() as u64;
+        let step = (len / PROGRESS_STEPS as u64).max(64 << 10);
+        let n = reports.len() as u64;
+        assert!(n + 2 >= len / step && n <= PROGRESS_STEPS as u64 + 1, "{n}");
+        assert!(reports.iter().all(|&(_, total)| total == len));
+        assert!(reports.windows(2).all(|w| w[0].0 < w[1].0), "{reports:?}");
+        // The last report is within one step and one look of the end.
+        let last = reports.last().unwrap().0;
+        assert!(
+            last + step + 4 * 6 * PROGRESS_EVERY as u64 >= len,
+            "{last} of {len}"
+        );
+    }
+
+    #[test]
+    fn keys_of_the_apps_own_report_nothing_unless_it_says() {
+        let contents = "alpha beta ".repeat(100_000);
+        let mut out = Emitter::with_report(sum, &contents, record);
+        for w in words(&contents) {
+            out.emit(&w.to_uppercase(), &String::from("1"));
+        }
+        assert!(REPORTS.with(|r| r.take()).is_empty());
+        out.progress(5, 10);
+        assert_eq!(REPORTS.with(|r| r.take()), [(5, 10)]);
     }
 
     #[test]

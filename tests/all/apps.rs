@@ -126,3 +126,24 @@ fn crash_with_retries_matches_nocrash() {
         }
     }
 }
+
+#[test]
+fn an_app_built_against_the_0_1_0_contract_still_runs() {
+    // 0.1.1 added `progress` to the host interface; a component that
+    // imports mr:app/host@0.1.0 (without it) links and runs as before.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    for (i, text) in ["the cat sat on the mat\n", "The dog; the CAT!\nand a mat\n"]
+        .iter()
+        .enumerate()
+    {
+        let p = tmp.path().join(format!("in{i}.txt"));
+        std::fs::write(&p, text.repeat(500)).unwrap();
+        inputs.push(p.display().to_string());
+    }
+    let dir = tmp.path().join("out");
+    let mut args = vec![WC_WIT010, "-r", "3", "-o", dir.to_str().unwrap()];
+    args.extend(inputs.iter().map(String::as_str));
+    mr_run_ok(&args);
+    assert_eq!(read_output(&dir), reference_wc(&inputs));
+}

@@ -232,6 +232,36 @@ fn wc_matches_rust(app: Option<PathBuf>) {
     assert_same_as_rust_wc(&app, &names(&books()), 10);
     let tmp = tempfile::tempdir().unwrap();
     assert_same_as_rust_wc(&app, &[every_code_point(tmp.path())], 3);
+    reports_progress(&app, tmp.path());
+}
+
+/// The SDK's words tell the host how far its map is (`progress`, through
+/// the real bindings): the worker logs where the guest said it was when
+/// it returned, near the end of the split.
+fn reports_progress(app: &Path, tmp: &Path) {
+    let input = tmp.join("words.txt");
+    std::fs::write(&input, "alpha beta gamma delta\n".repeat(1 << 16)).unwrap();
+    let out = crate::mr()
+        .env("RUST_LOG", "mr_worker::map=debug")
+        .args([
+            "run",
+            app.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "-r",
+            "1",
+            "-o",
+        ])
+        .arg(tmp.join("progress-out"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let said = log
+        .lines()
+        .find_map(|l| l.split("said=Some(").nth(1))
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse::<f64>().ok());
+    assert!(said.is_some_and(|p| p > 0.9 && p <= 1.0), "{log}");
 }
 
 #[test]
@@ -372,4 +402,10 @@ fn a_hostile_python_guest_is_contained() {
 
     assert_eq!(probe(&app, "env", "x\n"), ["env empty"]);
     assert_eq!(probe(&app, "clock", "x\n"), ["clock wall-clock-secs 0"]);
+}
+
+#[test]
+fn rust_wc_reports_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    reports_progress(Path::new(WC), tmp.path());
 }

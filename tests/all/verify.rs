@@ -362,3 +362,53 @@ fn a_stopped_workers_task_gets_a_backup_that_wins() {
     assert_eq!(tries[1]["outcome"], "succeeded");
     assert_ne!(tries[1]["worker"], slow.as_str());
 }
+
+#[test]
+fn a_running_maps_progress_is_how_far_its_guest_is_through_its_split() {
+    // One map over ~1 MiB of words that takes seconds in its guest (the
+    // hostile app's `slow`): while it runs, the live report shows its
+    // progress, from the guest's way through the split, moving up below
+    // the share of the merge that follows; `mr status JOB` prints it.
+    let mut c = Cluster::start(&["--heartbeat", "200ms"]);
+    c.worker(&["--slots", "1"]);
+    let input = c.dir.path().join("slow");
+    std::fs::write(&input, "alpha beta gamma\n".repeat(64 << 10)).unwrap();
+    let out = c.out("progress").display().to_string();
+    let input = input.display().to_string();
+    let mut submit = c.spawn_submit(&[mr_tests::HOSTILE, "-r", "1", "-o", &out, &input]);
+    let attempt = |r: &serde_json::Value| r["tasks"][0]["attempts"][0].clone();
+    let progress = |r: &serde_json::Value| attempt(r)["progress"].as_f64();
+    let first = c.wait_report(JOB_LIMIT, |r| progress(r).is_some_and(|p| p > 0.0));
+    let p1 = progress(&first).unwrap();
+    assert!(p1 < 0.85, "the guest's share is below 0.85: {first}");
+    let job = c.jobs().pop().unwrap();
+    let mut text = String::new();
+    let shown = wait_for(JOB_LIMIT, || {
+        let status = c.cmd("status", &[&job]).output().unwrap();
+        text = String::from_utf8_lossy(&status.stdout).into_owned();
+        text.contains(" attempt 1 (first) on ") && text.contains(" %") || !text.contains("running")
+    });
+    assert!(shown && text.contains(" %"), "mr status shows it: {text}");
+    let later = c.wait_report(JOB_LIMIT, |r| {
+        progress(r).is_some_and(|p| p > p1) || attempt(r)["outcome"] != "running"
+    });
+    let p2 = progress(&later);
+    assert!(
+        p2.is_some_and(|p| p > p1 && p <= 0.85),
+        "it moved up while the guest ran: {p1}, then {later}"
+    );
+    c.finished(&mut submit, JOB_LIMIT);
+    // The hostile app's reduce lists a word's values ("1 1 1 ...").
+    let got: Vec<(String, usize)> = mr_tests::read_output(out.as_ref())
+        .iter()
+        .map(|l| {
+            let (w, ones) = l.split_once(' ').unwrap();
+            (w.to_string(), ones.split(' ').count())
+        })
+        .collect();
+    let n = 64 << 10;
+    assert_eq!(
+        got,
+        [("alpha".into(), n), ("beta".into(), n), ("gamma".into(), n)]
+    );
+}

@@ -9,6 +9,8 @@
 //! `bigbatch` emits 20 MiB in one call; `badkeys` emits keys and values the text output format cannot carry;
 //! `escapes` panics with terminal control sequences, `chatty` after 3 MB
 //! of stderr;
+//! `slow` counts like `wc` but spins ~20 µs per word (so its map runs for
+//! seconds on a MiB and reports its progress as it goes);
 //! `hoard` holds 40 MiB in map while its combiner takes 40 MiB more;
 //! anything else is counted like `wc`.
 use std::io::Read;
@@ -162,6 +164,16 @@ impl App for Hostile {
             "sleep" => {
                 std::thread::sleep(Duration::from_secs(3600));
                 out.emit("slept", "an hour");
+            }
+            "slow" => {
+                for word in mr_sdk::words(contents) {
+                    let mut x = 0u64;
+                    for i in 0..20_000u64 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                    }
+                    std::hint::black_box(x);
+                    out.emit(word, "1");
+                }
             }
             "clock" => {
                 let secs = SystemTime::now()

@@ -35,7 +35,10 @@ impl App for Timing {
         if !REDUCED.with(|r| r.replace(true)) {
             std::thread::sleep(Duration::from_secs(1));
         }
-        let total: u64 = values.iter().map(|v| v.parse::<u64>().expect("a count")).sum();
+        let total: u64 = values
+            .iter()
+            .map(|v| v.parse::<u64>().expect("a count"))
+            .sum();
         total.to_string()
     }
 }

@@ -3,10 +3,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `mr:app/host@0.1.0`
+// Imported Functions from `mr:app/host@0.1.1`
 
-__attribute__((__import_module__("mr:app/host@0.1.0"), __import_name__("emit")))
+__attribute__((__import_module__("mr:app/host@0.1.1"), __import_name__("emit")))
 extern void __wasm_import_mr_app_host_emit(uint8_t *, size_t);
+
+__attribute__((__import_module__("mr:app/host@0.1.1"), __import_name__("progress")))
+extern void __wasm_import_mr_app_host_progress(int64_t, int64_t);
 
 // Exported Functions from `mapreduce`
 
@@ -216,6 +219,10 @@ void mapreduce_string_free(mapreduce_string_t *ret) {
 
 void mr_app_host_emit(mr_app_host_list_kv_t *pairs) {
   __wasm_import_mr_app_host_emit((uint8_t *) (*pairs).ptr, (*pairs).len);
+}
+
+void mr_app_host_progress(uint64_t done, uint64_t total) {
+  __wasm_import_mr_app_host_progress((int64_t) (done), (int64_t) (total));
 }
 
 __attribute__((__export_name__("map")))

@@ -81,13 +81,22 @@ typedef struct {
   } val;
 } mapreduce_result_option_list_string_string_t;
 
-// Imported Functions from `mr:app/host@0.1.0`
+// Imported Functions from `mr:app/host@0.1.1`
 // Hands a batch of map output pairs to the host. The host partitions,
 // sorts and spills them; it may be called any number of times. A batch
 // holds at most 16 MiB of keys and values (a larger one fails the
 // task): the host copies each batch out of the guest, outside the
 // guest's memory limit. The SDKs send about 1 MiB per call.
 extern void mr_app_host_emit(mr_app_host_list_kv_t *pairs);
+// Says how far the running `map` call is through its `contents`:
+// `done` of `total`, in any unit (bytes, characters, lines). Optional
+// (since 0.1.1); the host shows it as the task's progress and compares
+// it with other tasks' to spot stragglers for backup attempts. A value
+// lower than one reported before is ignored, `done` above `total`
+// counts as `total`, and a call outside `map` is ignored. The SDKs
+// call it by themselves (see their READMEs); a few hundred calls per
+// split are plenty.
+extern void mr_app_host_progress(uint64_t done, uint64_t total);
 
 // Exported Functions from `mapreduce`
 bool exports_mapreduce_map(mapreduce_string_t *input, mapreduce_string_t *contents, mapreduce_string_t *err);

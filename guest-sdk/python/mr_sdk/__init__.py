@@ -25,6 +25,9 @@ What the SDK does for the app, as the Rust SDK does:
 - Combining: when the app's `combine` returns a value (not None), map
   output is combined inside the guest before it is emitted, in a table
   of bounded size.
+- Progress: `words(contents)` tells the host how far into its input the
+  map is, as it goes (a few hundred `progress` calls per split); apps that
+  read their input otherwise call `out.progress(done, total)`.
 - Streaming keys: the host may deliver a key with very many values in
   several groups; the SDK gathers them and calls `reduce` once.
 - Errors: an exception in the app fails the task with its traceback.
@@ -51,6 +54,23 @@ ENTRY_OVERHEAD = 200
 # Characters of text scanned per regex call by `words` (so a large split
 # never becomes one list of millions of words).
 WORDS_CHUNK = 1 << 16
+# Progress reports per map call, at most (and at least WORDS_CHUNK apart).
+PROGRESS_STEPS = 256
+
+
+class _Where:
+    """The running map's contents, and where `words` reports next."""
+
+    __slots__ = ("text", "report", "next", "step")
+
+    def __init__(self, text, report):
+        self.text, self.report = text, report
+        self.next = 0
+        self.step = max(len(text) // PROGRESS_STEPS, WORDS_CHUNK)
+
+
+# Set while a map runs (by `export`'s map).
+_where = None
 
 _WORD = re.compile("[" + _LETTER_CLASS + "]+")
 _NON_LETTER = re.compile("[^" + _LETTER_CLASS + "]")
@@ -64,6 +84,8 @@ def words(text):
     Python that runs the app, which differs."""
     n = len(text)
     start = 0
+    # Words of the map's own contents tell the host how far it is.
+    where = _where if _where is not None and _where.text is text else None
     while start < n:
         end = start + WORDS_CHUNK
         if end >= n:
@@ -74,6 +96,9 @@ def words(text):
             end = m.start() if m else n
         yield from _WORD.findall(text, start, end)
         start = end
+        if where is not None and (start >= where.next or start == n):
+            where.next = start + where.step
+            where.report(start, n)
 
 
 class App:
@@ -101,9 +126,10 @@ class Emitter:
     """Collects an app's map output and hands it to the host in batches,
     combining it first when the app has a combiner."""
 
-    def __init__(self, combine, emit, kv):
+    def __init__(self, combine, emit, kv, progress=None):
         self._combine = combine
         self._emit = emit  # the host's emit(list of kv)
+        self._progress = progress  # the host's progress(done, total)
         self._kv = kv  # the binding's pair type
         self._combining = None  # unknown until the combiner is first asked
         self._table = {}
@@ -132,6 +158,14 @@ class Emitter:
                 return
             self._combining = True
             values[:] = [combined]
+
+    def progress(self, done, total):
+        """Tells the host that the map is `done` (characters, lines, any
+        unit) of `total` through its input: for maps that do not split their
+        contents with `words` (which reports by itself). A few hundred calls
+        per map are plenty."""
+        if self._progress is not None:
+            self._progress(done, total)
 
     def _push(self, key, value):
         self._batch.append(self._kv(key, value))
@@ -233,12 +267,16 @@ def export(app):
 
     class WitWorld(wit_world.WitWorld):
         def map(self, input, contents):
+            global _where
             try:
-                out = Emitter(instance.combine, host.emit, types.Kv)
+                _where = _Where(contents, host.progress)
+                out = Emitter(instance.combine, host.emit, types.Kv, host.progress)
                 instance.map(input, contents, out)
                 out.finish()
             except Exception:
                 raise _app_error(Err, f"map of {input!r}")
+            finally:
+                _where = None
 
         def reduce(self, groups):
             try:

@@ -110,8 +110,12 @@ impl StatusArgs {
                     if a.outcome != "succeeded" {
                         let outcome = mr_core::text::escape_controls(&a.outcome);
                         let first = outcome.lines().next().unwrap_or("");
+                        let at = a
+                            .progress
+                            .map(|p| format!(", {:.0} %", p * 100.0))
+                            .unwrap_or_default();
                         println!(
-                            "  {} attempt {} ({}) on {}: {first}",
+                            "  {} attempt {} ({}) on {}: {first}{at}",
                             t.task, a.attempt, a.reason, a.worker
                         );
                     }

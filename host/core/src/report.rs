@@ -165,4 +165,9 @@ pub struct AttemptReport {
     /// worker's host, not the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<crate::digest::Digest>,
+    /// How far a running attempt is, from 0 to 1, when its worker knows:
+    /// of its split worked through (a map's guest, as it says; then the
+    /// merge of its output) or of its partition merged (a reduce).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
 }

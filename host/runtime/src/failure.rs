@@ -266,13 +266,17 @@ pub(crate) fn check_imports(
     path: &str,
 ) -> Result<(), LoadError> {
     for (name, _) in component.component_type().imports(engine) {
-        if name.starts_with("mr:app/")
-            && name != "mr:app/host@0.1.0"
-            && name != "mr:app/types@0.1.0"
-        {
+        // 0.1.1 added `progress` to 0.1.0's host: apps built against
+        // either link (wasmtime matches semver-compatible versions).
+        let known = ["0.1.0", "0.1.1"]
+            .iter()
+            .any(|v| name == format!("mr:app/host@{v}") || name == format!("mr:app/types@{v}"));
+        if name.starts_with("mr:app/") && !known {
             return Err(LoadError::WrongWorld {
                 path: path.into(),
-                detail: format!("it imports `{name}`, but this mr provides mr:app/host@0.1.0"),
+                detail: format!(
+                    "it imports `{name}`, but this mr provides mr:app/host@0.1.1 (and 0.1.0)"
+                ),
             });
         }
     }

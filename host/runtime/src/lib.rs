@@ -50,7 +50,7 @@ use bindings::{Mapreduce, MapreducePre};
 pub const MAX_EMIT_BATCH: usize = 16 << 20;
 
 /// The name and version of the world apps implement.
-pub const WORLD: &str = "mr:app/mapreduce@0.1.0";
+pub const WORLD: &str = "mr:app/mapreduce@0.1.1";
 /// How often the epoch advances.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Epoch ticks between a running guest's checks of its time limit and

@@ -28,6 +28,9 @@ pub(crate) struct TaskState {
     pub(crate) limiter: Limiter,
     output: CappedPipe,
     sink: Option<Sink>,
+    /// The task's progress, for the guest's `progress` calls (and the
+    /// memory limit, through `limiter`).
+    control: TaskControl,
     /// Set when the host side of a call failed (e.g. a spill could not be
     /// written): the guest was stopped for the host's sake, not its own.
     pub(crate) host_error: Option<String>,
@@ -82,6 +85,7 @@ impl TaskState {
             },
             output,
             sink,
+            control: control.clone(),
             host_error: None,
             protocol_error: None,
             cancelled: false,
@@ -137,6 +141,16 @@ impl Host for TaskState {
         }
         Ok(())
     }
+
+    fn progress(&mut self, done: u64, total: u64) -> wasmtime::Result<()> {
+        // Only a map has a split to be through (its sink is set); and a
+        // guest's claim moves only the progress shown and used to pick
+        // stragglers, never its time limits.
+        if self.sink.is_some() && total > 0 {
+            self.control.set_done(done, total);
+        }
+        Ok(())
+    }
 }
 
 impl crate::bindings::mr::app::types::Host for TaskState {}
@@ -160,6 +174,9 @@ struct Control {
     progress: AtomicU64,
     /// How far the task is, in millionths, plus one (0: not known).
     done: AtomicU32,
+    /// The part of the task [`TaskControl::set_done`] reports on, as
+    /// `from << 32 | to` in millionths (0: all of it).
+    span: AtomicU64,
     cancelled: AtomicBool,
 }
 
@@ -179,15 +196,35 @@ impl TaskControl {
         self.0.done.load(Ordering::Relaxed).checked_sub(1)
     }
 
-    /// Records that `part` of `whole` is done (and that work was done).
+    /// Records that `part` of `whole` of the current phase (see
+    /// [`TaskControl::set_phase`]) is done, and that work was done. How far
+    /// the task is never goes back.
     pub fn set_done(&self, part: u64, whole: u64) {
         let ppm = if whole == 0 {
             1_000_000
         } else {
-            (u128::from(part.min(whole)) * 1_000_000 / u128::from(whole)) as u32
+            (u128::from(part.min(whole)) * 1_000_000 / u128::from(whole)) as u64
         };
-        self.0.done.store(ppm + 1, Ordering::Relaxed);
+        let span = self.0.span.load(Ordering::Relaxed);
+        let (from, to) = if span == 0 {
+            (0, 1_000_000)
+        } else {
+            (span >> 32, span & 0xffff_ffff)
+        };
+        let at = from + (to - from) * ppm / 1_000_000;
+        self.0.done.fetch_max(at as u32 + 1, Ordering::Relaxed);
         self.bump();
+    }
+
+    /// Makes later [`TaskControl::set_done`] calls report on the phase of
+    /// the task from `from` to `to` millionths of it (e.g. a map's guest,
+    /// then the merge of its output).
+    pub fn set_phase(&self, from: u32, to: u32) {
+        let to = to.min(1_000_000);
+        let from = from.min(to);
+        self.0
+            .span
+            .store(u64::from(from) << 32 | u64::from(to), Ordering::Relaxed);
     }
 
     /// Records that the task did some work.

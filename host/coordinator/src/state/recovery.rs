@@ -200,6 +200,7 @@ impl State {
                     outcome,
                     reason: run.reason,
                     digest: done.as_ref().filter(|_| k > 1).map(DoneOutput::vote),
+                    progress: None,
                 });
                 if counted {
                     task.failures += 1;
@@ -254,6 +255,7 @@ impl State {
                                 outcome: "killed: another attempt finished first".into(),
                                 reason: l.reason,
                                 digest: None,
+                                progress: None,
                             });
                         }
                         let took = ms.saturating_sub(

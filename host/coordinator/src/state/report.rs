@@ -118,6 +118,7 @@ impl State {
                         outcome: "running".into(),
                         reason: r.reason,
                         digest: None,
+                        progress: r.done_ppm.map(|p| f64::from(p.min(1_000_000)) / 1e6),
                     }));
                     attempts.sort_by_key(|a| a.attempt);
                 }
