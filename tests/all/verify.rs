@@ -368,7 +368,7 @@ fn a_running_maps_progress_is_how_far_its_guest_is_through_its_split() {
     // One map over ~1 MiB of words that takes seconds in its guest (the
     // hostile app's `slow`): while it runs, the live report shows its
     // progress, from the guest's way through the split, moving up below
-    // the share of the merge that follows; `mr status JOB` prints it.
+    // the share of the merge that follows (the last 10 %); `mr status JOB` prints it.
     let mut c = Cluster::start(&["--heartbeat", "200ms"]);
     c.worker(&["--slots", "1"]);
     let input = c.dir.path().join("slow");
@@ -380,7 +380,7 @@ fn a_running_maps_progress_is_how_far_its_guest_is_through_its_split() {
     let progress = |r: &serde_json::Value| attempt(r)["progress"].as_f64();
     let first = c.wait_report(JOB_LIMIT, |r| progress(r).is_some_and(|p| p > 0.0));
     let p1 = progress(&first).unwrap();
-    assert!(p1 < 0.85, "the guest's share is below 0.85: {first}");
+    assert!(p1 < 0.9, "the guest's share is below 0.9: {first}");
     let job = c.jobs().pop().unwrap();
     let mut text = String::new();
     let shown = wait_for(JOB_LIMIT, || {
@@ -394,7 +394,7 @@ fn a_running_maps_progress_is_how_far_its_guest_is_through_its_split() {
     });
     let p2 = progress(&later);
     assert!(
-        p2.is_some_and(|p| p > p1 && p <= 0.85),
+        p2.is_some_and(|p| p > p1 && p <= 0.9),
         "it moved up while the guest ran: {p1}, then {later}"
     );
     c.finished(&mut submit, JOB_LIMIT);
