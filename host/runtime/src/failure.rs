@@ -268,10 +268,13 @@ pub(crate) fn check_imports(
     for (name, _) in component.component_type().imports(engine) {
         // 0.1.1 added `progress` to 0.1.0's host: apps built against
         // either link (wasmtime matches semver-compatible versions).
-        let known = ["0.1.0", "0.1.1"]
-            .iter()
-            .any(|v| name == format!("mr:app/host@{v}") || name == format!("mr:app/types@{v}"));
-        if name.starts_with("mr:app/") && !known {
+        let Some(ours) = name.strip_prefix("mr:app/") else {
+            continue;
+        };
+        if !matches!(
+            ours,
+            "host@0.1.0" | "host@0.1.1" | "types@0.1.0" | "types@0.1.1"
+        ) {
             return Err(LoadError::WrongWorld {
                 path: path.into(),
                 detail: format!(

@@ -174,8 +174,9 @@ struct Control {
     progress: AtomicU64,
     /// How far the task is, in millionths, plus one (0: not known).
     done: AtomicU32,
-    /// The part of the task [`TaskControl::set_done`] reports on, as
-    /// `from << 32 | to` in millionths (0: all of it).
+    /// The part of the task [`TaskControl::set_done`] reports on, in
+    /// millionths, as `from << 32 | (1_000_000 - to)` (so the default, 0,
+    /// is all of it).
     span: AtomicU64,
     cancelled: AtomicBool,
 }
@@ -206,11 +207,7 @@ impl TaskControl {
             (u128::from(part.min(whole)) * 1_000_000 / u128::from(whole)) as u64
         };
         let span = self.0.span.load(Ordering::Relaxed);
-        let (from, to) = if span == 0 {
-            (0, 1_000_000)
-        } else {
-            (span >> 32, span & 0xffff_ffff)
-        };
+        let (from, to) = (span >> 32, 1_000_000 - (span & 0xffff_ffff));
         let at = from + (to - from) * ppm / 1_000_000;
         self.0.done.fetch_max(at as u32 + 1, Ordering::Relaxed);
         self.bump();
@@ -222,9 +219,10 @@ impl TaskControl {
     pub fn set_phase(&self, from: u32, to: u32) {
         let to = to.min(1_000_000);
         let from = from.min(to);
-        self.0
-            .span
-            .store(u64::from(from) << 32 | u64::from(to), Ordering::Relaxed);
+        self.0.span.store(
+            u64::from(from) << 32 | u64::from(1_000_000 - to),
+            Ordering::Relaxed,
+        );
     }
 
     /// Records that the task did some work.
@@ -490,5 +488,33 @@ mod capture_tests {
         assert_eq!(tail, b"cked: boom");
         let total = 6 + 1000 * 12 + 14;
         assert_eq!(c.dropped as usize, total - 20);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskControl;
+
+    #[test]
+    fn progress_maps_into_the_current_phase_and_never_goes_back() {
+        let c = TaskControl::default();
+        assert_eq!(c.done_ppm(), None);
+        c.set_done(1, 4);
+        assert_eq!(c.done_ppm(), Some(250_000));
+        c.set_phase(0, 900_000);
+        c.set_done(1, 2);
+        assert_eq!(c.done_ppm(), Some(450_000));
+        c.set_done(1, 10);
+        assert_eq!(c.done_ppm(), Some(450_000), "lower is ignored");
+        c.set_done(u64::MAX, 3);
+        assert_eq!(c.done_ppm(), Some(900_000), "done above total is total");
+        c.set_phase(900_000, 1_000_000);
+        c.set_done(1, 2);
+        assert_eq!(c.done_ppm(), Some(950_000));
+        // An empty phase reports its one point, not the whole task.
+        let d = TaskControl::default();
+        d.set_phase(0, 0);
+        d.set_done(1, 1);
+        assert_eq!(d.done_ppm(), Some(0));
     }
 }
