@@ -331,7 +331,11 @@ void mr__emitter_start(mr_combine_fn combine, mr_str contents) {
     where.countdown = PROGRESS_EVERY;
 }
 
-void mr_progress(uint64_t done, uint64_t total) { mr__host_progress(done, total); }
+void mr_progress(uint64_t done, uint64_t total) {
+    // No pointer lies in empty contents: look reports nothing more.
+    where.len = 0;
+    mr__host_progress(done, total);
+}
 
 // Whether `s` starts inside the contents; its offset in `*at`.
 static bool offset_of(mr_str s, size_t *at) {

@@ -25,8 +25,10 @@
 //   before it is emitted, in a hash table of bounded size.
 // - Progress: every few thousand pairs, mr_emit looks at where the pair's
 //   key (or value) lies in the map's contents; when it points into them, as
-//   mr_next_word's words do, the host hears how far the map is. Apps that
-//   emit text of their own call mr_progress instead.
+//   mr_next_word's words do, the host hears how far the map is. This
+//   assumes keys come roughly in input order, as a map that scans its
+//   input emits them; apps that emit text of their own, or out of order,
+//   call mr_progress instead (which turns the SDK's reports off).
 // - Streaming keys: the host may deliver a key with very many values in
 //   several groups; the SDK gathers them and calls reduce once.
 // - Failing: mr_fail (or abort) fails the task; what the app printed to
@@ -107,8 +109,10 @@ void mr_emit(mr_str key, mr_str value);
 
 /// Tells the host that the map is `done` (bytes, lines, any unit) of
 /// `total` through its input; for apps whose keys and values do not point
-/// into the contents (mr_emit sees those by itself). A few hundred calls
-/// per map are plenty.
+/// into the contents, or come out of input order (mr_emit sees keys that
+/// point into it by itself). The first call turns the SDK's own reports
+/// off for the rest of the map. A few hundred calls per map are plenty;
+/// the host never moves progress back.
 void mr_progress(uint64_t done, uint64_t total);
 
 /// Splits text into words the way the MIT 6.5840 lab does (Go's

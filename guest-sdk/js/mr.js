@@ -27,8 +27,10 @@
 //   map output is combined inside the guest before it is emitted, in a
 //   table of bounded size.
 // - Progress: `words(contents)` tells the host how far into its input the
-//   map is, as it goes (a few hundred `progress` calls per split); maps that
-//   read their input otherwise call `out.progress(done, total)`.
+//   map is, as it goes (a few hundred `progress` calls per split), assuming
+//   the map reads it once, in order; maps that read their input otherwise
+//   call `out.progress(done, total)` (which turns the reports of `words`
+//   off).
 // - Streaming keys: the host may deliver a key with very many values in
 //   several groups; the SDK gathers them and calls `reduce` once.
 // - Errors: an exception in the app fails the task with its message and
@@ -60,27 +62,39 @@ export function* words(text) {
   const at = where !== null && text === where.text ? where : null;
   let m;
   while ((m = re.exec(text)) !== null) {
-    if (at !== null && re.lastIndex >= at.next) {
+    if (at !== null && re.lastIndex >= at.next && !at.off) {
       at.next = re.lastIndex + at.step;
       at.report(re.lastIndex, text.length);
     }
     yield m[0];
   }
-  if (at !== null && text.length > 0) at.report(text.length, text.length);
+  if (at !== null && text.length > 0 && !at.off) at.report(text.length, text.length);
 }
 
 /** Progress reports per map call, at most (and at least 64 Ki units apart). */
 export const PROGRESS_STEPS = 256;
 
-/** A count as the host's u64 (a BigInt). */
-const u64 = (n) => BigInt(Math.max(0, Math.floor(Number(n))));
+const U64_MAX = (1n << 64n) - 1n;
+
+/** A count as the host's u64 (a BigInt) clamped to its range; null if it is not a finite number. */
+function u64(n) {
+  let b;
+  if (typeof n === 'bigint') {
+    b = n;
+  } else {
+    const x = Math.floor(Number(n));
+    if (!Number.isFinite(x)) return null;
+    b = BigInt(x);
+  }
+  return b < 0n ? 0n : b > U64_MAX ? U64_MAX : b;
+}
 
 /** The running map's contents, and where `words` reports next. */
 let where = null;
 
 function startMap(text, report) {
   where = report
-    ? { text, report, next: 0, step: Math.max(Math.floor(text.length / PROGRESS_STEPS), 1 << 16) }
+    ? { text, report, next: 0, step: Math.max(Math.floor(text.length / PROGRESS_STEPS), 1 << 16), off: false }
     : null;
 }
 
@@ -128,11 +142,17 @@ export class Emitter {
   /**
    * Tells the host that the map is `done` (characters, lines, any unit) of
    * `total` through its input: for maps that do not split their contents
-   * with `words` (which reports by itself). A few hundred calls per map are
-   * plenty.
+   * with `words` (which reports by itself), or not in one pass in order.
+   * The first call turns the reports of `words` off for the rest of the
+   * map. Numbers are clamped to 0 .. 2^64 - 1; a call with something that
+   * is not a finite number is ignored. A few hundred calls per map are
+   * plenty; the host never moves progress back.
    */
   progress(done, total) {
-    if (this._progress) this._progress(u64(done), u64(total));
+    if (where !== null) where.off = true; // the app reports by itself
+    const d = u64(done);
+    const t = u64(total);
+    if (this._progress && d !== null && t !== null) this._progress(d, t);
   }
 
   _push(key, value) {

@@ -155,10 +155,47 @@ test('words of the map contents report how far it is; other text does not', () =
   assert.ok(reports.every(([d], i) => i === 0 || d > reports[i - 1][0]));
   assert.deepEqual(reports.at(-1), [n, n]);
   reports.length = 0;
-  // After the map, and for text that is not its contents: nothing.
+  // After the map: nothing.
   for (const _ of words(text)) { /* no report */ }
   assert.equal(reports.length, 0);
   const out = new Emitter(() => undefined, () => {}, progress);
   out.progress(3, 4.5);
   assert.deepEqual(reports, [[3n, 4n]]);
+});
+
+test('words of other text report nothing while a map runs; the app\'s own report turns words off', () => {
+  const reports = [];
+  const progress = (done, total) => reports.push([done, total]);
+  const text = 'alpha beta gamma '.repeat(200000);
+  const other = 'delta epsilon '.repeat(200000);
+  let phase;
+  const { map } = exportApp(
+    {
+      map: (input, contents, out) => {
+        for (const w of words(other)) out.emit(w, '1');
+        phase = reports.length;
+        if (input === 'own') out.progress(1, 3);
+        for (const w of words(contents)) out.emit(w, '1');
+      },
+      reduce: () => '',
+    },
+    () => {},
+    progress,
+  );
+  map('words', text);
+  assert.equal(phase, 0);
+  assert.ok(reports.length > 30, `${reports.length}`);
+  reports.length = 0;
+  map('own', text);
+  assert.deepEqual(reports, [[1n, 3n]]);
+});
+
+test('progress is clamped to a u64 and what is not a finite number is ignored', () => {
+  const reports = [];
+  const out = new Emitter(() => undefined, () => {}, (done, total) => reports.push([done, total]));
+  out.progress(-5, 2 ** 70);
+  out.progress(NaN, 10);
+  out.progress(1, Infinity);
+  out.progress(2n, 1n << 70n);
+  assert.deepEqual(reports, [[0n, (1n << 64n) - 1n], [2n, (1n << 64n) - 1n]]);
 });

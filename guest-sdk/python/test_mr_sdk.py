@@ -129,13 +129,37 @@ class EmitterTest(unittest.TestCase):
 
 
 class ProgressTest(unittest.TestCase):
+    def setUp(self):
+        self.reports = []
+        self.contents = "a b " * 100000
+        report = lambda d, t: self.reports.append((d, t))
+        # As the SDK's map sets it: this map's contents are `contents`.
+        mr_sdk._where = mr_sdk._Where(self.contents, report)
+        self.out = mr_sdk.Emitter(lambda k, v: None, Host(), Kv, report)
+
+    def tearDown(self):
+        mr_sdk._where = None
+
     def test_words_of_other_text_report_nothing_and_out_progress_does(self):
-        reports = []
-        out = mr_sdk.Emitter(lambda k, v: None, Host(), Kv, lambda d, t: reports.append((d, t)))
         list(mr_sdk.words("a b " * 100000))
-        self.assertEqual(reports, [])
-        out.progress(3, 4)
-        self.assertEqual(reports, [(3, 4)])
+        self.assertEqual(self.reports, [])
+        list(mr_sdk.words(self.contents))
+        self.assertGreater(len(self.reports), 1)
+        self.reports.clear()
+        self.out.progress(3, 4)
+        self.assertEqual(self.reports, [(3, 4)])
+
+    def test_the_apps_own_report_turns_words_off(self):
+        self.out.progress(1, 3)
+        list(mr_sdk.words(self.contents))
+        self.assertEqual(self.reports, [(1, 3)])
+
+    def test_progress_is_clamped_to_u64_and_not_a_number_is_ignored(self):
+        self.out.progress(-5, 2**70)
+        self.out.progress(float("nan"), 10)
+        self.out.progress(1, float("inf"))
+        self.out.progress(2.7, 10)
+        self.assertEqual(self.reports, [(0, 2**64 - 1), (2, 10)])
 
 
 class GathererTest(unittest.TestCase):

@@ -26,8 +26,10 @@ What the SDK does for the app, as the Rust SDK does:
   output is combined inside the guest before it is emitted, in a table
   of bounded size.
 - Progress: `words(contents)` tells the host how far into its input the
-  map is, as it goes (a few hundred `progress` calls per split); apps that
-  read their input otherwise call `out.progress(done, total)`.
+  map is, as it goes (a few hundred `progress` calls per split), assuming
+  the map reads it once, in order; apps that read their input otherwise
+  call `out.progress(done, total)` (which turns the reports of `words`
+  off).
 - Streaming keys: the host may deliver a key with very many values in
   several groups; the SDK gathers them and calls `reduce` once.
 - Errors: an exception in the app fails the task with its traceback.
@@ -58,14 +60,25 @@ WORDS_CHUNK = 1 << 16
 PROGRESS_STEPS = 256
 
 
+def _u64(n):
+    """`n` as the host's u64, clamped to its range; None if it is not a
+    finite number."""
+    try:
+        n = int(n)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return min(max(n, 0), 2**64 - 1)
+
+
 class _Where:
     """The running map's contents, and where `words` reports next."""
 
-    __slots__ = ("text", "report", "next", "step")
+    __slots__ = ("text", "report", "next", "step", "off")
 
     def __init__(self, text, report):
         self.text, self.report = text, report
         self.next = 0
+        self.off = False  # the app reports by itself
         self.step = max(len(text) // PROGRESS_STEPS, WORDS_CHUNK)
 
 
@@ -96,7 +109,7 @@ def words(text):
             end = m.start() if m else n
         yield from _WORD.findall(text, start, end)
         start = end
-        if where is not None and (start >= where.next or start == n):
+        if where is not None and (start >= where.next or start == n) and not where.off:
             where.next = start + where.step
             where.report(start, n)
 
@@ -162,9 +175,15 @@ class Emitter:
     def progress(self, done, total):
         """Tells the host that the map is `done` (characters, lines, any
         unit) of `total` through its input: for maps that do not split their
-        contents with `words` (which reports by itself). A few hundred calls
-        per map are plenty."""
-        if self._progress is not None:
+        contents with `words` (which reports by itself), or not in one pass
+        in order. The first call turns the reports of `words` off for the
+        rest of the map. Numbers are clamped to 0 .. 2**64 - 1; a call with
+        something that is not a finite number is ignored. A few hundred
+        calls per map are plenty; the host never moves progress back."""
+        if _where is not None:
+            _where.off = True
+        done, total = _u64(done), _u64(total)
+        if self._progress is not None and done is not None and total is not None:
             self._progress(done, total)
 
     def _push(self, key, value):

@@ -112,7 +112,7 @@ impl StatusArgs {
                         let first = outcome.lines().next().unwrap_or("");
                         let at = a
                             .progress
-                            .map(|p| format!(", {:.0} %", p * 100.0))
+                            .map(|p| format!(", {}", percent(p)))
                             .unwrap_or_default();
                         println!(
                             "  {} attempt {} ({}) on {}: {first}{at}",
@@ -136,5 +136,30 @@ impl StatusArgs {
             }
             Ok(())
         })
+    }
+}
+
+/// A fraction as a whole percentage, rounded down: 99.5 % done is not 100 %.
+fn percent(fraction: f64) -> String {
+    // The epsilon keeps 0.57 (56.99999... times 100) at 57; `as`
+    // turns NaN into 0.
+    format!(
+        "{} %",
+        (fraction * 100.0 + 1e-9).floor().clamp(0.0, 100.0) as u64
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent;
+
+    #[test]
+    fn percentages_round_down() {
+        assert_eq!(percent(0.995), "99 %");
+        assert_eq!(percent(1.0), "100 %");
+        assert_eq!(percent(0.0), "0 %");
+        assert_eq!(percent(0.5), "50 %");
+        assert_eq!(percent(0.57), "57 %");
+        assert_eq!(percent(f64::NAN), "0 %");
     }
 }
