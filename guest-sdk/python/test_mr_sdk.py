@@ -159,7 +159,9 @@ class ProgressTest(unittest.TestCase):
         self.out.progress(float("nan"), 10)
         self.out.progress(1, float("inf"))
         self.out.progress(2.7, 10)
-        self.assertEqual(self.reports, [(0, 2**64 - 1), (2, 10)])
+        self.out.progress(2**64, 2**64)
+        m = 2**63 - 1
+        self.assertEqual(self.reports, [(0, m), (2, 10), (m, m)])
 
 
 class GathererTest(unittest.TestCase):

@@ -183,8 +183,13 @@ class Emitter:
         if _where is not None:
             _where.off = True
         done, total = _u64(done), _u64(total)
-        if self._progress is not None and done is not None and total is not None:
-            self._progress(done, total)
+        if self._progress is None or done is None or total is None:
+            return
+        # componentize-py passes a u64 through a signed 64-bit integer:
+        # halve both (their ratio is what counts) until they fit.
+        while max(done, total) >= 2**63:
+            done, total = done >> 1, total >> 1
+        self._progress(done, total)
 
     def _push(self, key, value):
         self._batch.append(self._kv(key, value))

@@ -33,8 +33,10 @@ use crate::report::{Counters, JobReport};
 use crate::split::Split;
 
 /// The version of this protocol. Bump it on any change to the service or
-/// its types; mismatched peers are refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// its types, or to what a worker can run (5: workers run apps built for
+/// `mr:app@0.1.1`, which an older worker refuses as the wrong world);
+/// mismatched peers are refused at `register`/`hello`.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:

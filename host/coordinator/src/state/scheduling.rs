@@ -31,6 +31,11 @@ const MAP_OUTPUT_BYTES: usize = 12;
 const SLOW: f64 = 1.5;
 /// Nor is any attempt younger than this one (a second of heartbeats).
 const BACKUP_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// An attempt's own word on how far it is (its worker's, which may lie, or
+/// its guest's, which may be wrong) is believed until it has run this many
+/// times the median of its done peers; past that it is a straggler however
+/// nearly done it says it is.
+const BELIEVE_PROGRESS_FOR: f64 = 3.0;
 
 impl State {
     /// Hands a worker up to one task per free slot: tasks waiting first,
@@ -195,9 +200,11 @@ impl State {
             if ran < after {
                 continue;
             }
-            // Time left, from its progress rate; not known: it runs on.
+            // Time left, from its progress rate; not known (or no longer
+            // believed): it runs on.
+            let believed = (ran as f64) < median as f64 * BELIEVE_PROGRESS_FOR;
             let left = match run.done_ppm {
-                Some(p) if p > 0 => {
+                Some(p) if p > 0 && believed => {
                     let total = ran as f64 * 1e6 / f64::from(p.min(1_000_000));
                     (total - ran as f64).max(0.0) as u64
                 }

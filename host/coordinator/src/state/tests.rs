@@ -1491,14 +1491,14 @@ fn backups_wait_for_waiting_tasks_honour_the_progress_rate_and_can_be_turned_off
         assert_eq!(tasks(&next), ["map-2#1"]);
         s.report(c.at(2.0), &w1, map_done(&next[0].key)).unwrap();
         let next = ask(&mut s, c.at(2.0), &w1, 1);
-        s.report(c.at(3.0), &w1, map_done(&next[0].key)).unwrap();
-        // Almost done by its rate: 3 s for 95 %, 0.16 s left, less than a
-        // fresh attempt would take; no backup.
-        progress(&mut s, c.at(3.0), &w2, &slow, 1, Some(950_000));
-        assert!(ask(&mut s, c.at(3.0), &w1, 1).is_empty());
-        // Now its rate says 14 s more: a backup, unless turned off.
-        progress(&mut s, c.at(3.5), &w2, &slow, 2, Some(200_000));
-        let got = ask(&mut s, c.at(3.5), &w1, 1);
+        s.report(c.at(2.7), &w1, map_done(&next[0].key)).unwrap();
+        // Almost done by its rate: 2.7 s for 95 %, 0.14 s left, less than
+        // a fresh attempt would take; no backup.
+        progress(&mut s, c.at(2.7), &w2, &slow, 1, Some(950_000));
+        assert!(ask(&mut s, c.at(2.7), &w1, 1).is_empty());
+        // Now its rate says 11.6 s more: a backup, unless turned off.
+        progress(&mut s, c.at(2.9), &w2, &slow, 2, Some(200_000));
+        let got = ask(&mut s, c.at(2.9), &w1, 1);
         if speculation {
             assert_eq!(tasks(&got), ["map-0#2"]);
             assert_eq!(got[0].key.attempt, 2);
@@ -1508,6 +1508,33 @@ fn backups_wait_for_waiting_tasks_honour_the_progress_rate_and_can_be_turned_off
         }
         check_invariants(&s);
     }
+}
+
+#[test]
+fn a_claim_to_be_nearly_done_holds_back_a_backup_only_up_to_three_medians() {
+    // A worker (or guest) that says its straggler is 99.99 % done is
+    // believed at first, but not for ever.
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2, w3) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+        register(&mut s, c.at(0.0), 3),
+    );
+    s.submit(c.at(0.0), spec(3, 1)).unwrap();
+    let a1 = ask(&mut s, c.at(0.0), &w1, 1).remove(0);
+    let a2 = ask(&mut s, c.at(0.0), &w2, 1).remove(0);
+    let liar = ask(&mut s, c.at(0.0), &w3, 1).remove(0);
+    s.report(c.at(2.0), &w1, map_done(&a1.key)).unwrap();
+    s.report(c.at(2.0), &w2, map_done(&a2.key)).unwrap();
+    // The median map took 2 s.
+    progress(&mut s, c.at(3.5), &w3, &liar, 1, Some(999_900));
+    assert!(ask(&mut s, c.at(3.5), &w1, 1).is_empty());
+    progress(&mut s, c.at(5.9), &w3, &liar, 2, Some(999_900));
+    assert!(ask(&mut s, c.at(5.9), &w1, 1).is_empty());
+    progress(&mut s, c.at(6.1), &w3, &liar, 3, Some(999_900));
+    assert_eq!(tasks(&ask(&mut s, c.at(6.1), &w1, 1)), ["map-2#2"]);
+    check_invariants(&s);
 }
 
 #[test]
