@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -359,10 +360,7 @@ async fn handle(
             };
             drop(permit);
             let stream = blocking(stream)?;
-            let outputs = outputs.clone();
-            return tokio::task::spawn_blocking(move || send_segments(stream, &outputs, &req))
-                .await
-                .map_err(std::io::Error::other)?;
+            return send_watched(stream, |w| w, outputs.clone(), req).await;
         }
         Guard::Tls(auth) => auth(),
     };
@@ -413,11 +411,85 @@ async fn handle(
     drop(permit);
     let (tcp, conn) = stream.into_inner();
     let tcp = blocking(tcp)?;
-    let stream = rustls::StreamOwned::new(conn, tcp);
-    let outputs = outputs.clone();
-    tokio::task::spawn_blocking(move || send_segments(stream, &outputs, &req))
-        .await
-        .map_err(std::io::Error::other)?
+    send_watched(
+        tcp,
+        move |w| rustls::StreamOwned::new(conn, w),
+        outputs.clone(),
+        req,
+    )
+    .await
+}
+
+/// Sends the segments on a blocking thread, with a watchdog that shuts the
+/// socket down when fewer than [`MIN_SENT`] bytes went out in the last
+/// [`FETCH_TIMEOUT`]: a reducer that stops reading is dropped. (The
+/// socket's write timeout alone is not enough: on Linux 6.18 a send to a
+/// peer that reads nothing still moves a few bytes now and then, so it
+/// never times out.)
+async fn send_watched<W: Finish + Send + 'static>(
+    tcp: std::net::TcpStream,
+    wrap: impl FnOnce(Watched) -> W + Send + 'static,
+    outputs: Arc<MapOutputs>,
+    req: FetchRequest,
+) -> std::io::Result<()> {
+    let guard = tcp.try_clone()?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let watched = Watched {
+        sock: tcp,
+        sent: sent.clone(),
+    };
+    let send = tokio::task::spawn_blocking(move || send_segments(wrap(watched), &outputs, &req));
+    tokio::pin!(send);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // What had been sent, once a second over the last FETCH_TIMEOUT.
+    let mut seen = std::collections::VecDeque::new();
+    loop {
+        tokio::select! {
+            done = &mut send => return done.map_err(std::io::Error::other)?,
+            now = tick.tick() => {
+                let total = sent.load(Ordering::Relaxed);
+                seen.push_back((now, total));
+                while seen.front().is_some_and(|&(t, _)| now - t > FETCH_TIMEOUT) {
+                    seen.pop_front();
+                }
+                let Some(&(since, before)) = seen.front() else { continue };
+                if now - since >= FETCH_TIMEOUT - Duration::from_secs(1)
+                    && total - before < MIN_SENT
+                {
+                    // The blocked write fails, and the thread returns.
+                    let _ = guard.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+/// Bytes a reducer must take per [`FETCH_TIMEOUT`] (100 KiB/s) while a
+/// segment is being sent to it, or it is dropped.
+const MIN_SENT: u64 = 1 << 20;
+
+/// A serving socket that counts the bytes written to it.
+struct Watched {
+    sock: std::net::TcpStream,
+    sent: Arc<AtomicU64>,
+}
+
+impl std::io::Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl std::io::Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.sock.write(buf)?;
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
 }
 
 /// `stream` as a blocking socket whose writes time out (a reducer that
@@ -473,17 +545,17 @@ trait Finish: std::io::Write {
     fn finish(&mut self) -> std::io::Result<()>;
 }
 
-impl Finish for std::net::TcpStream {
+impl Finish for Watched {
     fn finish(&mut self) -> std::io::Result<()> {
-        self.shutdown(std::net::Shutdown::Write)
+        self.sock.shutdown(std::net::Shutdown::Write)
     }
 }
 
-impl Finish for rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+impl Finish for rustls::StreamOwned<rustls::ServerConnection, Watched> {
     fn finish(&mut self) -> std::io::Result<()> {
         self.conn.send_close_notify();
         std::io::Write::flush(self)?;
-        self.sock.shutdown(std::net::Shutdown::Write)
+        self.sock.sock.shutdown(std::net::Shutdown::Write)
     }
 }
 
@@ -966,7 +1038,12 @@ mod tests {
         let mut msg = MAGIC.to_vec();
         msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
         msg.extend_from_slice(&body);
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // A small receive buffer, so the kernel cannot take the whole
+        // answer on the reader's behalf (loopback buffers autotune to tens
+        // of MiB on some machines).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
         stream.write_all(&msg).await.unwrap();
         // Read nothing for longer than the server waits on a write.
         tokio::time::sleep(FETCH_TIMEOUT + Duration::from_secs(3)).await;
