@@ -87,7 +87,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
         inputs: (0..maps)
             .map(|i| InputFile {
                 name: format!("in{i}"),
-                path: format!("/data/in{i}").into(),
+                path: std::path::PathBuf::from(format!("/data/in{i}")).into(),
                 bytes: 100,
             })
             .collect(),

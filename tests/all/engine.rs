@@ -260,7 +260,7 @@ fn the_coordinator_checks_every_spec_it_receives() {
         },
         inputs: vec![InputFile {
             name: "in".into(),
-            path: tmp.path().join("in"),
+            path: tmp.path().join("in").into(),
             bytes: 100,
         }],
         reduces: 1,

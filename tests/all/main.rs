@@ -7,6 +7,7 @@ mod engine;
 mod errors;
 mod kill;
 mod languages;
+mod s3;
 mod sandbox;
 mod security;
 mod splits;
@@ -32,6 +33,12 @@ pub fn mr() -> Command {
     );
     c.env_remove("MR_TOKEN");
     c.env_remove("MR_WORKER_TOKEN");
+    // Nor the user's object storage: S3 tests set their own.
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("AWS_")) {
+            c.env_remove(k);
+        }
+    }
     c
 }
 

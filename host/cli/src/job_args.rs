@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use mr_core::job::{AppRef, Grants, InputFile, JobSpec};
+use mr_core::location::Location;
 use mr_runtime::SandboxConfig;
 
 #[derive(Args, Debug, Clone)]
@@ -137,11 +138,26 @@ impl TryFrom<JobRequest<'_>> for Job {
             .with_context(|| format!("bad output directory {}", a.output.display()))?;
         let mut inputs = Vec::with_capacity(r.inputs.len());
         for name in r.inputs {
+            if let Some(url) = mr_core::location::ObjectUrl::parse(name) {
+                let url = url.map_err(anyhow::Error::msg)?;
+                let objects = mr_storage::expand(&url)?;
+                // One object is named as the user wrote it; those of a
+                // prefix or a glob by their own URLs.
+                let one = objects.len() == 1 && objects[0].url == url;
+                for o in objects {
+                    inputs.push(InputFile {
+                        name: if one { name.clone() } else { o.url.to_string() },
+                        path: Location::Object(o.url),
+                        bytes: o.size,
+                    });
+                }
+                continue;
+            }
             let bytes = mr_core::output::check_input(name, &output, a.force)?;
             let path = std::path::absolute(name).with_context(|| format!("bad input {name}"))?;
             inputs.push(InputFile {
                 name: name.clone(),
-                path,
+                path: path.into(),
                 bytes,
             });
         }

@@ -573,7 +573,13 @@ impl Coordinator for Server {
         }
         let (output, force) = (spec.output.clone(), spec.force);
         let roots = self.shared.data_roots.clone();
-        let inputs: Vec<_> = spec.inputs.iter().map(|i| i.path.clone()).collect();
+        // Objects are read with each worker's own credentials; the data roots
+        // bound files.
+        let inputs: Vec<_> = spec
+            .inputs
+            .iter()
+            .filter_map(|i| i.path.file().map(std::path::Path::to_path_buf))
+            .collect();
         let out = tokio::task::spawn_blocking(move || {
             if !roots.is_unlimited() {
                 for i in &inputs {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::location::Location;
+
 /// Capabilities a job may grant its guests. Everything else (files,
 /// network, environment) is never granted in this version.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -66,8 +68,9 @@ pub struct AppRef {
 pub struct InputFile {
     /// The name exactly as the user gave it (passed to the guest).
     pub name: String,
-    /// An absolute path every worker can read.
-    pub path: PathBuf,
+    /// An absolute path every worker can read, or an object every
+    /// worker's host reads with its own credentials.
+    pub path: Location,
     pub bytes: u64,
 }
 
@@ -351,7 +354,12 @@ impl JobSpec {
             return bad(format!("`{}` is not a sha256 in hex", self.app.sha256));
         }
         let absolute = |p: &std::path::Path| p.is_absolute() && p.as_os_str().len() <= MAX_NAME;
-        if !absolute(&self.output) || self.inputs.iter().any(|i| !absolute(&i.path)) {
+        if !absolute(&self.output)
+            || self
+                .inputs
+                .iter()
+                .any(|i| !i.path.is_absolute() || i.path.text_len() > MAX_NAME)
+        {
             return bad(
                 "input and output paths must be absolute, at most 4096 bytes (mr makes them so)"
                     .into(),
@@ -429,7 +437,7 @@ mod tests {
             },
             inputs: vec![InputFile {
                 name: "in.txt".into(),
-                path: "/data/in.txt".into(),
+                path: std::path::PathBuf::from("/data/in.txt").into(),
                 bytes: 1000,
             }],
             reduces: 10,

@@ -21,6 +21,7 @@ pub mod fuzz;
 pub mod gate;
 pub mod ids;
 pub mod job;
+pub mod location;
 pub mod output;
 pub mod partition;
 pub mod report;

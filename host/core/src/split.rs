@@ -5,9 +5,11 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::location::Location;
 
 /// One map task's input: a byte range of a file, before line alignment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,7 +17,7 @@ pub struct Split {
     /// The input's name exactly as the user gave it (passed to the guest).
     pub input: String,
     /// Where to read it.
-    pub path: PathBuf,
+    pub path: Location,
     pub start: u64,
     pub end: u64,
 }
@@ -47,12 +49,12 @@ pub fn count(len: u64, split_size: u64) -> u64 {
     full + 1
 }
 
-/// Cuts a file of `len` bytes into ranges of `split_size` bytes
+/// Cuts an input of `len` bytes into ranges of `split_size` bytes
 /// (`split_size > 0`), the last one up to `SPLIT_SLOP` times that. An
-/// empty file still gets one (empty) split, so its map task runs. The
-/// caller bounds [`count`] first: a huge file with a tiny split size makes
+/// empty input still gets one (empty) split, so its map task runs. The
+/// caller bounds [`count`] first: a huge input with a tiny split size makes
 /// as many splits as it says.
-pub fn plan(input: &str, path: &Path, len: u64, split_size: u64) -> Vec<Split> {
+pub fn plan(input: &str, path: &Location, len: u64, split_size: u64) -> Vec<Split> {
     assert!(split_size > 0, "split size must be positive");
     let mut splits = Vec::new();
     let mut start = 0;
@@ -65,17 +67,59 @@ pub fn plan(input: &str, path: &Path, len: u64, split_size: u64) -> Vec<Split> {
         .into_iter()
         .map(|(start, end)| Split {
             input: input.to_string(),
-            path: path.to_path_buf(),
+            path: path.clone(),
             start,
             end,
         })
         .collect()
 }
 
+/// Bytes read by offset: a file, or an object read by ranged GETs.
+pub trait ReadAt {
+    /// Its length, in bytes.
+    fn size(&self) -> u64;
+    /// Reads from offset `at` into `buf` (`at + buf.len() <= size()`),
+    /// filling it.
+    ///
+    /// Fails when it cannot be read, or has changed or shrunk.
+    fn read_exact_at(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// A file as [`ReadAt`], with the length it had when opened.
+struct FileAt {
+    file: File,
+    len: u64,
+    path: PathBuf,
+}
+
+impl ReadAt for FileAt {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(at))?;
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read(&mut buf[got..])? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} shrank while being read", self.path.display()),
+                    ))
+                }
+                n => got += n,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads the lines a split owns: from the first line starting at or after
 /// `start` through the line containing byte `end - 1`.
 ///
-/// Fails when the file cannot be opened or read.
+/// Fails when the file cannot be opened or read, or the split is of an
+/// object (read those with `mr_storage`).
 pub fn read_split(split: &Split) -> io::Result<Vec<u8>> {
     read_split_checked(split, |_| Ok(()))
 }
@@ -88,35 +132,58 @@ pub fn read_split_checked(
     split: &Split,
     check: impl Fn(&File) -> io::Result<()>,
 ) -> io::Result<Vec<u8>> {
+    let Location::File(path) = &split.path else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is an object, not a file", split.path),
+        ));
+    };
     // Without blocking: opening a FIFO would otherwise wait forever for a
     // writer. Only a regular file is read.
-    let mut file = {
+    let file = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
-            .open(&split.path)?
+            .open(path)?
     };
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} is not a regular file", split.path.display()),
+            format!("{} is not a regular file", path.display()),
         ));
     }
     check(&file)?;
     let len = file.metadata()?.len();
-    let begin = if split.start == 0 {
+    read_lines(
+        &mut FileAt {
+            file,
+            len,
+            path: path.clone(),
+        },
+        split.start,
+        split.end,
+    )
+}
+
+/// The lines of `src` that start in `start..end` (see [`read_split`]): at
+/// most two short reads to find the line ends, then one read of the lines.
+///
+/// Fails when `src` cannot be read.
+pub fn read_lines(src: &mut impl ReadAt, start: u64, end: u64) -> io::Result<Vec<u8>> {
+    let len = src.size();
+    let begin = if start == 0 {
         0
     } else {
-        match find_newline(&mut file, split.start - 1, len)? {
+        match find_newline(src, start - 1)? {
             Some(nl) => nl + 1,
             None => return Ok(Vec::new()),
         }
     };
-    let end = if split.end >= len || split.end == 0 {
+    let end = if end >= len || end == 0 {
         len
     } else {
-        match find_newline(&mut file, split.end - 1, len)? {
+        match find_newline(src, end - 1)? {
             Some(nl) => nl + 1,
             None => len,
         }
@@ -124,28 +191,19 @@ pub fn read_split_checked(
     if begin >= end {
         return Ok(Vec::new());
     }
-    file.seek(SeekFrom::Start(begin))?;
-    let mut buf = Vec::with_capacity((end - begin) as usize);
-    file.take(end - begin).read_to_end(&mut buf)?;
-    if (buf.len() as u64) < end - begin {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("{} shrank while being read", split.path.display()),
-        ));
-    }
+    let mut buf = vec![0u8; (end - begin) as usize];
+    src.read_exact_at(begin, &mut buf)?;
     Ok(buf)
 }
 
 /// Offset of the first `\n` at or after `from`, if any.
-fn find_newline(file: &mut File, from: u64, len: u64) -> io::Result<Option<u64>> {
+fn find_newline(src: &mut impl ReadAt, from: u64) -> io::Result<Option<u64>> {
+    let len = src.size();
     let mut pos = from;
     let mut buf = vec![0u8; 64 * 1024];
-    file.seek(SeekFrom::Start(pos))?;
     while pos < len {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
+        let n = buf.len().min((len - pos) as usize);
+        src.read_exact_at(pos, &mut buf[..n])?;
         if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
             return Ok(Some(pos + i as u64));
         }
@@ -158,11 +216,12 @@ fn find_newline(file: &mut File, from: u64, len: u64) -> io::Result<Option<u64>>
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::Path;
 
     fn lines_of(text: &[u8], split_size: u64) -> Vec<u8> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text).unwrap();
-        let splits = plan("in", f.path(), text.len() as u64, split_size);
+        let splits = plan("in", &f.path().into(), text.len() as u64, split_size);
         let mut all = Vec::new();
         for s in &splits {
             all.extend(read_split(s).unwrap());
@@ -181,7 +240,7 @@ mod tests {
     #[test]
     fn a_small_remainder_stays_with_the_last_split() {
         let sizes = |len| -> Vec<u64> {
-            plan("f", Path::new("f"), len, 100)
+            plan("f", &Path::new("f").into(), len, 100)
                 .iter()
                 .map(|s| s.end - s.start)
                 .collect()
@@ -196,7 +255,7 @@ mod tests {
     fn count_agrees_with_plan() {
         for split in [1u64, 2, 3, 7, 10, 100, 1000] {
             for len in 0..3000u64 {
-                let planned = plan("f", Path::new("f"), len, split).len() as u64;
+                let planned = plan("f", &Path::new("f").into(), len, split).len() as u64;
                 assert_eq!(count(len, split), planned, "len {len} split {split}");
             }
         }
@@ -206,7 +265,7 @@ mod tests {
 
     #[test]
     fn empty_file_has_one_empty_split() {
-        let splits = plan("e", Path::new("e"), 0, 10);
+        let splits = plan("e", &Path::new("e").into(), 0, 10);
         assert_eq!(splits.len(), 1);
         assert_eq!(lines_of(b"", 4), b"");
     }

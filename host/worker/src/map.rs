@@ -65,11 +65,14 @@ pub fn run(
             .try_for_each(|r| r.opened(f))
             .map_err(std::io::Error::other)
     };
-    let bytes = read_split_checked(split, check).map_err(TaskError::io(format!(
+    let read = match &split.path {
+        mr_core::location::Location::File(_) => read_split_checked(split, check),
+        // Read by this worker's host with its own credentials.
+        mr_core::location::Location::Object(_) => mr_storage::read_split(split),
+    };
+    let bytes = read.map_err(TaskError::io(format!(
         "cannot read input {} (bytes {}..{})",
-        split.path.display(),
-        split.start,
-        split.end
+        split.path, split.start, split.end
     )))?;
     let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
     let mut counters = Counters {

@@ -335,7 +335,7 @@ mod tests {
             },
             inputs: vec![InputFile {
                 name: "i".into(),
-                path: "/i".into(),
+                path: std::path::PathBuf::from("/i").into(),
                 bytes: maps * 10,
             }],
             reduces,
@@ -352,7 +352,8 @@ mod tests {
             speculation: true,
             verify: 1,
         };
-        let splits = mr_core::split::plan("i", "/i".as_ref(), maps * 10, 10);
+        let splits =
+            mr_core::split::plan("i", &std::path::PathBuf::from("/i").into(), maps * 10, 10);
         Job::new(JobId("job-1-1".into()), spec, splits, 0)
     }
 

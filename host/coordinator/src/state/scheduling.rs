@@ -92,7 +92,7 @@ impl State {
                 + job.spec.app.name.len()
                 + if r.task < job.maps() {
                     let split = &job.splits[r.task];
-                    split.input.len() + split.path.as_os_str().len()
+                    split.input.len() + split.path.text_len()
                 } else {
                     job.maps() * (MAP_OUTPUT_BYTES + if job.spec.verify > 1 { 32 } else { 0 })
                 };

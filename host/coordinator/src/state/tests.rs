@@ -53,7 +53,7 @@ fn spec(inputs: u32, reduces: u32) -> JobSpec {
         inputs: (0..inputs)
             .map(|i| InputFile {
                 name: format!("in{i}.txt"),
-                path: format!("/data/in{i}.txt").into(),
+                path: std::path::PathBuf::from(format!("/data/in{i}.txt")).into(),
                 bytes: 100,
             })
             .collect(),

@@ -223,7 +223,7 @@ impl Worker {
             (Work::Map { split }, TaskId::Map(index)) => {
                 let mut split = split.clone();
                 if let Some(p) = resolved {
-                    split.path = p;
+                    split.path = p.into();
                 }
                 let task = MapTask {
                     index,
@@ -485,7 +485,11 @@ impl Worker {
         };
         match work {
             Work::Map { split } => {
-                let p = theirs.file(&split.path)?;
+                // An object: read with this worker's own credentials.
+                let Some(path) = split.path.file() else {
+                    return Ok(None);
+                };
+                let p = theirs.file(path)?;
                 mine.file(&p)?;
                 Ok(Some(p))
             }

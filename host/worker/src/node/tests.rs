@@ -330,7 +330,7 @@ fn assignment(seq: u64, slot: u32) -> Assignment {
         work: Work::Map {
             split: mr_core::split::Split {
                 input: "i".into(),
-                path: "/nonexistent/i".into(),
+                path: std::path::PathBuf::from("/nonexistent/i").into(),
                 start: 0,
                 end: 1,
             },

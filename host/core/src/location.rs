@@ -1,0 +1,210 @@
+//! Where an input lives: a file every worker sees under one path, or an
+//! object in S3-compatible storage (`s3://bucket/key`, read by each
+//! worker's host with its own credentials).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The URL schemes of S3 objects (`s3a://` as Hadoop writes it).
+const SCHEMES: [&str; 2] = ["s3://", "s3a://"];
+
+/// Where an input is read from. Serialized as its text (`/abs/path` or
+/// `s3://bucket/key`), so a journal written before objects existed reads
+/// the same.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Location {
+    /// A file, by its absolute path.
+    File(PathBuf),
+    /// An object: its bucket and key.
+    Object(ObjectUrl),
+}
+
+/// An object in S3-compatible storage.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectUrl {
+    pub bucket: String,
+    /// The key; for a prefix, it ends with `/` (or is empty: the bucket).
+    pub key: String,
+}
+
+impl ObjectUrl {
+    /// Parses `s3://bucket/key` (or `s3a://`); `None` if `text` is not an
+    /// object URL at all, an error if it is one but malformed.
+    pub fn parse(text: &str) -> Option<Result<ObjectUrl, String>> {
+        let rest = SCHEMES.iter().find_map(|s| text.strip_prefix(s))?;
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        Some(check_bucket(bucket).map(|()| ObjectUrl {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        }))
+    }
+}
+
+impl fmt::Display for ObjectUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// S3's bucket naming rules (3–63 characters of lower-case letters,
+/// digits, `.` and `-`, starting and ending with a letter or digit), so a
+/// typo is named before any request is made.
+fn check_bucket(bucket: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if (3..=63).contains(&bucket.len())
+        && bucket.chars().all(ok_char)
+        && edge(bucket.chars().next())
+        && edge(bucket.chars().last())
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bucket:?} is not a bucket name: S3 bucket names are 3 to 63 lower-case letters, digits, '.' and '-' (write s3://bucket/key)"
+        ))
+    }
+}
+
+impl Location {
+    /// An object URL as an object, anything else as a file path.
+    ///
+    /// Fails on a malformed object URL.
+    pub fn parse(text: &str) -> Result<Location, String> {
+        match ObjectUrl::parse(text) {
+            Some(url) => url.map(Location::Object),
+            None => Ok(Location::File(PathBuf::from(text))),
+        }
+    }
+
+    /// The file's path, if it is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Location::File(p) => Some(p),
+            Location::Object(_) => None,
+        }
+    }
+
+    /// The object, if it is one.
+    pub fn object(&self) -> Option<&ObjectUrl> {
+        match self {
+            Location::File(_) => None,
+            Location::Object(o) => Some(o),
+        }
+    }
+
+    /// Bytes of its text (for size estimates).
+    pub fn text_len(&self) -> usize {
+        match self {
+            Location::File(p) => p.as_os_str().len(),
+            Location::Object(o) => "s3:///".len() + o.bucket.len() + o.key.len(),
+        }
+    }
+
+    /// A file given by an absolute path, or any object.
+    pub fn is_absolute(&self) -> bool {
+        match self {
+            Location::File(p) => p.is_absolute(),
+            Location::Object(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Object(o) => o.fmt(f),
+        }
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(p: PathBuf) -> Self {
+        Location::File(p)
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(p: &Path) -> Self {
+        Location::File(p.to_path_buf())
+    }
+}
+
+impl From<Location> for String {
+    fn from(l: Location) -> String {
+        match l {
+            // Paths reach here from `std::path::absolute` of UTF-8 text.
+            Location::File(p) => p.to_string_lossy().into_owned(),
+            Location::Object(o) => o.to_string(),
+        }
+    }
+}
+
+impl TryFrom<String> for Location {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Location, String> {
+        Location::parse(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_urls_and_paths_parse_and_print_back() {
+        let l = Location::parse("s3://books/2026/a.txt").unwrap();
+        assert_eq!(
+            l.object(),
+            Some(&ObjectUrl {
+                bucket: "books".into(),
+                key: "2026/a.txt".into()
+            })
+        );
+        assert_eq!(l.to_string(), "s3://books/2026/a.txt");
+        assert_eq!(
+            Location::parse("s3a://books/x").unwrap().to_string(),
+            "s3://books/x"
+        );
+        assert_eq!(
+            Location::parse("s3://books").unwrap().object().unwrap().key,
+            ""
+        );
+        let f = Location::parse("/data/a.txt").unwrap();
+        assert_eq!(f.file(), Some(Path::new("/data/a.txt")));
+        assert!(f.is_absolute() && !Location::parse("a.txt").unwrap().is_absolute());
+        // A relative path that merely contains the scheme is a file.
+        assert!(Location::parse("./s3://x").unwrap().file().is_some());
+    }
+
+    #[test]
+    fn bad_bucket_names_are_named() {
+        for bad in [
+            "s3://",
+            "s3://ab/k",
+            "s3://Books/k",
+            "s3://-ab/k",
+            "s3://a_b/k",
+        ] {
+            let err = Location::parse(bad).unwrap_err();
+            assert!(err.contains("not a bucket name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn serialized_as_text_so_old_journals_read_the_same() {
+        let f = Location::File("/d/a.txt".into());
+        assert_eq!(serde_json::to_string(&f).unwrap(), r#""/d/a.txt""#);
+        let o = Location::parse("s3://bkt/k").unwrap();
+        assert_eq!(serde_json::to_string(&o).unwrap(), r#""s3://bkt/k""#);
+        for l in [f, o] {
+            let bytes = postcard::to_stdvec(&l).unwrap();
+            assert_eq!(postcard::from_bytes::<Location>(&bytes).unwrap(), l);
+        }
+        assert!(serde_json::from_str::<Location>(r#""s3://B/k""#).is_err());
+    }
+}

@@ -1,0 +1,386 @@
+//! Inputs in S3-compatible object storage, through Apache Arrow's
+//! `object_store` crate: expanding what a user wrote (`s3://bucket/key`,
+//! `s3://bucket/prefix/`, `s3://bucket/logs/2026-*.txt`) into objects and
+//! their sizes, and reading a split of an object by ranged GETs, cut at
+//! line boundaries exactly as a file's splits are
+//! ([`mr_core::split::read_lines`]).
+//!
+//! Credentials, region and endpoint come from the standard AWS environment
+//! variables, as `object_store`'s builder reads them (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP` for a local endpoint over plain
+//! HTTP), in each process that touches storage: the `mr` client that
+//! expands the inputs, and every worker that reads them. Guests never see
+//! any of it: the host reads, the guest gets the bytes.
+//!
+//! Requests are retried with exponential backoff on throttling, 5xx
+//! answers and broken connections (`object_store`'s retry policy, bounded
+//! here to [`RETRY_FOR`] so an unreachable endpoint fails in seconds, not
+//! minutes).
+//!
+//! The API is blocking: it runs on a small runtime of its own, so callers
+//! in plain threads (the CLI before its runtime starts, a map task on a
+//! blocking thread) can use it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use mr_core::location::{Location, ObjectUrl};
+use mr_core::split::{ReadAt, Split};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as Key;
+use object_store::{
+    ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+};
+
+/// How long one request is retried before its error is reported.
+pub const RETRY_FOR: Duration = Duration::from_secs(20);
+/// How long connecting to the endpoint may take, per try.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take, body included (a split is at most a
+/// few hundred MiB).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// An object an input names, and its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub url: ObjectUrl,
+    pub size: u64,
+}
+
+/// Whether `key` is a pattern (`*`, `?`, `[...]`) rather than one key.
+fn is_glob(key: &str) -> bool {
+    key.contains(['*', '?', '['])
+}
+
+/// The objects an input names, sorted by key: the one object, every object
+/// under a prefix (a key ending with `/`, or none: the whole bucket), or
+/// those a glob matches (`*` and `?` within one path segment, `[...]`).
+///
+/// Fails, with a message saying what to check, when the bucket or object
+/// does not exist, the credentials are refused, the endpoint cannot be
+/// reached, or a prefix or glob matches nothing.
+pub fn expand(url: &ObjectUrl) -> io::Result<Vec<Object>> {
+    let url = url.clone();
+    block(async move {
+        let store = store(&url.bucket)?;
+        let shown = url.to_string();
+        if !is_glob(&url.key) && !url.key.is_empty() && !url.key.ends_with('/') {
+            let meta = store
+                .head(&key(&url)?)
+                .await
+                .map_err(|e| explain(&shown, e))?;
+            return Ok(vec![Object {
+                url,
+                size: meta.size,
+            }]);
+        }
+        let pattern = if is_glob(&url.key) {
+            let p = glob::Pattern::new(&url.key)
+                .map_err(|e| invalid(format!("{shown} is not a valid pattern: {e}")))?;
+            Some(p)
+        } else {
+            None
+        };
+        // List from the last `/` before any pattern character.
+        let literal = url.key.find(['*', '?', '[']).unwrap_or(url.key.len());
+        let dir = url.key[..literal].rfind('/').map_or("", |i| &url.key[..i]);
+        let prefix = (!dir.is_empty())
+            .then(|| Key::parse(dir))
+            .transpose()
+            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let under = url.key.as_str();
+        let options = glob::MatchOptions {
+            require_literal_separator: true,
+            ..glob::MatchOptions::new()
+        };
+        let mut found = Vec::new();
+        let mut listing = store.list(prefix.as_ref());
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| explain(&shown, e))?;
+            let k = meta.location.as_ref();
+            let wanted = match &pattern {
+                Some(p) => p.matches_with(k, options),
+                None => k.starts_with(under),
+            };
+            if wanted && !k.ends_with('/') {
+                found.push(Object {
+                    url: ObjectUrl {
+                        bucket: url.bucket.clone(),
+                        key: k.to_string(),
+                    },
+                    size: meta.size,
+                });
+            }
+        }
+        if found.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no objects match {shown}"),
+            ));
+        }
+        found.sort_by(|a, b| a.url.key.cmp(&b.url.key));
+        Ok(found)
+    })
+}
+
+/// Reads the lines an object's split owns, as
+/// [`mr_core::split::read_split`] does for a file: a HEAD, at most two
+/// short ranged GETs to find the line ends, then one ranged GET of the
+/// lines, all of the version the HEAD saw (`If-Match` its ETag).
+///
+/// Fails when the split is not of an object, or it cannot be read, or the
+/// object changed while being read.
+pub fn read_split(split: &Split) -> io::Result<Vec<u8>> {
+    let Location::Object(url) = &split.path else {
+        return Err(invalid(format!("{} is not an object", split.path)));
+    };
+    let shown = url.to_string();
+    let (store, key) = (store(&url.bucket)?, key(url)?);
+    let meta = {
+        let (store, key, shown) = (store.clone(), key.clone(), shown.clone());
+        block(async move { store.head(&key).await.map_err(|e| explain(&shown, e)) })?
+    };
+    let mut src = ObjectAt {
+        store,
+        key,
+        shown,
+        len: meta.size,
+        e_tag: meta.e_tag,
+    };
+    mr_core::split::read_lines(&mut src, split.start, split.end)
+}
+
+/// Writes `bytes` as the object `url` (one PUT).
+///
+/// Fails as [`expand`] does.
+pub fn put(url: &ObjectUrl, bytes: Vec<u8>) -> io::Result<()> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        store
+            .put(&key, bytes.into())
+            .await
+            .map_err(|e| explain(&shown, e))?;
+        Ok(())
+    })
+}
+
+/// An object as [`ReadAt`]: each read one ranged GET.
+struct ObjectAt {
+    store: Arc<AmazonS3>,
+    key: Key,
+    shown: String,
+    len: u64,
+    e_tag: Option<String>,
+}
+
+impl ReadAt for ObjectAt {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&mut self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (store, key, shown) = (self.store.clone(), self.key.clone(), self.shown.clone());
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(at..at + buf.len() as u64)),
+            if_match: self.e_tag.clone(),
+            ..GetOptions::default()
+        };
+        let want = buf.len();
+        let chunks = block(async move {
+            let got = store
+                .get_opts(&key, options)
+                .await
+                .map_err(|e| explain(&shown, e))?;
+            let mut stream = got.into_stream();
+            let mut chunks = Vec::new();
+            let mut n = 0;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| explain(&shown, e))?;
+                n += chunk.len();
+                if n > want {
+                    break;
+                }
+                chunks.push(chunk);
+            }
+            Ok(chunks)
+        })?;
+        let mut filled = 0;
+        for c in chunks {
+            buf[filled..filled + c.len()].copy_from_slice(&c);
+            filled += c.len();
+        }
+        if filled != want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} answered {filled} bytes for a range of {want} at {at}: it changed while being read",
+                    self.shown
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+/// `object_store`'s address of the object.
+fn key(url: &ObjectUrl) -> io::Result<Key> {
+    Key::parse(&url.key).map_err(|e| invalid(format!("{url}: {e}")))
+}
+
+/// An `object_store` error as a message that says what to check.
+fn explain(what: &str, e: object_store::Error) -> io::Error {
+    use object_store::Error as E;
+    let text = e.to_string();
+    // S3's own error code, where the answer had one.
+    let code = text
+        .split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(code, _)| code.to_string());
+    let is = |c: &str| code.as_deref() == Some(c);
+    let refused = [
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+    ];
+    let (kind, message) = if is("NoSuchBucket") {
+        (
+            io::ErrorKind::NotFound,
+            "no such object or bucket: the bucket does not exist (check its name)".to_string(),
+        )
+    } else if matches!(e, E::NotFound { .. }) || is("NoSuchKey") {
+        (
+            io::ErrorKind::NotFound,
+            "no such object or bucket: check the name (a prefix ends with /)".to_string(),
+        )
+    } else if matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+        || refused.iter().any(|c| is(c))
+    {
+        (
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the storage refused these credentials ({}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                code.as_deref().unwrap_or("403")
+            ),
+        )
+    } else if matches!(e, E::Precondition { .. }) {
+        (
+            io::ErrorKind::Other,
+            "the object changed while it was read: run the job again once it is complete"
+                .to_string(),
+        )
+    } else {
+        (
+            io::ErrorKind::Other,
+            format!(
+                "{text} (check AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for http://, AWS_REGION and the network)"
+            ),
+        )
+    };
+    io::Error::new(kind, format!("{what}: {message}"))
+}
+
+/// The client for `bucket`, made once per process from the environment.
+///
+/// Fails when the environment's settings are invalid.
+fn store(bucket: &str) -> io::Result<Arc<AmazonS3>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
+    let stores = STORES.get_or_init(Default::default);
+    if let Some(s) = stores.lock().unwrap_or_else(|p| p.into_inner()).get(bucket) {
+        return Ok(s.clone());
+    }
+    // reqwest's TLS uses the process's rustls provider: ring, as the rest
+    // of mr (an error means one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        // Set one by one: `with_client_options` would drop what the
+        // environment set (AWS_ALLOW_HTTP among them).
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+            format!("{}s", CONNECT_TIMEOUT.as_secs()),
+        )
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+            format!("{}s", REQUEST_TIMEOUT.as_secs()),
+        )
+        .with_retry(RetryConfig {
+            max_retries: 8,
+            retry_timeout: RETRY_FOR,
+            ..RetryConfig::default()
+        });
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
+        builder = builder.with_region("us-east-1");
+    }
+    let s = Arc::new(builder.build().map_err(|e| {
+        invalid(format!(
+            "cannot use bucket {bucket}: {e} (check the AWS_* environment variables)"
+        ))
+    })?);
+    stores
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(bucket.to_string(), s.clone());
+    Ok(s)
+}
+
+/// Runs `fut` on the storage runtime and waits for it.
+fn block<T: Send + 'static>(
+    fut: impl Future<Output = io::Result<T>> + Send + 'static,
+) -> io::Result<T> {
+    static RUNTIME: OnceLock<io::Result<tokio::runtime::Runtime>> = OnceLock::new();
+    let rt = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("mr-storage")
+            .enable_all()
+            .build()
+    });
+    let rt = rt
+        .as_ref()
+        .map_err(|e| io::Error::other(format!("cannot start the storage runtime: {e}")))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| io::Error::other("a storage request failed without an answer"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_are_told_from_keys() {
+        assert!(is_glob("logs/2026-*.txt") && is_glob("a?b") && is_glob("x[0-9]"));
+        assert!(!is_glob("logs/2026-01.txt") && !is_glob("logs/"));
+    }
+
+    #[test]
+    fn a_bad_endpoint_is_an_error_that_names_the_setting() {
+        // Nothing listens on port 1; the retry bound keeps this short.
+        std::env::set_var("AWS_ENDPOINT_URL", "http://127.0.0.1:1");
+        std::env::set_var("AWS_ALLOW_HTTP", "true");
+        std::env::set_var("AWS_ACCESS_KEY_ID", "k");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "s");
+        let url = ObjectUrl::parse("s3://nowhere/k").unwrap().unwrap();
+        let err = expand(&url).unwrap_err().to_string();
+        assert!(
+            err.contains("s3://nowhere/k") && err.contains("AWS_ENDPOINT_URL"),
+            "{err}"
+        );
+    }
+}
