@@ -167,7 +167,12 @@ fi
 
 # --- start ------------------------------------------------------------------
 
-mkdir -p "$dir"
+# DIR is made private, or must be ours already: another user's directory
+# could hold symlinks that turn our writes (as root, perhaps) into theirs,
+# or an env file of theirs that the caller then evals.
+mkdir -p -m 700 "$dir"
+[ -O "$dir" ] && [ ! -L "$dir" ] || die "$dir is not a directory of yours: use a new one (mktemp -d)"
+chmod 700 "$dir"
 lock
 if [ -f "$conf" ]; then
     if running; then

@@ -573,8 +573,15 @@ impl Coordinator for Server {
         }
         let (output, force) = (spec.output.clone(), spec.force);
         let roots = self.shared.data_roots.clone();
-        // Objects are read with each worker's own credentials; the data roots
-        // bound files.
+        // Data roots bound files; no object is inside them (yet).
+        if !self.shared.data_roots.is_unlimited() {
+            if let Some(i) = spec.inputs.iter().find(|i| i.path.object().is_some()) {
+                return Err(RpcError::Invalid(format!(
+                    "{} is an object, and this coordinator takes only files under its data roots (--data-root)",
+                    i.path
+                )));
+            }
+        }
         let inputs: Vec<_> = spec
             .inputs
             .iter()

@@ -36,10 +36,14 @@ impl ObjectUrl {
     pub fn parse(text: &str) -> Option<Result<ObjectUrl, String>> {
         let rest = SCHEMES.iter().find_map(|s| text.strip_prefix(s))?;
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-        Some(check_bucket(bucket).map(|()| ObjectUrl {
-            bucket: bucket.to_string(),
-            key: key.to_string(),
-        }))
+        Some(
+            check_bucket(bucket)
+                .and_then(|()| check_key(key))
+                .map(|()| ObjectUrl {
+                    bucket: bucket.to_string(),
+                    key: key.to_string(),
+                }),
+        )
     }
 }
 
@@ -66,6 +70,25 @@ fn check_bucket(bucket: &str) -> Result<(), String> {
             "{bucket:?} is not a bucket name: S3 bucket names are 3 to 63 lower-case letters, digits, '.' and '-' (write s3://bucket/key)"
         ))
     }
+}
+
+/// Keys that would name another object once normalised (`a//b`, `/a`,
+/// `a/./b`, `a/../b`) or carry control characters are refused; a key may
+/// end with `/` (a prefix).
+fn check_key(key: &str) -> Result<(), String> {
+    let body = key.strip_suffix('/').unwrap_or(key);
+    if body.is_empty() && key.is_empty() {
+        return Ok(());
+    }
+    let bad_segment = body
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..");
+    if bad_segment || key.chars().any(char::is_control) {
+        return Err(format!(
+            "{key:?} is not a key mr can read: no empty, `.` or `..` segments, no control characters"
+        ));
+    }
+    Ok(())
 }
 
 impl Location {
@@ -192,6 +215,19 @@ mod tests {
         ] {
             let err = Location::parse(bad).unwrap_err();
             assert!(err.contains("not a bucket name"), "{bad}: {err}");
+        }
+        for bad in [
+            "s3://abc//k",
+            "s3://abc/a//b",
+            "s3://abc/a/../b",
+            "s3://abc/./b",
+            "s3://abc/a\n",
+        ] {
+            let err = Location::parse(bad).unwrap_err();
+            assert!(err.contains("not a key"), "{bad}: {err}");
+        }
+        for good in ["s3://abc/", "s3://abc/a/", "s3://abc/a/b.txt", "s3://abc"] {
+            assert!(Location::parse(good).is_ok(), "{good}");
         }
     }
 

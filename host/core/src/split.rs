@@ -166,39 +166,57 @@ pub fn read_split_checked(
     )
 }
 
+/// How far a split's first or last line may run past its range: a longer
+/// line fails the task instead of growing its buffer without bound (a file
+/// or object with no newlines at all, say).
+pub const MAX_LINE: u64 = 64 << 20;
+
 /// The lines of `src` that start in `start..end` (see [`read_split`]): at
 /// most two short reads to find the line ends, then one read of the lines.
 ///
-/// Fails when `src` cannot be read.
+/// Fails when `src` cannot be read, or a line runs more than [`MAX_LINE`]
+/// bytes past the range.
 pub fn read_lines(src: &mut impl ReadAt, start: u64, end: u64) -> io::Result<Vec<u8>> {
     let len = src.size();
+    let too_long = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "a line runs more than {} MiB past bytes {start}..{end}: is this text with newlines?",
+                MAX_LINE >> 20
+            ),
+        )
+    };
     let begin = if start == 0 {
         0
     } else {
-        match find_newline(src, start - 1)? {
+        match find_newline(src, start - 1, start.saturating_add(MAX_LINE))? {
             Some(nl) => nl + 1,
+            None if len > start.saturating_add(MAX_LINE) => return Err(too_long()),
             None => return Ok(Vec::new()),
         }
     };
     let end = if end >= len || end == 0 {
         len
     } else {
-        match find_newline(src, end - 1)? {
+        match find_newline(src, end - 1, end.saturating_add(MAX_LINE))? {
             Some(nl) => nl + 1,
+            None if len > end.saturating_add(MAX_LINE) => return Err(too_long()),
             None => len,
         }
     };
     if begin >= end {
         return Ok(Vec::new());
     }
+
     let mut buf = vec![0u8; (end - begin) as usize];
     src.read_exact_at(begin, &mut buf)?;
     Ok(buf)
 }
 
-/// Offset of the first `\n` at or after `from`, if any.
-fn find_newline(src: &mut impl ReadAt, from: u64) -> io::Result<Option<u64>> {
-    let len = src.size();
+/// Offset of the first `\n` at or after `from` and before `until`, if any.
+fn find_newline(src: &mut impl ReadAt, from: u64, until: u64) -> io::Result<Option<u64>> {
+    let len = src.size().min(until);
     let mut pos = from;
     let mut buf = vec![0u8; 64 * 1024];
     while pos < len {
@@ -261,6 +279,31 @@ mod tests {
         }
         assert_eq!(count(u64::MAX, u64::MAX), 1);
         assert!(count(u64::MAX, 1) > 1 << 60, "no overflow, no loop");
+    }
+
+    /// A gigabyte of `x` with no newline, read without storing it.
+    struct NoNewlines;
+
+    impl ReadAt for NoNewlines {
+        fn size(&self) -> u64 {
+            1 << 30
+        }
+        fn read_exact_at(&mut self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(b'x');
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_fails_instead_of_filling_memory() {
+        for (start, end) in [(0, 1000), (1000, 2000)] {
+            let err = read_lines(&mut NoNewlines, start, end).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            assert!(
+                err.to_string().contains("a line runs more than 64 MiB"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -117,6 +117,17 @@ pub fn expand(url: &ObjectUrl) -> io::Result<Vec<Object>> {
                 });
             }
         }
+        // A "folder" marker (an empty `x/` object, listed as `x`) is no input.
+        let keys: std::collections::BTreeSet<String> =
+            found.iter().map(|o| o.url.key.clone()).collect();
+        found.retain(|o| {
+            let dir = format!("{}/", o.url.key);
+            o.size > 0
+                || keys
+                    .range(dir.clone()..)
+                    .next()
+                    .is_none_or(|k| !k.starts_with(&dir))
+        });
         if found.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,

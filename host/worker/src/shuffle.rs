@@ -432,7 +432,8 @@ async fn send_watched<W: Finish + Send + 'static>(
     outputs: Arc<MapOutputs>,
     req: FetchRequest,
 ) -> std::io::Result<()> {
-    let guard = tcp.try_clone()?;
+    // Shuts the socket down if this future is dropped mid-send too.
+    let mut guard = ShutDownOnDrop(Some(tcp.try_clone()?));
     let sent = Arc::new(AtomicU64::new(0));
     let watched = Watched {
         sock: tcp,
@@ -441,12 +442,18 @@ async fn send_watched<W: Finish + Send + 'static>(
     let send = tokio::task::spawn_blocking(move || send_segments(wrap(watched), &outputs, &req));
     tokio::pin!(send);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // What had been sent, once a second over the last FETCH_TIMEOUT.
     let mut seen = std::collections::VecDeque::new();
     loop {
         tokio::select! {
-            done = &mut send => return done.map_err(std::io::Error::other)?,
-            now = tick.tick() => {
+            done = &mut send => {
+                // Done: the clone is closed without shutting anything down.
+                guard.0 = None;
+                return done.map_err(std::io::Error::other)?;
+            }
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
                 let total = sent.load(Ordering::Relaxed);
                 seen.push_back((now, total));
                 while seen.front().is_some_and(|&(t, _)| now - t > FETCH_TIMEOUT) {
@@ -457,16 +464,34 @@ async fn send_watched<W: Finish + Send + 'static>(
                     && total - before < MIN_SENT
                 {
                     // The blocked write fails, and the thread returns.
-                    let _ = guard.shutdown(std::net::Shutdown::Both);
+                    guard.shut_down();
                 }
             }
         }
     }
 }
 
-/// Bytes a reducer must take per [`FETCH_TIMEOUT`] (100 KiB/s) while a
-/// segment is being sent to it, or it is dropped.
-const MIN_SENT: u64 = 1 << 20;
+/// Bytes a reducer must take per [`FETCH_TIMEOUT`] (25 KiB/s) while a
+/// segment is being sent to it, or it is dropped (twice what a peer that
+/// reads nothing was measured to take: ~128 KiB per 10 s).
+const MIN_SENT: u64 = 256 << 10;
+
+/// A clone of a serving socket that shuts it down when dropped.
+struct ShutDownOnDrop(Option<std::net::TcpStream>);
+
+impl ShutDownOnDrop {
+    fn shut_down(&self) {
+        if let Some(s) = &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for ShutDownOnDrop {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
 
 /// A serving socket that counts the bytes written to it.
 struct Watched {

@@ -480,12 +480,24 @@ impl Worker {
     /// Fails with a message naming the path and the roots.
     fn check_paths(&self, work: &Work) -> Result<Option<std::path::PathBuf>, String> {
         let mine = &self.options.data_roots;
-        let Some(theirs) = self.task_roots().into_iter().next() else {
+        let theirs = self.task_roots().into_iter().next();
+        // Data roots bound files; no object is inside them (yet), so a
+        // worker or coordinator that limits its roots reads no objects.
+        if let Work::Map { split } = work {
+            if let Some(o) = split.path.object() {
+                if !mine.is_unlimited() || theirs.as_ref().is_some_and(|t| !t.is_unlimited()) {
+                    return Err(format!(
+                        "{o} is an object, and this worker reads only files under its data roots"
+                    ));
+                }
+                return Ok(None);
+            }
+        }
+        let Some(theirs) = theirs else {
             return Ok(None);
         };
         match work {
             Work::Map { split } => {
-                // An object: read with this worker's own credentials.
                 let Some(path) = split.path.file() else {
                     return Ok(None);
                 };
