@@ -80,21 +80,23 @@ fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Ran {
 }
 
 /// Says loudly that `what` is skipped (on the terminal, past the test
-/// harness's capture), or fails under CI, where every toolchain must work.
-fn unavailable(what: &str, why: &str) {
+/// harness's capture), or fails under CI, where every toolchain and test
+/// server must work.
+pub fn unavailable(what: &str, why: &str) {
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
     assert!(
         !ci,
-        "{what}: the toolchain is unavailable, which CI does not allow:\n{why}"
+        "{what}: what it needs is unavailable, which CI does not allow:\n{why}"
     );
     let _ = writeln!(
         std::io::stderr(),
-        "\n!!!!!!!! SKIPPED {what}: its toolchain cannot be installed on this machine !!!!!!!!\n{why}"
+        "\n!!!!!!!! SKIPPED {what}: what it needs cannot be installed on this machine !!!!!!!!\n{why}"
     );
 }
 
-/// Exit status of the build scripts when a toolchain cannot be installed.
-const UNAVAILABLE: i32 = 77;
+/// Exit status of the install scripts when a toolchain or server cannot
+/// be installed.
+pub const UNAVAILABLE: i32 = 77;
 
 /// Runs a build step; `None` (after saying so) if its toolchain is missing.
 fn build_step(what: &str, cmd: &mut Command) -> Option<String> {
