@@ -107,6 +107,10 @@ pub fn is_handshake_failure(e: &std::io::Error) -> bool {
         )
 }
 
+/// How many times a connection lost before the coordinator answered its
+/// `hello` is made again.
+const LOST_HELLOS: usize = 3;
+
 /// How long one client call may take.
 pub const CALL: Duration = Duration::from_secs(30);
 
@@ -139,13 +143,27 @@ impl CoordinatorArg {
         };
         let started = Instant::now();
         let mut said = false;
-        let client = loop {
-            match mr_core::rpc::connect(&self.coordinator, tls.as_ref()).await {
-                Ok(c) => break c,
+        // A connection lost before `hello` is answered (a coordinator
+        // under a flood of sockets may push out a client still in its
+        // handshake) is tried again, a few times.
+        let mut lost = 0;
+        let (client, info) = loop {
+            let client = match mr_core::rpc::connect(&self.coordinator, tls.as_ref()).await {
+                Ok(c) => c,
                 Err(e) if tls::is_wrong_ca(&e) => anyhow::bail!(
                     "not authorized: the coordinator at {} does not hold a certificate of the cluster CA the token names (it is another cluster's token, or the coordinator's state directory was replaced); use the token in DIR/client.token of that coordinator's state directory",
                     self.coordinator
                 ),
+                // Closed in the handshake: a plaintext coordinator, or one
+                // that pushed us out for a newer socket; try a few times.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof && lost < LOST_HELLOS =>
+                {
+                    lost += 1;
+                    tracing::debug!("{} closed the connection in its TLS handshake; retrying", self.coordinator);
+                    tokio::time::sleep(Duration::from_millis(100 * lost as u64)).await;
+                    continue;
+                }
                 Err(e) if is_handshake_failure(&e) => anyhow::bail!(
                     "cannot talk to the coordinator at {} over TLS ({e}); if it was started with --insecure, pass --insecure too",
                     self.coordinator
@@ -160,6 +178,7 @@ impl CoordinatorArg {
                     }
                     tracing::debug!("cannot reach {}: {e}; retrying", self.coordinator);
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
                 Err(e) => {
                     return Err(e).with_context(|| {
@@ -169,16 +188,24 @@ impl CoordinatorArg {
                         )
                     })
                 }
+            };
+            let text = token.as_ref().map(|t| t.to_string()).unwrap_or_default();
+            match client.hello(context(CALL), PROTOCOL_VERSION, text).await {
+                Err(e) if self.insecure => anyhow::bail!(
+                    "lost the connection to the coordinator at {}: {e}; it most likely requires TLS (the default): drop --insecure and use its client token",
+                    self.coordinator
+                ),
+                Err(
+                    e @ (tarpc::client::RpcError::Channel(_)
+                    | tarpc::client::RpcError::Shutdown
+                    | tarpc::client::RpcError::Send(_)),
+                ) if lost < LOST_HELLOS => {
+                    lost += 1;
+                    tracing::debug!("lost the connection to {} before its hello was answered: {e}; retrying", self.coordinator);
+                    tokio::time::sleep(Duration::from_millis(100 * lost as u64)).await;
+                }
+                h => break (client, answer(&self.coordinator, h)?),
             }
-        };
-        let text = token.as_ref().map(|t| t.to_string()).unwrap_or_default();
-        let hello = client.hello(context(CALL), PROTOCOL_VERSION, text).await;
-        let info = match hello {
-            Err(e) if self.insecure => anyhow::bail!(
-                "lost the connection to the coordinator at {}: {e}; it most likely requires TLS (the default): drop --insecure and use its client token",
-                self.coordinator
-            ),
-            h => answer(&self.coordinator, h)?,
         };
         tracing::debug!("connected: {info}");
         if info.contains("INSECURE") {

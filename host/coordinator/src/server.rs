@@ -170,6 +170,16 @@ async fn connection(
     let evicted = waiting.evicted.clone();
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config());
+    // A socket that says nothing is pushed out before one that has begun
+    // its handshake (see `mr_core::gate`).
+    let spoke = tokio::select! {
+        r = tokio::time::timeout_at(deadline, mr_core::gate::first_bytes(&stream, &waiting)) => r.unwrap_or(false),
+        _ = evicted.notified() => false,
+    };
+    if !spoke {
+        tracing::debug!(peer = %addr, "dropped a connection that said nothing");
+        return;
+    }
     let stream = tokio::select! {
         r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => match r {
             Ok(Ok(s)) => s,

@@ -2,10 +2,12 @@
 //! connections that have not yet proved who they are wait here, bounded
 //! in number overall and per source address. A new one pushes out a
 //! waiting connection of the address that has the most waiting: its
-//! oldest that has not finished its TLS handshake, else its oldest. So a
-//! stranger opening sockets in a loop pushes out its own, not the
-//! cluster's (whose connections finish their handshake in milliseconds);
-//! and live connections are bounded too.
+//! oldest that has sent nothing yet, else its oldest that has not
+//! finished its TLS handshake, else its oldest. So a stranger opening
+//! sockets in a loop pushes out its own, not the cluster's (whose
+//! connections speak at once and finish their handshake in
+//! milliseconds), even when it shares their address (a NAT, or the same
+//! host); and live connections are bounded too.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -14,8 +16,20 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-/// A waiting connection: id, address, handshake done, told when pushed out.
-type Entry = (u64, IpAddr, bool, Arc<Notify>);
+/// How far a waiting connection has got: the earlier, the sooner it is
+/// pushed out.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Stage {
+    /// Connected and said nothing (a socket held open to fill the gate).
+    Silent,
+    /// Sent its first bytes (a TLS ClientHello, a request).
+    Spoke,
+    /// Finished its TLS handshake.
+    Handshaken,
+}
+
+/// A waiting connection: id, address, stage, told when pushed out.
+type Entry = (u64, IpAddr, Stage, Arc<Notify>);
 
 /// A port's gate.
 pub struct Gate {
@@ -100,9 +114,9 @@ impl Gate {
         let evicted = Arc::new(Notify::new());
         let mut q = self.waiting.lock().expect("gate lock");
         let from = source(from);
-        q.push_back((id, from, false, evicted.clone()));
+        q.push_back((id, from, Stage::Silent, evicted.clone()));
         // Kept connections (members') do not count against anyone.
-        let counts = |e: &&Entry| !(self.keep_handshaken && e.2);
+        let counts = |e: &&Entry| !(self.keep_handshaken && e.2 == Stage::Handshaken);
         let mine = q
             .iter()
             .filter(counts)
@@ -128,21 +142,22 @@ impl Gate {
                     .find(|a| per[a] == most)
                     .unwrap_or(from)
             };
-            // Only the victim source's sockets go: its oldest not past its
-            // handshake, else (unless those are kept: members) its oldest,
-            // else the newcomer itself. Never another source's: a source
-            // holding handshaken sockets must neither turn its address's
-            // new connections away nor push out anyone else's.
-            let other = |e: &Entry| e.0 != id;
-            let at = q
-                .iter()
-                .position(|e| other(e) && e.1 == victim && !e.2)
+            // Only the victim source's sockets go: its oldest silent one,
+            // else its oldest not past its handshake, else (unless those
+            // are kept: members) its oldest, else the newcomer itself.
+            // Never another source's: a source holding handshaken sockets
+            // must neither turn its address's new connections away nor
+            // push out anyone else's.
+            let other = |e: &Entry| e.0 != id && e.1 == victim;
+            let oldest = |stage: Stage| q.iter().position(|e| other(e) && e.2 == stage);
+            let at = oldest(Stage::Silent)
+                .or_else(|| oldest(Stage::Spoke))
                 .or_else(|| {
                     (!self.keep_handshaken)
-                        .then(|| q.iter().position(|e| other(e) && e.1 == victim))
+                        .then(|| oldest(Stage::Handshaken))
                         .flatten()
                 })
-                .or_else(|| q.iter().position(|e| !other(e)));
+                .or_else(|| q.iter().position(|e| e.0 == id));
             if let Some((_, _, _, n)) = at.and_then(|i| q.remove(i)) {
                 n.notify_one();
             }
@@ -161,13 +176,35 @@ impl Gate {
 }
 
 impl Waiting {
+    /// It sent its first bytes: it is pushed out only after the silent.
+    pub fn spoke(&self) {
+        self.reached(Stage::Spoke);
+    }
+
     /// Its TLS handshake is done: it is pushed out only after those that
     /// have not got that far.
     pub fn handshaken(&self) {
+        self.reached(Stage::Handshaken);
+    }
+
+    fn reached(&self, stage: Stage) {
         let mut q = self.gate.waiting.lock().expect("gate lock");
         if let Some(e) = q.iter_mut().find(|(id, _, _, _)| *id == self.id) {
-            e.2 = true;
+            e.2 = e.2.max(stage);
         }
+    }
+}
+
+/// Waits until `stream` has bytes to read (its peer spoke) and marks
+/// `waiting` so; `false` if it closed first or the read failed.
+pub async fn first_bytes(stream: &tokio::net::TcpStream, waiting: &Waiting) -> bool {
+    let mut one = [0u8; 1];
+    match stream.peek(&mut one).await {
+        Ok(n) if n > 0 => {
+            waiting.spoke();
+            true
+        }
+        _ => false,
     }
 }
 
@@ -274,6 +311,24 @@ mod tests {
         assert!(gone.await.is_err(), "another source's connection stays");
         assert!(g.waiting() <= 5, "the stranger keeps to its share");
         drop((flood, honest));
+        // Sharing its address with a silent flood, a connection that has
+        // spoke (a real client in its TLS handshake) outlasts any number
+        // of sockets that say nothing (seen in CI: `mr submit` from the
+        // flooding host lost its connection mid-handshake).
+        let g = Gate::new(8, 4, 100);
+        let client = g.wait(stranger);
+        client.spoke();
+        let mut silent: Vec<Waiting> = Vec::new();
+        for _ in 0..200 {
+            silent.push(g.wait(stranger));
+        }
+        let gone = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            client.evicted.notified(),
+        );
+        assert!(gone.await.is_err(), "the speaking client stays");
+        assert!(g.waiting() <= 4);
+        drop((silent, client));
         // Many sources at one each: the longest waiting goes, not a
         // random one.
         let g = Gate::new(4, 4, 100);

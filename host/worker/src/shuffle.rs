@@ -367,8 +367,16 @@ async fn handle(
     let Some(auth) = auth else {
         return Err(std::io::Error::other("not registered yet: no certificate"));
     };
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    // A socket that says nothing is pushed out before one that has begun
+    // its handshake (see `mr_core::gate`).
+    match tokio::time::timeout_at(deadline, mr_core::gate::first_bytes(&stream, &permit)).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(_) => return Err(std::io::Error::other("no TLS handshake in time")),
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(auth.server.clone());
-    let mut stream = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(stream)).await {
+    let mut stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
         Ok(Err(e)) => {
