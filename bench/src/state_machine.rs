@@ -92,7 +92,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
             })
             .collect(),
         reduces,
-        output: "/out/sim".into(),
+        output: std::path::PathBuf::from("/out/sim").into(),
         force: false,
         split_size: 64 << 20,
         sort_buffer: 64 << 20,
@@ -145,6 +145,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
                         outcome,
                         counters: Counters::default(),
                         digests: Vec::new(),
+                        upload: None,
                     },
                 )?;
             }
@@ -175,7 +176,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
         }
         for a in s.drain_actions() {
             if let Action::CommitJob { job: j, .. } = a {
-                s.job_committed(t, &j, Ok(()));
+                s.job_committed(t, &j, Ok(()), Default::default());
                 done = true;
             }
         }

@@ -33,6 +33,9 @@ pub(crate) struct Cluster {
     pub(crate) coordinator_args: Vec<String>,
     pub(crate) workers: Vec<Child>,
     pub logs: Vec<PathBuf>,
+    /// Environment for every process of the cluster and its commands
+    /// (an S3 endpoint and credentials, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -42,15 +45,20 @@ impl Cluster {
     /// cluster's directory and the system's temporary directory unless
     /// `args` names some.
     pub(crate) fn start(args: &[&str]) -> Cluster {
-        Cluster::with(args, false)
+        Cluster::with(args, false, Vec::new())
+    }
+
+    /// Like [`Cluster::start`], with `env` in every process's environment.
+    pub(crate) fn start_with_env(args: &[&str], env: Vec<(String, String)>) -> Cluster {
+        Cluster::with(args, false, env)
     }
 
     /// Like [`Cluster::start`], with `--insecure` on every command.
     pub(crate) fn insecure(args: &[&str]) -> Cluster {
-        Cluster::with(args, true)
+        Cluster::with(args, true, Vec::new())
     }
 
-    fn with(args: &[&str], insecure: bool) -> Cluster {
+    fn with(args: &[&str], insecure: bool, env: Vec<(String, String)>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut coordinator_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let state = match args.iter().position(|a| *a == "--state-dir") {
@@ -82,6 +90,7 @@ impl Cluster {
             coordinator_args,
             workers: Vec::new(),
             logs: Vec::new(),
+            env,
         };
         c.start_coordinator("127.0.0.1:0");
         c
@@ -127,6 +136,7 @@ impl Cluster {
     pub(crate) fn start_coordinator(&mut self, listen: &str) {
         let log = self.log("coordinator");
         let mut child = mr()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["coordinator", "--listen", listen])
             .args(&self.coordinator_args)
             .stdout(Stdio::piped())
@@ -189,9 +199,23 @@ impl Cluster {
         if !args.contains(&"--slots") {
             cmd.args(["--slots", "2"]);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.args(args).stderr(log).spawn().unwrap();
         self.workers.push(child);
         self.workers.len() - 1
+    }
+
+    /// The index of the worker that registered as `id` (from its log).
+    pub(crate) fn worker_index(&self, id: &str) -> usize {
+        let said = format!("registered worker={id} ");
+        self.logs
+            .iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("worker-"))
+            })
+            .position(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(&said)))
+            .unwrap_or_else(|| panic!("no worker registered as {id}\n{}", self.logs()))
     }
 
     pub(crate) fn signal_worker(&self, i: usize, signal: libc::c_int) {
@@ -214,6 +238,7 @@ impl Cluster {
     /// `mr <sub> --coordinator ADDR <args>`.
     pub(crate) fn cmd(&self, sub: &str, args: &[&str]) -> Command {
         let mut c = mr();
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c.args([sub, "--coordinator", &self.addr])
             .args(self.credentials("client"))
             .args(args);
@@ -920,6 +945,7 @@ fn a_worker_waits_for_a_coordinator_that_starts_late() {
         coordinator: None,
         workers: Vec::new(),
         logs: vec![log],
+        env: Vec::new(),
     };
     c.start_coordinator(&addr);
     let out = c.out("late");

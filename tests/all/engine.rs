@@ -264,7 +264,7 @@ fn the_coordinator_checks_every_spec_it_receives() {
             bytes: 100,
         }],
         reduces: 1,
-        output: tmp.path().join("out"),
+        output: tmp.path().join("out").into(),
         force: false,
         split_size: 64 << 20,
         sort_buffer: 64 << 20,
@@ -291,7 +291,9 @@ fn the_coordinator_checks_every_spec_it_receives() {
             s.attempt_timeout = Duration::from_secs(u64::MAX / 1000)
         }),
         ("--sort-buffer", |s| s.sort_buffer = u64::MAX),
-        ("absolute", |s| s.output = "relative".into()),
+        ("absolute", |s| {
+            s.output = std::path::PathBuf::from("relative").into()
+        }),
     ];
     rt.block_on(async {
         let client = c.client().await;

@@ -230,6 +230,7 @@ fn workers_need_the_worker_token_and_cannot_speak_for_another() {
             outcome: mr_core::rpc::Outcome::MapDone,
             counters: Default::default(),
             digests: Vec::new(),
+            upload: None,
         };
         let r = member
             .report(context(QUICK), real.clone(), forged)
@@ -412,6 +413,7 @@ fn a_coordinator_without_data_roots_refuses_every_job() {
         coordinator: None,
         workers: Vec::new(),
         logs: Vec::new(),
+        env: Vec::new(),
     };
     c.start_coordinator("127.0.0.1:0");
     let o = c.out("out").display().to_string();

@@ -12,6 +12,9 @@
 //! `slow` counts like `wc` but spins ~20 µs per word (so its map runs for
 //! seconds on a MiB and reports its progress as it goes);
 //! `hoard` holds 40 MiB in map while its combiner takes 40 MiB more;
+//! `slowreduce` emits the key `slowreduce`, whose reduce spins for about
+//! 10 s (so a test can kill a reduce attempt while it runs), besides
+//! counting like `wc`;
 //! anything else is counted like `wc`.
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -175,6 +178,12 @@ impl App for Hostile {
                     out.emit(word, "1");
                 }
             }
+            "slowreduce" => {
+                out.emit("slowreduce", "1");
+                for word in mr_sdk::words(contents) {
+                    out.emit(word, "1");
+                }
+            }
             "clock" => {
                 let secs = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -191,6 +200,15 @@ impl App for Hostile {
     }
 
     fn reduce(key: &str, values: &[&str]) -> String {
+        if key == "slowreduce" {
+            // About 10 s of work, whatever the clock (none is granted).
+            let mut x = 0u64;
+            for i in 0..5_000_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            std::hint::black_box(x);
+            return values.len().to_string();
+        }
         if key == "fine" || key.contains(' ') || key.contains('\n') || key.is_empty() {
             return values.join(",");
         }

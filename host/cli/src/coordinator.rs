@@ -38,11 +38,12 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     state_dir: Option<PathBuf>,
 
-    /// Jobs may read inputs and write outputs only under this directory
-    /// (repeatable); any other path, after `..` and symlinks are resolved,
-    /// is refused at submit. Without it every job is refused.
-    #[arg(long = "data-root", value_name = "DIR")]
-    data_roots: Vec<PathBuf>,
+    /// Jobs may read inputs and write outputs only under this directory,
+    /// or object prefix (s3://bucket/prefix/) (repeatable); any other
+    /// path, after `..` and symlinks are resolved, or object is refused at
+    /// submit. Without it every job is refused.
+    #[arg(long = "data-root", value_name = "DIR|s3://BUCKET/PREFIX/")]
+    data_roots: Vec<String>,
 
     /// No TLS, no tokens, no certificates: anyone who reaches the port can
     /// submit jobs, join as a worker, and read map output. Only for a
@@ -143,7 +144,7 @@ impl CoordinatorArgs {
         let data_roots = mr_core::roots::DataRoots::resolve(&self.data_roots)
             .map_err(anyhow::Error::msg)?
             .excluding(std::slice::from_ref(&state_dir));
-        if data_roots.dirs().is_some_and(|d| d.is_empty()) {
+        if data_roots.is_empty() {
             tracing::warn!("no --data-root: every job will be refused; name the directories jobs may read and write with --data-root DIR");
         } else {
             let roots: Vec<String> = data_roots
@@ -151,6 +152,7 @@ impl CoordinatorArgs {
                 .into_iter()
                 .flatten()
                 .map(|d| d.display().to_string())
+                .chain(data_roots.object_roots().iter().map(|o| o.to_string()))
                 .collect();
             tracing::info!("jobs may read and write under {}", roots.join(", "));
         }

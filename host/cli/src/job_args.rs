@@ -19,9 +19,10 @@ pub struct JobArgs {
     #[arg(short = 'r', long, default_value_t = 10)]
     pub reduces: u32,
 
-    /// Output directory; must be empty or absent (see --force).
+    /// Output directory, or prefix in object storage (s3://bucket/prefix/);
+    /// must be empty or absent (see --force).
     #[arg(short, long)]
-    pub output: PathBuf,
+    pub output: String,
 
     /// Replace the output of an earlier job in --output: removes its
     /// mr-out-*, _SUCCESS, _FAILED and _temporary (other files are kept).
@@ -134,13 +135,29 @@ impl TryFrom<JobRequest<'_>> for Job {
     /// out of its bounds.
     fn try_from(r: JobRequest<'_>) -> anyhow::Result<Job> {
         let a = r.job;
-        let output = std::path::absolute(&a.output)
-            .with_context(|| format!("bad output directory {}", a.output.display()))?;
+        let output = match mr_core::location::ObjectUrl::parse(&a.output) {
+            Some(url) => Location::Object(url.map_err(anyhow::Error::msg)?.as_prefix()),
+            None => Location::File(
+                std::path::absolute(&a.output)
+                    .with_context(|| format!("bad output directory {}", a.output))?,
+            ),
+        };
         let mut inputs = Vec::with_capacity(r.inputs.len());
         for name in r.inputs {
             if let Some(url) = mr_core::location::ObjectUrl::parse(name) {
                 let url = url.map_err(anyhow::Error::msg)?;
                 let objects = mr_storage::expand(&url)?;
+                if let (true, Location::Object(prefix)) = (a.force, &output) {
+                    if let Some(o) = objects
+                        .iter()
+                        .find(|o| mr_storage::output::would_be_removed(&o.url, prefix))
+                    {
+                        anyhow::bail!(
+                            "input {} is part of the output in {prefix} that --force would remove; copy it elsewhere first",
+                            o.url
+                        );
+                    }
+                }
                 // One object is named as the user wrote it; those of a
                 // prefix or a glob by their own URLs.
                 let one = objects.len() == 1 && objects[0].url == url;
@@ -153,7 +170,9 @@ impl TryFrom<JobRequest<'_>> for Job {
                 }
                 continue;
             }
-            let bytes = mr_core::output::check_input(name, &output, a.force)?;
+            let force = a.force && output.file().is_some();
+            let dir = output.file().unwrap_or(std::path::Path::new("/"));
+            let bytes = mr_core::output::check_input(name, dir, force)?;
             let path = std::path::absolute(name).with_context(|| format!("bad input {name}"))?;
             inputs.push(InputFile {
                 name: name.clone(),
@@ -188,7 +207,10 @@ impl TryFrom<JobRequest<'_>> for Job {
             verify: a.verify.unwrap_or(1),
         };
         spec.validate()?;
-        mr_core::output::precheck(&spec.output, spec.force)?;
+        match &spec.output {
+            Location::File(d) => mr_core::output::precheck(d, spec.force)?,
+            Location::Object(p) => mr_storage::output::precheck(p, spec.force)?,
+        }
         Ok(Job { spec, app })
     }
 }

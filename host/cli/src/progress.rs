@@ -2,7 +2,6 @@
 //! attempt (printed everywhere, bars or not), for `mr run` and `mr submit`
 //! alike (both watch a coordinator: see [`crate::watch`]).
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -20,6 +19,9 @@ pub enum Phase {
 pub trait Observer: Send + Sync {
     fn phase_started(&self, _phase: Phase, _tasks: usize) {}
     fn task_done(&self, _phase: Phase, _done: usize, _tasks: usize) {}
+    /// Bytes the done tasks read from (maps) and wrote to (reduces)
+    /// object storage.
+    fn object_bytes(&self, _read: u64, _written: u64) {}
     /// An attempt failed on `worker`; `error` is the first line of why.
     fn attempt_failed(&self, _task: TaskId, _attempt: u32, _worker: &str, _error: &str) {}
     /// A line for people (above the bars, if any).
@@ -75,9 +77,10 @@ impl Bars {
 
 impl Observer for Bars {
     fn phase_started(&self, phase: Phase, tasks: usize) {
-        let style = ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("a valid template")
-            .progress_chars("=> ");
+        let style =
+            ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} {elapsed} {msg}")
+                .expect("a valid template")
+                .progress_chars("=> ");
         let bar = self.multi.add(ProgressBar::new(tasks as u64));
         bar.set_style(style);
         bar.set_prefix(match phase {
@@ -89,6 +92,15 @@ impl Observer for Bars {
     fn task_done(&self, phase: Phase, done: usize, _tasks: usize) {
         if let Some(b) = self.slot(phase).get() {
             b.set_position(done as u64);
+        }
+    }
+    fn object_bytes(&self, read: u64, written: u64) {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        if let (Some(b), true) = (self.map.get(), read > 0) {
+            b.set_message(format!("{} read from object storage", mib(read)));
+        }
+        if let (Some(b), true) = (self.reduce.get(), written > 0) {
+            b.set_message(format!("{} written to object storage", mib(written)));
         }
     }
     fn attempt_failed(&self, task: TaskId, attempt: u32, worker: &str, error: &str) {
@@ -107,7 +119,7 @@ impl Observer for Bars {
 }
 
 /// The line a successful job ends with, for `mr run` and `mr submit` alike.
-pub fn success_line(report: &JobReport, output: &Path) -> String {
+pub fn success_line(report: &JobReport, output: &str) -> String {
     let secs = report.finished_ms.saturating_sub(report.started_ms) as f64 / 1000.0;
     let maps = report
         .tasks
@@ -115,12 +127,30 @@ pub fn success_line(report: &JobReport, output: &Path) -> String {
         .filter(|t| matches!(t.task, TaskId::Map(_)))
         .count();
     format!(
-        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {}/mr-out-* (report: {}/_SUCCESS)",
+        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {} (report: {}){}",
         report.job_id.as_ref().map(|j| j.0.as_str()).unwrap_or("?"),
         report.reduces,
         report.counters.map_input_bytes,
         report.counters.reduce_output_records,
-        output.display(),
-        output.display(),
+        under(output, "mr-out-*"),
+        under(output, "_SUCCESS"),
+        object_requests(&report.counters),
+    )
+}
+
+/// `name` in the output directory or under the output prefix.
+pub fn under(output: &str, name: &str) -> String {
+    format!("{}/{name}", output.trim_end_matches('/'))
+}
+
+/// What a job asked of object storage, if anything: `; object storage: 12
+/// GETs (3.1 MB), 40 PUTs (1.2 MB)`.
+fn object_requests(c: &mr_core::report::Counters) -> String {
+    if c.object_gets == 0 && c.object_puts == 0 {
+        return String::new();
+    }
+    format!(
+        "; object storage: {} GETs ({} bytes), {} PUTs ({} bytes)",
+        c.object_gets, c.object_bytes_read, c.object_puts, c.object_bytes_written
     )
 }

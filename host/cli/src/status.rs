@@ -48,7 +48,7 @@ impl StatusArgs {
                         s.running,
                         s.failed_attempts,
                         s.app,
-                        s.output.display()
+                        s.output
                     );
                     if let Some(w) = &s.waiting {
                         println!("    waiting: {w}");
@@ -93,12 +93,18 @@ impl StatusArgs {
             println!("job      {}", s.job);
             println!("state    {}", s.state);
             println!("app      {}", s.app);
-            println!("output   {}", s.output.display());
+            println!("output   {}", s.output);
             println!("map      {}/{} done", s.maps_done, s.maps);
             println!("reduce   {}/{} done", s.reduces_done, s.reduces);
             println!("running  {} attempts", s.running);
             println!("failed   {} attempts", s.failed_attempts);
             println!("backups  {} attempts", s.backups);
+            if s.object_read + s.object_written > 0 {
+                println!(
+                    "storage  {} bytes read, {} written (object storage, done tasks)",
+                    s.object_read, s.object_written
+                );
+            }
             if let Some(w) = &s.waiting {
                 println!("waiting  {w}");
             }

@@ -80,7 +80,7 @@ impl SubmitArgs {
         let addr = &self.coordinator.coordinator;
         let client = self.coordinator.connect(Duration::from_secs(5)).await?;
         upload(&client, addr, &job.spec.app, &job.app).await?;
-        let output = job.spec.output.clone();
+        let output = job.spec.output.to_string();
         let id = answer(addr, client.submit(context(CALL), job.spec).await)
             .context("the coordinator refused the job")?;
         if self.detach {
@@ -108,7 +108,7 @@ impl SubmitArgs {
                     ),
                     JobState::Succeeded | JobState::Committing => eprintln!(
                         "interrupted too late to cancel: job {id} has committed (or is committing) its output in {}",
-                        output.display()
+                        output
                     ),
                     state => eprintln!("interrupted: job {id} had already {state}"),
                 }

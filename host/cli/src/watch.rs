@@ -74,11 +74,18 @@ impl Waiter<'_> {
             if reduce_bar {
                 bars.task_done(Phase::Reduce, s.reduces_done as usize, s.reduces as usize);
             }
+            bars.object_bytes(s.object_read, s.object_written);
             if self.status_lines {
-                let line = format!(
+                let mut line = format!(
                     "{job}: {}, map {}/{}, reduce {}/{}, {} failed attempts",
                     s.state, s.maps_done, s.maps, s.reduces_done, s.reduces, s.failed_attempts
                 );
+                if s.object_read + s.object_written > 0 {
+                    line += &format!(
+                        ", object storage {} bytes read, {} written",
+                        s.object_read, s.object_written
+                    );
+                }
                 if line != last_line {
                     bars.line(line.clone());
                     last_line = line;
@@ -118,7 +125,7 @@ impl Waiter<'_> {
 /// as the user gave it.
 ///
 /// Fails if the job did not succeed.
-pub fn conclude(detail: &JobDetail, output: &std::path::Path) -> anyhow::Result<()> {
+pub fn conclude(detail: &JobDetail, output: &str) -> anyhow::Result<()> {
     let s = &detail.summary;
     match s.state {
         JobState::Succeeded => {
@@ -129,10 +136,10 @@ pub fn conclude(detail: &JobDetail, output: &std::path::Path) -> anyhow::Result<
             Ok(())
         }
         state => anyhow::bail!(
-            "job {} {state}: {}\nits report is in {}/_FAILED",
+            "job {} {state}: {}\nits report is in {}",
             s.job,
             mr_core::text::escape_controls(s.error.as_deref().unwrap_or("(no reason given)")),
-            output.display()
+            crate::progress::under(output, "_FAILED")
         ),
     }
 }

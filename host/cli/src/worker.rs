@@ -65,11 +65,11 @@ pub struct WorkerArgs {
     #[arg(long)]
     insecure: bool,
 
-    /// Open only files under this directory (repeatable), whatever the
-    /// coordinator allows [default: what the coordinator's --data-root
-    /// allows].
-    #[arg(long = "data-root", value_name = "DIR")]
-    data_roots: Vec<PathBuf>,
+    /// Open only files under this directory, and objects under this
+    /// prefix (s3://bucket/prefix/) (repeatable), whatever the coordinator
+    /// allows [default: what the coordinator's --data-root allows].
+    #[arg(long = "data-root", value_name = "DIR|s3://BUCKET/PREFIX/")]
+    data_roots: Vec<String>,
 
     /// Announce another protocol version (for testing the refusal).
     #[arg(long, hide = true, default_value_t = mr_core::rpc::PROTOCOL_VERSION)]

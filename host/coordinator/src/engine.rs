@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::output::Output;
 use mr_core::ids::JobId;
-use mr_core::output::OutputDir;
 use mr_core::roots::DataRoots;
 use mr_core::rpc::{CoordinatorClient, RpcError};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -136,8 +136,8 @@ impl Shared {
 pub(crate) struct Loop {
     pub state: State,
     journal: Journal,
-    /// Locked output directories of unfinished jobs.
-    pub outputs: HashMap<JobId, OutputDir>,
+    /// Locked outputs (directories, object prefixes) of unfinished jobs.
+    pub outputs: HashMap<JobId, Output>,
     shared: Arc<Shared>,
     /// File work under way on blocking threads (commits, `_FAILED`):
     /// waited for before the engine stops.
@@ -213,11 +213,22 @@ impl Loop {
             Action::Discard(path) => {
                 let _ = std::fs::remove_file(path);
             }
+            Action::AbortUpload { url, id } => {
+                // On a blocking thread: a request to the storage.
+                self.pending.spawn_blocking(move || {
+                    if let Err(e) = mr_storage::abort(&url, &id) {
+                        tracing::warn!(
+                            "cannot abort an upload of {url} (the job's end sweeps it again): {e}"
+                        );
+                    }
+                });
+            }
             Action::CommitJob {
                 job,
                 work,
                 reduces,
                 mut report,
+                uploads,
             } => {
                 // Verified reduce files still being read: the job's commit
                 // waits for them (and is dropped if one is not right).
@@ -229,6 +240,7 @@ impl Loop {
                             work,
                             reduces,
                             report,
+                            uploads,
                         },
                     );
                     return;
@@ -243,12 +255,13 @@ impl Loop {
                 }
                 let Some(out) = self.outputs.remove(&job) else {
                     let msg = "its output directory is not locked by this coordinator".to_string();
-                    self.state.job_committed(now, &job, Err(msg));
+                    self.state
+                        .job_committed(now, &job, Err(msg), Default::default());
                     return;
                 };
                 let tx = self.shared.tx.clone();
                 self.pending.spawn_blocking(move || {
-                    let result = out.commit(&work, reduces, &mut report);
+                    let result = out.commit(&work, reduces, &uploads, &mut report);
                     if let Err(e) = &result {
                         report.status = "failed".into();
                         report.error = Some(format!("cannot commit the output: {e}"));
@@ -256,13 +269,14 @@ impl Loop {
                             tracing::warn!("cannot write _FAILED: {e2}");
                         }
                     }
+                    let counters = out.counters();
                     drop(out);
                     if result.is_ok() {
                         tracing::info!(%job, "output committed");
                     }
                     let result = result.map_err(|e| e.to_string());
                     let _ = tx.blocking_send(Box::new(move |lp: &mut Loop, now| {
-                        lp.state.job_committed(now, &job, result);
+                        lp.state.job_committed(now, &job, result, counters);
                         Box::new(|| {}) as Reply
                     }));
                 });
@@ -413,17 +427,24 @@ impl Engine {
         let mut outputs = HashMap::new();
         for (job, output) in state.unfinished_jobs() {
             // Started again with other data roots: a job outside them ends.
-            if let Err(e) = options.data_roots.place(&output) {
+            if let Err(e) = options.data_roots.location(&output, false) {
                 state.fail_job(now, &job, format!("after the coordinator restarted: {e}"));
                 continue;
             }
-            match OutputDir::reclaim(&output).and_then(|o| o.work_dir(&job.0).map(|w| (o, w))) {
+            match Output::reclaim(&output, &job.0).and_then(|o| o.work_dir(&job.0).map(|w| (o, w))) {
                 Ok((o, work)) => {
                     tracing::info!(%job, "resuming job");
                     let present = |r: u32, committing: bool| {
                         let name = format!("mr-out-{r}");
-                        work.join(mr_core::output::COMMITTED).join(&name).is_file()
-                            || (committing && output.join(&name).is_file())
+                        match &output {
+                            mr_core::location::Location::File(dir) => {
+                                work.join(mr_core::output::COMMITTED).join(&name).is_file()
+                                    || (committing && dir.join(&name).is_file())
+                            }
+                            // A done reduce's upload is in the journal;
+                            // completing it at commit tells if it is gone.
+                            mr_core::location::Location::Object(_) => true,
+                        }
                     };
                     state.resume(now, &job, present);
                     outputs.insert(job, o);

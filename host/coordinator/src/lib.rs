@@ -15,6 +15,7 @@
 pub mod apps;
 pub mod engine;
 pub mod journal;
+pub mod output;
 pub mod security;
 pub mod server;
 pub mod state;

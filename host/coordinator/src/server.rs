@@ -29,7 +29,10 @@ use futures::StreamExt;
 use mr_core::gate::{Gate, Live};
 use mr_core::ids::{JobId, WorkerId};
 use mr_core::job::{AppRef, JobSpec};
-use mr_core::output::{OutputDir, OutputError};
+use mr_core::location::Location;
+use mr_core::output::OutputError;
+
+use crate::output::Output;
 use mr_core::rpc::{
     Assignment, AttemptResult, Chunk, Coordinator, CoordinatorClient, Heartbeat, HeartbeatReply,
     JobDetail, JobSummary, Postcard, Register, Registered, RpcError, Work, WorkerSummary,
@@ -412,6 +415,7 @@ impl Coordinator for Server {
         }
         reg.data_roots = self.shared.data_roots.dirs().map(|d| d.to_vec());
         reg.excluded = self.shared.data_roots.excluded().to_vec();
+        reg.object_roots = self.shared.data_roots.object_roots().to_vec();
         Ok(reg)
     }
 
@@ -583,38 +587,44 @@ impl Coordinator for Server {
         }
         let (output, force) = (spec.output.clone(), spec.force);
         let roots = self.shared.data_roots.clone();
-        // Data roots bound files; no object is inside them (yet).
-        if !self.shared.data_roots.is_unlimited() {
-            if let Some(i) = spec.inputs.iter().find(|i| i.path.object().is_some()) {
-                return Err(RpcError::Invalid(format!(
-                    "{} is an object, and this coordinator takes only files under its data roots (--data-root)",
-                    i.path
-                )));
-            }
-        }
-        let inputs: Vec<_> = spec
-            .inputs
-            .iter()
-            .filter_map(|i| i.path.file().map(std::path::Path::to_path_buf))
-            .collect();
+        let inputs: Vec<_> = spec.inputs.iter().map(|i| i.path.clone()).collect();
         let out = tokio::task::spawn_blocking(move || {
             if !roots.is_unlimited() {
                 for i in &inputs {
-                    let p = roots.file(i).map_err(OutputError::Invalid)?;
-                    // A FIFO or a device would hang or flood a worker.
-                    if !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+                    match i {
+                        Location::File(f) => {
+                            let p = roots.file(f).map_err(OutputError::Invalid)?;
+                            // A FIFO or a device would hang or flood a worker.
+                            if !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+                                return Err(OutputError::Invalid(format!(
+                                    "{} is not a regular file",
+                                    f.display()
+                                )));
+                            }
+                        }
+                        Location::Object(o) => roots.object(o).map_err(OutputError::Invalid)?,
+                    }
+                }
+                roots
+                    .location(&output, false)
+                    .map_err(OutputError::Invalid)?;
+            }
+            // An input that --force would remove from the output.
+            if force {
+                if let Location::Object(prefix) = &output {
+                    if let Some(i) = inputs.iter().filter_map(Location::object).find(|i| {
+                        mr_storage::output::would_be_removed(i, prefix)
+                    }) {
                         return Err(OutputError::Invalid(format!(
-                            "{} is not a regular file",
-                            i.display()
+                            "input {i} is part of the output in {prefix} that --force would remove; copy it elsewhere first"
                         )));
                     }
                 }
-                roots.place(&output).map_err(OutputError::Invalid)?;
             }
-            let out = OutputDir::acquire(&output, force)?;
+            let out = Output::acquire(&output, force)?;
             // Checked again now that it exists (a symlink made meanwhile).
-            if !roots.is_unlimited() {
-                roots.file(&output).map_err(OutputError::Invalid)?;
+            if let (false, Location::File(dir)) = (roots.is_unlimited(), &output) {
+                roots.file(dir).map_err(OutputError::Invalid)?;
             }
             Ok(out)
         })

@@ -4,7 +4,6 @@
 //! calls it before anything runs, and the coordinator calls it again on
 //! every spec that reaches it over the network.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -81,8 +80,9 @@ pub struct JobSpec {
     pub inputs: Vec<InputFile>,
     /// Number of reduce tasks (and of `mr-out-*` files).
     pub reduces: u32,
-    /// An absolute path the coordinator and every worker can write.
-    pub output: PathBuf,
+    /// An absolute path the coordinator and every worker can write, or an
+    /// object prefix (its key ends with `/`, or is empty: the bucket).
+    pub output: Location,
     /// Replace an earlier job's output in `output`.
     pub force: bool,
     /// Files larger than this become several map tasks.
@@ -353,8 +353,16 @@ impl JobSpec {
         if self.app.sha256.len() != 64 || !self.app.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return bad(format!("`{}` is not a sha256 in hex", self.app.sha256));
         }
-        let absolute = |p: &std::path::Path| p.is_absolute() && p.as_os_str().len() <= MAX_NAME;
-        if !absolute(&self.output)
+        if let Location::Object(o) = &self.output {
+            if !o.key.is_empty() && !o.key.ends_with('/') {
+                return bad(format!(
+                    "an output in object storage is a prefix: write {}/",
+                    self.output
+                ));
+            }
+        }
+        if !self.output.is_absolute()
+            || self.output.text_len() > MAX_NAME
             || self
                 .inputs
                 .iter()
@@ -441,7 +449,7 @@ mod tests {
                 bytes: 1000,
             }],
             reduces: 10,
-            output: "/out".into(),
+            output: std::path::PathBuf::from("/out").into(),
             force: false,
             split_size: 64 << 20,
             sort_buffer: 64 << 20,
@@ -491,7 +499,9 @@ mod tests {
             refused(|s| s.progress_timeout = Some(Duration::ZERO)).contains("--progress-timeout")
         );
         assert!(refused(|s| s.inputs.clear()).contains("no input files"));
-        assert!(refused(|s| s.output = "rel".into()).contains("absolute"));
+        assert!(
+            refused(|s| s.output = std::path::PathBuf::from("rel").into()).contains("absolute")
+        );
         assert!(refused(|s| s.app.sha256 = "x".into()).contains("sha256"));
         assert!(refused(|s| s.app.name = "x".repeat(5000)).contains("4096"));
     }

@@ -22,8 +22,10 @@ pub enum Location {
     Object(ObjectUrl),
 }
 
-/// An object in S3-compatible storage.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// An object in S3-compatible storage. Serialized as its URL (checked
+/// again when read).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct ObjectUrl {
     pub bucket: String,
     /// The key; for a prefix, it ends with `/` (or is empty: the bucket).
@@ -44,6 +46,73 @@ impl ObjectUrl {
                     key: key.to_string(),
                 }),
         )
+    }
+}
+
+/// A multipart upload of an object, its parts uploaded but not completed
+/// (so nothing is visible at its key yet): what a reduce attempt that
+/// writes to object storage hands back, for the coordinator to complete
+/// if the attempt wins (or abort).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Upload {
+    /// The storage's id of the upload.
+    pub id: String,
+    /// The parts' ETags, in order.
+    pub parts: Vec<String>,
+    /// Bytes in all.
+    pub bytes: u64,
+}
+
+impl Upload {
+    /// Parts of one upload, at most (S3's limit).
+    pub const MAX_PARTS: usize = 10_000;
+
+    /// Checks an upload a worker reported is of a shape storage could
+    /// have made (bounded: it is kept in the journal).
+    ///
+    /// Fails with what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let sane = |s: &str| !s.is_empty() && s.len() <= 1024 && !s.chars().any(char::is_control);
+        if !sane(&self.id) {
+            return Err("an upload id that is empty, too long or has control characters".into());
+        }
+        if self.parts.is_empty() || self.parts.len() > Self::MAX_PARTS {
+            return Err(format!(
+                "an upload of {} parts (1 to {} are possible)",
+                self.parts.len(),
+                Self::MAX_PARTS
+            ));
+        }
+        if !self.parts.iter().all(|p| sane(p) && p.len() <= 256) {
+            return Err("a part's ETag that is empty, too long or has control characters".into());
+        }
+        Ok(())
+    }
+}
+
+impl ObjectUrl {
+    /// This URL as a prefix: its key ends with `/` (or is empty: the
+    /// whole bucket).
+    pub fn as_prefix(&self) -> ObjectUrl {
+        let mut p = self.clone();
+        if !p.key.is_empty() && !p.key.ends_with('/') {
+            p.key.push('/');
+        }
+        p
+    }
+
+    /// The object `name` under this prefix.
+    pub fn child(&self, name: &str) -> ObjectUrl {
+        ObjectUrl {
+            bucket: self.bucket.clone(),
+            key: format!("{}{name}", self.as_prefix().key),
+        }
+    }
+
+    /// Whether this object (or prefix) lies under `prefix`.
+    pub fn is_under(&self, prefix: &ObjectUrl) -> bool {
+        let p = prefix.as_prefix();
+        self.bucket == p.bucket && self.key.starts_with(&p.key)
     }
 }
 
@@ -153,6 +222,20 @@ impl From<PathBuf> for Location {
 impl From<&Path> for Location {
     fn from(p: &Path) -> Self {
         Location::File(p.to_path_buf())
+    }
+}
+
+impl From<ObjectUrl> for String {
+    fn from(o: ObjectUrl) -> String {
+        o.to_string()
+    }
+}
+
+impl TryFrom<String> for ObjectUrl {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<ObjectUrl, String> {
+        ObjectUrl::parse(&s).unwrap_or_else(|| Err(format!("{s:?} is not an s3:// URL")))
     }
 }
 

@@ -66,6 +66,17 @@ pub struct Counters {
     pub reduce_output_records: u64,
     /// Bytes written to `mr-out-*`.
     pub output_bytes: u64,
+    /// Requests to object storage: GETs and HEADs ...
+    #[serde(default)]
+    pub object_gets: u64,
+    /// ... PUTs and POSTs (multipart uploads' parts, completions) ...
+    #[serde(default)]
+    pub object_puts: u64,
+    /// ... and the bytes they read and wrote.
+    #[serde(default)]
+    pub object_bytes_read: u64,
+    #[serde(default)]
+    pub object_bytes_written: u64,
 }
 
 impl Counters {
@@ -82,6 +93,10 @@ impl Counters {
         self.reduce_input_records += o.reduce_input_records;
         self.reduce_output_records += o.reduce_output_records;
         self.output_bytes += o.output_bytes;
+        self.object_gets += o.object_gets;
+        self.object_puts += o.object_puts;
+        self.object_bytes_read += o.object_bytes_read;
+        self.object_bytes_written += o.object_bytes_written;
     }
 }
 

@@ -7,19 +7,27 @@
 //! [`DataRoots::unlimited`] means no limit: `mr run` reads what its own
 //! user names. A coordinator given no `--data-root` has no roots at all
 //! and refuses every job.
+//!
+//! A root may also be an object prefix (`--data-root s3://bucket/prefix/`):
+//! an object (or output prefix) is inside it when it is in that bucket and
+//! its key starts with that prefix (keys with `.` or `..` segments are
+//! refused when parsed, so a key means what it says).
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::location::ObjectUrl;
+
 /// The resolved roots (`None`: no limit), and trees inside them that are
 /// never a job's (the coordinator's state directory with its CA key, a
-/// worker's data and cache directories).
+/// worker's data and cache directories), and the object prefixes that are
+/// roots (when the first is a limit).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DataRoots(Option<Vec<PathBuf>>, Vec<PathBuf>);
+pub struct DataRoots(Option<Vec<PathBuf>>, Vec<PathBuf>, Vec<ObjectUrl>);
 
 impl DataRoots {
     /// No limit (`mr run`).
     pub fn unlimited() -> Self {
-        DataRoots(None, Vec::new())
+        DataRoots(None, Vec::new(), Vec::new())
     }
 
     /// The same roots, but never `dirs` (resolved here; those that do not
@@ -30,25 +38,68 @@ impl DataRoots {
         self
     }
 
-    /// Resolves `dirs` (each must be an existing directory).
+    /// Resolves `roots`: each an existing directory, or an object prefix
+    /// (`s3://bucket/prefix/`; `s3://bucket` is the whole bucket).
     ///
-    /// Fails with a message naming the first that is not.
-    pub fn resolve(dirs: &[PathBuf]) -> Result<Self, String> {
+    /// Fails with a message naming the first that is neither.
+    pub fn resolve(roots: &[String]) -> Result<Self, String> {
         let mut out = Vec::new();
-        for d in dirs {
-            let c = std::fs::canonicalize(d)
-                .map_err(|e| format!("--data-root {}: {e}", d.display()))?;
+        let mut objects = Vec::new();
+        for d in roots {
+            if let Some(url) = ObjectUrl::parse(d) {
+                let url = url.map_err(|e| format!("--data-root {d}: {e}"))?;
+                objects.push(url.as_prefix());
+                continue;
+            }
+            let c = std::fs::canonicalize(d).map_err(|e| format!("--data-root {d}: {e}"))?;
             if !c.is_dir() {
-                return Err(format!("--data-root {} is not a directory", d.display()));
+                return Err(format!("--data-root {d} is not a directory"));
             }
             out.push(c);
         }
-        Ok(DataRoots(Some(out), Vec::new()))
+        Ok(DataRoots(Some(out), Vec::new(), objects))
     }
 
     /// Roots already resolved (as a coordinator sends them to workers).
-    pub fn from_resolved(dirs: Option<Vec<PathBuf>>) -> Self {
-        DataRoots(dirs, Vec::new())
+    pub fn from_resolved(dirs: Option<Vec<PathBuf>>, objects: Vec<ObjectUrl>) -> Self {
+        DataRoots(dirs, Vec::new(), objects)
+    }
+
+    /// The object prefixes that are roots.
+    pub fn object_roots(&self) -> &[ObjectUrl] {
+        &self.2
+    }
+
+    /// Checks an object (or output prefix) lies under an object root.
+    ///
+    /// Fails with a message naming it and the roots.
+    pub fn object(&self, url: &ObjectUrl) -> Result<(), String> {
+        if self.0.is_none() || self.2.iter().any(|r| url.is_under(r)) {
+            return Ok(());
+        }
+        if self.2.is_empty() {
+            return Err(format!(
+                "{url} is refused: no object prefix is a data root here (name one with --data-root s3://bucket/prefix/)"
+            ));
+        }
+        let roots: Vec<String> = self.2.iter().map(|r| r.to_string()).collect();
+        Err(format!(
+            "{url} is outside the data roots ({}); jobs may only read and write there (--data-root)",
+            roots.join(", ")
+        ))
+    }
+
+    /// Checks a location: a file as [`DataRoots::file`] or an output
+    /// place as [`DataRoots::place`] (`existing`), an object as
+    /// [`DataRoots::object`].
+    ///
+    /// Fails as those do.
+    pub fn location(&self, l: &crate::location::Location, existing: bool) -> Result<(), String> {
+        match l {
+            crate::location::Location::File(p) if existing => self.file(p).map(drop),
+            crate::location::Location::File(p) => self.place(p).map(drop),
+            crate::location::Location::Object(o) => self.object(o),
+        }
     }
 
     /// The roots (`None`: no limit).
@@ -58,6 +109,11 @@ impl DataRoots {
 
     pub fn is_unlimited(&self) -> bool {
         self.0.is_none() && self.1.is_empty()
+    }
+
+    /// Whether there are no roots at all (every job refused).
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_some_and(|d| d.is_empty()) && self.2.is_empty()
     }
 
     fn inside(&self, resolved: &Path) -> bool {
@@ -76,6 +132,7 @@ impl DataRoots {
             .iter()
             .flatten()
             .map(|r| r.display().to_string())
+            .chain(self.2.iter().map(|o| o.to_string()))
             .collect();
         if roots.is_empty() {
             return format!(
@@ -249,7 +306,7 @@ mod tests {
         std::fs::write(root.join("in/a.txt"), "a").unwrap();
         std::fs::write(&outside, "s").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("in/link")).unwrap();
-        let roots = DataRoots::resolve(std::slice::from_ref(&root)).unwrap();
+        let roots = DataRoots::resolve(&[root.display().to_string()]).unwrap();
         assert!(roots.file(&root.join("in/a.txt")).is_ok());
         let e = roots.file(&root.join("in/../../secret")).unwrap_err();
         assert!(e.contains("outside the data roots"), "{e}");
@@ -305,11 +362,52 @@ mod tests {
             .file(&root.join("state/ca.key"))
             .is_err());
         assert!(
-            DataRoots::resolve(std::slice::from_ref(&outside)).is_err(),
+            DataRoots::resolve(&[outside.display().to_string()]).is_err(),
             "a file is no root"
         );
         let none = DataRoots::resolve(&[]).unwrap();
         let e = none.file(&root.join("in/a.txt")).unwrap_err();
         assert!(e.contains("without --data-root"), "{e}");
+    }
+
+    #[test]
+    fn objects_are_inside_only_under_an_object_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = |s: &str| ObjectUrl::parse(s).unwrap().unwrap();
+        let roots = DataRoots::resolve(&[
+            dir.path().display().to_string(),
+            "s3://books/in".into(),
+            "s3://scratch".into(),
+        ])
+        .unwrap();
+        assert_eq!(roots.object_roots()[0].key, "in/", "a root is a prefix");
+        for ok in [
+            "s3://books/in/a.txt",
+            "s3://books/in/",
+            "s3://scratch/x/y",
+            "s3://scratch",
+        ] {
+            roots.object(&url(ok)).unwrap();
+        }
+        for refused in [
+            "s3://books/inside.txt",
+            "s3://books/",
+            "s3://other/in/a.txt",
+        ] {
+            let e = roots.object(&url(refused)).unwrap_err();
+            assert!(
+                e.contains("outside the data roots") && e.contains("s3://books/in/"),
+                "{e}"
+            );
+        }
+        let files_only = DataRoots::resolve(&[dir.path().display().to_string()]).unwrap();
+        let e = files_only.object(&url("s3://books/in/a.txt")).unwrap_err();
+        assert!(e.contains("no object prefix is a data root"), "{e}");
+        DataRoots::unlimited().object(&url("s3://any/k")).unwrap();
+        assert!(DataRoots::resolve(&["s3://Bad".into()]).is_err());
+        // A root of objects alone is still a limit on files.
+        let objects_only = DataRoots::resolve(&["s3://books/in/".into()]).unwrap();
+        assert!(objects_only.file(dir.path()).is_err());
+        assert!(!objects_only.is_empty() && DataRoots::resolve(&[]).unwrap().is_empty());
     }
 }

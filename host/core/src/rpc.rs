@@ -34,9 +34,10 @@ use crate::split::Split;
 
 /// The version of this protocol. Bump it on any change to the service or
 /// its types, or to what a worker can run (5: workers run apps built for
-/// `mr:app@0.1.1`, which an older worker refuses as the wrong world);
-/// mismatched peers are refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// `mr:app@0.1.1`, which an older worker refuses as the wrong world; 6:
+/// outputs and data roots in object storage); mismatched peers are
+/// refused at `register`/`hello`.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
@@ -262,6 +263,9 @@ pub struct Registered {
     /// Trees inside them that are never a job's (the coordinator's state
     /// directory).
     pub excluded: Vec<PathBuf>,
+    /// The object prefixes jobs may read from and write to (`--data-root
+    /// s3://bucket/prefix/`), when `data_roots` is a limit.
+    pub object_roots: Vec<crate::location::ObjectUrl>,
 }
 
 /// One attempt at one task of one job.
@@ -368,12 +372,14 @@ pub enum Work {
     /// Map one split; keep the output on local disk and serve it.
     Map { split: Split },
     /// Read partition `partition` of every map output, reduce it and write
-    /// `output` (a path in the job's output directory's `_temporary`).
+    /// `output`: a path in the job's output directory's `_temporary`, or
+    /// the object `PREFIX/mr-out-R`, as a multipart upload left for the
+    /// coordinator to complete (see [`AttemptResult::upload`]).
     Reduce {
         partition: u32,
         /// Shared by every reduce assignment of the job.
         inputs: Arc<MapOutputs>,
-        output: PathBuf,
+        output: crate::location::Location,
         /// For each of `inputs.hosts`, this reduce's grant to read from it
         /// (`None` with `--insecure`, or for a host gone).
         grants: Vec<Option<crate::tls::Grant>>,
@@ -422,6 +428,8 @@ pub struct AttemptResult {
     /// With [`TaskLimits::digests`]: the digest of each partition of a
     /// map's output, or of a reduce's output file (empty otherwise).
     pub digests: Vec<crate::digest::Digest>,
+    /// A reduce that wrote to object storage: its upload, uncompleted.
+    pub upload: Option<crate::location::Upload>,
 }
 
 /// How an attempt ended, in its own words.
@@ -488,7 +496,7 @@ pub struct JobSummary {
     pub version: u64,
     pub state: JobState,
     pub app: String,
-    pub output: PathBuf,
+    pub output: crate::location::Location,
     pub maps: u32,
     pub maps_done: u32,
     pub reduces: u32,
@@ -506,6 +514,9 @@ pub struct JobSummary {
     pub waiting: Option<String>,
     /// Backup attempts started (speculation).
     pub backups: u32,
+    /// Bytes the done tasks read from and wrote to object storage.
+    pub object_read: u64,
+    pub object_written: u64,
 }
 
 /// A job in detail.

@@ -18,6 +18,13 @@
 //! here to [`RETRY_FOR`] so an unreachable endpoint fails in seconds, not
 //! minutes).
 //!
+//! Outputs are written as multipart uploads completed only when the job
+//! commits ([`write`], [`output`]): nothing under an output prefix is
+//! final before its `_SUCCESS`, nothing is renamed or copied.
+//!
+//! Where the environment has no keys, region or endpoint, they come from
+//! the AWS shared files' profile (`AWS_PROFILE`; [`profile`]).
+//!
 //! The API is blocking: it runs on a small runtime of its own, so callers
 //! in plain threads (the CLI before its runtime starts, a map task on a
 //! blocking thread) can use it.
@@ -29,13 +36,49 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use mr_core::location::{Location, ObjectUrl};
+
+pub mod output;
+pub mod profile;
+mod uploads;
+pub mod write;
+
+use mr_core::location::{Location, ObjectUrl, Upload};
 use mr_core::split::{ReadAt, Split};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
 use object_store::{
-    ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+    ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    RetryConfig,
 };
+
+/// Requests made to object storage, and their bytes, for a job's report:
+/// `gets` are GETs and HEADs, `puts` PUTs and POSTs (a multipart upload's
+/// start, parts and completion among them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    pub gets: u64,
+    pub puts: u64,
+    pub read: u64,
+    pub written: u64,
+}
+
+impl Requests {
+    pub fn add(&mut self, o: Requests) {
+        self.gets += o.gets;
+        self.puts += o.puts;
+        self.read += o.read;
+        self.written += o.written;
+    }
+
+    /// Into a task's counters.
+    pub fn count_in(&self, c: &mut mr_core::report::Counters) {
+        c.object_gets += self.gets;
+        c.object_puts += self.puts;
+        c.object_bytes_read += self.read;
+        c.object_bytes_written += self.written;
+    }
+}
 
 /// How long one request is retried before its error is reported.
 pub const RETRY_FOR: Duration = Duration::from_secs(20);
@@ -146,7 +189,7 @@ pub fn expand(url: &ObjectUrl) -> io::Result<Vec<Object>> {
 ///
 /// Fails when the split is not of an object, or it cannot be read, or the
 /// object changed while being read.
-pub fn read_split(split: &Split) -> io::Result<Vec<u8>> {
+pub fn read_split(split: &Split) -> io::Result<(Vec<u8>, Requests)> {
     let Location::Object(url) = &split.path else {
         return Err(invalid(format!("{} is not an object", split.path)));
     };
@@ -162,8 +205,13 @@ pub fn read_split(split: &Split) -> io::Result<Vec<u8>> {
         shown,
         len: meta.size,
         e_tag: meta.e_tag,
+        requests: Requests {
+            gets: 1,
+            ..Requests::default()
+        },
     };
-    mr_core::split::read_lines(&mut src, split.start, split.end)
+    let lines = mr_core::split::read_lines(&mut src, split.start, split.end)?;
+    Ok((lines, src.requests))
 }
 
 /// Writes `bytes` as the object `url` (one PUT).
@@ -180,6 +228,182 @@ pub fn put(url: &ObjectUrl, bytes: Vec<u8>) -> io::Result<()> {
     })
 }
 
+/// Writes `bytes` as the object `url` only if there is none there yet (a
+/// conditional PUT, `If-None-Match: *`); `Ok(false)` if there was one.
+///
+/// Fails as [`expand`] does.
+pub fn put_new(url: &ObjectUrl, bytes: Vec<u8>) -> io::Result<bool> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match store.put_opts(&key, bytes.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(explain(&shown, e)),
+        }
+    })
+}
+
+/// The bytes of the object `url` (a small one: a lock or a report), or
+/// `None` if there is none.
+///
+/// Fails as [`expand`] does.
+pub fn get(url: &ObjectUrl) -> io::Result<Option<Vec<u8>>> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        match store.get(&key).await {
+            Ok(got) => {
+                let bytes = got.bytes().await.map_err(|e| explain(&shown, e))?;
+                Ok(Some(bytes.to_vec()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(explain(&shown, e)),
+        }
+    })
+}
+
+/// The size of the object `url`, or `None` if there is none.
+///
+/// Fails as [`expand`] does.
+pub fn size(url: &ObjectUrl) -> io::Result<Option<u64>> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        match store.head(&key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(explain(&shown, e)),
+        }
+    })
+}
+
+/// The SHA-256 of the object `url`, read as a stream.
+///
+/// Fails as [`expand`] does, or if there is no such object.
+pub fn digest(url: &ObjectUrl) -> io::Result<mr_core::digest::Digest> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        let got = store.get(&key).await.map_err(|e| explain(&shown, e))?;
+        let mut stream = got.into_stream();
+        let mut h = mr_core::digest::Hasher::default();
+        while let Some(chunk) = stream.next().await {
+            h.update(&chunk.map_err(|e| explain(&shown, e))?);
+        }
+        Ok(h.finish())
+    })
+}
+
+/// Removes the object `url` (none there is no error).
+///
+/// Fails as [`expand`] does.
+pub fn delete(url: &ObjectUrl) -> io::Result<()> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        match store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(explain(&shown, e)),
+        }
+    })
+}
+
+/// Every object under `prefix` (a key ending with `/`, or the bucket),
+/// however deep, and its size; none is no error.
+///
+/// Fails as [`expand`] does.
+pub fn list(prefix: &ObjectUrl) -> io::Result<Vec<Object>> {
+    let prefix = prefix.clone();
+    let store = store(&prefix.bucket)?;
+    block(async move {
+        let shown = prefix.to_string();
+        let dir = prefix.key.trim_end_matches('/');
+        let p = (!dir.is_empty())
+            .then(|| Key::parse(dir))
+            .transpose()
+            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let mut found = Vec::new();
+        let mut listing = store.list(p.as_ref());
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| explain(&shown, e))?;
+            let k = meta.location.as_ref();
+            if k.starts_with(&prefix.key) {
+                found.push(Object {
+                    url: ObjectUrl {
+                        bucket: prefix.bucket.clone(),
+                        key: k.to_string(),
+                    },
+                    size: meta.size,
+                });
+            }
+        }
+        found.sort_by(|a, b| a.url.key.cmp(&b.url.key));
+        Ok(found)
+    })
+}
+
+/// Completes the multipart upload `upload` of `url`: the object appears.
+/// An upload already completed (by an earlier commit of the same job that
+/// was cut short) counts as done when the object is there with its size.
+///
+/// Fails when the storage refuses (the upload was aborted, say).
+pub fn complete(url: &ObjectUrl, upload: &Upload) -> io::Result<()> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    let (id, parts, bytes) = (upload.id.clone(), upload.parts.clone(), upload.bytes);
+    block(async move {
+        let parts = parts
+            .into_iter()
+            .map(|content_id| PartId { content_id })
+            .collect();
+        match store.complete_multipart(&key, &id, parts).await {
+            Ok(_) => Ok(()),
+            Err(e) => match store.head(&key).await {
+                Ok(meta) if meta.size == bytes && is_no_such_upload(&e) => Ok(()),
+                _ => Err(explain(&shown, e)),
+            },
+        }
+    })
+}
+
+fn is_no_such_upload(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. }) || e.to_string().contains("NoSuchUpload")
+}
+
+/// Aborts the multipart upload `id` of `url` (one gone already is no
+/// error).
+///
+/// Fails as [`expand`] does.
+pub fn abort(url: &ObjectUrl, id: &str) -> io::Result<()> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    abort_upload_at(&store, &key, &shown, id)
+}
+
+fn abort_upload_at(store: &Arc<AmazonS3>, key: &Key, shown: &str, id: &str) -> io::Result<()> {
+    let (store, key, shown, id) = (
+        store.clone(),
+        key.clone(),
+        shown.to_string(),
+        id.to_string(),
+    );
+    block(async move {
+        match store.abort_multipart(&key, &id).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_upload(&e) => Ok(()),
+            Err(e) => Err(explain(&shown, e)),
+        }
+    })
+}
+
+/// The multipart uploads under way under `prefix` (their object and id).
+///
+/// Fails as [`expand`] does.
+pub fn uploads(prefix: &ObjectUrl) -> io::Result<Vec<(ObjectUrl, String)>> {
+    let bucket = bucket_of(&prefix.bucket)?;
+    let prefix = prefix.clone();
+    block(async move { uploads::list(&bucket, &prefix).await })
+}
+
 /// An object as [`ReadAt`]: each read one ranged GET.
 struct ObjectAt {
     store: Arc<AmazonS3>,
@@ -187,6 +411,7 @@ struct ObjectAt {
     shown: String,
     len: u64,
     e_tag: Option<String>,
+    requests: Requests,
 }
 
 impl ReadAt for ObjectAt {
@@ -205,6 +430,8 @@ impl ReadAt for ObjectAt {
             ..GetOptions::default()
         };
         let want = buf.len();
+        self.requests.gets += 1;
+        self.requests.read += want as u64;
         let chunks = block(async move {
             let got = store
                 .get_opts(&key, options)
@@ -302,11 +529,27 @@ fn explain(what: &str, e: object_store::Error) -> io::Error {
     io::Error::new(kind, format!("{what}: {message}"))
 }
 
-/// The client for `bucket`, made once per process from the environment.
+/// A bucket's client, and where its REST API is (for the requests
+/// `object_store` does not make: listing multipart uploads).
+#[derive(Clone)]
+struct Bucket {
+    s3: Arc<AmazonS3>,
+    /// `https://host/bucket` (path style) or `https://bucket.host`.
+    url: String,
+    region: String,
+}
+
+/// The client for `bucket`, made once per process from the environment
+/// (and the AWS profile, for what the environment does not set).
 ///
-/// Fails when the environment's settings are invalid.
+/// Fails when the settings are invalid, or `AWS_PROFILE` names a profile
+/// that is not there.
 fn store(bucket: &str) -> io::Result<Arc<AmazonS3>> {
-    static STORES: OnceLock<Mutex<HashMap<String, Arc<AmazonS3>>>> = OnceLock::new();
+    Ok(bucket_of(bucket)?.s3)
+}
+
+fn bucket_of(bucket: &str) -> io::Result<Bucket> {
+    static STORES: OnceLock<Mutex<HashMap<String, Bucket>>> = OnceLock::new();
     let stores = STORES.get_or_init(Default::default);
     if let Some(s) = stores.lock().unwrap_or_else(|p| p.into_inner()).get(bucket) {
         return Ok(s.clone());
@@ -314,6 +557,8 @@ fn store(bucket: &str) -> io::Result<Arc<AmazonS3>> {
     // reqwest's TLS uses the process's rustls provider: ring, as the rest
     // of mr (an error means one is installed already).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    let profile = profile::load()?;
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         // Set one by one: `with_client_options` would drop what the
@@ -331,26 +576,51 @@ fn store(bucket: &str) -> io::Result<Arc<AmazonS3>> {
             retry_timeout: RETRY_FOR,
             ..RetryConfig::default()
         });
-    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-    {
-        builder = builder.with_region("us-east-1");
+    if !set("AWS_ACCESS_KEY_ID") {
+        if let (Some(k), Some(s)) = (profile.access_key_id, profile.secret_access_key) {
+            builder = builder.with_access_key_id(k).with_secret_access_key(s);
+            if let Some(t) = profile.session_token {
+                builder = builder.with_token(t);
+            }
+        }
     }
-    let s = Arc::new(builder.build().map_err(|e| {
+    if !set("AWS_REGION") && !set("AWS_DEFAULT_REGION") {
+        builder = builder.with_region(profile.region.unwrap_or_else(|| "us-east-1".into()));
+    }
+    if !set("AWS_ENDPOINT_URL") && !set("AWS_ENDPOINT") {
+        if let Some(e) = profile.endpoint_url {
+            if e.starts_with("http://") {
+                builder = builder.with_allow_http(true);
+            }
+            builder = builder.with_endpoint(e);
+        }
+    }
+    let region = builder
+        .get_config_value(&AmazonS3ConfigKey::Region)
+        .unwrap_or_else(|| "us-east-1".into());
+    let virtual_hosted = builder
+        .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+        .is_some_and(|v| v == "true");
+    let url = match builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+        Some(e) if !virtual_hosted => format!("{}/{bucket}", e.trim_end_matches('/')),
+        Some(e) => e.trim_end_matches('/').to_string(),
+        None => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+    };
+    let s3 = Arc::new(builder.build().map_err(|e| {
         invalid(format!(
             "cannot use bucket {bucket}: {e} (check the AWS_* environment variables)"
         ))
     })?);
+    let b = Bucket { s3, url, region };
     stores
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(bucket.to_string(), s.clone());
-    Ok(s)
+        .insert(bucket.to_string(), b.clone());
+    Ok(b)
 }
 
-/// Runs `fut` on the storage runtime and waits for it.
-fn block<T: Send + 'static>(
-    fut: impl Future<Output = io::Result<T>> + Send + 'static,
-) -> io::Result<T> {
+/// The storage runtime.
+fn runtime() -> io::Result<&'static tokio::runtime::Runtime> {
     static RUNTIME: OnceLock<io::Result<tokio::runtime::Runtime>> = OnceLock::new();
     let rt = RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -359,14 +629,27 @@ fn block<T: Send + 'static>(
             .enable_all()
             .build()
     });
-    let rt = rt
-        .as_ref()
-        .map_err(|e| io::Error::other(format!("cannot start the storage runtime: {e}")))?;
+    rt.as_ref()
+        .map_err(|e| io::Error::other(format!("cannot start the storage runtime: {e}")))
+}
+
+/// Starts `fut` on the storage runtime; its result comes on the channel.
+fn spawn<T: Send + 'static>(
+    fut: impl Future<Output = io::Result<T>> + Send + 'static,
+) -> io::Result<std::sync::mpsc::Receiver<io::Result<T>>> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.spawn(async move {
+    runtime()?.spawn(async move {
         let _ = tx.send(fut.await);
     });
-    rx.recv()
+    Ok(rx)
+}
+
+/// Runs `fut` on the storage runtime and waits for it.
+fn block<T: Send + 'static>(
+    fut: impl Future<Output = io::Result<T>> + Send + 'static,
+) -> io::Result<T> {
+    spawn(fut)?
+        .recv()
         .map_err(|_| io::Error::other("a storage request failed without an answer"))?
 }
 

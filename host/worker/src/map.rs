@@ -66,20 +66,24 @@ pub fn run(
             .map_err(std::io::Error::other)
     };
     let read = match &split.path {
-        mr_core::location::Location::File(_) => read_split_checked(split, check),
+        mr_core::location::Location::File(_) => {
+            read_split_checked(split, check).map(|b| (b, Default::default()))
+        }
         // Read by this worker's host with its own credentials.
         mr_core::location::Location::Object(_) => mr_storage::read_split(split),
     };
-    let bytes = read.map_err(TaskError::io(format!(
-        "cannot read input {} (bytes {}..{})",
-        split.path, split.start, split.end
-    )))?;
+    let (bytes, requests): (Vec<u8>, mr_storage::Requests) =
+        read.map_err(TaskError::io(format!(
+            "cannot read input {} (bytes {}..{})",
+            split.path, split.start, split.end
+        )))?;
     let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
     let mut counters = Counters {
         map_input_bytes: bytes.len() as u64,
         map_input_records: newlines + u64::from(bytes.last().is_some_and(|&b| b != b'\n')),
         ..Counters::default()
     };
+    requests.count_in(&mut counters);
     // Guests take text. Invalid UTF-8 is replaced by U+FFFD, which is not a
     // letter: word-splitting apps see the same words as the lab's Go code.
     let contents = match String::from_utf8(bytes) {

@@ -1,11 +1,16 @@
 //! A reduce task: merge partition `r` of every map output (at most
 //! [`crate::runfile::MERGE_FACTOR`] at once), group by key, call the
-//! guest's `reduce` on batches of groups, write `key value` lines. A failed
-//! attempt leaves no output file behind.
+//! guest's `reduce` on batches of groups, write `key value` lines: to a
+//! file, or to an object as a multipart upload left for the coordinator
+//! to complete. A failed attempt leaves no output file (nor upload)
+//! behind.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+
+use mr_core::digest::Digest;
+use mr_core::location::{Location, Upload};
 
 use mr_core::report::Counters;
 use mr_runtime::{Group, Reducer, Sandbox, TaskControl};
@@ -27,8 +32,12 @@ pub struct ReduceTask {
     pub partition: u32,
     /// Segment `partition` of every map task's run, in map order.
     pub inputs: Vec<(Source, SegmentInfo)>,
-    /// Where to write the output (the committer renames it into place).
-    pub output: PathBuf,
+    /// Where to write the output: a file the committer renames into
+    /// place, or an object uploaded in parts for the coordinator to
+    /// complete.
+    pub output: Location,
+    /// Whether the output's digest is wanted (`--verify`).
+    pub digest: bool,
     /// A directory of the attempt's own, for intermediate merges.
     pub scratch: PathBuf,
     pub seed: u64,
@@ -40,8 +49,41 @@ pub struct ReduceTask {
 /// A finished reduce task's output.
 #[derive(Clone, Debug)]
 pub struct ReduceOutput {
-    pub output: PathBuf,
+    pub output: Location,
     pub counters: Counters,
+    /// Its digest, if wanted.
+    pub digest: Option<Digest>,
+    /// For an object: its upload, to complete.
+    pub upload: Option<Upload>,
+}
+
+/// Where the lines go.
+enum Sink {
+    File(BufWriter<File>),
+    Object(Box<mr_storage::write::ObjectWriter>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::File(f) => f.write(b),
+            Sink::Object(o) => o.write(b),
+        }
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::File(f) => f.write_all(b),
+            Sink::Object(o) => o.write_all(b),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Object(o) => o.flush(),
+        }
+    }
 }
 
 struct Batch {
@@ -49,7 +91,7 @@ struct Batch {
     control: TaskControl,
     groups: Vec<Group>,
     bytes: usize,
-    out: BufWriter<File>,
+    out: Sink,
     format: mr_core::job::OutputFormat,
     counters: Counters,
 }
@@ -129,9 +171,51 @@ pub fn run(
 ) -> Result<ReduceOutput, TaskError> {
     let result = reduce(sandbox, task, control);
     if result.is_err() {
-        let _ = std::fs::remove_file(&task.output);
+        if let Location::File(p) = &task.output {
+            let _ = std::fs::remove_file(p);
+        }
     }
     result
+}
+
+/// Opens a reduce's output: a new file, never through a symlink (one
+/// planted there would have the output written wherever it points),
+/// checked where it really is; or a multipart upload of the object.
+fn open_output(task: &ReduceTask) -> Result<Sink, TaskError> {
+    let path = match &task.output {
+        Location::Object(url) => {
+            for r in &task.roots {
+                r.object(url).map_err(TaskError::BadOutput)?;
+            }
+            let w = mr_storage::write::ObjectWriter::create(url, task.digest)
+                .map_err(TaskError::io(format!("cannot start the upload of {url}")))?;
+            return Ok(Sink::Object(Box::new(w)));
+        }
+        Location::File(p) => p,
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(TaskError::io(format!("cannot replace {}", path.display()))(
+                e,
+            ))
+        }
+        _ => {}
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    }
+    .map_err(TaskError::io(format!("cannot create {}", path.display())))?;
+    if let Err(why) = task.roots.iter().try_for_each(|r| r.opened(&file)) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(TaskError::BadOutput(why));
+    }
+    Ok(Sink::File(BufWriter::with_capacity(256 * 1024, file)))
 }
 
 /// Why the merge stopped: the merge itself failed, or the guest did.
@@ -151,40 +235,13 @@ fn reduce(
     task: &ReduceTask,
     control: &TaskControl,
 ) -> Result<ReduceOutput, TaskError> {
-    // A new file, never through a symlink (one planted there would have
-    // the output written wherever it points), checked where it really is.
-    match std::fs::remove_file(&task.output) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(TaskError::io(format!(
-                "cannot replace {}",
-                task.output.display()
-            ))(e))
-        }
-        _ => {}
-    }
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&task.output)
-    }
-    .map_err(TaskError::io(format!(
-        "cannot create {}",
-        task.output.display()
-    )))?;
-    if let Err(why) = task.roots.iter().try_for_each(|r| r.opened(&file)) {
-        drop(file);
-        let _ = std::fs::remove_file(&task.output);
-        return Err(TaskError::BadOutput(why));
-    }
+    let out = open_output(task)?;
     let mut batch = Batch {
         reducer: sandbox.reducer(task.seed, control)?,
         control: control.clone(),
         groups: Vec::new(),
         bytes: 0,
-        out: BufWriter::with_capacity(256 * 1024, file),
+        out,
         format: task.format,
         counters: Counters::default(),
     };
@@ -262,13 +319,24 @@ fn reduce(
         batch.push(g)?;
     }
     batch.flush()?;
-    let file = batch
-        .out
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .map_err(TaskError::io("cannot write reduce output"))?;
-    file.sync_all()
-        .map_err(TaskError::io("cannot sync reduce output"))?;
+    let (digest, upload) = match batch.out {
+        Sink::File(f) => {
+            let file = f
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .map_err(TaskError::io("cannot write reduce output"))?;
+            file.sync_all()
+                .map_err(TaskError::io("cannot sync reduce output"))?;
+            (None, None)
+        }
+        Sink::Object(o) => {
+            let (upload, digest, requests) = o
+                .finish()
+                .map_err(TaskError::io("cannot upload reduce output"))?;
+            requests.count_in(&mut batch.counters);
+            (digest, Some(upload))
+        }
+    };
     crate::log_guest_output(
         &format!("reduce-{}", task.partition),
         &batch.reducer.guest_output(),
@@ -276,5 +344,7 @@ fn reduce(
     Ok(ReduceOutput {
         output: task.output.clone(),
         counters: batch.counters,
+        digest,
+        upload,
     })
 }

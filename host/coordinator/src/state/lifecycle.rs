@@ -37,7 +37,7 @@ impl State {
             return Err(RpcError::Invalid(format!(
                 "job {} is still writing to {}; wait for it to finish or choose another output directory",
                 other.id,
-                spec.output.display()
+                spec.output
             )));
         }
         Ok(())
@@ -99,23 +99,57 @@ impl State {
         let mut report = self.report_of(seq);
         report.status = "succeeded".into();
         report.finished_ms = now.ms;
+        // An output in object storage: each reduce's winning upload.
+        let job = self.job(seq);
+        let verify = job.spec.verify > 1;
+        let uploads: Vec<_> = match &job.spec.output {
+            mr_core::location::Location::File(_) => Vec::new(),
+            mr_core::location::Location::Object(_) => job.tasks[job.maps()..]
+                .iter()
+                .filter_map(|t| match &t.state {
+                    TaskState::Done(d) => match &d.output {
+                        crate::state::DoneOutput::Reduce {
+                            upload: Some(u),
+                            digest,
+                            ..
+                        } => Some((u.clone(), digest.filter(|_| verify))),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+        };
+        if job.spec.output.object().is_some() && uploads.len() != reduces as usize {
+            let msg = "a reduce task's output has no upload to complete (a journal from another mr version?)";
+            self.fail_job(now, &id, msg.into());
+            return;
+        }
         tracing::info!(job = %id, "every reduce task is done; committing the output");
         self.actions.push(Action::CommitJob {
             job: id,
             work,
             reduces,
             report: Box::new(report),
+            uploads,
         });
     }
 
-    /// The output was committed (or could not be).
-    pub fn job_committed(&mut self, now: Now, job: &JobId, result: Result<(), String>) {
+    /// The output was committed (or could not be); the commit's own work
+    /// (requests to object storage) counts in the report.
+    pub fn job_committed(
+        &mut self,
+        now: Now,
+        job: &JobId,
+        result: Result<(), String>,
+        counters: mr_core::report::Counters,
+    ) {
         let Some(seq) = self.seq_of(job) else {
             return;
         };
         if self.job(seq).state != JobState::Committing {
             return;
         }
+        self.job_mut(seq).commit_counters.add(&counters);
         let (state, error) = match result {
             Ok(()) => (JobState::Succeeded, None),
             Err(e) => (

@@ -170,6 +170,11 @@ pub enum Action {
     },
     /// Remove a losing attempt's output.
     Discard(PathBuf),
+    /// Abort a losing (or unwanted) attempt's upload of `url`.
+    AbortUpload {
+        url: mr_core::location::ObjectUrl,
+        id: String,
+    },
     /// Every reduce is done: move the output into place and write
     /// `_SUCCESS`; then call [`State::job_committed`].
     CommitJob {
@@ -177,6 +182,9 @@ pub enum Action {
         work: PathBuf,
         reduces: u32,
         report: Box<JobReport>,
+        /// For an output in object storage: each reduce's winning upload,
+        /// in order, and (verified jobs) the digest it must have.
+        uploads: Vec<(mr_core::location::Upload, Option<mr_core::digest::Digest>)>,
     },
     /// The job failed or was cancelled: write `_FAILED` (unless `report`
     /// is `None`: a quiet cancel) and release the output directory.
@@ -258,15 +266,26 @@ pub enum DoneOutput {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         digests: Vec<Digest>,
     },
-    /// Reduce output, committed into the job's `committed/`.
+    /// Reduce output, committed into the job's `committed/`, or (an
+    /// output in object storage) uploaded, to be completed at commit.
     Reduce {
         counters: Counters,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<Digest>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload: Option<mr_core::location::Upload>,
     },
 }
 
 impl DoneOutput {
+    /// A reduce's upload, if it made one.
+    pub fn upload(&self) -> Option<&mr_core::location::Upload> {
+        match self {
+            DoneOutput::Reduce { upload, .. } => upload.as_ref(),
+            DoneOutput::Map { .. } => None,
+        }
+    }
+
     fn counters(&self) -> &Counters {
         match self {
             DoneOutput::Map { counters, .. } | DoneOutput::Reduce { counters, .. } => counters,

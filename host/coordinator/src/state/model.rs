@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use mr_core::digest::Digest;
 use mr_core::ids::{JobId, TaskId, WorkerId};
 use mr_core::job::JobSpec;
+use mr_core::location::Location;
 use mr_core::output::TEMPORARY;
 use mr_core::report::{AttemptReport, Reason, Verdict};
 use mr_core::rpc::{AttemptKey, JobState, MapOutputs};
@@ -174,6 +175,8 @@ pub(super) struct Job {
     pub took: [Vec<u64>; 2],
     /// Backup attempts started.
     pub backups: u32,
+    /// What the job's commit itself did (requests to object storage).
+    pub commit_counters: mr_core::report::Counters,
     /// Grows with every change (see `mr_core::rpc::JobSummary::version`).
     pub version: u64,
 }
@@ -213,6 +216,7 @@ impl Job {
             suspects: BTreeSet::new(),
             took: [Vec::new(), Vec::new()],
             backups: 0,
+            commit_counters: Default::default(),
             version: 0,
         }
     }
@@ -312,12 +316,23 @@ impl Job {
 
     /// Where this job's reduce attempts write and its winners are kept.
     pub fn work_dir(&self) -> PathBuf {
-        self.spec.output.join(TEMPORARY).join(&self.id.0)
+        match &self.spec.output {
+            Location::File(d) => d.join(TEMPORARY).join(&self.id.0),
+            // Nothing of an object output's is in a directory.
+            Location::Object(_) => PathBuf::new(),
+        }
     }
 
-    /// Where attempt `attempt` of reduce `r` writes its output.
-    pub fn reduce_output(&self, r: u32, attempt: u32) -> PathBuf {
-        self.work_dir().join(format!("mr-out-{r}.attempt{attempt}"))
+    /// Where attempt `attempt` of reduce `r` writes its output: a file of
+    /// its own in the work directory, or (every attempt alike, each its
+    /// own multipart upload) the object `PREFIX/mr-out-R`.
+    pub fn reduce_output(&self, r: u32, attempt: u32) -> Location {
+        match &self.spec.output {
+            Location::File(_) => {
+                Location::File(self.work_dir().join(format!("mr-out-{r}.attempt{attempt}")))
+            }
+            Location::Object(prefix) => Location::Object(prefix.child(&format!("mr-out-{r}"))),
+        }
     }
 }
 
@@ -339,7 +354,7 @@ mod tests {
                 bytes: maps * 10,
             }],
             reduces,
-            output: "/o".into(),
+            output: std::path::PathBuf::from("/o").into(),
             force: false,
             split_size: 10,
             sort_buffer: 1 << 20,

@@ -2,6 +2,7 @@
 //! map output that reducers cannot fetch.
 
 use mr_core::ids::{JobId, TaskId, WorkerId};
+use mr_core::location::{Location, Upload};
 use mr_core::output::COMMITTED;
 use mr_core::report::Reason;
 use mr_core::rpc::{AttemptResult, JobState, Outcome, RpcError};
@@ -34,10 +35,37 @@ impl State {
             if let (Some(r), Outcome::ReduceDone, TaskId::Reduce(p)) =
                 (found, &result.outcome, key.task)
             {
-                let path = self.job(r.job).reduce_output(p, key.attempt);
-                self.actions.push(Action::Discard(path));
+                self.discard(r.job, p, key.attempt, result.upload.as_ref());
             }
             return Ok(());
+        };
+        // An upload is kept only as a reduce's output in object storage.
+        let upload = match (&result.outcome, key.task, &self.job(r.job).spec.output) {
+            (Outcome::ReduceDone, TaskId::Reduce(p), Location::Object(_)) => match result.upload {
+                Some(u) => match u.check() {
+                    Ok(()) => Some(u),
+                    Err(why) => {
+                        self.discard(r.job, p, key.attempt, Some(&u));
+                        let msg = format!(
+                            "the worker reported {why} (a bug, or a worker of another version)"
+                        );
+                        self.attempt_failed(now, r, key.attempt, msg, true);
+                        return Ok(());
+                    }
+                },
+                None => {
+                    let msg = "the worker reported no upload of its output (a bug, or a worker of another version)";
+                    self.attempt_failed(now, r, key.attempt, msg.into(), true);
+                    return Ok(());
+                }
+            },
+            (_, TaskId::Reduce(p), Location::Object(_)) => {
+                if let Some(u) = &result.upload {
+                    self.discard(r.job, p, key.attempt, Some(u));
+                }
+                None
+            }
+            _ => None,
         };
         let verify = self.job(r.job).spec.verify > 1;
         let digests_wanted = match key.task {
@@ -77,6 +105,7 @@ impl State {
                 let output = DoneOutput::Reduce {
                     counters: result.counters,
                     digest: digests.first().copied(),
+                    upload,
                 };
                 self.produced(now, r, key.attempt, output);
                 self.maybe_commit(now, r.job);
@@ -184,21 +213,32 @@ impl State {
         };
         let (winner, winner_worker) = (done.attempt, done.worker.clone());
         if let TaskId::Reduce(p) = job.tasks[r.task].id {
-            for v in &after.votes {
-                if v.attempt != winner {
-                    self.actions
-                        .push(Action::Discard(job.reduce_output(p, v.attempt)));
-                }
+            let losers: Vec<(u32, Option<mr_core::location::Upload>)> = after
+                .votes
+                .iter()
+                .filter(|v| v.attempt != winner)
+                .map(|v| (v.attempt, v.output.upload().cloned()))
+                .collect();
+            // A file is renamed into `committed/` now; an upload waits
+            // for the job's commit (and a verified one's digest is checked
+            // then, once it is an object).
+            if let (Location::File(_), Location::File(from)) =
+                (&job.spec.output, job.reduce_output(p, winner))
+            {
+                self.actions.push(Action::CommitTask {
+                    job: job.id.clone(),
+                    from,
+                    to: job.work_dir().join(COMMITTED).join(format!("mr-out-{p}")),
+                    expect: (k > 1).then_some(digest),
+                    task: job.tasks[r.task].id,
+                    worker: winner_worker,
+                });
             }
-            self.actions.push(Action::CommitTask {
-                job: job.id.clone(),
-                from: job.reduce_output(p, winner),
-                to: job.work_dir().join(COMMITTED).join(format!("mr-out-{p}")),
-                expect: (k > 1).then_some(digest),
-                task: job.tasks[r.task].id,
-                worker: winner_worker,
-            });
+            for (attempt, upload) in losers {
+                self.discard(r.job, p, attempt, upload.as_ref());
+            }
         }
+        let job = &self.jobs[&r.job];
         let agreed = after.votes.iter().filter(|v| v.digest == digest).count();
         let dissent: Vec<(WorkerId, String)> = after
             .votes
@@ -217,6 +257,22 @@ impl State {
             .collect();
         for (w, why) in dissent {
             self.lost_vote(r.job, &w, why);
+        }
+    }
+
+    /// Removes what attempt `attempt` of reduce `p` of job `seq` wrote
+    /// (it lost, or is no longer current): its file, or its upload.
+    fn discard(&mut self, seq: u64, p: u32, attempt: u32, upload: Option<&Upload>) {
+        match self.job(seq).reduce_output(p, attempt) {
+            Location::File(path) => self.actions.push(Action::Discard(path)),
+            Location::Object(url) => {
+                if let Some(u) = upload {
+                    self.actions.push(Action::AbortUpload {
+                        url,
+                        id: u.id.clone(),
+                    });
+                }
+            }
         }
     }
 

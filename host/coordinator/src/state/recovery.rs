@@ -2,8 +2,6 @@
 //! (live, through `State::record`, and when a journal is replayed), and a
 //! restarted coordinator resumes its unfinished jobs.
 
-use std::path::PathBuf;
-
 use mr_core::digest::Digest;
 use mr_core::ids::{JobId, TaskId};
 use mr_core::report::{AttemptReport, Dissent, Verdict};
@@ -102,7 +100,7 @@ impl State {
 
     /// The jobs that are not over, for the event loop to reclaim their
     /// output directories after [`State::recover`].
-    pub fn unfinished_jobs(&self) -> Vec<(JobId, PathBuf)> {
+    pub fn unfinished_jobs(&self) -> Vec<(JobId, mr_core::location::Location)> {
         self.jobs
             .values()
             .filter(|j| !j.state.is_final())

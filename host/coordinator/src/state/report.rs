@@ -3,7 +3,7 @@
 //! message a job fails with.
 
 use mr_core::ids::{JobId, TaskId};
-use mr_core::report::{AppInfo, AttemptReport, Counters, InputInfo, JobReport, TaskReport};
+use mr_core::report::{AppInfo, AttemptReport, InputInfo, JobReport, TaskReport};
 use mr_core::rpc::{JobState, JobSummary, RpcError};
 
 use super::model::{TaskRef, TaskState};
@@ -46,6 +46,18 @@ impl State {
 
     pub(super) fn summary_of(&self, seq: u64) -> JobSummary {
         let job = self.job(seq);
+        // Object storage's bytes so far (summed only for jobs that use it).
+        let (mut object_read, mut object_written) = (0, 0);
+        let objects = job.spec.output.object().is_some()
+            || job.spec.inputs.iter().any(|i| i.path.object().is_some());
+        if objects {
+            for t in &job.tasks {
+                if let TaskState::Done(d) = &t.state {
+                    object_read += d.output.counters().object_bytes_read;
+                    object_written += d.output.counters().object_bytes_written;
+                }
+            }
+        }
         JobSummary {
             job: job.id.clone(),
             version: job.version,
@@ -63,6 +75,8 @@ impl State {
             error: job.error.clone(),
             waiting: self.waiting(seq),
             backups: job.backups,
+            object_read,
+            object_written,
         }
     }
 
@@ -102,7 +116,7 @@ impl State {
     /// `mr run` and a cluster: both are this state.
     pub(super) fn report_of(&self, seq: u64) -> JobReport {
         let job = self.job(seq);
-        let mut counters = Counters::default();
+        let mut counters = job.commit_counters;
         let mut tasks = Vec::with_capacity(job.tasks.len());
         for t in &job.tasks {
             let mut attempts = t.history.clone();
@@ -168,7 +182,7 @@ impl State {
             },
             inputs,
             reduces: job.spec.reduces,
-            output_dir: job.spec.output.display().to_string(),
+            output_dir: job.spec.output.to_string(),
             started_ms: job.submitted_ms,
             finished_ms: job.finished_ms.unwrap_or(0),
             counters,

@@ -58,7 +58,7 @@ fn spec(inputs: u32, reduces: u32) -> JobSpec {
             })
             .collect(),
         reduces,
-        output: format!("/out/{n}").into(),
+        output: std::path::PathBuf::from(format!("/out/{n}")).into(),
         force: false,
         split_size: 64 << 20,
         sort_buffer: 1 << 20,
@@ -110,6 +110,7 @@ fn result(key: &AttemptKey, outcome: Outcome) -> AttemptResult {
             ..Counters::default()
         },
         digests: Vec::new(),
+        upload: None,
     }
 }
 
@@ -252,7 +253,10 @@ fn maps_first_then_reduces_only_when_every_map_is_done() {
         "one table of map outputs, shared by every reduce assignment"
     );
     assert!(
-        output.ends_with(format!("_temporary/{job}/mr-out-1.attempt1")),
+        output
+            .file()
+            .unwrap()
+            .ends_with(format!("_temporary/{job}/mr-out-1.attempt1")),
         "{output:?}"
     );
     let sum = summary(&s, &job);
@@ -309,7 +313,7 @@ fn reduces_are_committed_once_and_the_job_commits_when_all_are_done() {
     // Summed over the done tasks: one map and two reduces, 100 each.
     assert_eq!(report.counters.map_input_bytes, 300);
     assert_eq!(summary(&s, &job).state, JobState::Committing);
-    s.job_committed(c.at(0.5), &job, Ok(()));
+    s.job_committed(c.at(0.5), &job, Ok(()), Default::default());
     let sum = summary(&s, &job);
     assert_eq!(sum.state, JobState::Succeeded);
     assert_eq!(sum.finished_ms, Some(c.at(0.5).ms));
@@ -478,7 +482,7 @@ fn other_jobs_are_unaffected_by_a_failing_one() {
     assert_eq!(tasks(&r), ["reduce-0#1"]);
     s.report(c.at(0.3), &w, result(&r[0].key, Outcome::ReduceDone))
         .unwrap();
-    s.job_committed(c.at(0.4), &good, Ok(()));
+    s.job_committed(c.at(0.4), &good, Ok(()), Default::default());
     assert_eq!(summary(&s, &bad).state, JobState::Failed);
     assert_eq!(summary(&s, &good).state, JobState::Succeeded);
 }
@@ -710,7 +714,7 @@ fn recovery_resumes_jobs_from_the_journal() {
     let r = ask(&mut s, c.at(0.1), &w, 1);
     s.report(c.at(0.2), &w, result(&r[0].key, Outcome::ReduceDone))
         .unwrap();
-    s.job_committed(c.at(0.3), &done, Ok(()));
+    s.job_committed(c.at(0.3), &done, Ok(()), Default::default());
     let job = s.submit(c.at(1.0), spec(2, 1)).unwrap();
     let a = ask(&mut s, c.at(1.0), &w, 2);
     s.report(c.at(1.1), &w, map_done(&a[0].key)).unwrap();
@@ -885,7 +889,7 @@ fn invalid_specs_are_refused() {
     let mut bad = spec(1, 0);
     assert!(s.submit(c.at(0.0), bad.clone()).is_err());
     bad.reduces = 1;
-    bad.output = "relative".into();
+    bad.output = std::path::PathBuf::from("relative").into();
     assert!(s.submit(c.at(0.0), bad).is_err());
     assert!(s.submit(c.at(0.0), spec(0, 1)).is_err());
     assert!(s.summaries().is_empty());
@@ -1106,7 +1110,7 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
             // Commits complete at once.
             for a in s.drain_actions() {
                 if let Action::CommitJob { job, .. } = a {
-                    s.job_committed(now, &job, Ok(()));
+                    s.job_committed(now, &job, Ok(()), Default::default());
                 }
             }
             check_invariants(&s);
@@ -1132,7 +1136,7 @@ fn story(config: Config) -> mr_core::report::JobReport {
     let w = register(&mut s, c.at(0.0), 1);
     let mut sp = spec(2, 2);
     sp.grants.random = true;
-    sp.output = "/out/story".into();
+    sp.output = std::path::PathBuf::from("/out/story").into();
     let job = s.submit(c.at(0.0), sp).unwrap();
     let maps = ask(&mut s, c.at(0.1), &w, 2);
     s.report(c.at(0.2), &w, failed(&maps[0].key, true)).unwrap();
@@ -1151,7 +1155,7 @@ fn story(config: Config) -> mr_core::report::JobReport {
             _ => None,
         })
         .expect("the job commits");
-    s.job_committed(c.at(0.8), &job, Ok(()));
+    s.job_committed(c.at(0.8), &job, Ok(()), Default::default());
     let mut report = *commit;
     report.job_id = None;
     report
@@ -1314,7 +1318,7 @@ fn a_worker_leaving_after_many_finished_jobs_is_given_up_cleanly() {
             let r = ask(&mut s, now, &w, 1);
             s.report(now, &w, result(&r[0].key, Outcome::ReduceDone))
                 .unwrap();
-            s.job_committed(now, &job, Ok(()));
+            s.job_committed(now, &job, Ok(()), Default::default());
         }
         s.heartbeat(now, &w, hb(vec![])).unwrap();
     }
@@ -1913,4 +1917,132 @@ fn no_backup_of_a_reduce_while_a_map_output_is_lost() {
     let got = ask(&mut s, c.at(9.0), &w1, 2);
     assert_eq!(tasks(&got), ["map-0#2"]);
     check_invariants(&s);
+}
+
+/// An output in object storage: every reduce attempt uploads to
+/// `PREFIX/mr-out-R`, nothing is renamed; a winner's upload goes to the
+/// job's commit, a loser's or a late one's is aborted; a report without an
+/// upload, or with a malformed one, fails the attempt.
+#[test]
+fn object_outputs_commit_the_winning_uploads_and_abort_the_others() {
+    use mr_core::location::{Location, ObjectUrl, Upload};
+    let c = Clock::new();
+    let mut s = State::new(cfg());
+    let (w1, w2) = (
+        register(&mut s, c.at(0.0), 1),
+        register(&mut s, c.at(0.0), 2),
+    );
+    let mut sp = spec(1, 2);
+    sp.output = Location::parse("s3://results/run/").unwrap();
+    let job = s.submit(c.at(0.0), sp).unwrap();
+    finish_maps(&mut s, c.at(0.1), &w1);
+    let r = ask(&mut s, c.at(0.2), &w1, 2);
+    let Work::Reduce { output, .. } = &r[1].work else {
+        panic!("a reduce")
+    };
+    assert_eq!(
+        output,
+        &Location::Object(
+            ObjectUrl::parse("s3://results/run/mr-out-1")
+                .unwrap()
+                .unwrap()
+        )
+    );
+    let upload = |id: &str| Upload {
+        id: id.into(),
+        parts: vec!["\"etag\"".into()],
+        bytes: 10,
+    };
+    let with = |key: &AttemptKey, u: Option<Upload>| AttemptResult {
+        upload: u,
+        ..result(key, Outcome::ReduceDone)
+    };
+    let mut all = s.drain_actions();
+    let mut drain = |s: &mut State| {
+        let a = s.drain_actions();
+        all.extend(a.iter().filter_map(|x| match x {
+            Action::Journal(r) => Some(Action::Journal(r.clone())),
+            _ => None,
+        }));
+        a
+    };
+    // No upload: the attempt failed (and runs again).
+    s.report(c.at(0.3), &w1, with(&r[0].key, None)).unwrap();
+    // A malformed one: failed too, and aborted.
+    let bad = Upload {
+        parts: Vec::new(),
+        ..upload("u-bad")
+    };
+    s.report(c.at(0.3), &w1, with(&r[1].key, Some(bad)))
+        .unwrap();
+    let actions = drain(&mut s);
+    assert!(
+        actions.iter().any(
+            |a| matches!(a, Action::AbortUpload { id, url } if id == "u-bad" && url.key == "run/mr-out-1")
+        ),
+        "{actions:?}"
+    );
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::CommitTask { .. })));
+    let sum = summary(&s, &job);
+    assert_eq!((sum.reduces_done, sum.failed_attempts), (0, 2));
+    // Both again, on two workers; reduce-0 also on a third attempt that
+    // finishes late (given up meanwhile: its report is no longer current).
+    let again = ask(&mut s, c.at(0.4), &w2, 2);
+    assert_eq!(tasks(&again), ["reduce-0#2", "reduce-1#2"]);
+    s.report(c.at(0.5), &w2, with(&again[0].key, Some(upload("u0"))))
+        .unwrap();
+    s.report(c.at(0.5), &w1, with(&r[0].key, Some(upload("u-late"))))
+        .unwrap();
+    let actions = drain(&mut s);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::AbortUpload { id, .. } if id == "u-late")),
+        "a report that is no longer current has its upload aborted: {actions:?}"
+    );
+    s.report(c.at(0.6), &w2, with(&again[1].key, Some(upload("u1"))))
+        .unwrap();
+    let actions = drain(&mut s);
+    let Some(Action::CommitJob { uploads, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::CommitJob { .. }))
+    else {
+        panic!("the job commits: {actions:?}")
+    };
+    let ids: Vec<&str> = uploads
+        .iter()
+        .map(|(u, d)| {
+            assert!(d.is_none(), "no digest to check without --verify");
+            u.id.as_str()
+        })
+        .collect();
+    assert_eq!(ids, ["u0", "u1"], "each reduce's winning upload, in order");
+    let extra = Counters {
+        object_puts: 3,
+        ..Counters::default()
+    };
+    s.job_committed(c.at(0.7), &job, Ok(()), extra);
+    let (_, report) = s.detail(&job).unwrap();
+    assert_eq!(
+        report.counters.object_puts, 3,
+        "the commit's own requests count"
+    );
+    // The uploads are in the journal: a coordinator that stopped before
+    // the commit ended commits them after its restart.
+    let records: Vec<Record> = journal(&all)
+        .into_iter()
+        .filter(|r| !matches!(r, Record::Finished { .. }))
+        .collect();
+    let mut again = State::recover(cfg(), records, c.at(1.0));
+    again.resume(c.at(1.0), &job, |_, _| true);
+    let commit = again.drain_actions().into_iter().find_map(|a| match a {
+        Action::CommitJob { uploads, .. } => Some(uploads),
+        _ => None,
+    });
+    assert_eq!(
+        commit.map(|u| u.into_iter().map(|(u, _)| u.id).collect::<Vec<_>>()),
+        Some(vec!["u0".to_string(), "u1".to_string()])
+    );
 }

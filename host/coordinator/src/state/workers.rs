@@ -83,6 +83,7 @@ impl State {
             credentials: None,
             data_roots: None,
             excluded: Vec::new(),
+            object_roots: Vec::new(),
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use mr_core::digest::Digest;
 use mr_core::ids::TaskId;
+use mr_core::location::{Location, Upload};
 use mr_core::report::Counters;
 use mr_core::rpc::{Assignment, AttemptResult, Outcome, Work, LONG_POLL};
 use mr_runtime::TaskControl;
@@ -93,8 +94,8 @@ impl Worker {
     ) {
         tracing::debug!(key = %a.key, slot = a.slot, "attempt started");
         let started = Instant::now();
-        let (outcome, counters, digests) = if self.stopping() {
-            (Outcome::Cancelled, Counters::default(), Vec::new())
+        let (outcome, counters, digests, upload) = if self.stopping() {
+            (Outcome::Cancelled, Counters::default(), Vec::new(), None)
         } else {
             self.execute(&a, &control, &preparing).await
         };
@@ -126,6 +127,7 @@ impl Worker {
             outcome,
             counters,
             digests,
+            upload,
         };
         let sent = self
             .rpc(Duration::from_secs(30), |c, ctx, id| {
@@ -152,11 +154,13 @@ impl Worker {
         a: &Assignment,
         control: &TaskControl,
         preparing: &AtomicBool,
-    ) -> (Outcome, Counters, Vec<Digest>) {
+    ) -> (Outcome, Counters, Vec<Digest>, Option<Upload>) {
         let digests = Arc::new(Mutex::new(Vec::new()));
-        let (outcome, counters) = self.attempt(a, control, preparing, &digests).await;
+        let upload = Arc::new(Mutex::new(None));
+        let (outcome, counters) = self.attempt(a, control, preparing, &digests, &upload).await;
         let digests = std::mem::take(&mut *digests.lock().expect("digests lock"));
-        (outcome, counters, digests)
+        let upload = upload.lock().expect("upload lock").take();
+        (outcome, counters, digests, upload)
     }
 
     async fn attempt(
@@ -165,6 +169,7 @@ impl Worker {
         control: &TaskControl,
         preparing: &AtomicBool,
         digests: &Arc<Mutex<Vec<Digest>>>,
+        upload: &Arc<Mutex<Option<Upload>>>,
     ) -> (Outcome, Counters) {
         let grants = a.limits.grants;
         let failed = |e: TaskError| {
@@ -385,14 +390,25 @@ impl Worker {
                             seed,
                             format: *format,
                             roots: self.task_roots(),
+                            digest: a.limits.digests,
                         };
                         let c = control.clone();
                         let (want, put) = (a.limits.digests, digests.clone());
+                        let uploaded = upload.clone();
                         let run = move || {
                             let out = crate::reduce::run(&sandbox, &task, &c)?;
+                            *uploaded.lock().expect("upload lock") = out.upload.clone();
                             if want {
-                                let d = digest_file(&out.output)
-                                    .map_err(TaskError::io("cannot read back reduce output"))?;
+                                let d = match (&out.digest, &out.output) {
+                                    (Some(d), _) => *d,
+                                    (None, Location::File(p)) => digest_file(p)
+                                        .map_err(TaskError::io("cannot read back reduce output"))?,
+                                    (None, Location::Object(o)) => {
+                                        return Err(TaskError::io(format!("no digest of {o}"))(
+                                            std::io::Error::other("the upload computed none"),
+                                        ))
+                                    }
+                                };
                                 *put.lock().expect("digests lock") = vec![d];
                             }
                             Ok(out)
@@ -481,14 +497,13 @@ impl Worker {
     fn check_paths(&self, work: &Work) -> Result<Option<std::path::PathBuf>, String> {
         let mine = &self.options.data_roots;
         let theirs = self.task_roots().into_iter().next();
-        // Data roots bound files; no object is inside them (yet), so a
-        // worker or coordinator that limits its roots reads no objects.
+        // An object: under an object root of the coordinator's and of
+        // this worker's own (if either limits them).
         if let Work::Map { split } = work {
             if let Some(o) = split.path.object() {
-                if !mine.is_unlimited() || theirs.as_ref().is_some_and(|t| !t.is_unlimited()) {
-                    return Err(format!(
-                        "{o} is an object, and this worker reads only files under its data roots"
-                    ));
+                mine.object(o)?;
+                if let Some(t) = &theirs {
+                    t.object(o)?;
                 }
                 return Ok(None);
             }
@@ -505,11 +520,18 @@ impl Worker {
                 mine.file(&p)?;
                 Ok(Some(p))
             }
-            Work::Reduce { output, .. } => {
-                let p = theirs.place(output)?;
-                mine.place(&p)?;
-                Ok(None)
-            }
+            Work::Reduce { output, .. } => match output {
+                Location::File(output) => {
+                    let p = theirs.place(output)?;
+                    mine.place(&p)?;
+                    Ok(None)
+                }
+                Location::Object(o) => {
+                    theirs.object(o)?;
+                    mine.object(o)?;
+                    Ok(None)
+                }
+            },
         }
     }
 }

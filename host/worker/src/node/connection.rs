@@ -194,8 +194,11 @@ impl Worker {
                         link.client = None;
                     }
                     *self.roots.lock().expect("roots lock") =
-                        mr_core::roots::DataRoots::from_resolved(r.data_roots.clone())
-                            .excluding(&r.excluded);
+                        mr_core::roots::DataRoots::from_resolved(
+                            r.data_roots.clone(),
+                            r.object_roots.clone(),
+                        )
+                        .excluding(&r.excluded);
                     link.previous = Some(r.worker.clone());
                     link.id = Some(r.worker);
                     link.heartbeat = r.heartbeat;

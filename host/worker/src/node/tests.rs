@@ -50,6 +50,7 @@ impl Coordinator for Fake {
             credentials: None,
             data_roots: None,
             excluded: Vec::new(),
+            object_roots: Vec::new(),
         })
     }
     async fn heartbeat(
