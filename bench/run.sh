@@ -6,7 +6,9 @@
 #   bench/run.sh --size-mib 64 --lang-size-mib 8   or   bench/run.sh --mr-args --parallelism 1
 # MR_BENCH_LANGS=0 leaves the other languages out. A subcommand of mr-bench
 # skips them too: `bench/run.sh backups` (backup tasks with a slowed worker,
-# and --verify 2; see bench/src/backups.rs), `bench/run.sh state-machine`.
+# and --verify 2; see bench/src/backups.rs), `bench/run.sh state-machine`,
+# `bench/run.sh s3` (the word count from a bucket against local disk, with
+# Ceph's S3 gateway on this machine; see bench/src/s3.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
@@ -15,7 +17,7 @@ cargo build --release -q --target wasm32-wasip2 --manifest-path apps/Cargo.toml 
 
 langs=()
 case "${1:-}" in
-    backups | state-machine | native-wc) MR_BENCH_LANGS=0 ;;
+    backups | state-machine | native-wc | s3) MR_BENCH_LANGS=0 ;;
 esac
 if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
     apps=target/bench/apps

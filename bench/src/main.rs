@@ -33,6 +33,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod backups;
+mod s3;
 mod state_machine;
 
 #[derive(Parser)]
@@ -66,6 +67,9 @@ enum Cmd {
     /// Backup tasks with one slowed worker of three, and `--verify 2`,
     /// against the same cluster's plain run.
     Backups(backups::Args),
+    /// Word count with its input (and output) in S3 against local disk,
+    /// with the S3 server on this machine.
+    S3(s3::Args),
 }
 
 /// Where a benchmark works and what it runs (shared by its commands).
@@ -153,6 +157,7 @@ fn main() -> Result<()> {
             slots,
         }) => state_machines(&maps, reduces, workers, slots),
         Some(Cmd::Backups(a)) => backups::run(a),
+        Some(Cmd::S3(a)) => s3::run(a),
         None => bench(cli.run),
     }
 }

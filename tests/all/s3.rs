@@ -926,3 +926,120 @@ fn a_300_mib_object_is_split_by_ranged_gets_as_its_file_is() {
         "{gets}"
     );
 }
+
+/// A job killed outright leaves its lock: a second job is refused while
+/// it is fresh, and without --force after it lapses; --force then
+/// replaces it and the leftovers (the killed job's upload aborted). A job
+/// stopped (SIGSTOP) until its lock lapses and another takes the prefix
+/// with --force learns it lost the prefix and commits nothing there: the
+/// other job's output stands. (The lapse is shortened to 10 s here with
+/// MR_S3_LOCK_LAPSE; renewals come every quarter of it.)
+#[test]
+fn lapsed_locks_are_replaced_by_force_and_a_job_that_lost_its_lock_commits_nothing() {
+    let Some(s3) = S3::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    s3.bucket("results");
+    let slow = tmp.path().join("slowreduce");
+    std::fs::write(&slow, "a b c\n").unwrap();
+    let slow = slow.display().to_string();
+    let book = books()[0].display().to_string();
+    let lapse = [("MR_S3_LOCK_LAPSE", "10")];
+    let spawn = |prefix: &str| {
+        let mut c = s3.mr_run_cmd(&[HOSTILE, "-r", "1", "-o", prefix, &slow, &book]);
+        c.envs(lapse).stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let uploading = |prefix: &str| {
+        let p = prefix.to_string();
+        crate::wait_for(Duration::from_secs(120), || {
+            s3.uploads("results").iter().any(|k| k.starts_with(&p))
+        })
+    };
+    let signal = |child: &std::process::Child, s: libc::c_int| {
+        // SAFETY: a signal to our own child process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, s)
+        };
+    };
+    let run = |args: &[&str]| s3.mr_run_with(args, &lapse);
+
+    // 1. Killed: its lock and upload stay.
+    let mut killed = spawn("s3://results/k/");
+    assert!(uploading("k/"), "the reduce is uploading");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(s3.keys("results", "k/"), ["k/_temporary/lock"]);
+    let fresh = run(&[WC, &book, "--force", "-o", "s3://results/k/"]);
+    assert!(
+        stderr(&fresh).contains("another mr job") && stderr(&fresh).contains("renewed"),
+        "a fresh lock is kept even with --force: {}",
+        stderr(&fresh)
+    );
+    std::thread::sleep(Duration::from_secs(11));
+    let lapsed = run(&[WC, &book, "-o", "s3://results/k/"]);
+    assert!(
+        stderr(&lapsed).contains("did not finish") && stderr(&lapsed).contains("--force"),
+        "{}",
+        stderr(&lapsed)
+    );
+    ok(&run(&[WC, &book, "--force", "-o", "s3://results/k/"]));
+    assert_eq!(
+        s3.keys("results", "k/"),
+        [
+            "k/_SUCCESS",
+            "k/mr-out-0",
+            "k/mr-out-1",
+            "k/mr-out-2",
+            "k/mr-out-3",
+            "k/mr-out-4",
+            "k/mr-out-5",
+            "k/mr-out-6",
+            "k/mr-out-7",
+            "k/mr-out-8",
+            "k/mr-out-9"
+        ]
+    );
+    assert!(
+        s3.uploads("results").is_empty(),
+        "{:?}",
+        s3.uploads("results")
+    );
+
+    // 2. Stopped past its lapse, replaced, continued: it commits nothing.
+    let mut stopped = spawn("s3://results/lost/");
+    assert!(uploading("lost/"), "the reduce is uploading");
+    signal(&stopped, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(11));
+    let there = tmp.path().join("lost");
+    ok(&run(&[
+        WC,
+        &book,
+        "-r",
+        "2",
+        "--force",
+        "-o",
+        "s3://results/lost/",
+    ]));
+    signal(&stopped, libc::SIGCONT);
+    let ended = crate::wait_for(Duration::from_secs(120), || {
+        stopped.try_wait().unwrap().is_some()
+    });
+    assert!(ended, "the stopped job ends");
+    let out = stopped.wait_with_output().unwrap();
+    assert!(!out.status.success(), "it could not commit");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no longer this job's"), "{said}");
+    assert_eq!(
+        s3.keys("results", "lost/"),
+        ["lost/_SUCCESS", "lost/mr-out-0", "lost/mr-out-1"],
+        "the other job's output stands, untouched"
+    );
+    s3.download("results", "lost/", &there);
+    assert_eq!(read_output(&there), reference_wc(std::slice::from_ref(&book)));
+    assert!(
+        s3.uploads("results").is_empty(),
+        "{:?}",
+        s3.uploads("results")
+    );
+}

@@ -213,16 +213,6 @@ impl Loop {
             Action::Discard(path) => {
                 let _ = std::fs::remove_file(path);
             }
-            Action::AbortUpload { url, id } => {
-                // On a blocking thread: a request to the storage.
-                self.pending.spawn_blocking(move || {
-                    if let Err(e) = mr_storage::abort(&url, &id) {
-                        tracing::warn!(
-                            "cannot abort an upload of {url} (the job's end sweeps it again): {e}"
-                        );
-                    }
-                });
-            }
             Action::CommitJob {
                 job,
                 work,
@@ -356,7 +346,14 @@ impl Loop {
                 report.error = Some(
                     "the coordinator stopped, and without --state-dir it cannot resume jobs".into(),
                 );
-                let _ = out.fail(&report);
+                // Off the loop (an object output's are requests to the
+                // storage); waited for before the engine stops.
+                self.pending.spawn_blocking(move || {
+                    let _ = out.fail(&report);
+                    drop(out);
+                });
+            } else {
+                self.pending.spawn_blocking(move || drop(out));
             }
         }
     }
@@ -434,6 +431,16 @@ impl Engine {
             match Output::reclaim(&output, &job.0).and_then(|o| o.work_dir(&job.0).map(|w| (o, w))) {
                 Ok((o, work)) => {
                     tracing::info!(%job, "resuming job");
+                    // An object output: the uploads still under way (one
+                    // aborted meanwhile, by a lifecycle rule say, is lost:
+                    // its reduce runs again).
+                    let uploads = state.reduce_uploads(&job);
+                    let listed: Option<HashSet<String>> = output.object().and_then(|p| {
+                        mr_storage::uploads(&p.child("mr-out-"))
+                            .map(|v| v.into_iter().map(|(_, id)| id).collect())
+                            .map_err(|e| tracing::warn!(%job, "cannot list the uploads under {p}: {e}"))
+                            .ok()
+                    });
                     let present = |r: u32, committing: bool| {
                         let name = format!("mr-out-{r}");
                         match &output {
@@ -442,8 +449,19 @@ impl Engine {
                                     || (committing && dir.join(&name).is_file())
                             }
                             // A done reduce's upload is in the journal;
-                            // completing it at commit tells if it is gone.
-                            mr_core::location::Location::Object(_) => true,
+                            // it must still be under way, or (a commit
+                            // begun) completed already.
+                            mr_core::location::Location::Object(p) => {
+                                let Some(u) = uploads.get(&r) else {
+                                    return false;
+                                };
+                                listed.as_ref().is_none_or(|l| l.contains(&u.id))
+                                    || committing
+                                        && mr_storage::head(&p.child(&name))
+                                            .ok()
+                                            .flatten()
+                                            .is_some_and(|m| m.size == u.bytes)
+                            }
                         }
                     };
                     state.resume(now, &job, present);

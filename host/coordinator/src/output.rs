@@ -60,7 +60,7 @@ impl Output {
         &self,
         work: &std::path::Path,
         reduces: u32,
-        uploads: &[(Upload, Option<Digest>)],
+        uploads: &[(Upload, Option<Digest>, String)],
         report: &mut JobReport,
     ) -> Result<(), OutputError> {
         match self {

@@ -634,20 +634,32 @@ impl Coordinator for Server {
             OutputError::Invalid(m) => RpcError::Invalid(m),
             e @ OutputError::Io { .. } => RpcError::Invalid(format!("{e}")),
         })?;
-        self.shared
+        let submitted = self
+            .shared
             .call(move |lp, now| {
-                let job = lp.state.submit(now, spec)?;
+                let job = match lp.state.submit(now, spec) {
+                    Ok(j) => j,
+                    // Released off the loop (an object output's lock is a
+                    // request to the storage).
+                    Err(e) => return Err((e, Some(out))),
+                };
                 let made = out.work_dir(&job.0);
                 lp.outputs.insert(job.clone(), out);
                 match made {
                     Ok(_) => Ok(job),
                     Err(e) => {
                         lp.state.fail_job(now, &job, e.to_string());
-                        Err(RpcError::Invalid(e.to_string()))
+                        Err((RpcError::Invalid(e.to_string()), None))
                     }
                 }
             })
-            .await?
+            .await?;
+        submitted.map_err(|(e, out)| {
+            if let Some(out) = out {
+                tokio::task::spawn_blocking(move || drop(out));
+            }
+            e
+        })
     }
 
     async fn jobs(self, _: tarpc::context::Context) -> Result<Vec<JobSummary>, RpcError> {

@@ -228,39 +228,129 @@ pub fn put(url: &ObjectUrl, bytes: Vec<u8>) -> io::Result<()> {
     })
 }
 
+/// How a conditional write went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Written; the object's new ETag (if the storage said).
+    Yes(Option<String>),
+    /// The condition did not hold: nothing was written.
+    Refused,
+}
+
 /// Writes `bytes` as the object `url` only if there is none there yet (a
-/// conditional PUT, `If-None-Match: *`); `Ok(false)` if there was one.
+/// conditional PUT, `If-None-Match: *`), or (`over`: an ETag) only if the
+/// object there is still that version (`If-Match`).
 ///
 /// Fails as [`expand`] does.
-pub fn put_new(url: &ObjectUrl, bytes: Vec<u8>) -> io::Result<bool> {
+pub fn put_if(url: &ObjectUrl, bytes: Vec<u8>, over: Option<&str>) -> io::Result<Written> {
+    let written = put_once(url, bytes.clone(), over)?;
+    // Ceph's radosgw 16 compares a PUT's If-Match with the ETag without
+    // its quotes (a quoted one, as HTTP writes it, never matches): a
+    // refusal is tried once more that way. (A real mismatch is refused
+    // both ways.)
+    match over {
+        Some(t) if written == Written::Refused && t.starts_with('"') => {
+            put_once(url, bytes, Some(t.trim_matches('"')))
+        }
+        _ => Ok(written),
+    }
+}
+
+fn put_once(url: &ObjectUrl, bytes: Vec<u8>, over: Option<&str>) -> io::Result<Written> {
     let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    let updating = over.is_some();
+    let mode = match over {
+        None => PutMode::Create,
+        Some(e) => PutMode::Update(object_store::UpdateVersion {
+            e_tag: Some(e.to_string()),
+            version: None,
+        }),
+    };
     block(async move {
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode,
             ..PutOptions::default()
         };
         match store.put_opts(&key, bytes.into(), opts).await {
-            Ok(_) => Ok(true),
+            Ok(r) => Ok(Written::Yes(r.e_tag)),
             Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            | Err(object_store::Error::Precondition { .. }) => Ok(Written::Refused),
+            // No such object: not the version we meant either.
+            Err(object_store::Error::NotFound { .. }) if updating => Ok(Written::Refused),
             Err(e) => Err(explain(&shown, e)),
         }
     })
 }
 
-/// The bytes of the object `url` (a small one: a lock or a report), or
-/// `None` if there is none.
+/// Writes `bytes` as the object `url` only if there is none there yet;
+/// `Ok(false)` if there was one.
 ///
 /// Fails as [`expand`] does.
-pub fn get(url: &ObjectUrl) -> io::Result<Option<Vec<u8>>> {
+pub fn put_new(url: &ObjectUrl, bytes: Vec<u8>) -> io::Result<bool> {
+    Ok(put_if(url, bytes, None)? != Written::Refused)
+}
+
+/// An object's metadata, as a HEAD answers it.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub size: u64,
+    pub e_tag: Option<String>,
+    /// When the storage last wrote it (the storage's clock).
+    pub modified: std::time::SystemTime,
+}
+
+/// The metadata of the object `url`, or `None` if there is none.
+///
+/// Fails as [`expand`] does.
+pub fn head(url: &ObjectUrl) -> io::Result<Option<Meta>> {
     let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
     block(async move {
-        match store.get(&key).await {
+        match store.head(&key).await {
+            Ok(m) => Ok(Some(Meta {
+                size: m.size,
+                e_tag: m.e_tag,
+                modified: m.last_modified.into(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(explain(&shown, e)),
+        }
+    })
+}
+
+/// The first `limit` bytes of the object `url` (a small one: a lock or a
+/// report) and its metadata, or `None` if there is none.
+///
+/// Fails as [`expand`] does.
+pub fn get(url: &ObjectUrl, limit: u64) -> io::Result<Option<(Vec<u8>, Meta)>> {
+    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
+    block(async move {
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(0..limit.max(1))),
+            ..GetOptions::default()
+        };
+        match store.get_opts(&key, opts).await {
             Ok(got) => {
+                let meta = Meta {
+                    size: got.meta.size,
+                    e_tag: got.meta.e_tag.clone(),
+                    modified: got.meta.last_modified.into(),
+                };
                 let bytes = got.bytes().await.map_err(|e| explain(&shown, e))?;
-                Ok(Some(bytes.to_vec()))
+                Ok(Some((bytes.to_vec(), meta)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // An empty object has no byte 0 to range over.
+            Err(e) if e.to_string().contains("InvalidRange") => match store.head(&key).await {
+                Ok(m) => Ok(Some((
+                    Vec::new(),
+                    Meta {
+                        size: m.size,
+                        e_tag: m.e_tag,
+                        modified: m.last_modified.into(),
+                    },
+                ))),
+                Err(e) => Err(explain(&shown, e)),
+            },
             Err(e) => Err(explain(&shown, e)),
         }
     })
@@ -314,6 +404,26 @@ pub fn delete(url: &ObjectUrl) -> io::Result<()> {
 ///
 /// Fails as [`expand`] does.
 pub fn list(prefix: &ObjectUrl) -> io::Result<Vec<Object>> {
+    Ok(list_until(prefix, |_| false)?.0)
+}
+
+/// The first object under `prefix` (in the storage's order) for which
+/// `stop` holds, if any: the listing ends there.
+///
+/// Fails as [`expand`] does.
+pub fn find(
+    prefix: &ObjectUrl,
+    stop: impl Fn(&Object) -> bool + Send + 'static,
+) -> io::Result<Option<Object>> {
+    Ok(list_until(prefix, stop)?.1)
+}
+
+/// Lists `prefix`, sorted, until `stop` holds for an object (then that
+/// object, and what was listed before it, unsorted).
+fn list_until(
+    prefix: &ObjectUrl,
+    stop: impl Fn(&Object) -> bool + Send + 'static,
+) -> io::Result<(Vec<Object>, Option<Object>)> {
     let prefix = prefix.clone();
     let store = store(&prefix.bucket)?;
     block(async move {
@@ -329,45 +439,109 @@ pub fn list(prefix: &ObjectUrl) -> io::Result<Vec<Object>> {
             let meta = meta.map_err(|e| explain(&shown, e))?;
             let k = meta.location.as_ref();
             if k.starts_with(&prefix.key) {
-                found.push(Object {
+                let o = Object {
                     url: ObjectUrl {
                         bucket: prefix.bucket.clone(),
                         key: k.to_string(),
                     },
                     size: meta.size,
-                });
+                };
+                if stop(&o) {
+                    return Ok((found, Some(o)));
+                }
+                found.push(o);
             }
         }
         found.sort_by(|a, b| a.url.key.cmp(&b.url.key));
-        Ok(found)
+        Ok((found, None))
+    })
+}
+
+/// The objects right under `prefix` (not in its sub-prefixes).
+///
+/// Fails as [`expand`] does.
+pub fn children(prefix: &ObjectUrl) -> io::Result<Vec<Object>> {
+    let prefix = prefix.clone();
+    let store = store(&prefix.bucket)?;
+    block(async move {
+        let shown = prefix.to_string();
+        let dir = prefix.key.trim_end_matches('/');
+        let p = (!dir.is_empty())
+            .then(|| Key::parse(dir))
+            .transpose()
+            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let listed = store
+            .list_with_delimiter(p.as_ref())
+            .await
+            .map_err(|e| explain(&shown, e))?;
+        Ok(listed
+            .objects
+            .into_iter()
+            .filter(|m| m.location.as_ref().starts_with(&prefix.key))
+            .map(|m| Object {
+                url: ObjectUrl {
+                    bucket: prefix.bucket.clone(),
+                    key: m.location.to_string(),
+                },
+                size: m.size,
+            })
+            .collect())
     })
 }
 
 /// Completes the multipart upload `upload` of `url`: the object appears.
 /// An upload already completed (by an earlier commit of the same job that
-/// was cut short) counts as done when the object is there with its size.
+/// was cut short) counts as done when the object there is exactly those
+/// parts (its ETag is the multipart ETag of their MD5s).
 ///
 /// Fails when the storage refuses (the upload was aborted, say).
 pub fn complete(url: &ObjectUrl, upload: &Upload) -> io::Result<()> {
     let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
     let (id, parts, bytes) = (upload.id.clone(), upload.parts.clone(), upload.bytes);
+    let expected = multipart_etag(&parts);
     block(async move {
-        let parts = parts
+        let ids = parts
             .into_iter()
             .map(|content_id| PartId { content_id })
             .collect();
-        match store.complete_multipart(&key, &id, parts).await {
+        match store.complete_multipart(&key, &id, ids).await {
             Ok(_) => Ok(()),
-            Err(e) => match store.head(&key).await {
-                Ok(meta) if meta.size == bytes && is_no_such_upload(&e) => Ok(()),
+            Err(e) if is_no_such_upload(&e) => match (store.head(&key).await, expected) {
+                (Ok(meta), Some(want))
+                    if meta.size == bytes
+                        && meta.e_tag.as_deref().map(|t| t.trim_matches('"')) == Some(&want) =>
+                {
+                    Ok(())
+                }
                 _ => Err(explain(&shown, e)),
             },
+            Err(e) => Err(explain(&shown, e)),
         }
     })
 }
 
+/// The ETag S3 gives an object completed from parts with these ETags (each
+/// the MD5 of its part): the MD5 of their MD5s, then `-` and their count;
+/// `None` if a part's ETag is not an MD5 (encrypted objects, say).
+fn multipart_etag(parts: &[String]) -> Option<String> {
+    use md5::Digest as _;
+    let mut all = Vec::with_capacity(parts.len() * 16);
+    for p in parts {
+        let hexed = p.trim_matches('"');
+        if hexed.len() != 32 {
+            return None;
+        }
+        all.extend(hex::decode(hexed).ok()?);
+    }
+    Some(format!(
+        "{}-{}",
+        hex::encode(md5::Md5::digest(&all)),
+        parts.len()
+    ))
+}
+
 fn is_no_such_upload(e: &object_store::Error) -> bool {
-    matches!(e, object_store::Error::NotFound { .. }) || e.to_string().contains("NoSuchUpload")
+    e.to_string().contains("NoSuchUpload")
 }
 
 /// Aborts the multipart upload `id` of `url` (one gone already is no
@@ -492,7 +666,20 @@ fn explain(what: &str, e: object_store::Error) -> io::Error {
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
     ];
-    let (kind, message) = if is("NoSuchBucket") {
+    let (kind, message) = if is("NoSuchUpload") {
+        (
+            io::ErrorKind::NotFound,
+            "the multipart upload is gone (aborted by a --force, a bucket lifecycle rule or another job on this prefix)".to_string(),
+        )
+    } else if is("InvalidPart") || is("InvalidPartOrder") || is("EntityTooSmall") {
+        (
+            io::ErrorKind::InvalidData,
+            format!(
+                "the storage refused the upload's parts ({}): the worker reported parts that are not its upload's",
+                code.as_deref().unwrap_or("")
+            ),
+        )
+    } else if is("NoSuchBucket") {
         (
             io::ErrorKind::NotFound,
             "no such object or bucket: the bucket does not exist (check its name)".to_string(),
@@ -508,7 +695,7 @@ fn explain(what: &str, e: object_store::Error) -> io::Error {
         (
             io::ErrorKind::PermissionDenied,
             format!(
-                "the storage refused these credentials ({}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                "the storage refused these credentials ({}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the keys of the AWS_PROFILE in use)",
                 code.as_deref().unwrap_or("403")
             ),
         )

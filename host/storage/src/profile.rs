@@ -45,10 +45,16 @@ fn load_from(env: &Env) -> io::Result<Profile> {
     let mut found = false;
     // The credentials file names sections by the profile; the config
     // file writes `[profile NAME]` (and `[default]`).
+    // The config file's `[default]` is the default profile's; others are
+    // `[profile NAME]` (a bare `[NAME]` there is not a profile).
+    let in_config = if name == "default" {
+        "default".to_string()
+    } else {
+        format!("profile {name}")
+    };
     for (file, section) in [
         (credentials.as_ref(), name.clone()),
-        (config.as_ref(), format!("profile {name}")),
-        (config.as_ref(), name.clone()),
+        (config.as_ref(), in_config),
     ] {
         let Some(file) = file else { continue };
         let Some(ini) = read(file)? else { continue };
@@ -56,6 +62,24 @@ fn load_from(env: &Env) -> io::Result<Profile> {
             continue;
         };
         found = true;
+        // Profiles that get credentials some other way: not silently
+        // replaced by whatever else is around.
+        for other in [
+            "role_arn",
+            "sso_session",
+            "sso_start_url",
+            "credential_process",
+            "web_identity_token_file",
+        ] {
+            if s.get(other).is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the AWS profile {name} gets its credentials with {other}, which mr does not support: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) instead, e.g. from `aws configure export-credentials --profile {name} --format env`"
+                    ),
+                ));
+            }
+        }
         let take = |slot: &mut Option<String>, key: &str| {
             if slot.is_none() {
                 *slot = s
@@ -108,6 +132,10 @@ fn read(file: &PathBuf) -> io::Result<Option<ini::Ini>> {
 mod tests {
     use super::*;
 
+    fn absent_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        dir.path().join("absent")
+    }
+
     #[test]
     fn profiles_come_from_both_files_and_a_missing_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -152,7 +180,28 @@ mod tests {
             e.contains("AWS_PROFILE=nope") && e.contains("no such profile"),
             "{e}"
         );
-        let absent = dir.path().join("absent");
+        // Roles, SSO and processes are refused, not silently replaced.
+        let roles = dir.path().join("roles");
+        std::fs::write(
+            &roles,
+            "[profile admin]\nrole_arn = arn:aws:iam::1:role/x\nsource_profile = default\n",
+        )
+        .unwrap();
+        let e = with(Some("admin"), &creds, &roles).unwrap_err().to_string();
+        assert!(
+            e.contains("role_arn") && e.contains("export AWS_ACCESS_KEY_ID"),
+            "{e}"
+        );
+        // A bare [name] in the config file is not a profile.
+        std::fs::write(&roles, "[bare]\nregion = x\n").unwrap();
+        let e = with(Some("bare"), &absent_file(&dir), &roles)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AWS_PROFILE=bare") && e.contains("no such profile"),
+            "{e}"
+        );
+        let absent = absent_file(&dir);
         assert_eq!(with(None, &absent, &absent).unwrap(), Profile::default());
         std::fs::write(&absent, "[broken\n").unwrap();
         let e = with(None, &absent, &config).unwrap_err().to_string();

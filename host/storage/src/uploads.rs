@@ -14,6 +14,17 @@ use serde::Deserialize;
 
 use crate::Bucket;
 
+/// Percent-encodes all but RFC 3986's unreserved characters, as SigV4's
+/// canonical query does.
+fn strict(s: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
+}
+
 /// Pages of 1000 at most (S3's own limit), and at most this many pages:
 /// a prefix with millions of uploads is not ours to sweep.
 const MAX_PAGES: usize = 1000;
@@ -54,16 +65,25 @@ pub(crate) async fn list(b: &Bucket, prefix: &ObjectUrl) -> io::Result<Vec<(Obje
     let mut found = Vec::new();
     let mut markers: Option<(String, String)> = None;
     for _ in 0..MAX_PAGES {
-        let mut url = url::Url::parse(&format!("{}/", b.url)).map_err(|e| fail(e.to_string()))?;
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("uploads", "");
-            q.append_pair("prefix", &prefix.key);
-            if let Some((k, u)) = &markers {
-                q.append_pair("key-marker", k);
-                q.append_pair("upload-id-marker", u);
-            }
+        // The query exactly as SigV4 signs it: sorted, each value
+        // percent-encoded but for unreserved characters; keys in the
+        // answer URL-encoded (so no key can break its XML).
+        let mut query = vec![
+            ("encoding-type", "url".to_string()),
+            ("prefix", prefix.key.clone()),
+            ("uploads", String::new()),
+        ];
+        if let Some((k, u)) = &markers {
+            query.push(("key-marker", k.clone()));
+            query.push(("upload-id-marker", u.clone()));
         }
+        query.sort();
+        let query: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", strict(v)))
+            .collect();
+        let url = url::Url::parse(&format!("{}/?{}", b.url, query.join("&")))
+            .map_err(|e| fail(e.to_string()))?;
         // `?uploads=` and `?uploads` are the same request to S3; SigV4
         // signs the query as sent.
         let mut request = http::Request::builder()

@@ -20,8 +20,8 @@ use crate::{block, explain, key, spawn, store, Requests};
 /// Bytes per part (S3 wants at least 5 MiB for every part but the last,
 /// and at most 10,000 parts: 80 GiB per object at this size).
 pub const PART_SIZE: usize = 8 << 20;
-/// Parts of one upload on their way at once (while the next fills): the
-/// writer holds at most this many plus one in memory.
+/// Parts of one upload on their way at once while the next fills: the
+/// writer holds at most this many plus one parts in memory (24 MiB).
 const IN_FLIGHT: usize = 2;
 /// S3's limit on the parts of one upload.
 const MAX_PARTS: usize = 10_000;

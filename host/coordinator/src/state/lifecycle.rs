@@ -112,7 +112,7 @@ impl State {
                             upload: Some(u),
                             digest,
                             ..
-                        } => Some((u.clone(), digest.filter(|_| verify))),
+                        } => Some((u.clone(), digest.filter(|_| verify), d.worker.0.clone())),
                         _ => None,
                     },
                     _ => None,

@@ -170,11 +170,6 @@ pub enum Action {
     },
     /// Remove a losing attempt's output.
     Discard(PathBuf),
-    /// Abort a losing (or unwanted) attempt's upload of `url`.
-    AbortUpload {
-        url: mr_core::location::ObjectUrl,
-        id: String,
-    },
     /// Every reduce is done: move the output into place and write
     /// `_SUCCESS`; then call [`State::job_committed`].
     CommitJob {
@@ -183,8 +178,15 @@ pub enum Action {
         reduces: u32,
         report: Box<JobReport>,
         /// For an output in object storage: each reduce's winning upload,
-        /// in order, and (verified jobs) the digest it must have.
-        uploads: Vec<(mr_core::location::Upload, Option<mr_core::digest::Digest>)>,
+        /// in order, (verified jobs) the digest it must have, and the
+        /// worker that made it. Every other upload under the prefix is
+        /// aborted then (never one by one before: an upload id a worker
+        /// names could be another attempt's).
+        uploads: Vec<(
+            mr_core::location::Upload,
+            Option<mr_core::digest::Digest>,
+            String,
+        )>,
     },
     /// The job failed or was cancelled: write `_FAILED` (unless `report`
     /// is `None`: a quiet cancel) and release the output directory.

@@ -2,7 +2,7 @@
 //! map output that reducers cannot fetch.
 
 use mr_core::ids::{JobId, TaskId, WorkerId};
-use mr_core::location::{Location, Upload};
+use mr_core::location::Location;
 use mr_core::output::COMMITTED;
 use mr_core::report::Reason;
 use mr_core::rpc::{AttemptResult, JobState, Outcome, RpcError};
@@ -35,17 +35,16 @@ impl State {
             if let (Some(r), Outcome::ReduceDone, TaskId::Reduce(p)) =
                 (found, &result.outcome, key.task)
             {
-                self.discard(r.job, p, key.attempt, result.upload.as_ref());
+                self.discard(r.job, p, key.attempt);
             }
             return Ok(());
         };
         // An upload is kept only as a reduce's output in object storage.
         let upload = match (&result.outcome, key.task, &self.job(r.job).spec.output) {
-            (Outcome::ReduceDone, TaskId::Reduce(p), Location::Object(_)) => match result.upload {
+            (Outcome::ReduceDone, TaskId::Reduce(_), Location::Object(_)) => match result.upload {
                 Some(u) => match u.check() {
                     Ok(()) => Some(u),
                     Err(why) => {
-                        self.discard(r.job, p, key.attempt, Some(&u));
                         let msg = format!(
                             "the worker reported {why} (a bug, or a worker of another version)"
                         );
@@ -59,12 +58,7 @@ impl State {
                     return Ok(());
                 }
             },
-            (_, TaskId::Reduce(p), Location::Object(_)) => {
-                if let Some(u) = &result.upload {
-                    self.discard(r.job, p, key.attempt, Some(u));
-                }
-                None
-            }
+            (_, TaskId::Reduce(_), Location::Object(_)) => None,
             _ => None,
         };
         let verify = self.job(r.job).spec.verify > 1;
@@ -213,11 +207,11 @@ impl State {
         };
         let (winner, winner_worker) = (done.attempt, done.worker.clone());
         if let TaskId::Reduce(p) = job.tasks[r.task].id {
-            let losers: Vec<(u32, Option<mr_core::location::Upload>)> = after
+            let losers: Vec<u32> = after
                 .votes
                 .iter()
                 .filter(|v| v.attempt != winner)
-                .map(|v| (v.attempt, v.output.upload().cloned()))
+                .map(|v| v.attempt)
                 .collect();
             // A file is renamed into `committed/` now; an upload waits
             // for the job's commit (and a verified one's digest is checked
@@ -234,8 +228,8 @@ impl State {
                     worker: winner_worker,
                 });
             }
-            for (attempt, upload) in losers {
-                self.discard(r.job, p, attempt, upload.as_ref());
+            for attempt in losers {
+                self.discard(r.job, p, attempt);
             }
         }
         let job = &self.jobs[&r.job];
@@ -261,18 +255,12 @@ impl State {
     }
 
     /// Removes what attempt `attempt` of reduce `p` of job `seq` wrote
-    /// (it lost, or is no longer current): its file, or its upload.
-    fn discard(&mut self, seq: u64, p: u32, attempt: u32, upload: Option<&Upload>) {
-        match self.job(seq).reduce_output(p, attempt) {
-            Location::File(path) => self.actions.push(Action::Discard(path)),
-            Location::Object(url) => {
-                if let Some(u) = upload {
-                    self.actions.push(Action::AbortUpload {
-                        url,
-                        id: u.id.clone(),
-                    });
-                }
-            }
+    /// (it lost, or is no longer current): its file. (An upload is left
+    /// for the sweep at the job's end, which aborts all but the winners':
+    /// an upload id a worker reports could be another attempt's.)
+    fn discard(&mut self, seq: u64, p: u32, attempt: u32) {
+        if let Location::File(path) = self.job(seq).reduce_output(p, attempt) {
+            self.actions.push(Action::Discard(path));
         }
     }
 

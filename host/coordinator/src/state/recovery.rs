@@ -3,6 +3,8 @@
 //! restarted coordinator resumes its unfinished jobs.
 
 use mr_core::digest::Digest;
+use std::collections::HashMap;
+
 use mr_core::ids::{JobId, TaskId};
 use mr_core::report::{AttemptReport, Dissent, Verdict};
 use mr_core::rpc::JobState;
@@ -96,6 +98,24 @@ impl State {
             }
         }
         self.maybe_commit(now, seq);
+    }
+
+    /// The uploads of job `job`'s done reduces (an output in object
+    /// storage), by partition.
+    pub fn reduce_uploads(&self, job: &JobId) -> HashMap<u32, mr_core::location::Upload> {
+        let Some(seq) = self.seq_of(job) else {
+            return HashMap::new();
+        };
+        self.job(seq)
+            .tasks
+            .iter()
+            .filter_map(|t| match (&t.state, t.id) {
+                (TaskState::Done(d), TaskId::Reduce(r)) => {
+                    d.output.upload().map(|u| (r, u.clone()))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// The jobs that are not over, for the event loop to reclaim their

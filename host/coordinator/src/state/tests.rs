@@ -1921,8 +1921,10 @@ fn no_backup_of_a_reduce_while_a_map_output_is_lost() {
 
 /// An output in object storage: every reduce attempt uploads to
 /// `PREFIX/mr-out-R`, nothing is renamed; a winner's upload goes to the
-/// job's commit, a loser's or a late one's is aborted; a report without an
-/// upload, or with a malformed one, fails the attempt.
+/// job's commit; nothing is aborted before then (the commit sweeps every
+/// other upload: an id a worker reports could be another attempt's, so
+/// the coordinator never aborts one on a worker's word); a report
+/// without an upload, or with a malformed one, fails the attempt.
 #[test]
 fn object_outputs_commit_the_winning_uploads_and_abort_the_others() {
     use mr_core::location::{Location, ObjectUrl, Upload};
@@ -1977,14 +1979,11 @@ fn object_outputs_commit_the_winning_uploads_and_abort_the_others() {
         .unwrap();
     let actions = drain(&mut s);
     assert!(
-        actions.iter().any(
-            |a| matches!(a, Action::AbortUpload { id, url } if id == "u-bad" && url.key == "run/mr-out-1")
-        ),
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::CommitTask { .. } | Action::Discard(_))),
         "{actions:?}"
     );
-    assert!(!actions
-        .iter()
-        .any(|a| matches!(a, Action::CommitTask { .. })));
     let sum = summary(&s, &job);
     assert_eq!((sum.reduces_done, sum.failed_attempts), (0, 2));
     // Both again, on two workers; reduce-0 also on a third attempt that
@@ -1995,13 +1994,7 @@ fn object_outputs_commit_the_winning_uploads_and_abort_the_others() {
         .unwrap();
     s.report(c.at(0.5), &w1, with(&r[0].key, Some(upload("u-late"))))
         .unwrap();
-    let actions = drain(&mut s);
-    assert!(
-        actions
-            .iter()
-            .any(|a| matches!(a, Action::AbortUpload { id, .. } if id == "u-late")),
-        "a report that is no longer current has its upload aborted: {actions:?}"
-    );
+    drain(&mut s);
     s.report(c.at(0.6), &w2, with(&again[1].key, Some(upload("u1"))))
         .unwrap();
     let actions = drain(&mut s);
@@ -2013,7 +2006,8 @@ fn object_outputs_commit_the_winning_uploads_and_abort_the_others() {
     };
     let ids: Vec<&str> = uploads
         .iter()
-        .map(|(u, d)| {
+        .map(|(u, d, w)| {
+            assert_eq!(w, &w2.0, "the worker that made it, for messages");
             assert!(d.is_none(), "no digest to check without --verify");
             u.id.as_str()
         })
@@ -2042,7 +2036,7 @@ fn object_outputs_commit_the_winning_uploads_and_abort_the_others() {
         _ => None,
     });
     assert_eq!(
-        commit.map(|u| u.into_iter().map(|(u, _)| u.id).collect::<Vec<_>>()),
+        commit.map(|u| u.into_iter().map(|(u, _, _)| u.id).collect::<Vec<_>>()),
         Some(vec!["u0".to_string(), "u1".to_string()])
     );
 }
