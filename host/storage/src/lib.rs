@@ -356,20 +356,6 @@ pub fn get(url: &ObjectUrl, limit: u64) -> io::Result<Option<(Vec<u8>, Meta)>> {
     })
 }
 
-/// The size of the object `url`, or `None` if there is none.
-///
-/// Fails as [`expand`] does.
-pub fn size(url: &ObjectUrl) -> io::Result<Option<u64>> {
-    let (store, key, shown) = (store(&url.bucket)?, key(url)?, url.to_string());
-    block(async move {
-        match store.head(&key).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(explain(&shown, e)),
-        }
-    })
-}
-
 /// The SHA-256 of the object `url`, read as a stream.
 ///
 /// Fails as [`expand`] does, or if there is no such object.
@@ -428,11 +414,7 @@ fn list_until(
     let store = store(&prefix.bucket)?;
     block(async move {
         let shown = prefix.to_string();
-        let dir = prefix.key.trim_end_matches('/');
-        let p = (!dir.is_empty())
-            .then(|| Key::parse(dir))
-            .transpose()
-            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let p = dir_key(&prefix)?;
         let mut found = Vec::new();
         let mut listing = store.list(p.as_ref());
         while let Some(meta) = listing.next().await {
@@ -457,6 +439,16 @@ fn list_until(
     })
 }
 
+/// `object_store`'s address of the "directory" a prefix names (`None`:
+/// the whole bucket).
+fn dir_key(prefix: &ObjectUrl) -> io::Result<Option<Key>> {
+    let dir = prefix.key.trim_end_matches('/');
+    (!dir.is_empty())
+        .then(|| Key::parse(dir))
+        .transpose()
+        .map_err(|e| invalid(format!("{prefix}: {e}")))
+}
+
 /// The objects right under `prefix` (not in its sub-prefixes).
 ///
 /// Fails as [`expand`] does.
@@ -465,11 +457,7 @@ pub fn children(prefix: &ObjectUrl) -> io::Result<Vec<Object>> {
     let store = store(&prefix.bucket)?;
     block(async move {
         let shown = prefix.to_string();
-        let dir = prefix.key.trim_end_matches('/');
-        let p = (!dir.is_empty())
-            .then(|| Key::parse(dir))
-            .transpose()
-            .map_err(|e| invalid(format!("{shown}: {e}")))?;
+        let p = dir_key(&prefix)?;
         let listed = store
             .list_with_delimiter(p.as_ref())
             .await
