@@ -17,7 +17,7 @@ cargo build --release -q --target wasm32-wasip2 --manifest-path apps/Cargo.toml 
 
 langs=()
 case "${1:-}" in
-    backups | state-machine | native-wc | s3) MR_BENCH_LANGS=0 ;;
+    backups | state-machine | native-wc | s3 | scale) MR_BENCH_LANGS=0 ;;
 esac
 if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
     apps=target/bench/apps
@@ -41,4 +41,16 @@ if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
     build python apps/wc-python/build.sh "$apps/wc-python.wasm"
     build js apps/wc-js/build.sh "$apps/wc-js.wasm"
 fi
-exec target/release/mr-bench ${langs[@]+"${langs[@]}"} "$@"
+# DuckDB for the main comparison, in a venv of its own (first use installs it).
+duck=()
+if [ -z "${1:-}" ] || [ "${1#-}" != "$1" ]; then
+    venv=target/bench/venv
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+        python3 -m venv "$venv" >/dev/null 2>&1 && "$venv/bin/pip" install -q -r bench/duckdb/requirements.txt >/dev/null 2>&1 \
+            || echo "warning: cannot install DuckDB into $venv (pip); its comparison is left out" >&2
+    fi
+    if "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+        duck=(--duckdb "$venv/bin/python")
+    fi
+fi
+exec target/release/mr-bench ${langs[@]+"${langs[@]}"} ${duck[@]+"${duck[@]}"} "$@"

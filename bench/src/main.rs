@@ -34,6 +34,7 @@ use clap::{Parser, Subcommand};
 
 mod backups;
 mod s3;
+mod scale;
 mod state_machine;
 
 #[derive(Parser)]
@@ -47,8 +48,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Count words natively, single-threaded: `word count` lines, sorted.
+    /// Count words natively: `word count` lines, sorted.
     NativeWc {
+        /// Threads (each counts whole files into a table of its own; the
+        /// tables are merged at the end).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         output: PathBuf,
         inputs: Vec<PathBuf>,
     },
@@ -70,6 +75,8 @@ enum Cmd {
     /// Word count with its input (and output) in S3 against local disk,
     /// with the S3 server on this machine.
     S3(s3::Args),
+    /// `mr run` (and a cluster) at growing input sizes: time and peak RSS.
+    Scale(scale::Args),
 }
 
 /// Where a benchmark works and what it runs (shared by its commands).
@@ -135,6 +142,10 @@ struct RunArgs {
     /// Tiny inputs (one line each) for the scale run (0: none).
     #[arg(long, default_value_t = 20_000)]
     tiny_files: u32,
+    /// A Python with the `duckdb` package: DuckDB's word count runs in the
+    /// same run, for comparison (bench/run.sh installs one in a venv).
+    #[arg(long)]
+    duckdb: Option<PathBuf>,
 }
 
 fn parse_lang_app(s: &str) -> Result<(String, PathBuf), String> {
@@ -149,7 +160,11 @@ fn parse_lang_app(s: &str) -> Result<(String, PathBuf), String> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Some(Cmd::NativeWc { output, inputs }) => native_wc(&output, &inputs),
+        Some(Cmd::NativeWc {
+            threads,
+            output,
+            inputs,
+        }) => native_wc(&output, &inputs, threads),
         Some(Cmd::StateMachine {
             maps,
             reduces,
@@ -158,6 +173,7 @@ fn main() -> Result<()> {
         }) => state_machines(&maps, reduces, workers, slots),
         Some(Cmd::Backups(a)) => backups::run(a),
         Some(Cmd::S3(a)) => s3::run(a),
+        Some(Cmd::Scale(a)) => scale::run(a),
         None => bench(cli.run),
     }
 }
@@ -253,22 +269,47 @@ fn is_letter(c: char) -> bool {
     }
 }
 
-/// The baseline: what a competent programmer writes in Rust for one core.
-fn native_wc(output: &Path, inputs: &[PathBuf]) -> Result<()> {
-    let mut counts: rustc_hash::FxHashMap<String, u64> = Default::default();
-    for p in inputs {
-        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-        let text = String::from_utf8_lossy(&bytes);
-        for w in text
-            .split(|c: char| !is_letter(c))
-            .filter(|w| !w.is_empty())
-        {
-            match counts.get_mut(w) {
-                Some(n) => *n += 1,
-                None => {
-                    counts.insert(w.to_string(), 1);
+/// The baseline: what a competent programmer writes in Rust, on
+/// `threads` cores (files dealt out to threads, one table each, merged).
+fn native_wc(output: &Path, inputs: &[PathBuf], threads: usize) -> Result<()> {
+    type Counts = rustc_hash::FxHashMap<String, u64>;
+    let count = |files: Vec<&PathBuf>| -> Result<Counts> {
+        let mut counts = Counts::default();
+        for p in files {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let text = String::from_utf8_lossy(&bytes);
+            for w in text
+                .split(|c: char| !is_letter(c))
+                .filter(|w| !w.is_empty())
+            {
+                match counts.get_mut(w) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(w.to_string(), 1);
+                    }
                 }
             }
+        }
+        Ok(counts)
+    };
+    let threads = threads.max(1);
+    let tables = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<&PathBuf> = inputs.iter().skip(t).step_by(threads).collect();
+                s.spawn(move || count(mine))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a counting thread"))
+            .collect::<Result<Vec<Counts>>>()
+    })?;
+    let mut tables = tables.into_iter();
+    let mut counts = tables.next().unwrap_or_default();
+    for t in tables {
+        for (w, n) in t {
+            *counts.entry(w).or_default() += n;
         }
     }
     let mut v: Vec<_> = counts.into_iter().collect();
@@ -473,6 +514,10 @@ fn bench(a: RunArgs) -> Result<()> {
         _ => Some(m),
     };
     let (mut native, mut mr, mut dist) = (None, None, None);
+    let (mut native2, mut duck) = (None, None);
+    let native2_out = a.tools.dir.join("native-wc-2.txt");
+    let duck_out = a.tools.dir.join("duckdb-wc.txt");
+    let threads = cores.to_string();
     for run in 0..a.runs.max(1) {
         eprint!("run {} of {}: ", run + 1, a.runs.max(1));
         let n = measure(
@@ -483,6 +528,25 @@ fn bench(a: RunArgs) -> Result<()> {
         )?;
         eprint!("native {:.2} s", n.secs);
         native = best(native, n);
+        let n = measure(
+            Command::new(&me)
+                .args(["native-wc", "--threads", &threads])
+                .arg(&native2_out)
+                .args(&corpus),
+        )?;
+        eprint!(", native {threads} threads {:.2} s", n.secs);
+        native2 = best(native2, n);
+        if let Some(py) = &a.duckdb {
+            let d = measure(
+                Command::new(py)
+                    .arg("bench/duckdb/wc.py")
+                    .arg(&threads)
+                    .arg(&duck_out)
+                    .args(&corpus),
+            )?;
+            eprint!(", DuckDB {:.2} s", d.secs);
+            duck = best(duck, d);
+        }
         let m = measure(
             Command::new(&a.tools.mr)
                 .arg("run")
@@ -544,6 +608,12 @@ fn bench(a: RunArgs) -> Result<()> {
     }
 
     let want = sorted_lines(&[native_out])?;
+    if sorted_lines(&[native2_out])? != want {
+        bail!("the native word count on several threads differs from one thread's");
+    }
+    if duck.is_some() && sorted_lines(&[duck_out])? != want {
+        bail!("DuckDB's word count differs from the native one's");
+    }
     for (what, dir) in [("mr run", &mr_out), ("the cluster", &cluster_out)] {
         if what == "the cluster" && dist.is_none() {
             continue;
@@ -569,10 +639,16 @@ fn bench(a: RunArgs) -> Result<()> {
         "{:<26} {:>9} {:>9} {:>14}",
         "", "wall s", "MB/s", "peak RSS MiB"
     );
+    let native2 = native2.expect("one run");
     let mut rows = vec![
         ("native Rust, 1 thread".to_string(), &native),
-        ("mr run wc".to_string(), &mr),
+        (format!("native Rust, {threads} threads"), &native2),
     ];
+    let duck_name = format!("DuckDB, {threads} threads");
+    if let Some(d) = &duck {
+        rows.push((duck_name, d));
+    }
+    rows.push(("mr run wc".to_string(), &mr));
     let dist_name = format!("mr submit, {}x{} slots", a.workers, slots);
     if let Some(d) = &dist {
         rows.push((dist_name, d));
@@ -590,6 +666,16 @@ fn bench(a: RunArgs) -> Result<()> {
         native.secs / mr.secs,
         mr.peak_rss_mib / native.peak_rss_mib
     );
+    println!(
+        "ratio mr/native {threads} threads: throughput {:.2}x (goal >= 0.7x)",
+        native2.secs / mr.secs
+    );
+    if let Some(d) = &duck {
+        println!(
+            "ratio mr/DuckDB: throughput {:.2}x (goal >= 1.5x)",
+            d.secs / mr.secs
+        );
+    }
     if let (Some(d), Some(rss)) = (&dist, worker_rss) {
         println!("(mr submit's own RSS is the client's; largest worker peak RSS {rss:.0} MiB)");
         println!(

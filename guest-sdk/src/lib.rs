@@ -26,7 +26,10 @@
 //!   in lists of thousands (one boundary crossing costs ~300 ns).
 //! - **Combining.** When the app's [`App::combine`] returns `Some`, map
 //!   output is combined inside the guest before it is emitted, in a table of
-//!   bounded size.
+//!   bounded size. An app whose values are counts declares
+//!   [`App::COMBINER`]` = `[`Combiner::SumU64`]: the SDK then adds them up
+//!   in place (keys in one arena, a number per key), parsing and printing
+//!   nothing per value.
 //! - **Progress.** Every few thousand pairs, [`Emitter::emit`] looks at
 //!   where the pair's key (or value) lies in the map's `contents`; when it
 //!   is a slice of them, as [`words`] gives, the host hears how far the map
@@ -41,6 +44,7 @@
 //! combining), the `run_*` adapters the export macro calls, and [`words`].
 
 use std::cell::RefCell;
+use std::hash::BuildHasher;
 
 use rustc_hash::FxHashMap;
 
@@ -76,6 +80,25 @@ pub trait App {
         let _ = (key, values);
         None
     }
+
+    /// What the combiner does, for the SDK to do it faster inside the
+    /// guest: [`Combiner::Text`] (the default) calls [`App::combine`] on
+    /// strings; [`Combiner::SumU64`] declares that values are decimal
+    /// `u64`s and combining adds them up (word count), so the SDK folds
+    /// each emitted value into a number per key without calling
+    /// [`App::combine`] (which must still sum: the host calls it too).
+    const COMBINER: Combiner = Combiner::Text;
+}
+
+/// How a map's output is combined inside the guest (see
+/// [`App::COMBINER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combiner {
+    /// [`App::combine`], on the values as text.
+    Text,
+    /// Values are decimal `u64`s; combining adds them (wrapping never: a
+    /// sum past `u64::MAX` stops being folded and goes to the host as is).
+    SumU64,
 }
 
 /// Pairs buffered before one `emit` call hands them to the host.
@@ -151,11 +174,93 @@ enum Combining {
     No,
 }
 
+/// Counts per key for [`Combiner::SumU64`]: keys packed in one arena, a
+/// small entry per key (no allocation per key or value; a flush keeps the
+/// memory for the next).
+struct Sums {
+    arena: Vec<u8>,
+    entries: hashbrown::HashTable<SumEntry>,
+    hasher: rustc_hash::FxBuildHasher,
+}
+
+/// A key (`arena[at..at + len]`), its hash and its sum so far.
+struct SumEntry {
+    hash: u64,
+    at: u32,
+    len: u32,
+    sum: u64,
+}
+
+impl Sums {
+    fn new() -> Self {
+        Sums {
+            arena: Vec::new(),
+            entries: hashbrown::HashTable::new(),
+            hasher: rustc_hash::FxBuildHasher,
+        }
+    }
+
+    /// Adds `n` to `key`'s sum; `false` if that would pass `u64::MAX` (the
+    /// caller emits the pair as it is instead).
+    #[inline]
+    fn add(&mut self, key: &str, n: u64) -> bool {
+        let hash = self.hasher.hash_one(key.as_bytes());
+        let arena = &self.arena;
+        let found = self.entries.find_mut(hash, |e| {
+            e.hash == hash && &arena[e.at as usize..(e.at + e.len) as usize] == key.as_bytes()
+        });
+        match found {
+            Some(e) => match e.sum.checked_add(n) {
+                Some(s) => {
+                    e.sum = s;
+                    true
+                }
+                None => false,
+            },
+            None => {
+                let at = self.arena.len() as u32;
+                self.arena.extend_from_slice(key.as_bytes());
+                let entry = SumEntry {
+                    hash,
+                    at,
+                    len: key.len() as u32,
+                    sum: n,
+                };
+                self.entries.insert_unique(hash, entry, |e| e.hash);
+                true
+            }
+        }
+    }
+
+    /// Estimated bytes held (the arena, and entries with the table's
+    /// control bytes and slack).
+    fn bytes(&self) -> usize {
+        self.arena.len() + self.entries.len() * (std::mem::size_of::<SumEntry>() + 8)
+    }
+
+    /// Whether the arena's offsets could overflow with one more key.
+    fn full(&self) -> bool {
+        self.arena.len() >= (u32::MAX as usize) / 2
+    }
+}
+
+/// Parses a decimal `u64` quickly (`"1"` most of all); `None` if `v` is
+/// not one.
+#[inline]
+fn parse_u64(v: &str) -> Option<u64> {
+    match v.as_bytes() {
+        [b] if b.is_ascii_digit() => Some(u64::from(b - b'0')),
+        _ => v.parse().ok(),
+    }
+}
+
 /// Collects an app's map output and hands it to the host in batches,
 /// combining it first when the app has a combiner.
 pub struct Emitter {
     combine: fn(&str, &[&str]) -> Option<String>,
     combining: Combining,
+    /// For [`Combiner::SumU64`].
+    sums: Option<Sums>,
     table: FxHashMap<String, Slot>,
     table_bytes: usize,
     batch: Vec<Kv>,
@@ -171,8 +276,16 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    fn new(combine: fn(&str, &[&str]) -> Option<String>, contents: &str) -> Self {
-        Emitter::with_report(combine, contents, host_progress)
+    fn new(
+        combine: fn(&str, &[&str]) -> Option<String>,
+        combiner: Combiner,
+        contents: &str,
+    ) -> Self {
+        let mut e = Emitter::with_report(combine, contents, host_progress);
+        if combiner == Combiner::SumU64 {
+            e.sums = Some(Sums::new());
+        }
+        e
     }
 
     fn with_report(
@@ -183,6 +296,7 @@ impl Emitter {
         Emitter {
             combine,
             combining: Combining::Unknown,
+            sums: None,
             table: FxHashMap::default(),
             table_bytes: 0,
             batch: Vec::new(),
@@ -234,6 +348,19 @@ impl Emitter {
         if self.countdown == 0 {
             self.look(key, value);
         }
+        if let Some(sums) = &mut self.sums {
+            if let Some(n) = parse_u64(value) {
+                if sums.add(key, n) {
+                    if sums.bytes() >= TABLE_BYTES || sums.full() {
+                        self.flush_sums();
+                    }
+                    return;
+                }
+            }
+            // Not a count (or a sum past u64::MAX): as it is.
+            self.push(key.to_owned(), value.to_owned());
+            return;
+        }
         if self.combining == Combining::No {
             self.push(key.to_owned(), value.to_owned());
             return;
@@ -267,6 +394,40 @@ impl Emitter {
         if self.table_bytes >= TABLE_BYTES {
             self.flush_table(false);
         }
+    }
+
+    /// Emits one intermediate pair whose value is a count (for apps whose
+    /// [`App::COMBINER`] is [`Combiner::SumU64`]: nothing is parsed).
+    pub fn emit_u64(&mut self, key: &str, n: u64) {
+        if self.sums.is_none() {
+            return self.emit(key, &n.to_string());
+        }
+        self.countdown -= 1;
+        if self.countdown == 0 {
+            self.look(key, "");
+        }
+        let sums = self.sums.as_mut().expect("checked");
+        if !sums.add(key, n) {
+            self.push(key.to_owned(), n.to_string());
+        } else if sums.bytes() >= TABLE_BYTES || sums.full() {
+            self.flush_sums();
+        }
+    }
+
+    /// Hands every sum to the host and empties the table (keeping its
+    /// memory for the next).
+    fn flush_sums(&mut self) {
+        let Some(mut sums) = self.sums.take() else {
+            return;
+        };
+        for e in sums.entries.drain() {
+            let key = &sums.arena[e.at as usize..(e.at + e.len) as usize];
+            // Keys were `&str`s: whole, valid UTF-8.
+            let key = String::from_utf8_lossy(key).into_owned();
+            self.push(key, e.sum.to_string());
+        }
+        sums.arena.clear();
+        self.sums = Some(sums);
     }
 
     fn push(&mut self, key: String, value: String) {
@@ -320,6 +481,7 @@ impl Emitter {
     }
 
     fn finish(&mut self) {
+        self.flush_sums();
         self.flush_table(true);
         self.flush_batch();
     }
@@ -327,10 +489,89 @@ impl Emitter {
 
 /// Splits text into words the way the MIT 6.5840 lab does (Go's
 /// `strings.FieldsFunc(s, func(r) bool { return !unicode.IsLetter(r) })`):
-/// maximal runs of Unicode letters (general category L), case kept.
-pub fn words(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|c: char| !is_letter(c))
-        .filter(|w| !w.is_empty())
+/// maximal runs of Unicode letters (general category L), case kept. ASCII
+/// bytes are classified by a table; only non-ASCII characters are decoded.
+pub fn words(text: &str) -> Words<'_> {
+    Words { text, at: 0 }
+}
+
+/// The words of a text (see [`words`]): slices of it.
+pub struct Words<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+/// ASCII letters.
+static ASCII_LETTER: [bool; 128] = {
+    let mut t = [false; 128];
+    let mut b = 0;
+    while b < 128 {
+        t[b] = (b as u8).is_ascii_alphabetic();
+        b += 1;
+    }
+    t
+};
+
+impl Words<'_> {
+    /// Whether a letter starts at `at`, and the length of its character.
+    #[inline]
+    fn letter_at(&self, at: usize) -> (bool, usize) {
+        let b = self.text.as_bytes()[at];
+        if b < 0x80 {
+            return (ASCII_LETTER[b as usize], 1);
+        }
+        let c = self.text[at..]
+            .chars()
+            .next()
+            .expect("a char at a boundary");
+        (is_letter(c), c.len_utf8())
+    }
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        let bytes = self.text.as_bytes();
+        let n = bytes.len();
+        // Skip to the next letter.
+        let start = loop {
+            if self.at >= n {
+                return None;
+            }
+            let b = bytes[self.at];
+            if b < 0x80 {
+                if ASCII_LETTER[b as usize] {
+                    break self.at;
+                }
+                self.at += 1;
+                continue;
+            }
+            let (letter, len) = self.letter_at(self.at);
+            if letter {
+                break self.at;
+            }
+            self.at += len;
+        };
+        // Take letters.
+        while self.at < n {
+            let b = bytes[self.at];
+            if b < 0x80 {
+                if !ASCII_LETTER[b as usize] {
+                    break;
+                }
+                self.at += 1;
+                continue;
+            }
+            let (letter, len) = self.letter_at(self.at);
+            if !letter {
+                break;
+            }
+            self.at += len;
+        }
+        Some(&self.text[start..self.at])
+    }
 }
 
 /// Whether `c` is a Unicode letter (general category L*), like Go's
@@ -348,7 +589,7 @@ pub fn is_letter(c: char) -> bool {
 
 #[doc(hidden)]
 pub fn run_map<A: App>(input: &str, contents: &str) -> Result<(), String> {
-    let mut out = Emitter::new(A::combine, contents);
+    let mut out = Emitter::new(A::combine, A::COMBINER, contents);
     A::map(input, contents, &mut out);
     out.finish();
     Ok(())
@@ -528,5 +769,71 @@ mod tests {
         let w: Vec<_> = words("Hello, wörld! it's 42x--ǅ Ⅻ").collect();
         // 'Ⅻ' (U+216B, a letter number) is alphabetic but not a letter.
         assert_eq!(w, ["Hello", "wörld", "it", "s", "x", "ǅ"]);
+        // The table-driven scanner splits as the definition does, on any
+        // mix of ASCII, other scripts, marks, digits and punctuation.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let pieces = [
+            "a", "Z", " ", "\n", "7", "é", "ж", "漢", "\u{301}", "Ⅻ", "—", "ǅ", "'", "ß", "🙂",
+        ];
+        for _ in 0..2000 {
+            let mut text = String::new();
+            for _ in 0..(rng % 40) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                text.push_str(pieces[(rng % pieces.len() as u64) as usize]);
+            }
+            let want: Vec<&str> = text
+                .split(|c: char| !is_letter(c))
+                .filter(|w| !w.is_empty())
+                .collect();
+            assert_eq!(words(&text).collect::<Vec<_>>(), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn counts_are_summed_in_place_and_flushed_as_numbers() {
+        let mut out = Emitter::with_report(sum, "", record);
+        out.sums = Some(Sums::new());
+        for w in ["b", "a", "b", "b"] {
+            out.emit(w, "1");
+        }
+        out.emit_u64("a", 40);
+        out.emit("c", "not a count");
+        out.emit_u64("big", u64::MAX);
+        out.emit_u64("big", 1);
+        let got: Vec<(String, String)> = out
+            .batch
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect();
+        // Not counts, or past u64::MAX: as they are, at once.
+        assert_eq!(
+            got,
+            [
+                ("c".to_string(), "not a count".to_string()),
+                ("big".into(), "1".into())
+            ]
+        );
+        out.flush_sums();
+        let mut got: Vec<(String, String)> = out
+            .batch
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("a".to_string(), "41".to_string()),
+                ("b".into(), "3".into()),
+                ("big".into(), "1".into()),
+                ("big".into(), u64::MAX.to_string()),
+                ("c".into(), "not a count".into()),
+            ]
+        );
+        // The table is empty again, its memory kept.
+        assert_eq!(out.sums.as_ref().unwrap().entries.len(), 0);
+        assert!(out.sums.as_ref().unwrap().arena.capacity() > 0);
     }
 }

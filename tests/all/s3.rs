@@ -1036,7 +1036,10 @@ fn lapsed_locks_are_replaced_by_force_and_a_job_that_lost_its_lock_commits_nothi
         "the other job's output stands, untouched"
     );
     s3.download("results", "lost/", &there);
-    assert_eq!(read_output(&there), reference_wc(std::slice::from_ref(&book)));
+    assert_eq!(
+        read_output(&there),
+        reference_wc(std::slice::from_ref(&book))
+    );
     assert!(
         s3.uploads("results").is_empty(),
         "{:?}",

@@ -1,6 +1,6 @@
 //! Word count: for every word (maximal run of Unicode letters, case kept),
 //! the number of times it occurs. Same output as the MIT 6.5840 lab's `wc`.
-use mr_sdk::{App, Emitter};
+use mr_sdk::{App, Combiner, Emitter};
 
 struct WordCount;
 
@@ -22,6 +22,9 @@ impl App for WordCount {
     fn combine(key: &str, values: &[&str]) -> Option<String> {
         Some(Self::reduce(key, values))
     }
+
+    // Counts: the SDK adds them up in place as they are emitted.
+    const COMBINER: Combiner = Combiner::SumU64;
 }
 
 mr_sdk::export_app!(WordCount);
