@@ -20,7 +20,7 @@ sdk=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$sdk/../.." && pwd)
 tools=${MR_TOOLS_DIR:-$repo/target/guest-tools}/js
 
-if [ -f "$out" ] && [ -z "$(find "$(dirname "$src")" "$sdk" "$repo/wit" -newer "$out" \
+if [ -f "$out" ] && [ -z "$(find "$(dirname "$src")" "$sdk" "$repo/wit/0.1" -newer "$out" \
         -not -path '*/node_modules/*' -print -quit)" ]; then
     echo "$out is up to date"
     exit 0
@@ -54,7 +54,7 @@ for dir in "$(dirname "$src")" "$sdk"; do
 done
 cd "$stage"
 node "$tools/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
-    --wit "$repo/wit" --world-name mapreduce -d http -d fetch-event \
+    --wit "$repo/wit/0.1" --world-name mapreduce -d http -d fetch-event \
     -o "$out.tmp" "${src#/}"
 mv "$out.tmp" "$out"
 echo "built $out"

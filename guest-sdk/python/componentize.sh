@@ -17,13 +17,13 @@ out=$3
 sdk=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$sdk/../.." && pwd)
 
-if [ -f "$out" ] && [ -z "$(find "$app" "$sdk" "$repo/wit" -newer "$out" -not -name '*.pyc' -not -name __pycache__ -print -quit)" ]; then
+if [ -f "$out" ] && [ -z "$(find "$app" "$sdk" "$repo/wit/0.1" -newer "$out" -not -name '*.pyc' -not -name __pycache__ -print -quit)" ]; then
     echo "$out is up to date"
     exit 0
 fi
 venv=$("$sdk/venv.sh")
 mkdir -p "$(dirname "$out")"
-"$venv/bin/componentize-py" -d "$repo/wit" -w mapreduce componentize "$module" \
+"$venv/bin/componentize-py" -d "$repo/wit/0.1" -w mapreduce componentize "$module" \
     -p "$app" -p "$sdk" -o "$out.tmp"
 mv "$out.tmp" "$out"
 echo "built $out"

@@ -335,6 +335,18 @@ fn an_emit_batch_over_the_cap_fails_with_the_cause_first() {
     );
 }
 
+/// A batch of bytes that is not well-formed records (a key that is not
+/// UTF-8) is the guest's fault, said as such, and not retried.
+#[test]
+fn malformed_records_fail_the_task_as_the_guests_fault() {
+    let (_tmp, _, got) = hostile_fails("badrecords");
+    let err = stderr(&got);
+    assert!(
+        err.contains("the guest emitted malformed records") && err.contains("not UTF-8"),
+        "{err}"
+    );
+}
+
 #[test]
 fn an_app_too_big_to_start_is_told_so_without_the_split_hint() {
     let tmp = tempfile::tempdir().unwrap();

@@ -6,7 +6,8 @@
 //! (`bigdupes` 200 000);
 //! `rawwords` emits ("n:WORD", "1") for every word of its input, bypassing it
 //! too (its combiner sums);
-//! `bigbatch` emits 20 MiB in one call; `badkeys` emits keys and values the text output format cannot carry;
+//! `bigbatch` emits 20 MiB in one call; `badrecords` emits bytes that are
+//! not well-formed records; `badkeys` emits keys and values the text output format cannot carry;
 //! `escapes` panics with terminal control sequences, `chatty` after 3 MB
 //! of stderr;
 //! `slow` counts like `wc` but spins ~20 µs per word (so its map runs for
@@ -19,7 +20,22 @@
 use std::io::Read;
 use std::time::{Duration, SystemTime};
 
+use mr_sdk::bindings::mr::app::host::emit;
 use mr_sdk::{App, Emitter};
+
+/// Appends a record in the contract's encoding (bypassing the SDK).
+fn record(out: &mut Vec<u8>, key: &str, value: &str) {
+    for len in [key.len(), value.len()] {
+        let mut v = len as u32;
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(value.as_bytes());
+}
 
 struct Hostile;
 
@@ -86,14 +102,10 @@ impl App for Hostile {
                 out.emit("args", &args.to_string());
             }
             "rawwords" => {
-                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
-                let mut batch = Vec::with_capacity(1000);
+                let mut batch = Vec::new();
                 for word in mr_sdk::words(contents) {
-                    batch.push(Kv {
-                        key: format!("n:{word}"),
-                        value: "1".into(),
-                    });
-                    if batch.len() == 1000 {
+                    record(&mut batch, &format!("n:{word}"), "1");
+                    if batch.len() >= 64 << 10 {
                         emit(&batch);
                         batch.clear();
                     }
@@ -105,13 +117,10 @@ impl App for Hostile {
                 // combiner then runs on its spills): 10 000 raw ("dup", "1"),
                 // or 200 000 (more than the host hands the combiner in one
                 // group).
-                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
-                let batch: Vec<Kv> = (0..1000)
-                    .map(|_| Kv {
-                        key: "dup".into(),
-                        value: "1".into(),
-                    })
-                    .collect();
+                let mut batch = Vec::new();
+                for _ in 0..1000 {
+                    record(&mut batch, "dup", "1");
+                }
                 for _ in 0..if name == "dupes" { 10 } else { 200 } {
                     emit(&batch);
                 }
@@ -120,14 +129,11 @@ impl App for Hostile {
                 // Holds 40 MiB while the host combines its spills (the
                 // combiner takes 40 MiB more): both instances of the task
                 // share one memory limit.
-                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
                 let hoard = vec![1u8; 40 << 20];
-                let batch: Vec<Kv> = (0..1000)
-                    .map(|_| Kv {
-                        key: "hoard".into(),
-                        value: "1".into(),
-                    })
-                    .collect();
+                let mut batch = Vec::new();
+                for _ in 0..1000 {
+                    record(&mut batch, "hoard", "1");
+                }
                 emit(&batch);
                 emit(&batch);
                 std::hint::black_box(&hoard);
@@ -141,14 +147,17 @@ impl App for Hostile {
             }
             "bigbatch" => {
                 // One `emit` of 20 MiB, over the host's 16 MiB per call.
-                use mr_sdk::bindings::mr::app::{host::emit, types::Kv};
-                let batch: Vec<Kv> = (0..20)
-                    .map(|i| Kv {
-                        key: format!("big{i}"),
-                        value: "x".repeat(1 << 20),
-                    })
-                    .collect();
+                let mut batch = Vec::new();
+                for i in 0..20 {
+                    record(&mut batch, &format!("big{i}"), &"x".repeat(1 << 20));
+                }
                 emit(&batch);
+            }
+            "badrecords" => {
+                // Records that are not well-formed: a key that is not
+                // UTF-8, then lengths past the end.
+                emit(&[1, 1, 0xff, b'v']);
+                emit(&[9, 0, b'k']);
             }
             "escapes" => {
                 // Terminal control sequences in its last words: clear the

@@ -24,6 +24,7 @@ pub mod job;
 pub mod location;
 pub mod output;
 pub mod partition;
+pub mod records;
 pub mod report;
 pub mod roots;
 pub mod rpc;

@@ -8,7 +8,11 @@
 //! - [`Sandbox`]: one app, compiled once (and cached on disk by the
 //!   component's sha256) and pre-linked into an `InstancePre`; every task
 //!   instantiates a fresh store from it, so nothing survives a trap.
-//! - [`Sandbox::run_map`] and [`Reducer`]: the calls a task makes.
+//! - [`Sandbox::run_map`] and [`Reducer`]: the calls a task makes. Apps of
+//!   either contract run: `mr:app@0.2.0` (data in batches of bytes, the
+//!   run-file records of `mr_core::records`) and `mr:app@0.1.x` (lists of
+//!   records of strings), whose batches the host converts; the rest of
+//!   `mr` sees only the byte batches.
 //! - [`GuestFailure`]: every way a guest can fail, in words for users.
 //!
 //! What a guest gets (see `wasi` module): no files, no network, no
@@ -31,8 +35,9 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, Store, UpdateDeadline};
 
 pub use failure::{FailureKind, GuestFailure, LoadError};
-pub use wasi::{Grants, TaskControl};
+pub use wasi::{Grants, TaskControl, MALFORMED};
 
+/// The current contract, `mr:app@0.2.0` (`wit/mr.wit`).
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
@@ -41,16 +46,38 @@ mod bindings {
     });
 }
 
-pub use bindings::mr::app::types::{Group, Kv};
-use bindings::{Mapreduce, MapreducePre};
+/// The first contract, `mr:app@0.1.x` (`wit/0.1/mr.wit`), for apps built
+/// against it.
+mod bindings01 {
+    wasmtime::component::bindgen!({
+        path: "../../wit/0.1",
+        world: "mr:app/mapreduce",
+        imports: { default: trappable },
+    });
+}
+
+use mr_core::records::{self, Groups};
+
+/// An app's exports, of either contract.
+enum Exports {
+    V2(bindings::Mapreduce),
+    V1(bindings01::Mapreduce),
+}
+
+/// An app linked, of either contract.
+enum Pre {
+    V2(bindings::MapreducePre<wasi::TaskState>),
+    V1(bindings01::MapreducePre<wasi::TaskState>),
+}
 
 /// The most key and value bytes one `emit` call may hand over: the host
 /// copies a batch out of the guest, outside the guest's memory limit, so
 /// it is kept well below that (the SDKs send about 1 MiB).
 pub const MAX_EMIT_BATCH: usize = 16 << 20;
 
-/// The name and version of the world apps implement.
-pub const WORLD: &str = "mr:app/mapreduce@0.1.1";
+/// The name and version of the world apps implement (those built for
+/// `mr:app/mapreduce@0.1.x` run too).
+pub const WORLD: &str = "mr:app/mapreduce@0.2.0";
 /// How often the epoch advances.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Epoch ticks between a running guest's checks of its time limit and
@@ -152,7 +179,7 @@ impl SandboxEngine {
 /// One app, compiled and linked, ready to run tasks.
 pub struct Sandbox {
     engine: SandboxEngine,
-    pre: MapreducePre<wasi::TaskState>,
+    pre: Pre,
     config: SandboxConfig,
     name: String,
     sha256: String,
@@ -186,7 +213,9 @@ impl Sandbox {
         let mut linker: Linker<wasi::TaskState> = Linker::new(&engine.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
-        Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
+        bindings::Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        bindings01::Mapreduce::add_to_linker::<_, HasSelf<wasi::TaskState>>(&mut linker, |s| s)
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         if !config.grants.clock {
             wasi::freeze_timers(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
@@ -214,7 +243,14 @@ impl Sandbox {
             },
         };
         let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
-        let pre = MapreducePre::new(instance_pre).map_err(wrong_world)?;
+        // The current contract's exports, else the first's.
+        let pre = match bindings::MapreducePre::new(instance_pre.clone()) {
+            Ok(p) => Pre::V2(p),
+            Err(e2) => match bindings01::MapreducePre::new(instance_pre) {
+                Ok(p) => Pre::V1(p),
+                Err(_) => return Err(wrong_world(e2)),
+            },
+        };
         Ok(Sandbox {
             engine: engine.clone(),
             pre,
@@ -244,7 +280,7 @@ impl Sandbox {
         seed: u64,
         sink: Option<wasi::Sink>,
         control: &TaskControl,
-    ) -> Result<(Store<wasi::TaskState>, Mapreduce), GuestFailure> {
+    ) -> Result<(Store<wasi::TaskState>, Exports), GuestFailure> {
         let state = wasi::TaskState::new(&self.config, seed, sink, control);
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -266,15 +302,17 @@ impl Sandbox {
             control.bump();
             Ok(UpdateDeadline::Continue(PROGRESS_TICKS))
         });
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| failure::classify(e, &mut store, &self.config))?;
-        Ok((store, bindings))
+        let exports = match &self.pre {
+            Pre::V2(p) => p.instantiate(&mut store).map(Exports::V2),
+            Pre::V1(p) => p.instantiate(&mut store).map(Exports::V1),
+        }
+        .map_err(|e| failure::classify(e, &mut store, &self.config))?;
+        Ok((store, exports))
     }
 
     /// Runs `map(input, contents)` in a fresh instance; every batch the guest
-    /// emits goes to `sink`, whose error fails the task. `seed` makes the
+    /// emits goes to `sink` as records (`mr_core::records`: checked, UTF-8),
+    /// whose error fails the task. `seed` makes the
     /// not-granted "randomness" differ per task while staying repeatable;
     /// the instance's memory is charged to the task's `control`, which also
     /// records its progress and can cancel it.
@@ -286,10 +324,13 @@ impl Sandbox {
         control: &TaskControl,
         input: &str,
         contents: &str,
-        sink: impl FnMut(Vec<Kv>) -> Result<(), String> + Send + 'static,
+        sink: impl FnMut(&[u8]) -> Result<(), String> + Send + 'static,
     ) -> Result<TaskOutput, GuestFailure> {
-        let (mut store, bindings) = self.instantiate(seed, Some(Box::new(sink)), control)?;
-        let result = bindings.call_map(&mut store, input, contents);
+        let (mut store, exports) = self.instantiate(seed, Some(Box::new(sink)), control)?;
+        let result = match exports {
+            Exports::V2(b) => b.call_map(&mut store, input, contents),
+            Exports::V1(b) => b.call_map(&mut store, input, contents),
+        };
         let out = match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(GuestFailure::new(FailureKind::AppError, msg)),
@@ -309,11 +350,11 @@ impl Sandbox {
     ///
     /// Fails if the instance cannot be created (e.g. its start traps).
     pub fn reducer(&self, seed: u64, control: &TaskControl) -> Result<Reducer, GuestFailure> {
-        let (store, bindings) = self.instantiate(seed, None, control)?;
+        let (store, exports) = self.instantiate(seed, None, control)?;
         Ok(Reducer {
             config: self.config.clone(),
             store,
-            bindings,
+            exports,
             poisoned: false,
         })
     }
@@ -330,8 +371,89 @@ pub struct TaskOutput {
 pub struct Reducer {
     config: SandboxConfig,
     store: Store<wasi::TaskState>,
-    bindings: Mapreduce,
+    exports: Exports,
     poisoned: bool,
+}
+
+/// The values a `reduce` or `combine` call returned, one per last group,
+/// each checked to be UTF-8.
+#[derive(Debug, Default)]
+pub struct Values {
+    bytes: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Values {
+    /// Checks `bytes` (value items) hold `want` values of text.
+    fn check(bytes: Vec<u8>, want: usize, call: &str) -> Result<Values, GuestFailure> {
+        let protocol = |m: String| GuestFailure::new(FailureKind::Protocol, m);
+        let mut spans = Vec::with_capacity(want);
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = records::get_varint(&bytes, &mut at)
+                .map_err(|e| protocol(format!("{call} returned malformed values: {e}")))?
+                as usize;
+            let end = at
+                .checked_add(len)
+                .filter(|&e| e <= bytes.len())
+                .ok_or_else(|| {
+                    protocol(format!(
+                        "{call} returned a value past the end of its values"
+                    ))
+                })?;
+            if std::str::from_utf8(&bytes[at..end]).is_err() {
+                return Err(protocol(format!(
+                    "{call} returned a value that is not UTF-8"
+                )));
+            }
+            spans.push((at, end));
+            at = end;
+        }
+        if spans.len() != want {
+            return Err(protocol(format!(
+                "{call} returned {} values for {want} keys",
+                spans.len()
+            )));
+        }
+        Ok(Values { bytes, spans })
+    }
+
+    /// Values of the first contract, as strings.
+    fn of(values: Vec<String>, want: usize, call: &str) -> Result<Values, GuestFailure> {
+        let mut bytes = Vec::new();
+        for v in &values {
+            records::put_value(&mut bytes, v.as_bytes());
+        }
+        Values::check(bytes, want, call)
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Value `i`.
+    pub fn get(&self, i: usize) -> &str {
+        let (a, b) = self.spans[i];
+        std::str::from_utf8(&self.bytes[a..b]).expect("checked when made")
+    }
+}
+
+/// Groups of the first contract, from encoded ones.
+fn groups01(groups: &mut Groups) -> Result<Vec<bindings01::mr::app::types::Group>, GuestFailure> {
+    let decoded = Groups::decode(groups.bytes())
+        .map_err(|e| GuestFailure::new(FailureKind::Protocol, format!("the host's groups: {e}")))?;
+    Ok(decoded
+        .into_iter()
+        .map(|(key, values, last)| bindings01::mr::app::types::Group {
+            key: key.to_string(),
+            values: values.into_iter().map(String::from).collect(),
+            last,
+        })
+        .collect())
 }
 
 impl Reducer {
@@ -341,20 +463,27 @@ impl Reducer {
         f.with_output(self.store.data().output())
     }
 
-    /// Reduces `groups`; returns one value per group with `last` set.
+    /// Reduces `groups`; returns one value per group marked last.
     ///
     /// Fails with the guest's failure; the instance is unusable afterwards.
-    pub fn reduce(&mut self, groups: &[Group]) -> Result<Vec<String>, GuestFailure> {
+    pub fn reduce(&mut self, groups: &mut Groups) -> Result<Values, GuestFailure> {
         assert!(!self.poisoned, "a reducer is not reused after a failure");
-        let want = groups.iter().filter(|g| g.last).count();
-        match self.bindings.call_reduce(&mut self.store, groups) {
-            Ok(Ok(values)) if values.len() == want => Ok(values),
-            Ok(Ok(values)) => {
+        let want = groups.lasts();
+        let called = match &self.exports {
+            Exports::V2(b) => b
+                .call_reduce(&mut self.store, groups.bytes())
+                .map(|r| r.map(|v| Values::check(v, want, "reduce"))),
+            Exports::V1(b) => {
+                let g = groups01(groups)?;
+                b.call_reduce(&mut self.store, &g)
+                    .map(|r| r.map(|v| Values::of(v, want, "reduce")))
+            }
+        };
+        match called {
+            Ok(Ok(Ok(values))) => Ok(values),
+            Ok(Ok(Err(f))) => {
                 self.poisoned = true;
-                Err(GuestFailure::new(
-                    FailureKind::Protocol,
-                    format!("reduce returned {} values for {want} keys", values.len()),
-                ))
+                Err(f)
             }
             Ok(Err(msg)) => {
                 self.poisoned = true;
@@ -368,18 +497,25 @@ impl Reducer {
     /// Runs the app's combiner on `groups`; `None` if it has none.
     ///
     /// Fails with the guest's failure; the instance is unusable afterwards.
-    pub fn combine(&mut self, groups: &[Group]) -> Result<Option<Vec<String>>, GuestFailure> {
+    pub fn combine(&mut self, groups: &mut Groups) -> Result<Option<Values>, GuestFailure> {
         assert!(!self.poisoned, "a reducer is not reused after a failure");
-        let want = groups.iter().filter(|g| g.last).count();
-        match self.bindings.call_combine(&mut self.store, groups) {
+        let want = groups.lasts();
+        let called = match &self.exports {
+            Exports::V2(b) => b
+                .call_combine(&mut self.store, groups.bytes())
+                .map(|r| r.map(|o| o.map(|v| Values::check(v, want, "combine")))),
+            Exports::V1(b) => {
+                let g = groups01(groups)?;
+                b.call_combine(&mut self.store, &g)
+                    .map(|r| r.map(|o| o.map(|v| Values::of(v, want, "combine"))))
+            }
+        };
+        match called {
             Ok(Ok(None)) => Ok(None),
-            Ok(Ok(Some(values))) if values.len() == want => Ok(Some(values)),
-            Ok(Ok(Some(values))) => {
+            Ok(Ok(Some(Ok(values)))) => Ok(Some(values)),
+            Ok(Ok(Some(Err(f)))) => {
                 self.poisoned = true;
-                Err(GuestFailure::new(
-                    FailureKind::Protocol,
-                    format!("combine returned {} values for {want} keys", values.len()),
-                ))
+                Err(f)
             }
             Ok(Err(msg)) => {
                 self.poisoned = true;

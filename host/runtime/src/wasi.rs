@@ -14,13 +14,12 @@ use wasmtime_wasi::{
     HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
 
-use crate::bindings::mr::app::host::Host;
-use crate::bindings::mr::app::types::Kv;
 use crate::SandboxConfig;
 
 pub use mr_core::job::Grants;
 
-pub(crate) type Sink = Box<dyn FnMut(Vec<Kv>) -> Result<(), String> + Send>;
+/// Where a map's output goes: batches of records (`mr_core::records`).
+pub(crate) type Sink = Box<dyn FnMut(&[u8]) -> Result<(), String> + Send>;
 
 pub(crate) struct TaskState {
     wasi: WasiCtx,
@@ -121,39 +120,80 @@ impl WasiView for TaskState {
     }
 }
 
-impl Host for TaskState {
-    fn emit(&mut self, pairs: Vec<Kv>) -> wasmtime::Result<()> {
+impl TaskState {
+    /// A batch of map output, as records: checked against the limit and
+    /// handed to the sink.
+    fn emit_records(&mut self, records: &[u8], pairs_bytes: usize) -> wasmtime::Result<()> {
         let Some(sink) = self.sink.as_mut() else {
             self.protocol_error = Some("the guest called `emit` outside `map`".into());
             wasmtime::bail!("emit called outside map");
         };
-        let bytes: usize = pairs.iter().map(|p| p.key.len() + p.value.len()).sum();
-        if bytes > crate::MAX_EMIT_BATCH {
+        if pairs_bytes > crate::MAX_EMIT_BATCH {
             self.protocol_error = Some(format!(
-                "the guest emitted a batch of {bytes} bytes, over the limit of {} per `emit` call; emit in smaller batches (the SDKs send about 1 MiB)",
+                "the guest emitted a batch of {pairs_bytes} bytes, over the limit of {} per `emit` call; emit in smaller batches (the SDKs send about 1 MiB)",
                 crate::MAX_EMIT_BATCH
             ));
             wasmtime::bail!("emit batch too large");
         }
-        if let Err(e) = sink(pairs) {
-            self.host_error = Some(e.clone());
+        if let Err(e) = sink(records) {
+            // A malformed batch is the guest's fault; anything else the
+            // host's (a spill that could not be written).
+            if let Some(m) = e.strip_prefix(MALFORMED) {
+                self.protocol_error = Some(format!("the guest emitted malformed records: {m}"));
+            } else {
+                self.host_error = Some(e.clone());
+            }
             wasmtime::bail!("{e}");
         }
         Ok(())
     }
 
-    fn progress(&mut self, done: u64, total: u64) -> wasmtime::Result<()> {
+    fn report_progress(&mut self, done: u64, total: u64) {
         // Only a map has a split to be through (its sink is set); and a
         // guest's claim moves only the progress shown and used to pick
         // stragglers, never its time limits.
         if self.sink.is_some() && total > 0 {
             self.control.set_done(done, total);
         }
+    }
+}
+
+/// How a sink's error says the guest's batch was malformed (rather than
+/// the host failing to take it).
+pub const MALFORMED: &str = "malformed: ";
+
+impl crate::bindings::mr::app::host::Host for TaskState {
+    fn emit(&mut self, records: Vec<u8>) -> wasmtime::Result<()> {
+        let n = records.len();
+        self.emit_records(&records, n)
+    }
+
+    fn progress(&mut self, done: u64, total: u64) -> wasmtime::Result<()> {
+        self.report_progress(done, total);
         Ok(())
     }
 }
 
-impl crate::bindings::mr::app::types::Host for TaskState {}
+impl crate::bindings01::mr::app::host::Host for TaskState {
+    fn emit(&mut self, pairs: Vec<crate::bindings01::mr::app::types::Kv>) -> wasmtime::Result<()> {
+        let bytes: usize = pairs.iter().map(|p| p.key.len() + p.value.len()).sum();
+        let mut records =
+            Vec::with_capacity(bytes.min(crate::MAX_EMIT_BATCH) + 10 * pairs.len().min(1 << 20));
+        if bytes <= crate::MAX_EMIT_BATCH {
+            for p in &pairs {
+                mr_core::records::put_record(&mut records, p.key.as_bytes(), p.value.as_bytes());
+            }
+        }
+        self.emit_records(&records, bytes)
+    }
+
+    fn progress(&mut self, done: u64, total: u64) -> wasmtime::Result<()> {
+        self.report_progress(done, total);
+        Ok(())
+    }
+}
+
+impl crate::bindings01::mr::app::types::Host for TaskState {}
 
 /// One task attempt's handle, shared by all its instances (a map task's
 /// `map` instance and the instance that runs its combiner on spills) and by

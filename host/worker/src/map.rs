@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader, Source};
 use mr_core::partition::partition;
+use mr_core::records::Groups;
 use mr_core::report::Counters;
 use mr_core::split::{read_split_checked, Split};
-use mr_runtime::{Group, GuestFailure, Kv, Reducer, Sandbox, TaskControl};
+use mr_runtime::{GuestFailure, Reducer, Sandbox, TaskControl};
 
 use crate::TaskError;
 
@@ -118,6 +119,7 @@ pub fn run(
             .map_err(|e| match e {
                 SpillError::Io(e) => format!("cannot spill map output: {e}"),
                 SpillError::Guest(g) => format!("the app's combiner failed: {}", g.message),
+                SpillError::Malformed(m) => format!("{}{m}", mr_runtime::MALFORMED),
             })
     });
     drop(contents);
@@ -159,6 +161,11 @@ pub fn run(
                 source: e,
             },
             SpillError::Guest(g) => TaskError::Guest(g),
+            // Only emitted batches are parsed; the final merge reads runs.
+            SpillError::Malformed(m) => TaskError::Io {
+                what: format!("corrupt map output {}", run_file.display()),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, m),
+            },
         })?;
     counters.add(&more);
     crate::log_guest_output(&format!("map-{}", task.index), &guest.guest_output);
@@ -169,12 +176,26 @@ pub fn run(
     })
 }
 
-/// One buffered pair: where its key and value lie in the arena.
+/// One buffered pair: where its key and value lie in the arena, and its
+/// key's first eight bytes (big-endian, zero-padded), which settle most
+/// comparisons of a sort without reading the arena.
 struct Entry {
     partition: u32,
     key_len: u32,
     value_len: u32,
+    head: u64,
     offset: usize,
+}
+
+/// The first eight bytes of `key` as a big-endian number (zero-padded):
+/// ordered as the keys are, but for keys that differ only after them or
+/// in trailing zero bytes.
+#[inline]
+fn key_head(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
 }
 
 /// Emitted pairs in memory, partitioned and sorted when spilled.
@@ -211,6 +232,8 @@ enum Combiner {
 enum SpillError {
     Io(std::io::Error),
     Guest(GuestFailure),
+    /// The guest's batch was not well-formed records.
+    Malformed(String),
 }
 
 impl From<std::io::Error> for SpillError {
@@ -258,18 +281,24 @@ impl SortBuffer {
         self.arena.len() + self.entries.len() * std::mem::size_of::<Entry>()
     }
 
-    fn add(&mut self, pairs: Vec<Kv>) -> Result<(), SpillError> {
+    /// Adds a batch of records (`mr_core::records`) the guest emitted.
+    ///
+    /// Fails if the batch is malformed (say so with
+    /// [`mr_runtime::MALFORMED`]: the guest's fault), or a spill fails.
+    fn add(&mut self, records: &[u8]) -> Result<(), SpillError> {
         if self.control.is_cancelled() {
             return Err(cancelled().into());
         }
-        for kv in pairs {
-            let (k, v) = (kv.key.as_bytes(), kv.value.as_bytes());
+        for r in mr_core::records::records(records) {
+            let (k, v) = r.map_err(SpillError::Malformed)?;
+            let (k, v) = (k.as_bytes(), v.as_bytes());
             self.counters.map_output_records += 1;
             self.counters.map_output_bytes += (k.len() + v.len()) as u64;
             self.entries.push(Entry {
                 partition: partition(k, self.reduces).0,
                 key_len: k.len() as u32,
                 value_len: v.len() as u32,
+                head: key_head(k),
                 offset: self.arena.len(),
             });
             self.arena.extend_from_slice(k);
@@ -290,13 +319,17 @@ impl SortBuffer {
     ) -> Result<(), SpillError> {
         let arena = &self.arena;
         let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
-        self.entries.sort_by(|a, b| {
-            a.partition
-                .cmp(&b.partition)
+        // By partition and key; equal keys in emit order (their arena
+        // offsets grow with it), so an unstable sort gives exactly the
+        // stable order (map output digests rely on it).
+        self.entries.sort_unstable_by(|a, b| {
+            (a.partition, a.head)
+                .cmp(&(b.partition, b.head))
                 .then_with(|| key(a).cmp(key(b)))
+                .then_with(|| a.offset.cmp(&b.offset))
         });
         let mut pending: Vec<Pending> = Vec::new();
-        let mut groups: Vec<Group> = Vec::new();
+        let mut groups = Groups::new();
         let mut group_bytes = 0;
         let mut i = 0;
         while i < self.entries.len() {
@@ -326,15 +359,10 @@ impl SortBuffer {
                     bytes += self.entries[end].value_len as usize + 8;
                     end += 1;
                 }
-                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                groups.push(Group {
-                    key: text(key(&self.entries[i])),
-                    values: self.entries[i..end]
-                        .iter()
-                        .map(|e| text(value(arena, e)))
-                        .collect(),
-                    last: end == run_end,
-                });
+                groups.start(key(&self.entries[i]), end == run_end);
+                for e in &self.entries[i..end] {
+                    groups.value(value(arena, e));
+                }
                 if end == run_end {
                     pending.push(Pending::Combined {
                         first: run_start,
@@ -509,6 +537,7 @@ impl SortBuffer {
             partition,
             key_len: key.len() as u32,
             value_len: value.len() as u32,
+            head: key_head(key),
             offset: self.arena.len(),
         });
         self.arena.extend_from_slice(key);
@@ -552,7 +581,7 @@ fn flush_combined<W: std::io::Write>(
     arena: &[u8],
     entries: &[Entry],
     pending: &mut Vec<Pending>,
-    groups: &mut Vec<Group>,
+    groups: &mut Groups,
     counters: &mut Counters,
 ) -> Result<(), SpillError> {
     if groups.is_empty() {
@@ -573,15 +602,15 @@ fn flush_combined<W: std::io::Write>(
     if combined.is_none() {
         *combiner = Combiner::Absent;
     }
-    let mut values = combined.map(Vec::into_iter);
+    let mut next = 0;
     for p in pending.drain(..) {
-        match (p, values.as_mut()) {
+        match (p, combined.as_ref()) {
             (Pending::Raw(i), _) => write_entry(w, arena, &entries[i])?,
             (Pending::Combined { first, end }, Some(vals)) => {
                 let e = &entries[first];
-                let v = vals
-                    .next()
-                    .expect("one combined value per group (checked by the runtime)");
+                // One combined value per last group (checked by the runtime).
+                let v = vals.get(next);
+                next += 1;
                 w.write(
                     e.partition,
                     &arena[e.offset..e.offset + e.key_len as usize],

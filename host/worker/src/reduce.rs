@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use mr_core::digest::Digest;
 use mr_core::location::{Location, Upload};
 
+use mr_core::records::Groups;
 use mr_core::report::Counters;
-use mr_runtime::{Group, Reducer, Sandbox, TaskControl};
+use mr_runtime::{Reducer, Sandbox, TaskControl};
 
 use crate::runfile::{SegmentInfo, Source};
 use crate::TaskError;
@@ -89,51 +90,67 @@ impl Write for Sink {
 struct Batch {
     reducer: Reducer,
     control: TaskControl,
-    groups: Vec<Group>,
-    bytes: usize,
+    groups: Groups,
+    /// The keys of the groups marked last, in order (for the output
+    /// lines: the guest returns the values alone).
+    keys: Vec<u8>,
+    key_ends: Vec<usize>,
     out: Sink,
     format: mr_core::job::OutputFormat,
     counters: Counters,
 }
 
 impl Batch {
-    fn push(&mut self, group: Group) -> Result<(), TaskError> {
-        self.bytes += group.key.len() + group.values.iter().map(|v| v.len() + 8).sum::<usize>();
-        self.groups.push(group);
-        if self.bytes >= BATCH_BYTES || self.groups.len() >= BATCH_GROUPS {
+    /// Starts a group of `key` (its last unless [`Batch::unlast`] says).
+    fn start(&mut self, key: &[u8]) -> Result<(), TaskError> {
+        if self.groups.data_bytes() >= BATCH_BYTES || self.groups.len() >= BATCH_GROUPS {
             self.flush()?;
         }
+        self.groups.start(key, true);
+        self.keys.extend_from_slice(key);
+        self.key_ends.push(self.keys.len());
         Ok(())
+    }
+
+    fn value(&mut self, v: &[u8]) {
+        self.groups.value(v);
+    }
+
+    /// The open group is not its key's last (its values go on in another).
+    fn unlast(&mut self) {
+        self.groups.unlast();
+        if let Some(end) = self.key_ends.pop() {
+            let start = self.key_ends.last().copied().unwrap_or(0);
+            self.keys.truncate(start.min(end));
+        }
     }
 
     fn flush(&mut self) -> Result<(), TaskError> {
         if self.groups.is_empty() {
             return Ok(());
         }
-        let values = self.reducer.reduce(&self.groups)?;
+        let values = self.reducer.reduce(&mut self.groups)?;
         self.control.bump();
-        let mut values = values.into_iter();
-        for g in self.groups.iter().filter(|g| g.last) {
-            let v = values
-                .next()
-                .expect("one value per last group (checked by the runtime)");
-            self.format
-                .check(&g.key, &v)
-                .map_err(TaskError::BadOutput)?;
+        let mut start = 0;
+        for (i, &end) in self.key_ends.iter().enumerate() {
+            let key = text(&self.keys[start..end], "a key")?;
+            start = end;
+            let v = values.get(i);
+            self.format.check(key, v).map_err(TaskError::BadOutput)?;
             let written = match self.format {
                 mr_core::job::OutputFormat::Text => {
-                    let line = [g.key.as_bytes(), b" ", v.as_bytes(), b"\n"];
+                    let line = [key.as_bytes(), b" ", v.as_bytes(), b"\n"];
                     for part in line {
                         self.out
                             .write_all(part)
                             .map_err(TaskError::io("cannot write reduce output"))?;
                     }
-                    g.key.len() + v.len() + 2
+                    key.len() + v.len() + 2
                 }
                 mr_core::job::OutputFormat::Jsonl => {
                     let mut line = serde_json::to_vec(&serde_json::json!({
-                        "key": &g.key,
-                        "value": &v,
+                        "key": key,
+                        "value": v,
                     }))
                     .expect("strings serialize");
                     line.push(b'\n');
@@ -147,13 +164,14 @@ impl Batch {
             self.counters.output_bytes += written as u64;
         }
         self.groups.clear();
-        self.bytes = 0;
+        self.keys.clear();
+        self.key_ends.clear();
         Ok(())
     }
 }
 
-fn text(bytes: &[u8], what: &str) -> Result<String, TaskError> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| TaskError::Io {
+fn text<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, TaskError> {
+    std::str::from_utf8(bytes).map_err(|_| TaskError::Io {
         what: format!("corrupt intermediate data: {what} is not UTF-8"),
         source: std::io::Error::from(std::io::ErrorKind::InvalidData),
     })
@@ -239,13 +257,16 @@ fn reduce(
     let mut batch = Batch {
         reducer: sandbox.reducer(task.seed, control)?,
         control: control.clone(),
-        groups: Vec::new(),
-        bytes: 0,
+        groups: Groups::new(),
+        keys: Vec::new(),
+        key_ends: Vec::new(),
         out,
         format: task.format,
         counters: Counters::default(),
     };
-    let mut current: Option<Group> = None;
+    // The key whose group is open, and its values' bytes in that group.
+    let mut current: Vec<u8> = Vec::new();
+    let mut open = false;
     let mut current_bytes = 0usize;
     // The guest's failure, kept apart from the merge's I/O errors.
     let mut failed: Option<TaskError> = None;
@@ -258,37 +279,23 @@ fn reduce(
         if batch.counters.reduce_input_records.is_multiple_of(4096) {
             control.set_done(batch.counters.reduce_input_records, total);
         }
-        let same = current.as_ref().is_some_and(|g| g.key.as_bytes() == key);
-        if !same {
-            if let Some(g) = current.take() {
-                batch.push(g).map_err(Stop::Task)?;
-            }
-            current = Some(Group {
-                key: text(key, "a key").map_err(Stop::Task)?,
-                values: Vec::new(),
-                last: true,
-            });
+        if !open || current != key {
+            // Map output may come from other hosts: checked to be text.
+            text(key, "a key").map_err(Stop::Task)?;
+            batch.start(key).map_err(Stop::Task)?;
+            current.clear();
+            current.extend_from_slice(key);
+            open = true;
+            current_bytes = 0;
+        } else if current_bytes >= GROUP_CHUNK_BYTES {
+            // A hot key: its values go on in another group.
+            batch.unlast();
+            batch.start(key).map_err(Stop::Task)?;
             current_bytes = 0;
         }
-        let g = current.as_mut().expect("a current group");
-        if current_bytes >= GROUP_CHUNK_BYTES {
-            let key = g.key.clone();
-            let mut part = std::mem::replace(
-                g,
-                Group {
-                    key,
-                    values: Vec::new(),
-                    last: true,
-                },
-            );
-            part.last = false;
-            batch.push(part).map_err(Stop::Task)?;
-            current_bytes = 0;
-        }
-        let g = current.as_mut().expect("a current group");
-        let value = text(value, "a value").map_err(Stop::Task)?;
+        text(value, "a value").map_err(Stop::Task)?;
         current_bytes += value.len() + 8;
-        g.values.push(value);
+        batch.value(value);
         Ok(())
     };
     let merged = crate::runfile::merge(
@@ -315,9 +322,6 @@ fn reduce(
         return Err(t);
     }
     merged.map_err(TaskError::io("cannot read map output"))?;
-    if let Some(g) = current.take() {
-        batch.push(g)?;
-    }
     batch.flush()?;
     let (digest, upload) = match batch.out {
         Sink::File(f) => {

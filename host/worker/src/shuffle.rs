@@ -1078,8 +1078,11 @@ mod tests {
         socket.set_recv_buffer_size(64 << 10).unwrap();
         let mut stream = socket.connect(addr).await.unwrap();
         stream.write_all(&msg).await.unwrap();
-        // Read nothing for longer than the server waits on a write.
-        tokio::time::sleep(FETCH_TIMEOUT + Duration::from_secs(3)).await;
+        // Read nothing for longer than the watchdog's window takes to pass
+        // over the first burst (which fills the socket buffers, slowly on a
+        // loaded machine): it saw the burst, then nothing (this was flaky
+        // at one window and 3 s).
+        tokio::time::sleep(FETCH_TIMEOUT * 2 + Duration::from_secs(3)).await;
         let mut got = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
         assert!(
