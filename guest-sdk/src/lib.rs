@@ -205,10 +205,6 @@ fn head(key: &[u8]) -> u64 {
 }
 
 impl Sums {
-    fn new() -> Self {
-        Self::for_input(0)
-    }
-
     /// A table sized for a map over `len` bytes of text (text has about a
     /// distinct word per 64 bytes at most, in our corpora far fewer), so
     /// it rarely grows: growing rehashes everything.
@@ -956,7 +952,7 @@ mod tests {
     #[test]
     fn counts_are_summed_in_place_and_flushed_as_numbers() {
         let mut out = Emitter::with_report(sum, "", record);
-        out.sums = Some(Sums::new());
+        out.sums = Some(Sums::for_input(0));
         for w in ["b", "a", "b", "b"] {
             out.emit(w, "1");
         }
