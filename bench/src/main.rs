@@ -117,6 +117,9 @@ struct RunArgs {
     /// Number of corpus files.
     #[arg(long, default_value_t = 4)]
     files: u32,
+    /// Distinct words the corpus is drawn from (Zipf, s = 1).
+    #[arg(long, default_value_t = 1_000_000)]
+    vocabulary: usize,
     #[command(flatten)]
     tools: Tools,
     /// Extra arguments for `mr run` (e.g. --parallelism 1).
@@ -192,9 +195,25 @@ impl Rng {
     }
 }
 
+/// Distinct words of the corpora of `backups` and `s3` (the main run's and
+/// `scale`'s take `--vocabulary`, 1,000,000 by default: issue 11's corpus).
 const VOCABULARY: usize = 300_000;
 
+/// The corpus directory for `size` MiB in `files` files of a `vocabulary`
+/// of words, under `dir`.
+fn corpus_dir(dir: &Path, size_mib: u64, files: u32, vocabulary: usize) -> PathBuf {
+    if vocabulary == VOCABULARY {
+        dir.join(format!("corpus-{size_mib}m-{files}"))
+    } else {
+        dir.join(format!("corpus-{size_mib}m-{files}-v{vocabulary}"))
+    }
+}
+
 fn generate(dir: &Path, size: u64, files: u32) -> Result<Vec<PathBuf>> {
+    generate_with(dir, size, files, VOCABULARY)
+}
+
+fn generate_with(dir: &Path, size: u64, files: u32, vocabulary: usize) -> Result<Vec<PathBuf>> {
     let paths: Vec<PathBuf> = (0..files)
         .map(|i| dir.join(format!("corpus-{i}.txt")))
         .collect();
@@ -213,7 +232,7 @@ fn generate(dir: &Path, size: u64, files: u32) -> Result<Vec<PathBuf>> {
     );
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let letters = b"etaoinshrdlucmfwypvbgkqjxz";
-    let vocab: Vec<String> = (0..VOCABULARY)
+    let vocab: Vec<String> = (0..vocabulary)
         .map(|i| {
             let len = 2 + rng.below(10) as usize;
             let mut w: String = (0..len)
@@ -229,9 +248,9 @@ fn generate(dir: &Path, size: u64, files: u32) -> Result<Vec<PathBuf>> {
         })
         .collect();
     // Zipf(s = 1) over ranks: cumulative weights, sampled by binary search.
-    let mut cum = Vec::with_capacity(VOCABULARY);
+    let mut cum = Vec::with_capacity(vocabulary);
     let mut total = 0f64;
-    for r in 1..=VOCABULARY {
+    for r in 1..=vocabulary {
         total += 1.0 / r as f64;
         cum.push(total);
     }
@@ -242,7 +261,7 @@ fn generate(dir: &Path, size: u64, files: u32) -> Result<Vec<PathBuf>> {
         let mut on_line = 0;
         while written < per_file {
             let x = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * total;
-            let w = &vocab[cum.partition_point(|&c| c < x).min(VOCABULARY - 1)];
+            let w = &vocab[cum.partition_point(|&c| c < x).min(vocabulary - 1)];
             let sep = if on_line == 11 {
                 on_line = 0;
                 "\n"
@@ -465,12 +484,11 @@ fn sorted_lines(paths: &[PathBuf]) -> Result<Vec<String>> {
 fn bench(a: RunArgs) -> Result<()> {
     a.tools.check("bench/run.sh")?;
     let size = a.size_mib << 20;
-    let corpus = generate(
-        &a.tools
-            .dir
-            .join(format!("corpus-{}m-{}", a.size_mib, a.files)),
+    let corpus = generate_with(
+        &corpus_dir(&a.tools.dir, a.size_mib, a.files, a.vocabulary),
         size,
         a.files,
+        a.vocabulary,
     )?;
     let bytes: u64 = corpus
         .iter()

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::Result;
 
-use crate::{generate, measure, Cluster, Tools};
+use crate::{corpus_dir, generate_with, measure, Cluster, Tools};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +30,9 @@ pub struct Args {
     /// Reduce tasks.
     #[arg(long, default_value_t = 8)]
     reduces: u32,
+    /// Distinct words the corpus is drawn from (Zipf, s = 1).
+    #[arg(long, default_value_t = 1_000_000)]
+    vocabulary: usize,
     #[command(flatten)]
     tools: Tools,
 }
@@ -47,19 +50,19 @@ pub fn run(a: Args) -> Result<()> {
     let mut inputs: Vec<(String, u64, Vec<PathBuf>)> = Vec::new();
     for &mib in &a.sizes {
         let files = (mib / 16).max(1) as u32;
-        let dir = a.tools.dir.join(format!("corpus-{mib}m-{files}"));
+        let dir = corpus_dir(&a.tools.dir, mib, files, a.vocabulary);
         inputs.push((
             format!("{mib} MiB in {files} files"),
             mib,
-            generate(&dir, mib << 20, files)?,
+            generate_with(&dir, mib << 20, files, a.vocabulary)?,
         ));
     }
     if a.one_file > 0 {
-        let dir = a.tools.dir.join(format!("corpus-{}m-1", a.one_file));
+        let dir = corpus_dir(&a.tools.dir, a.one_file, 1, a.vocabulary);
         inputs.push((
             format!("{} MiB in one file", a.one_file),
             a.one_file,
-            generate(&dir, a.one_file << 20, 1)?,
+            generate_with(&dir, a.one_file << 20, 1, a.vocabulary)?,
         ));
     }
     let out = a.tools.dir.join("scale-out");

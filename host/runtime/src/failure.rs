@@ -28,7 +28,8 @@ pub enum LoadError {
     #[error("{path} is not a valid WebAssembly component: {detail}")]
     Invalid { path: String, detail: String },
     #[error(
-        "{path} does not implement the {world} world: {detail}\n\
+        "{path} does not implement the {world} world (nor the older mr:app/mapreduce@0.1.1): \
+         {detail}\n\
          An mr app exports `map`, `reduce` and `combine` and imports `mr:app/host` \
          (the Rust SDK's `mr_sdk::export_app!` does all of this)",
         world = crate::WORLD
