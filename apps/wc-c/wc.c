@@ -7,7 +7,7 @@ static void wc_map(mr_str input, mr_str contents) {
     (void)input;
     mr_str word;
     while (mr_next_word(&contents, &word))
-        mr_emit(word, MR_STR("1"));
+        mr_emit_u64(word, 1);
 }
 
 static mr_string wc_reduce(mr_str key, const mr_str *values, size_t n) {
@@ -18,5 +18,6 @@ static mr_string wc_reduce(mr_str key, const mr_str *values, size_t n) {
     return mr_string_u64(total);
 }
 
-// The combiner (run on map output before the shuffle) is the reduce.
-MR_EXPORT_APP(wc_map, wc_reduce, wc_reduce);
+// The combiner (run on map output before the shuffle) is the reduce; the
+// values are counts, so the SDK adds them up in place as they are emitted.
+MR_EXPORT_APP_SUM_U64(wc_map, wc_reduce, wc_reduce);

@@ -107,6 +107,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
         output_format: Default::default(),
         speculation: true,
         verify: 1,
+        pack_inputs: 0,
     };
     let job = s.submit(now(clock, ms), spec)?;
     let mut running: Vec<Vec<Assignment>> = vec![Vec::new(); workers as usize];

@@ -182,50 +182,216 @@ bool mr_next_word(mr_str *text, mr_str *word) {
     return true;
 }
 
-// ---- The emitter: a batch of pairs, and the combining table ----
+// ---- The emitter: a batch of records, and the combining tables ----
 
-// Pairs whose bytes live in `bytes`; their pointers hold offsets into it
-// until the batch is handed over (the buffer may move as it grows).
+// Appends `v` as a varint (unsigned LEB128, as mr:app@0.2.0 writes
+// lengths); returns the bytes written (at most 5).
+static size_t put_varint(uint8_t *p, uint32_t v) {
+    size_t i = 0;
+    while (v >= 0x80) {
+        p[i++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[i++] = (uint8_t)v;
+    return i;
+}
+
+// Records (varint key length, varint value length, key, value) waiting
+// for one `emit` call.
 static struct {
-    mr_kv pairs[BATCH_PAIRS];
-    size_t n;
-    char *bytes;
-    size_t len, cap;
+    uint8_t *bytes;
+    size_t len, cap, n;
 } batch;
 
 static void flush_batch(void) {
     if (!batch.n)
         return;
-    for (size_t i = 0; i < batch.n; i++) {
-        batch.pairs[i].key.ptr = batch.bytes + (uintptr_t)batch.pairs[i].key.ptr;
-        batch.pairs[i].value.ptr = batch.bytes + (uintptr_t)batch.pairs[i].value.ptr;
-    }
-    mr__host_emit(batch.pairs, batch.n);
+    mr__host_emit(batch.bytes, batch.len);
     batch.n = 0;
     batch.len = 0;
 }
 
-static size_t append(mr_str s) {
-    if (batch.len + s.len > batch.cap) {
-        size_t cap = batch.cap ? batch.cap : 64 << 10;
-        while (cap < batch.len + s.len)
+static void push(mr_str key, mr_str value) {
+    if (key.len > UINT32_MAX || value.len > UINT32_MAX)
+        mr_fail("mr_emit: a key or value of more than 4 GiB");
+    size_t need = 10 + key.len + value.len;
+    if (batch.len + need > batch.cap) {
+        size_t cap = batch.cap ? batch.cap : BATCH_BYTES + (64 << 10);
+        while (cap < batch.len + need)
             cap *= 2;
         batch.bytes = xrealloc(batch.bytes, cap);
         batch.cap = cap;
     }
-    size_t at = batch.len;
-    if (s.len)
-        memcpy(batch.bytes + at, s.ptr, s.len);
-    batch.len += s.len;
-    return at;
+    uint8_t *p = batch.bytes + batch.len;
+    p += put_varint(p, (uint32_t)key.len);
+    p += put_varint(p, (uint32_t)value.len);
+    if (key.len)
+        memcpy(p, key.ptr, key.len);
+    p += key.len;
+    if (value.len)
+        memcpy(p, value.ptr, value.len);
+    p += value.len;
+    batch.len = (size_t)(p - batch.bytes);
+    if (++batch.n == BATCH_PAIRS || batch.len >= BATCH_BYTES)
+        flush_batch();
 }
 
-static void push(mr_str key, mr_str value) {
-    size_t k = append(key), v = append(value);
-    batch.pairs[batch.n++] = (mr_kv){{(const char *)(uintptr_t)k, key.len},
-                                     {(const char *)(uintptr_t)v, value.len}};
-    if (batch.n == BATCH_PAIRS || batch.len >= BATCH_BYTES)
-        flush_batch();
+// The first eight bytes of `s`, zero-padded (a key of at most eight bytes
+// is compared by this and its length alone).
+static inline uint64_t head_of(const char *p, size_t len) {
+    uint64_t h = 0;
+    memcpy(&h, p, len < 8 ? len : 8);
+    return h;
+}
+
+// A fast hash of a key: eight bytes at a time, multiplied and mixed.
+static inline uint64_t hash64(const char *p, size_t len) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ len;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ull;
+        h ^= h >> 29;
+    }
+    if (i < len) {
+        uint64_t w = 0;
+        memcpy(&w, p + i, len - i);
+        h = (h ^ w) * 0x94D049BB133111EBull;
+    }
+    h ^= h >> 32;
+    return h * 0xD6E8FEB86659FD93ull;
+}
+
+// Counts per key for MR_COMBINE_SUM_U64: keys packed in one arena, a small
+// entry per key in an open-addressing table (no allocation per key or
+// value; a flush keeps the memory for the next).
+typedef struct {
+    uint64_t hash, head, sum;
+    uint32_t at, len_plus_1; // 0: an empty slot
+} sum_entry;
+
+static struct {
+    bool on;
+    sum_entry *slots;
+    size_t cap, count;
+    char *arena;
+    size_t arena_len, arena_cap;
+} sums;
+
+static void sums_grow(size_t cap) {
+    sum_entry *slots = xrealloc(NULL, cap * sizeof(sum_entry));
+    memset(slots, 0, cap * sizeof(sum_entry));
+    for (size_t i = 0; i < sums.cap; i++) {
+        sum_entry *e = &sums.slots[i];
+        if (!e->len_plus_1)
+            continue;
+        size_t j = e->hash & (cap - 1);
+        while (slots[j].len_plus_1)
+            j = (j + 1) & (cap - 1);
+        slots[j] = *e;
+    }
+    free(sums.slots);
+    sums.slots = slots;
+    sums.cap = cap;
+}
+
+// Sizes the table for a map over `len` bytes of text (about a distinct word
+// per 64 bytes at most), so it rarely grows: growing rehashes everything.
+static void sums_start(size_t len) {
+    size_t want = len / 64;
+    want = want < 1024 ? 1024 : want > (1u << 20) ? (1u << 20) : want;
+    size_t cap = 1;
+    while (cap * 3 < want * 4)
+        cap *= 2;
+    if (sums.cap < cap)
+        sums_grow(cap);
+    sums.on = true;
+}
+
+static void sums_flush(void) {
+    char digits[20];
+    for (size_t i = 0; i < sums.cap && sums.count; i++) {
+        sum_entry *e = &sums.slots[i];
+        if (!e->len_plus_1)
+            continue;
+        uint64_t n = e->sum;
+        size_t d = sizeof digits;
+        do {
+            digits[--d] = (char)('0' + n % 10);
+            n /= 10;
+        } while (n);
+        push((mr_str){sums.arena + e->at, e->len_plus_1 - 1},
+             (mr_str){digits + d, sizeof digits - d});
+        e->len_plus_1 = 0;
+        sums.count--;
+    }
+    sums.count = 0;
+    sums.arena_len = 0;
+}
+
+// Estimated bytes the sums hold (the arena, and the table).
+static size_t sums_bytes(void) {
+    return sums.arena_len + sums.count * (sizeof(sum_entry) * 4 / 3 + 8);
+}
+
+// Adds `n` to `key`'s sum; false if that would pass UINT64_MAX (the caller
+// emits the pair as it is instead).
+static bool sums_add(mr_str key, uint64_t n) {
+    if (key.len >= UINT32_MAX / 4)
+        return false;
+    if ((sums.count + 1) * 4 > sums.cap * 3)
+        sums_grow(sums.cap * 2);
+    uint64_t h = hash64(key.ptr, key.len), head = head_of(key.ptr, key.len);
+    uint32_t lp1 = (uint32_t)key.len + 1;
+    size_t j = h & (sums.cap - 1);
+    for (;;) {
+        sum_entry *e = &sums.slots[j];
+        if (!e->len_plus_1)
+            break;
+        if (e->hash == h && e->head == head && e->len_plus_1 == lp1 &&
+            (key.len <= 8 || memcmp(sums.arena + e->at + 8, key.ptr + 8, key.len - 8) == 0)) {
+            if (e->sum > UINT64_MAX - n)
+                return false;
+            e->sum += n;
+            return true;
+        }
+        j = (j + 1) & (sums.cap - 1);
+    }
+    if (sums.arena_len + key.len > UINT32_MAX / 2)
+        return false;
+    if (sums.arena_len + key.len > sums.arena_cap) {
+        size_t cap = sums.arena_cap ? sums.arena_cap : 1 << 20;
+        while (cap < sums.arena_len + key.len)
+            cap *= 2;
+        sums.arena = xrealloc(sums.arena, cap);
+        sums.arena_cap = cap;
+    }
+    if (key.len)
+        memcpy(sums.arena + sums.arena_len, key.ptr, key.len);
+    sums.slots[j] = (sum_entry){h, head, n, (uint32_t)sums.arena_len, lp1};
+    sums.arena_len += key.len;
+    sums.count++;
+    return true;
+}
+
+// Parses a decimal count quickly ("1" most of all); false if `v` is not one.
+static bool count_of(mr_str v, uint64_t *n) {
+    if (v.len == 1 && (unsigned char)v.ptr[0] - '0' < 10) {
+        *n = (unsigned char)v.ptr[0] - '0';
+        return true;
+    }
+    if (v.len == 0 || v.len > 20)
+        return false;
+    uint64_t t = 0;
+    for (size_t i = 0; i < v.len; i++) {
+        unsigned d = (unsigned char)v.ptr[i] - '0';
+        if (d > 9 || t > (UINT64_MAX - d) / 10)
+            return false;
+        t = t * 10 + d;
+    }
+    *n = t;
+    return true;
 }
 
 // One key's values waiting to be combined, packed in one buffer.
@@ -321,10 +487,13 @@ static struct {
     uint32_t countdown;
 } where;
 
-void mr__emitter_start(mr_combine_fn combine, mr_str contents) {
+void mr__emitter_start(mr_combine_fn combine, mr_combiner kind, mr_str contents) {
     table.combine = combine;
     batch.n = 0;
     batch.len = 0;
+    sums.on = false;
+    if (combine && kind == MR_COMBINE_SUM_U64)
+        sums_start(contents.len);
     where.base = (uintptr_t)contents.ptr;
     where.len = contents.len;
     where.next_report = 0;
@@ -358,9 +527,42 @@ static void look(mr_str key, mr_str value) {
     }
 }
 
+// Adds a count to the sums (flushing them when full); false if it cannot
+// be added there.
+static bool add_count(mr_str key, uint64_t n) {
+    if (!sums_add(key, n))
+        return false;
+    if (sums_bytes() >= TABLE_BYTES)
+        sums_flush();
+    return true;
+}
+
+void mr_emit_u64(mr_str key, uint64_t n) {
+    if (!sums.on) {
+        mr_string v = mr_string_u64(n);
+        mr_emit(key, (mr_str){v.ptr, v.len});
+        free(v.ptr);
+        return;
+    }
+    if (--where.countdown == 0)
+        look(key, MR_STR(""));
+    if (!add_count(key, n)) {
+        mr_string v = mr_string_u64(n);
+        push(key, (mr_str){v.ptr, v.len});
+        free(v.ptr);
+    }
+}
+
 void mr_emit(mr_str key, mr_str value) {
     if (--where.countdown == 0)
         look(key, value);
+    if (sums.on) {
+        uint64_t n;
+        // Not a count (or a sum past UINT64_MAX): as it is.
+        if (!count_of(value, &n) || !add_count(key, n))
+            push(key, value);
+        return;
+    }
     if (!table.combine) {
         push(key, value);
         return;
@@ -411,7 +613,9 @@ void mr_emit(mr_str key, mr_str value) {
 }
 
 void mr__emitter_finish(void) {
-    if (table.combine)
+    if (sums.on)
+        sums_flush();
+    else if (table.combine)
         flush_table();
     flush_batch();
 }
@@ -496,4 +700,102 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
     }
     *n_out = k;
     return NULL;
+}
+
+// ---- The contract's encodings (mr:app@0.2.0) ----
+
+// Reads a varint at *p (< end) into *v, moving *p past it.
+static bool get_varint(const uint8_t **p, const uint8_t *end, uint32_t *v) {
+    uint32_t x = 0;
+    for (int i = 0; i < 5; i++) {
+        if (*p >= end)
+            return false;
+        uint8_t b = *(*p)++;
+        x |= (uint32_t)(b & 0x7f) << (7 * i);
+        if (b < 0x80) {
+            *v = x;
+            return true;
+        }
+    }
+    return false;
+}
+
+const char *mr__decode_groups(const uint8_t *bytes, size_t len, mr_group **groups, size_t *n,
+                              mr_str **values) {
+    const uint8_t *p = bytes, *end = bytes + len;
+    size_t ng = 0, cg = 0, nv = 0, cv = 0;
+    mr_group *gs = NULL;
+    mr_str *vs = NULL;
+    const char *err = NULL;
+    while (p < end) {
+        uint8_t flags = *p++;
+        uint32_t klen, count;
+        if (flags > 1) {
+            err = "host protocol error: a group's flags are not 0 or 1";
+            break;
+        }
+        if (!get_varint(&p, end, &klen) || klen > (size_t)(end - p)) {
+            err = "host protocol error: a key runs past the end of the batch";
+            break;
+        }
+        mr_str key = {(const char *)p, klen};
+        p += klen;
+        if (!get_varint(&p, end, &count) || count > (size_t)(end - p)) {
+            err = "host protocol error: a group's value count runs past the end of the batch";
+            break;
+        }
+        if (ng == cg) {
+            cg = cg ? cg * 2 : 64;
+            gs = xrealloc(gs, cg * sizeof(mr_group));
+        }
+        // The group's values: indices into `vs` until it stops moving.
+        gs[ng++] = (mr_group){key, (const mr_str *)(uintptr_t)nv, count, flags == 1};
+        for (uint32_t i = 0; i < count; i++) {
+            uint32_t vlen;
+            if (!get_varint(&p, end, &vlen) || vlen > (size_t)(end - p)) {
+                err = "host protocol error: a value runs past the end of the batch";
+                break;
+            }
+            if (nv == cv) {
+                cv = cv ? cv * 2 : 256;
+                vs = xrealloc(vs, cv * sizeof(mr_str));
+            }
+            vs[nv++] = (mr_str){(const char *)p, vlen};
+            p += vlen;
+        }
+        if (err)
+            break;
+    }
+    if (err) {
+        free(gs);
+        free(vs);
+        *groups = NULL;
+        *values = NULL;
+        *n = 0;
+        return err;
+    }
+    for (size_t i = 0; i < ng; i++)
+        gs[i].values = vs + (uintptr_t)gs[i].values;
+    *groups = gs;
+    *values = vs;
+    *n = ng;
+    return NULL;
+}
+
+uint8_t *mr__encode_values(const mr_string *out, size_t k, size_t *len) {
+    size_t total = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (out[i].len > UINT32_MAX)
+            mr_fail("mr: a value of more than 4 GiB");
+        total += 5 + out[i].len;
+    }
+    uint8_t *bytes = xrealloc(NULL, total), *p = bytes;
+    for (size_t i = 0; i < k; i++) {
+        p += put_varint(p, (uint32_t)out[i].len);
+        if (out[i].len)
+            memcpy(p, out[i].ptr, out[i].len);
+        p += out[i].len;
+    }
+    *len = (size_t)(p - bytes);
+    return bytes;
 }

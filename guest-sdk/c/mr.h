@@ -18,9 +18,12 @@
 //
 //   MR_EXPORT_APP(wc_map, wc_reduce, wc_reduce);  // the combiner is the reduce
 //
+// (apps/wc-c declares its values counts instead: MR_EXPORT_APP_SUM_U64 and
+// mr_emit_u64, so the SDK adds them up in place.)
+//
 // What the SDK does for the app, as the Rust SDK does:
-// - Batching: mr_emit copies pairs into a buffer handed to the host in
-//   lists of up to 8192 pairs or 1 MiB.
+// - Batching: mr_emit encodes pairs into a buffer handed to the host in
+//   batches of up to 8192 records or 1 MiB (mr:app@0.2.0's encoding).
 // - Combining: with a combiner, map output is combined inside the guest
 //   before it is emitted, in a hash table of bounded size.
 // - Progress: every few thousand pairs, mr_emit looks at where the pair's
@@ -94,18 +97,39 @@ typedef mr_string (*mr_reduce_fn)(mr_str key, const mr_str *values, size_t n);
 /// is the reduce).
 typedef mr_string (*mr_combine_fn)(mr_str key, const mr_str *values, size_t n);
 
-/// An app: its map, reduce and (or NULL) combine functions.
+/// What the combiner does, for the SDK to do it faster inside the guest:
+/// MR_COMBINE_TEXT calls the app's combine on strings; MR_COMBINE_SUM_U64
+/// declares that values are decimal 64-bit counts and combining adds them
+/// up (word count), so the SDK folds each emitted count into a number per
+/// key without calling combine (which must still sum: the host calls it
+/// on spills).
+typedef enum { MR_COMBINE_TEXT = 0, MR_COMBINE_SUM_U64 = 1 } mr_combiner;
+
+/// An app: its map, reduce and (or NULL) combine functions, and what the
+/// combiner does.
 typedef struct {
     mr_map_fn map;
     mr_reduce_fn reduce;
     mr_combine_fn combine;
+    mr_combiner combiner;
 } mr_app;
 
 /// Exports the app; use once, at file scope. `combine` may be NULL.
-#define MR_EXPORT_APP(map, reduce, combine) const mr_app mr_the_app = {(map), (reduce), (combine)}
+#define MR_EXPORT_APP(map, reduce, combine)                                                        \
+    const mr_app mr_the_app = {(map), (reduce), (combine), MR_COMBINE_TEXT}
+
+/// Exports an app whose values are counts that its combiner adds up (see
+/// mr_combiner); emit them with mr_emit_u64 (or mr_emit, as decimal text).
+#define MR_EXPORT_APP_SUM_U64(map, reduce, combine)                                                \
+    const mr_app mr_the_app = {(map), (reduce), (combine), MR_COMBINE_SUM_U64}
 
 /// Emits one intermediate pair (copied; call it from map only).
 void mr_emit(mr_str key, mr_str value);
+
+/// Emits one intermediate pair whose value is the count `n` (for apps
+/// exported with MR_EXPORT_APP_SUM_U64: nothing is printed or parsed; for
+/// others, the same as mr_emit with `n` in decimal).
+void mr_emit_u64(mr_str key, uint64_t n);
 
 /// Tells the host that the map is `done` (bytes, lines, any unit) of
 /// `total` through its input; for apps whose keys and values do not point
@@ -131,22 +155,18 @@ _Noreturn void mr_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)
 
 // ---- The SDK's internals, shared with mr_component.c and the tests. ----
 
-/// One pair of a batch; the same layout as the bindings' mr_app_types_kv_t.
-typedef struct {
-    mr_str key;
-    mr_str value;
-} mr_kv;
-
-/// Hands a batch to the host (mr_component.c: the `emit` import).
-void mr__host_emit(mr_kv *pairs, size_t n);
+/// Hands a batch of records (mr:app@0.2.0's encoding: varint key length,
+/// varint value length, key, value) to the host (mr_component.c: the
+/// `emit` import).
+void mr__host_emit(const uint8_t *records, size_t len);
 
 /// Tells the host how far the map is (mr_component.c: the `progress`
 /// import).
 void mr__host_progress(uint64_t done, uint64_t total);
 
-/// Starts a map task's emitter (with the app's combiner, or NULL) for a
-/// map of `contents`.
-void mr__emitter_start(mr_combine_fn combine, mr_str contents);
+/// Starts a map task's emitter (with the app's combiner, or NULL, and what
+/// it does) for a map of `contents`.
+void mr__emitter_start(mr_combine_fn combine, mr_combiner kind, mr_str contents);
 
 /// Hands everything the emitter still holds to the host.
 void mr__emitter_finish(void);
@@ -166,6 +186,17 @@ typedef struct {
 /// of it is not its last). Returns NULL, or a message on a protocol error.
 const char *mr__gather(int pending, const mr_group *groups, size_t n, mr_reduce_fn f,
                        mr_string *out, size_t *n_out);
+
+/// Decodes a batch of groups (mr:app@0.2.0: flags, varint key length, key,
+/// varint value count, then varint length and bytes of each value) into
+/// `*groups` and `*values` (malloc'd, pointing into `bytes`). Returns NULL,
+/// or a message if the batch is malformed (then nothing is allocated).
+const char *mr__decode_groups(const uint8_t *bytes, size_t len, mr_group **groups, size_t *n,
+                              mr_str **values);
+
+/// Encodes `k` values (varint length, bytes each) into a malloc'd buffer
+/// of `*len` bytes.
+uint8_t *mr__encode_values(const mr_string *out, size_t k, size_t *len);
 
 #ifdef __cplusplus
 }

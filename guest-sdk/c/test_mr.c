@@ -44,19 +44,36 @@ void mr__host_progress(uint64_t done, uint64_t total) {
     reports.n++;
 }
 
-void mr__host_emit(mr_kv *pairs, size_t n) {
-    size_t bytes = 0;
-    for (size_t i = 0; i < n; i++) {
-        CHECK(host.n < MAX_PAIRS);
-        mr_string k = mr_string_copy(pairs[i].key), v = mr_string_copy(pairs[i].value);
-        host.keys[host.n] = strndup(k.ptr, k.len);
-        host.values[host.n] = strndup(v.ptr, v.len);
-        host.value_lens[host.n] = v.len;
-        host.n++;
-        bytes += k.len + v.len;
-        free(k.ptr);
-        free(v.ptr);
+static uint32_t varint(const uint8_t **p, const uint8_t *end) {
+    uint32_t v = 0;
+    for (int i = 0; i < 5; i++) {
+        CHECK(*p < end);
+        uint8_t b = *(*p)++;
+        v |= (uint32_t)(b & 0x7f) << (7 * i);
+        if (b < 0x80)
+            return v;
     }
+    CHECK(!"a varint of more than 5 bytes");
+    return 0;
+}
+
+// Decodes a batch of records as the host does (and checks its framing).
+void mr__host_emit(const uint8_t *records, size_t len) {
+    const uint8_t *p = records, *end = records + len;
+    size_t n = 0, bytes = 0;
+    while (p < end) {
+        CHECK(host.n < MAX_PAIRS);
+        uint32_t klen = varint(&p, end), vlen = varint(&p, end);
+        CHECK((size_t)(end - p) >= (size_t)klen + vlen);
+        host.keys[host.n] = strndup((const char *)p, klen);
+        host.values[host.n] = strndup((const char *)p + klen, vlen);
+        host.value_lens[host.n] = vlen;
+        host.n++;
+        p += klen + vlen;
+        bytes += klen + vlen;
+        n++;
+    }
+    CHECK(n > 0);
     host.batches++;
     if (n > host.largest_batch)
         host.largest_batch = n;
@@ -142,7 +159,7 @@ static void test_numbers(void) {
 
 static void test_batches_without_combiner(void) {
     host_reset();
-    mr__emitter_start(NULL, MR_STR(""));
+    mr__emitter_start(NULL, MR_COMBINE_TEXT, MR_STR(""));
     char key[16];
     for (int i = 0; i < 10000; i++) {
         int len = snprintf(key, sizeof key, "k%d", i % 7);
@@ -156,7 +173,7 @@ static void test_batches_without_combiner(void) {
     CHECK(strcmp(host.keys[9999], "k3") == 0);
     // A batch is also cut at 1 MiB of keys and values.
     host_reset();
-    mr__emitter_start(NULL, MR_STR(""));
+    mr__emitter_start(NULL, MR_COMBINE_TEXT, MR_STR(""));
     char *big = malloc(600 << 10);
     memset(big, 'v', 600 << 10);
     for (int i = 0; i < 5; i++)
@@ -172,7 +189,7 @@ static void test_batches_without_combiner(void) {
 static void test_combining(void) {
     host_reset();
     combine_calls = 0;
-    mr__emitter_start(sum, MR_STR(""));
+    mr__emitter_start(sum, MR_COMBINE_TEXT, MR_STR(""));
     for (int i = 0; i < 20; i++)
         mr_emit(MR_STR("a"), MR_STR("1"));
     mr_emit(MR_STR("b"), MR_STR("5"));
@@ -187,7 +204,7 @@ static void test_combining(void) {
     CHECK(combine_calls == 2 + 1 + 1);
     // Many distinct keys (table growth), each with a few values.
     host_reset();
-    mr__emitter_start(sum, MR_STR(""));
+    mr__emitter_start(sum, MR_COMBINE_TEXT, MR_STR(""));
     char key[16];
     for (int round = 0; round < 3; round++)
         for (int i = 0; i < 5000; i++) {
@@ -197,6 +214,106 @@ static void test_combining(void) {
     mr__emitter_finish();
     CHECK(host.n == 5000);
     CHECK(host_total("w0") == 6 && host_total("w4999") == 6);
+}
+
+// Counts (MR_COMBINE_SUM_U64) are added up in the guest without calling
+// combine; what is not a count, or would pass UINT64_MAX, goes as it is.
+static void test_sums(void) {
+    host_reset();
+    combine_calls = 0;
+    mr__emitter_start(sum, MR_COMBINE_SUM_U64, MR_STR(""));
+    for (int i = 0; i < 20; i++)
+        mr_emit_u64(MR_STR("a"), 1);
+    mr_emit(MR_STR("a"), MR_STR("22"));
+    mr_emit(MR_STR("a long key past eight bytes"), MR_STR("3"));
+    mr_emit_u64(MR_STR("a long key past eight bytes"), 4);
+    mr_emit_u64(MR_STR("a long key past eight bytez"), 1);
+    mr_emit(MR_STR("b"), MR_STR("not a count"));
+    mr_emit_u64(MR_STR("big"), UINT64_MAX);
+    mr_emit_u64(MR_STR("big"), 1);
+    mr_emit(MR_STR(""), MR_STR("7"));
+    mr__emitter_finish();
+    CHECK(combine_calls == 0);
+    CHECK(host_total("a") == 42);
+    CHECK(host_total("a long key past eight bytes") == 7);
+    CHECK(host_total("a long key past eight bytez") == 1);
+    CHECK(host_total("") == 7);
+    size_t as = 0, bs = 0, bigs = 0;
+    for (size_t i = 0; i < host.n; i++) {
+        as += strcmp(host.keys[i], "a") == 0;
+        if (strcmp(host.keys[i], "b") == 0) {
+            bs++;
+            CHECK(strcmp(host.values[i], "not a count") == 0);
+        }
+        bigs += strcmp(host.keys[i], "big") == 0;
+    }
+    CHECK(as == 1 && bs == 1 && bigs == 2);
+    // Many distinct keys over several maps: the table grows, is flushed
+    // and reused.
+    char key[16];
+    for (int map = 0; map < 3; map++) {
+        host_reset();
+        mr__emitter_start(sum, MR_COMBINE_SUM_U64, MR_STR(""));
+        for (int round = 0; round < 3; round++)
+            for (int i = 0; i < 6000; i++) {
+                int len = snprintf(key, sizeof key, "w%d", i);
+                mr_emit_u64((mr_str){key, (size_t)len}, (uint64_t)round + 1);
+            }
+        mr__emitter_finish();
+        CHECK(host.n == 6000);
+        CHECK(host_total("w0") == 6 && host_total("w5999") == 6);
+    }
+    // Without the SUM_U64 declaration, mr_emit_u64 is mr_emit of the digits.
+    host_reset();
+    mr__emitter_start(NULL, MR_COMBINE_TEXT, MR_STR(""));
+    mr_emit_u64(MR_STR("x"), 12345);
+    mr__emitter_finish();
+    CHECK(host.n == 1 && strcmp(host.values[0], "12345") == 0);
+}
+
+// Groups as the host encodes them decode to the same keys, values and
+// flags; malformed ones are refused; values encode as varint and bytes.
+static void test_encodings(void) {
+    static const uint8_t batch[] = {1, 1, 'a', 2, 1, 'x', 0,      //
+                                    0, 2, 'k', 'k', 1, 2, 'y', 'z', //
+                                    1, 0, 0};
+    mr_group *gs;
+    mr_str *vs;
+    size_t n;
+    CHECK(mr__decode_groups(batch, sizeof batch, &gs, &n, &vs) == NULL);
+    CHECK(n == 3);
+    CHECK(eq(gs[0].key, "a") && gs[0].last && gs[0].n == 2 && eq(gs[0].values[0], "x") &&
+          eq(gs[0].values[1], ""));
+    CHECK(eq(gs[1].key, "kk") && !gs[1].last && gs[1].n == 1 && eq(gs[1].values[0], "yz"));
+    CHECK(eq(gs[2].key, "") && gs[2].last && gs[2].n == 0);
+    free(gs);
+    free(vs);
+    CHECK(mr__decode_groups(batch, 0, &gs, &n, &vs) == NULL && n == 0);
+    free(gs);
+    free(vs);
+    // Every cut short of the end is refused, as are bad flags and varints.
+    for (size_t cut = 1; cut < sizeof batch; cut++) {
+        if (cut == 7 || cut == 15)
+            continue; // whole groups end there
+        CHECK(mr__decode_groups(batch, cut, &gs, &n, &vs) != NULL);
+        CHECK(gs == NULL && vs == NULL && n == 0);
+    }
+    static const uint8_t flags[] = {2, 0, 0};
+    CHECK(mr__decode_groups(flags, sizeof flags, &gs, &n, &vs) != NULL);
+    static const uint8_t long_varint[] = {1, 0x80, 0x80, 0x80, 0x80, 0x80, 0};
+    CHECK(mr__decode_groups(long_varint, sizeof long_varint, &gs, &n, &vs) != NULL);
+    static const uint8_t huge_count[] = {1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f};
+    CHECK(mr__decode_groups(huge_count, sizeof huge_count, &gs, &n, &vs) != NULL);
+    char *big = malloc(300);
+    memset(big, 'b', 300);
+    mr_string out[] = {{(char *)"", 0}, {(char *)"7", 1}, {big, 300}};
+    size_t len;
+    uint8_t *bytes = mr__encode_values(out, 3, &len);
+    CHECK(len == 1 + 2 + 2 + 300);
+    CHECK(bytes[0] == 0 && bytes[1] == 1 && bytes[2] == '7' && bytes[3] == ((300 & 0x7f) | 0x80) &&
+          bytes[4] == 300 >> 7 && bytes[5] == 'b');
+    free(bytes);
+    free(big);
 }
 
 // The number of values, and the values after the first joined by ';'
@@ -250,7 +367,7 @@ static void test_progress(void) {
     host_reset();
     reports.n = 0;
     mr_str contents = {text, len}, rest = contents, word;
-    mr__emitter_start(sum, contents);
+    mr__emitter_start(sum, MR_COMBINE_TEXT, contents);
     while (mr_next_word(&rest, &word))
         mr_emit(word, MR_STR("1"));
     // Looks are 4096 pairs apart, at most 6 bytes each ("gamma "): a
@@ -265,7 +382,7 @@ static void test_progress(void) {
     mr__emitter_finish();
     reports.n = 0;
     char key[8] = "ALPHA";
-    mr__emitter_start(sum, contents);
+    mr__emitter_start(sum, MR_COMBINE_TEXT, contents);
     for (int i = 0; i < 20000; i++)
         mr_emit((mr_str){key, 5}, MR_STR("1"));
     CHECK(reports.n == 0);
@@ -275,7 +392,7 @@ static void test_progress(void) {
     // The app's own report turns the SDK's off for the rest of the map.
     reports.n = 0;
     rest = contents;
-    mr__emitter_start(sum, contents);
+    mr__emitter_start(sum, MR_COMBINE_TEXT, contents);
     mr_progress(1, 3);
     while (mr_next_word(&rest, &word))
         mr_emit(word, MR_STR("1"));
@@ -289,6 +406,8 @@ int main(void) {
     test_numbers();
     test_batches_without_combiner();
     test_combining();
+    test_sums();
+    test_encodings();
     test_gather();
     test_progress();
     host_reset();

@@ -276,6 +276,7 @@ fn the_coordinator_checks_every_spec_it_receives() {
         output_format: Default::default(),
         speculation: true,
         verify: 1,
+        pack_inputs: 0,
     };
     type Twist = fn(&mut JobSpec);
     let hostile: [(&str, Twist); 5] = [

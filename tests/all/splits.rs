@@ -77,6 +77,97 @@ fn a_split_file_gives_the_same_output_as_unsplit() {
     );
 }
 
+/// `--pack-inputs`: many small files (and a file larger than the pack,
+/// split) run as a few map tasks, each calling the guest once per file
+/// with its own name; the output is the unpacked run's, and the report
+/// lists every split once, in order.
+#[test]
+fn packed_small_files_give_the_same_output_in_fewer_map_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir(&dir).unwrap();
+    let mut names = Vec::new();
+    for (b, book) in books().iter().enumerate() {
+        let text = std::fs::read(book).unwrap();
+        if b == 0 {
+            // One whole book, larger than the pack: split, not packed whole.
+            let p = dir.join("0-whole.txt");
+            std::fs::write(&p, &text).unwrap();
+            names.push(p.to_str().unwrap().to_string());
+            continue;
+        }
+        // The rest in pieces of ~20 KiB, cut at line ends.
+        let lines: Vec<&[u8]> = text.split_inclusive(|&c| c == b'\n').collect();
+        for (piece, chunk) in lines.chunks(400).enumerate() {
+            let p = dir.join(format!("{b}-{piece:03}.txt"));
+            std::fs::write(&p, chunk.concat()).unwrap();
+            names.push(p.to_str().unwrap().to_string());
+        }
+    }
+    let empty = dir.join("9-empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    names.push(empty.to_str().unwrap().to_string());
+    assert!(names.len() > 100, "{} files", names.len());
+    let args = |app: &'static str, out: &std::path::Path, pack: bool| {
+        let mut a: Vec<String> = vec![app.into(), "-r".into(), "3".into()];
+        a.extend(names.iter().cloned());
+        a.extend(["-o".into(), out.to_str().unwrap().into()]);
+        a.extend(["--split-size".into(), "100KiB".into()]);
+        if pack {
+            a.extend(["--pack-inputs".into(), "256KiB".into()]);
+        }
+        a
+    };
+    let run = |app, out: &std::path::Path, pack| {
+        let a = args(app, out, pack);
+        mr_run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    let (plain, packed) = (tmp.path().join("plain"), tmp.path().join("packed"));
+    run(WC, &plain, false);
+    run(WC, &packed, true);
+    assert_eq!(read_output(&packed), read_output(&plain));
+    assert_eq!(read_output(&packed), reference_wc(&names));
+    let maps = |r: &serde_json::Value| -> Vec<serde_json::Value> {
+        (r["tasks"].as_array().unwrap().iter())
+            .filter(|t| t["task"].get("map").is_some())
+            .cloned()
+            .collect()
+    };
+    let (rp, rk) = (report(&plain, "_SUCCESS"), report(&packed, "_SUCCESS"));
+    let (mp, mk) = (maps(&rp), maps(&rk));
+    assert!(mp.len() > names.len(), "one map per split: {}", mp.len());
+    // 3.3 MB in tasks of up to 256 KiB: about 13-20 of them.
+    assert!(mk.len() < 30, "{} packed map tasks", mk.len());
+    // Every split once, in order, and no task over the pack size but for
+    // a single split.
+    let mut listed = Vec::new();
+    for t in &mk {
+        let mut bytes = 0;
+        let first = (t["input"].as_str().unwrap(), t["range"].clone());
+        let more = t["packed"].as_array().cloned().unwrap_or_default();
+        for (input, range) in std::iter::once(first).chain(
+            more.iter()
+                .map(|p| (p["input"].as_str().unwrap(), p["range"].clone())),
+        ) {
+            bytes += range[1].as_u64().unwrap() - range[0].as_u64().unwrap();
+            listed.push((input.to_string(), range));
+        }
+        assert!(more.is_empty() || bytes <= 256 << 10, "{t}");
+    }
+    let unpacked: Vec<_> = (mp.iter())
+        .map(|t| (t["input"].as_str().unwrap().to_string(), t["range"].clone()))
+        .collect();
+    assert_eq!(listed, unpacked);
+    assert_eq!(
+        rk["counters"]["map_input_bytes"],
+        rp["counters"]["map_input_bytes"]
+    );
+    // The guest sees each file's own name: the indexer lists them.
+    let idx = tmp.path().join("idx");
+    run(INDEXER, &idx, true);
+    assert_eq!(read_output(&idx), reference_indexer(&names));
+}
+
 #[test]
 fn empty_files_and_missing_final_newlines() {
     let tmp = tempfile::tempdir().unwrap();

@@ -3,12 +3,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `mr:app/host@0.1.1`
+// Imported Functions from `mr:app/host@0.2.0`
 
-__attribute__((__import_module__("mr:app/host@0.1.1"), __import_name__("emit")))
+__attribute__((__import_module__("mr:app/host@0.2.0"), __import_name__("emit")))
 extern void __wasm_import_mr_app_host_emit(uint8_t *, size_t);
 
-__attribute__((__import_module__("mr:app/host@0.1.1"), __import_name__("progress")))
+__attribute__((__import_module__("mr:app/host@0.2.0"), __import_name__("progress")))
 extern void __wasm_import_mr_app_host_progress(int64_t, int64_t);
 
 // Exported Functions from `mapreduce`
@@ -36,11 +36,8 @@ void __wasm_export_exports_mapreduce_reduce_post_return(uint8_t * arg0) {
       if (len > 0) {
         uint8_t *ptr = *((uint8_t **) (arg0 + sizeof(void*)));
         for (size_t i = 0; i < len; i++) {
-          uint8_t *base = ptr + i * (2*sizeof(void*));
+          uint8_t *base = ptr + i * 1;
           (void) base;
-          if ((*((size_t*) (base + sizeof(void*)))) > 0) {
-            free(*((uint8_t **) (base + 0)));
-          }
         }
         free(ptr);
       }
@@ -68,11 +65,8 @@ void __wasm_export_exports_mapreduce_combine_post_return(uint8_t * arg0) {
           if (len > 0) {
             uint8_t *ptr = *((uint8_t **) (arg0 + (2*sizeof(void*))));
             for (size_t i = 0; i < len; i++) {
-              uint8_t *base = ptr + i * (2*sizeof(void*));
+              uint8_t *base = ptr + i * 1;
               (void) base;
-              if ((*((size_t*) (base + sizeof(void*)))) > 0) {
-                free(*((uint8_t **) (base + 0)));
-              }
             }
             free(ptr);
           }
@@ -106,48 +100,14 @@ static uint8_t RET_AREA[(4*sizeof(void*))];
 
 // Helper Functions
 
-void mr_app_types_kv_free(mr_app_types_kv_t *ptr) {
-  mapreduce_string_free(&ptr->key);
-  mapreduce_string_free(&ptr->value);
-}
-
-void mapreduce_list_string_free(mapreduce_list_string_t *ptr) {
+void mapreduce_list_u8_free(mapreduce_list_u8_t *ptr) {
   size_t list_len = ptr->len;
   if (list_len > 0) {
-    mapreduce_string_t *list_ptr = ptr->ptr;
+    uint8_t *list_ptr = ptr->ptr;
     for (size_t i = 0; i < list_len; i++) {
-      mapreduce_string_free(&list_ptr[i]);
     }
     free(list_ptr);
   }
-}
-
-void mr_app_types_group_free(mr_app_types_group_t *ptr) {
-  mapreduce_string_free(&ptr->key);
-  mapreduce_list_string_free(&ptr->values);
-}
-
-void mr_app_host_kv_free(mr_app_host_kv_t *ptr) {
-  mr_app_types_kv_free(ptr);
-}
-
-void mr_app_host_list_kv_free(mr_app_host_list_kv_t *ptr) {
-  size_t list_len = ptr->len;
-  if (list_len > 0) {
-    mr_app_host_kv_t *list_ptr = ptr->ptr;
-    for (size_t i = 0; i < list_len; i++) {
-      mr_app_host_kv_free(&list_ptr[i]);
-    }
-    free(list_ptr);
-  }
-}
-
-void mapreduce_kv_free(mapreduce_kv_t *ptr) {
-  mr_app_types_kv_free(ptr);
-}
-
-void mapreduce_group_free(mapreduce_group_t *ptr) {
-  mr_app_types_group_free(ptr);
 }
 
 void mapreduce_result_void_string_free(mapreduce_result_void_string_t *ptr) {
@@ -157,34 +117,23 @@ void mapreduce_result_void_string_free(mapreduce_result_void_string_t *ptr) {
   }
 }
 
-void mapreduce_list_group_free(mapreduce_list_group_t *ptr) {
-  size_t list_len = ptr->len;
-  if (list_len > 0) {
-    mapreduce_group_t *list_ptr = ptr->ptr;
-    for (size_t i = 0; i < list_len; i++) {
-      mapreduce_group_free(&list_ptr[i]);
-    }
-    free(list_ptr);
-  }
-}
-
-void mapreduce_result_list_string_string_free(mapreduce_result_list_string_string_t *ptr) {
+void mapreduce_result_list_u8_string_free(mapreduce_result_list_u8_string_t *ptr) {
   if (!ptr->is_err) {
-    mapreduce_list_string_free(&ptr->val.ok);
+    mapreduce_list_u8_free(&ptr->val.ok);
   } else {
     mapreduce_string_free(&ptr->val.err);
   }
 }
 
-void mapreduce_option_list_string_free(mapreduce_option_list_string_t *ptr) {
+void mapreduce_option_list_u8_free(mapreduce_option_list_u8_t *ptr) {
   if (ptr->is_some) {
-    mapreduce_list_string_free(&ptr->val);
+    mapreduce_list_u8_free(&ptr->val);
   }
 }
 
-void mapreduce_result_option_list_string_string_free(mapreduce_result_option_list_string_string_t *ptr) {
+void mapreduce_result_option_list_u8_string_free(mapreduce_result_option_list_u8_string_t *ptr) {
   if (!ptr->is_err) {
-    mapreduce_option_list_string_free(&ptr->val.ok);
+    mapreduce_option_list_u8_free(&ptr->val.ok);
   } else {
     mapreduce_string_free(&ptr->val.err);
   }
@@ -217,8 +166,8 @@ void mapreduce_string_free(mapreduce_string_t *ret) {
 
 // Component Adapters
 
-void mr_app_host_emit(mr_app_host_list_kv_t *pairs) {
-  __wasm_import_mr_app_host_emit((uint8_t *) (*pairs).ptr, (*pairs).len);
+void mr_app_host_emit(mapreduce_list_u8_t *records) {
+  __wasm_import_mr_app_host_emit((uint8_t *) (*records).ptr, (*records).len);
 }
 
 void mr_app_host_progress(uint64_t done, uint64_t total) {
@@ -248,9 +197,9 @@ uint8_t * __wasm_export_exports_mapreduce_map(uint8_t * arg, size_t arg0, uint8_
 
 __attribute__((__export_name__("reduce")))
 uint8_t * __wasm_export_exports_mapreduce_reduce(uint8_t * arg, size_t arg0) {
-  mapreduce_list_group_t arg1 = (mapreduce_list_group_t) { (mapreduce_group_t*)(arg), (arg0) };
-  mapreduce_result_list_string_string_t ret;
-  mapreduce_list_string_t ok;
+  mapreduce_list_u8_t arg1 = (mapreduce_list_u8_t) { (uint8_t*)(arg), (arg0) };
+  mapreduce_result_list_u8_string_t ret;
+  mapreduce_list_u8_t ok;
   mapreduce_string_t err;
   ret.is_err = !exports_mapreduce_reduce(&arg1, &ok, &err);
   if (ret.is_err) {
@@ -265,7 +214,7 @@ uint8_t * __wasm_export_exports_mapreduce_reduce(uint8_t * arg, size_t arg0) {
     *((size_t*)(ptr + (2*sizeof(void*)))) = (*payload2).len;
     *((uint8_t **)(ptr + sizeof(void*))) = (uint8_t *) (*payload2).ptr;
   } else {
-    const mapreduce_list_string_t *payload = &(ret).val.ok;*((int8_t*)(ptr + 0)) = 0;
+    const mapreduce_list_u8_t *payload = &(ret).val.ok;*((int8_t*)(ptr + 0)) = 0;
     *((size_t*)(ptr + (2*sizeof(void*)))) = (*payload).len;
     *((uint8_t **)(ptr + sizeof(void*))) = (uint8_t *) (*payload).ptr;
   }
@@ -274,9 +223,9 @@ uint8_t * __wasm_export_exports_mapreduce_reduce(uint8_t * arg, size_t arg0) {
 
 __attribute__((__export_name__("combine")))
 uint8_t * __wasm_export_exports_mapreduce_combine(uint8_t * arg, size_t arg0) {
-  mapreduce_list_group_t arg1 = (mapreduce_list_group_t) { (mapreduce_group_t*)(arg), (arg0) };
-  mapreduce_result_option_list_string_string_t ret;
-  mapreduce_option_list_string_t ok;
+  mapreduce_list_u8_t arg1 = (mapreduce_list_u8_t) { (uint8_t*)(arg), (arg0) };
+  mapreduce_result_option_list_u8_string_t ret;
+  mapreduce_option_list_u8_t ok;
   mapreduce_string_t err;
   ret.is_err = !exports_mapreduce_combine(&arg1, &ok, &err);
   if (ret.is_err) {
@@ -291,9 +240,9 @@ uint8_t * __wasm_export_exports_mapreduce_combine(uint8_t * arg, size_t arg0) {
     *((size_t*)(ptr + (2*sizeof(void*)))) = (*payload4).len;
     *((uint8_t **)(ptr + sizeof(void*))) = (uint8_t *) (*payload4).ptr;
   } else {
-    const mapreduce_option_list_string_t *payload = &(ret).val.ok;*((int8_t*)(ptr + 0)) = 0;
+    const mapreduce_option_list_u8_t *payload = &(ret).val.ok;*((int8_t*)(ptr + 0)) = 0;
     if ((*payload).is_some) {
-      const mapreduce_list_string_t *payload3 = &(*payload).val;
+      const mapreduce_list_u8_t *payload3 = &(*payload).val;
       *((int8_t*)(ptr + sizeof(void*))) = 1;
       *((size_t*)(ptr + (3*sizeof(void*)))) = (*payload3).len;
       *((uint8_t **)(ptr + (2*sizeof(void*)))) = (uint8_t *) (*payload3).ptr;

@@ -14,39 +14,10 @@ typedef struct mapreduce_string_t {
   size_t len;
 } mapreduce_string_t;
 
-// One intermediate key/value pair.
-typedef struct mr_app_types_kv_t {
-  mapreduce_string_t   key;
-  mapreduce_string_t   value;
-} mr_app_types_kv_t;
-
 typedef struct {
-  mapreduce_string_t *ptr;
+  uint8_t *ptr;
   size_t len;
-} mapreduce_list_string_t;
-
-// A key and values of it, in the order the host found them.
-// 
-// A key with very many values may arrive in several consecutive groups
-// of the same key (so the host never has to hold all of them at once):
-// every group but the key's final one has `last = false`. The reduce
-// output for that key is produced when its `last` group arrives.
-typedef struct mr_app_types_group_t {
-  mapreduce_string_t   key;
-  mapreduce_list_string_t   values;
-  bool   last;
-} mr_app_types_group_t;
-
-typedef mr_app_types_kv_t mr_app_host_kv_t;
-
-typedef struct {
-  mr_app_host_kv_t *ptr;
-  size_t len;
-} mr_app_host_list_kv_t;
-
-typedef mr_app_types_kv_t mapreduce_kv_t;
-
-typedef mr_app_types_group_t mapreduce_group_t;
+} mapreduce_list_u8_t;
 
 typedef struct {
   bool is_err;
@@ -56,78 +27,60 @@ typedef struct {
 } mapreduce_result_void_string_t;
 
 typedef struct {
-  mapreduce_group_t *ptr;
-  size_t len;
-} mapreduce_list_group_t;
-
-typedef struct {
   bool is_err;
   union {
-    mapreduce_list_string_t ok;
+    mapreduce_list_u8_t ok;
     mapreduce_string_t err;
   } val;
-} mapreduce_result_list_string_string_t;
+} mapreduce_result_list_u8_string_t;
 
 typedef struct {
   bool is_some;
-  mapreduce_list_string_t val;
-} mapreduce_option_list_string_t;
+  mapreduce_list_u8_t val;
+} mapreduce_option_list_u8_t;
 
 typedef struct {
   bool is_err;
   union {
-    mapreduce_option_list_string_t ok;
+    mapreduce_option_list_u8_t ok;
     mapreduce_string_t err;
   } val;
-} mapreduce_result_option_list_string_string_t;
+} mapreduce_result_option_list_u8_string_t;
 
-// Imported Functions from `mr:app/host@0.1.1`
-// Hands a batch of map output pairs to the host. The host partitions,
-// sorts and spills them; it may be called any number of times. A batch
-// holds at most 16 MiB of keys and values (a larger one fails the
-// task): the host copies each batch out of the guest, outside the
-// guest's memory limit. The SDKs send about 1 MiB per call.
-extern void mr_app_host_emit(mr_app_host_list_kv_t *pairs);
+// Imported Functions from `mr:app/host@0.2.0`
+// Hands a batch of map output records (`records`, above) to the
+// host. The host partitions, sorts and spills them; it may be called
+// any number of times. A batch is at most 16 MiB (a larger one, or
+// one that is not well-formed records of UTF-8 text, fails the task):
+// the host copies each batch out of the guest, outside the guest's
+// memory limit. The SDKs send about 1 MiB per call.
+extern void mr_app_host_emit(mapreduce_list_u8_t *records);
 // Says how far the running `map` call is through its `contents`:
-// `done` of `total`, in any unit (bytes, characters, lines). Optional
-// (since 0.1.1); the host shows it as the task's progress and compares
-// it with other tasks' to spot stragglers for backup attempts. A value
-// lower than one reported before is ignored, `done` above `total`
-// counts as `total`, and a call outside `map` is ignored. The SDKs
-// call it by themselves (see their READMEs); a few hundred calls per
-// split are plenty.
+// `done` of `total`, in any unit (bytes, characters, lines). Optional;
+// the host shows it as the task's progress and compares it with other
+// tasks' to spot stragglers for backup attempts. A value lower than
+// one reported before is ignored, `done` above `total` counts as
+// `total`, and a call outside `map` is ignored. The SDKs call it by
+// themselves (see their READMEs); a few hundred calls per split are
+// plenty.
 extern void mr_app_host_progress(uint64_t done, uint64_t total);
 
 // Exported Functions from `mapreduce`
 bool exports_mapreduce_map(mapreduce_string_t *input, mapreduce_string_t *contents, mapreduce_string_t *err);
-bool exports_mapreduce_reduce(mapreduce_list_group_t *groups, mapreduce_list_string_t *ret, mapreduce_string_t *err);
-bool exports_mapreduce_combine(mapreduce_list_group_t *groups, mapreduce_option_list_string_t *ret, mapreduce_string_t *err);
+bool exports_mapreduce_reduce(mapreduce_list_u8_t *groups, mapreduce_list_u8_t *ret, mapreduce_string_t *err);
+bool exports_mapreduce_combine(mapreduce_list_u8_t *groups, mapreduce_option_list_u8_t *ret, mapreduce_string_t *err);
 
 // Helper Functions
 
-void mr_app_types_kv_free(mr_app_types_kv_t *ptr);
-
-void mapreduce_list_string_free(mapreduce_list_string_t *ptr);
-
-void mr_app_types_group_free(mr_app_types_group_t *ptr);
-
-void mr_app_host_kv_free(mr_app_host_kv_t *ptr);
-
-void mr_app_host_list_kv_free(mr_app_host_list_kv_t *ptr);
-
-void mapreduce_kv_free(mapreduce_kv_t *ptr);
-
-void mapreduce_group_free(mapreduce_group_t *ptr);
+void mapreduce_list_u8_free(mapreduce_list_u8_t *ptr);
 
 void mapreduce_result_void_string_free(mapreduce_result_void_string_t *ptr);
 
-void mapreduce_list_group_free(mapreduce_list_group_t *ptr);
+void mapreduce_result_list_u8_string_free(mapreduce_result_list_u8_string_t *ptr);
 
-void mapreduce_result_list_string_string_free(mapreduce_result_list_string_string_t *ptr);
+void mapreduce_option_list_u8_free(mapreduce_option_list_u8_t *ptr);
 
-void mapreduce_option_list_string_free(mapreduce_option_list_string_t *ptr);
-
-void mapreduce_result_option_list_string_string_free(mapreduce_result_option_list_string_string_t *ptr);
+void mapreduce_result_option_list_u8_string_free(mapreduce_result_option_list_u8_string_t *ptr);
 
 // Sets the string `ret` to reference the input string `s` without copying it
 void mapreduce_string_set(mapreduce_string_t *ret, const char*s);

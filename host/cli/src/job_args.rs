@@ -33,6 +33,14 @@ pub struct JobArgs {
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub split_size: u64,
 
+    /// Pack small files (consecutive splits) into map tasks of up to SIZE
+    /// bytes each (e.g. 64MiB), instead of one map task per file: fewer,
+    /// longer tasks for many small inputs (Hadoop's
+    /// CombineTextInputFormat). The guest's `map` is still called once per
+    /// file, with that file's name [default: off, one map task per split].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub pack_inputs: Option<u64>,
+
     /// Map output held in memory per task before a sorted spill to disk.
     /// With --memory-limit and --split-size it bounds memory; see README.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
@@ -205,6 +213,7 @@ impl TryFrom<JobRequest<'_>> for Job {
             },
             speculation: a.speculation == "on",
             verify: a.verify.unwrap_or(1),
+            pack_inputs: a.pack_inputs.unwrap_or(0),
         };
         spec.validate()?;
         match &spec.output {

@@ -111,6 +111,10 @@ pub struct JobSpec {
     /// must agree (`--verify K`); 1: no verification.
     #[serde(default = "one")]
     pub verify: u32,
+    /// Consecutive splits (small files) packed into one map task up to
+    /// this many bytes (`--pack-inputs SIZE`); 0: one map task per split.
+    #[serde(default)]
+    pub pack_inputs: u64,
 }
 
 fn yes() -> bool {
@@ -376,7 +380,7 @@ impl JobSpec {
         let maps = self.map_tasks();
         if maps > MAX_MAP_TASKS {
             return bad(format!(
-                "the inputs make {maps} map tasks at --split-size {}, more than mr handles ({MAX_MAP_TASKS}); raise --split-size",
+                "the inputs make {maps} map tasks at --split-size {}, more than mr handles ({MAX_MAP_TASKS}); raise --split-size, or pack small files with --pack-inputs",
                 size(self.split_size)
             ));
         }
@@ -393,9 +397,23 @@ impl JobSpec {
     /// [`limits::MAX_MAP_TASKS`] is refused by [`JobSpec::validate`]).
     pub fn map_tasks(&self) -> u64 {
         let split = self.split_size.max(1);
-        self.inputs.iter().fold(0u64, |n, i| {
+        let splits = self.inputs.iter().fold(0u64, |n, i| {
             n.saturating_add(crate::split::count(i.bytes, split))
-        })
+        });
+        if self.pack_inputs == 0 || splits > limits::MAX_MAP_TASKS {
+            return splits;
+        }
+        let lengths = (self.inputs.iter()).flat_map(|i| crate::split::lengths(i.bytes, split));
+        crate::split::pack_count(lengths, self.pack_inputs)
+    }
+
+    /// Each map task's splits: the inputs planned at the split size, then
+    /// packed (`--pack-inputs`). Call it on a validated spec only.
+    pub fn plan_maps(&self) -> Vec<Vec<crate::split::Split>> {
+        let splits = (self.inputs.iter())
+            .flat_map(|i| crate::split::plan(&i.name, &i.path, i.bytes, self.split_size))
+            .collect();
+        crate::split::pack(splits, self.pack_inputs)
     }
 }
 
@@ -461,6 +479,7 @@ mod tests {
             output_format: OutputFormat::Text,
             speculation: true,
             verify: 1,
+            pack_inputs: 0,
         }
     }
 

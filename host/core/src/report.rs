@@ -109,11 +109,22 @@ pub struct TaskReport {
     pub input: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub range: Option<(u64, u64)>,
+    /// For a map task that packed several splits (`--pack-inputs`): the
+    /// splits after the first (`input` and `range`), in the order mapped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packed: Vec<PackedInput>,
     pub attempts: Vec<AttemptReport>,
     /// For a verified job (`--verify K`): the vote that accepted the
     /// task's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<Verdict>,
+}
+
+/// One more split of a packed map task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedInput {
+    pub input: String,
+    pub range: (u64, u64),
 }
 
 /// How a verified task's output was chosen.

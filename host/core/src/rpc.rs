@@ -37,7 +37,7 @@ use crate::split::Split;
 /// `mr:app@0.1.1`, which an older worker refuses as the wrong world; 6:
 /// outputs and data roots in object storage); mismatched peers are
 /// refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
@@ -369,8 +369,10 @@ pub struct Assignment {
 /// What a task does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Work {
-    /// Map one split; keep the output on local disk and serve it.
-    Map { split: Split },
+    /// Map one split, or several packed into one task (`--pack-inputs`:
+    /// at most [`crate::split::MAX_PACKED`], mapped in order into one
+    /// output); keep the output on local disk and serve it.
+    Map { splits: Vec<Split> },
     /// Read partition `partition` of every map output, reduce it and write
     /// `output`: a path in the job's output directory's `_temporary`, or
     /// the object `PREFIX/mr-out-R`, as a multipart upload left for the

@@ -74,6 +74,83 @@ pub fn plan(input: &str, path: &Location, len: u64, split_size: u64) -> Vec<Spli
         .collect()
 }
 
+/// Splits one map task takes at most when inputs are packed
+/// (`--pack-inputs`): bounds an assignment's size and a task's bookkeeping.
+pub const MAX_PACKED: usize = 1024;
+
+/// Where packing (`--pack-inputs SIZE`) cuts: consecutive splits go into one
+/// map task while their bytes stay within `size` (Hadoop's
+/// `CombineTextInputFormat`, Spark's `maxPartitionBytes`); a split larger
+/// than `size` gets a task of its own, and a task takes at most
+/// [`MAX_PACKED`] splits. `size` 0 packs nothing: one task per split.
+struct Packer {
+    size: u64,
+    bytes: u64,
+    splits: usize,
+}
+
+impl Packer {
+    fn new(size: u64) -> Self {
+        Packer {
+            size,
+            bytes: 0,
+            splits: 0,
+        }
+    }
+
+    /// Takes a split of `len` bytes; `true` if it starts a new task.
+    fn starts_task(&mut self, len: u64) -> bool {
+        let new = self.splits == 0
+            || self.size == 0
+            || self.splits >= MAX_PACKED
+            || self.bytes.saturating_add(len) > self.size;
+        if new {
+            self.bytes = 0;
+            self.splits = 0;
+        }
+        self.bytes = self.bytes.saturating_add(len);
+        self.splits += 1;
+        new
+    }
+}
+
+/// Packs `splits` (in order) into map tasks of up to `size` bytes each (see
+/// [`Packer`]); `size` 0: one task per split.
+pub fn pack(splits: Vec<Split>, size: u64) -> Vec<Vec<Split>> {
+    let mut packer = Packer::new(size);
+    let mut tasks: Vec<Vec<Split>> = Vec::new();
+    for s in splits {
+        // The first split always starts a task.
+        match tasks.last_mut() {
+            Some(task) if !packer.starts_task(s.end - s.start) => task.push(s),
+            Some(_) => tasks.push(vec![s]),
+            None => {
+                packer.starts_task(s.end - s.start);
+                tasks.push(vec![s]);
+            }
+        }
+    }
+    tasks
+}
+
+/// How many map tasks [`pack`] makes of splits of these lengths.
+pub fn pack_count(lengths: impl Iterator<Item = u64>, size: u64) -> u64 {
+    let mut packer = Packer::new(size);
+    lengths.filter(|&len| packer.starts_task(len)).count() as u64
+}
+
+/// The lengths of the splits [`plan`] makes of an input of `len` bytes.
+pub fn lengths(len: u64, split_size: u64) -> impl Iterator<Item = u64> {
+    let n = count(len, split_size);
+    (0..n).map(move |i| {
+        if i + 1 < n {
+            split_size
+        } else {
+            len - (n - 1) * split_size
+        }
+    })
+}
+
 /// Bytes read by offset: a file, or an object read by ranged GETs.
 pub trait ReadAt {
     /// Its length, in bytes.
@@ -252,6 +329,71 @@ mod tests {
         let text = b"one\ntwo two\n\nthree three three\nfour\nno newline at end";
         for size in 1..=text.len() as u64 + 1 {
             assert_eq!(lines_of(text, size), text.to_vec(), "split size {size}");
+        }
+    }
+
+    #[test]
+    fn packing_fills_tasks_up_to_the_size_in_order() {
+        let split = |input: &str, start, end| Split {
+            input: input.into(),
+            path: Path::new("/d").join(input).into(),
+            start,
+            end,
+        };
+        let splits = vec![
+            split("a", 0, 10),
+            split("b", 0, 0),
+            split("c", 0, 30),
+            split("d", 0, 100), // larger than the size: alone
+            split("e", 0, 40),
+            split("e", 40, 80),
+            split("f", 0, 1),
+        ];
+        let names = |tasks: &[Vec<Split>]| -> Vec<String> {
+            tasks
+                .iter()
+                .map(|t| t.iter().map(|s| s.input.as_str()).collect())
+                .collect()
+        };
+        let packed = pack(splits.clone(), 50);
+        assert_eq!(names(&packed), ["abc", "d", "e", "ef"]);
+        let lens = splits.iter().map(|s| s.end - s.start);
+        assert_eq!(pack_count(lens.clone(), 50), 4);
+        // 0: one task per split; a huge size: one task.
+        assert_eq!(pack(splits.clone(), 0).len(), splits.len());
+        assert_eq!(pack_count(lens.clone(), 0), splits.len() as u64);
+        assert_eq!(names(&pack(splits.clone(), u64::MAX)), ["abcdeef"]);
+        assert_eq!(pack_count(lens, u64::MAX), 1);
+        // At most MAX_PACKED splits a task, even of empty files.
+        let empties: Vec<Split> = (0..MAX_PACKED * 2 + 1).map(|_| split("z", 0, 0)).collect();
+        let packed = pack(empties, 1 << 20);
+        assert_eq!(
+            packed.iter().map(Vec::len).collect::<Vec<_>>(),
+            [MAX_PACKED, MAX_PACKED, 1]
+        );
+        assert!(pack(Vec::new(), 10).is_empty());
+    }
+
+    #[test]
+    fn lengths_are_those_of_the_planned_splits() {
+        for (len, size) in [
+            (0, 10),
+            (5, 10),
+            (10, 10),
+            (11, 10),
+            (12, 10),
+            (95, 10),
+            (1000, 7),
+        ] {
+            let planned: Vec<u64> = plan("i", &Path::new("/i").into(), len, size)
+                .iter()
+                .map(|s| s.end - s.start)
+                .collect();
+            assert_eq!(
+                lengths(len, size).collect::<Vec<_>>(),
+                planned,
+                "{len} {size}"
+            );
         }
     }
 

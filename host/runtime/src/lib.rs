@@ -287,7 +287,8 @@ impl Sandbox {
         // Every PROGRESS_TICKS the guest, if it is running wasm code, is
         // checked: cancelled or past its time limit, it is interrupted;
         // otherwise that counts as progress.
-        let started = std::time::Instant::now();
+        // One budget per attempt, whatever its instances.
+        let started = control.guest_started();
         let limit = self.config.attempt_timeout;
         let control = control.clone();
         store.set_epoch_deadline(PROGRESS_TICKS);

@@ -219,9 +219,17 @@ struct Control {
     /// is all of it).
     span: AtomicU64,
     cancelled: AtomicBool,
+    /// When the attempt's first instance started: its time limit counts
+    /// from there for all of them (a packed map's instances, a combiner's).
+    started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl TaskControl {
+    /// When the attempt's guest first started (now, on the first call).
+    pub fn guest_started(&self) -> std::time::Instant {
+        *self.0.started.get_or_init(std::time::Instant::now)
+    }
+
     /// Bytes currently charged to the task.
     pub fn memory_used(&self) -> usize {
         self.0.memory.load(Ordering::SeqCst)

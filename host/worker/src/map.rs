@@ -24,7 +24,8 @@ const GUEST_SHARE: u32 = 900_000;
 #[derive(Clone, Debug)]
 pub struct MapTask {
     pub index: u32,
-    pub split: Split,
+    /// Its split, or several packed into one task (`--pack-inputs`).
+    pub splits: Vec<Split>,
     pub reduces: u32,
     /// Where its spills and run file go (a private directory of the job).
     pub dir: PathBuf,
@@ -49,9 +50,11 @@ pub struct MapOutput {
 }
 
 /// Runs one map task attempt; `attempt` names its files. `control` carries
-/// the attempt's memory budget, progress and cancel flag.
+/// the attempt's memory budget, progress and cancel flag. A packed task's
+/// splits are mapped in order, each by a fresh instance of the guest, into
+/// one sort buffer and one output.
 ///
-/// Fails if the input cannot be read, the guest fails, or the output cannot
+/// Fails if an input cannot be read, the guest fails, or the output cannot
 /// be written.
 pub fn run(
     sandbox: &Arc<Sandbox>,
@@ -59,7 +62,82 @@ pub fn run(
     attempt: u32,
     control: &TaskControl,
 ) -> Result<MapOutput, TaskError> {
-    let split = &task.split;
+    let prefix = format!("map-{}-a{attempt}", task.index);
+    // The map instances and the combiner's share one memory limit.
+    let buffer = Arc::new(Mutex::new(SortBuffer::new(
+        task,
+        &prefix,
+        sandbox.clone(),
+        control.clone(),
+    )));
+    let mut counters = Counters::default();
+    // How far the task is: each split's guest covers its share (by bytes)
+    // of the first GUEST_SHARE of it, the merge of the spills the rest.
+    let total = (task.splits.iter())
+        .fold(0u64, |n, s| n.saturating_add(s.end - s.start))
+        .max(1);
+    let mut before = 0u64;
+    for split in &task.splits {
+        let len = split.end - split.start;
+        let share = |b: u64| {
+            (u128::from(GUEST_SHARE) * u128::from(b.min(total)) / u128::from(total)) as u32
+        };
+        control.set_phase(share(before), share(before.saturating_add(len)));
+        before = before.saturating_add(len);
+        match map_split(sandbox, task, split, control, &buffer, &mut counters) {
+            Ok(out) => crate::log_guest_output(&format!("map-{}", task.index), &out),
+            Err(e) => {
+                let buffer = Arc::try_unwrap(buffer)
+                    .ok()
+                    .expect("the sandbox dropped its sink")
+                    .into_inner()
+                    .expect("sort buffer lock");
+                buffer.discard();
+                return Err(e);
+            }
+        }
+    }
+    let buffer = Arc::try_unwrap(buffer)
+        .ok()
+        .expect("the sandbox dropped its sink")
+        .into_inner()
+        .expect("sort buffer lock");
+    control.set_phase(0, GUEST_SHARE);
+    control.set_done(1, 1);
+    control.set_phase(GUEST_SHARE, 1_000_000);
+    let run_file = task.dir.join(format!("{prefix}.run"));
+    let (run, segments, more) = buffer
+        .finish(&run_file, task.in_memory)
+        .map_err(|e| match e {
+            SpillError::Io(e) => TaskError::Io {
+                what: format!("cannot write map output {}", run_file.display()),
+                source: e,
+            },
+            SpillError::Guest(g) => TaskError::Guest(g),
+            // Only emitted batches are parsed; the final merge reads runs.
+            SpillError::Malformed(m) => TaskError::Io {
+                what: format!("corrupt map output {}", run_file.display()),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, m),
+            },
+        })?;
+    counters.add(&more);
+    Ok(MapOutput {
+        run,
+        segments,
+        counters,
+    })
+}
+
+/// Maps one split into `buffer`, adding to `counters`; returns what the
+/// guest wrote to stdout and stderr.
+fn map_split(
+    sandbox: &Arc<Sandbox>,
+    task: &MapTask,
+    split: &Split,
+    control: &TaskControl,
+    buffer: &Arc<Mutex<SortBuffer>>,
+    counters: &mut Counters,
+) -> Result<String, TaskError> {
     let check = |f: &std::fs::File| {
         task.roots
             .iter()
@@ -79,37 +157,22 @@ pub fn run(
             split.path, split.start, split.end
         )))?;
     let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
-    let mut counters = Counters {
-        map_input_bytes: bytes.len() as u64,
-        map_input_records: newlines + u64::from(bytes.last().is_some_and(|&b| b != b'\n')),
-        ..Counters::default()
-    };
-    requests.count_in(&mut counters);
+    counters.map_input_bytes += bytes.len() as u64;
+    counters.map_input_records += newlines + u64::from(bytes.last().is_some_and(|&b| b != b'\n'));
+    requests.count_in(counters);
     // Guests take text. Invalid UTF-8 is replaced by U+FFFD, which is not a
     // letter: word-splitting apps see the same words as the lab's Go code.
     let contents = match String::from_utf8(bytes) {
         Ok(s) => s,
         Err(e) => {
-            counters.map_input_invalid_utf8 = 1;
+            counters.map_input_invalid_utf8 += 1;
             tracing::warn!(input = %split.input, "input is not valid UTF-8; invalid bytes replaced by U+FFFD");
             String::from_utf8_lossy(e.as_bytes()).into_owned()
         }
     };
     control.bump();
-    let prefix = format!("map-{}-a{attempt}", task.index);
-    // The map instance and the combiner's share one memory limit.
-    let buffer = Arc::new(Mutex::new(SortBuffer::new(
-        task,
-        &prefix,
-        sandbox.clone(),
-        control.clone(),
-    )));
     let sink_buffer = buffer.clone();
     let sink_control = control.clone();
-    // How far the task is: the guest's `progress` calls (its way through
-    // the split) cover the first GUEST_SHARE of it, the merge of its
-    // spills the rest.
-    control.set_phase(0, GUEST_SHARE);
     let out = sandbox.run_map(task.seed, control, &split.input, &contents, move |pairs| {
         sink_control.bump();
         sink_buffer
@@ -123,57 +186,35 @@ pub fn run(
             })
     });
     drop(contents);
-    let buffer = Arc::try_unwrap(buffer)
-        .ok()
-        .expect("the sandbox dropped its sink")
-        .into_inner()
-        .expect("sort buffer lock");
-    let guest = match out {
-        Ok(o) => o,
+    match out {
+        Ok(o) => {
+            // How far the guest said it was when it returned (none: it
+            // never said), for those who debug an SDK's `progress` calls.
+            tracing::debug!(
+                map = task.index,
+                input = %split.input,
+                said = ?control.done_ppm().map(|p| f64::from(p) / f64::from(GUEST_SHARE)),
+                "map guest returned"
+            );
+            Ok(o.guest_output)
+        }
         Err(e) => {
-            buffer.discard();
             // A spill that failed in the app's combiner is the app's failure.
-            let mut failure = buffer.combine_failure.clone().unwrap_or(e);
+            let combine_failure = buffer
+                .lock()
+                .expect("sort buffer lock")
+                .combine_failure
+                .clone();
+            let mut failure = combine_failure.unwrap_or(e);
             if failure.kind == mr_runtime::FailureKind::OutOfMemory && !failure.at_start {
                 failure.message.push_str(&format!(
                     "; this task's input split is {} KiB, so a smaller --split-size also helps",
                     (split.end - split.start) >> 10
                 ));
             }
-            return Err(failure.into());
+            Err(failure.into())
         }
-    };
-    // How far the guest said it was when it returned (none: it never
-    // said), for those who debug an SDK's `progress` calls.
-    tracing::debug!(
-        map = task.index,
-        said = ?control.done_ppm().map(|p| f64::from(p) / f64::from(GUEST_SHARE)),
-        "map guest returned"
-    );
-    control.set_done(1, 1);
-    control.set_phase(GUEST_SHARE, 1_000_000);
-    let run_file = task.dir.join(format!("{prefix}.run"));
-    let (run, segments, more) = buffer
-        .finish(&run_file, task.in_memory)
-        .map_err(|e| match e {
-            SpillError::Io(e) => TaskError::Io {
-                what: format!("cannot write map output {}", run_file.display()),
-                source: e,
-            },
-            SpillError::Guest(g) => TaskError::Guest(g),
-            // Only emitted batches are parsed; the final merge reads runs.
-            SpillError::Malformed(m) => TaskError::Io {
-                what: format!("corrupt map output {}", run_file.display()),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, m),
-            },
-        })?;
-    counters.add(&more);
-    crate::log_guest_output(&format!("map-{}", task.index), &guest.guest_output);
-    Ok(MapOutput {
-        run,
-        segments,
-        counters,
-    })
+    }
 }
 
 /// One buffered pair: where its key and value lie in the arena, and its

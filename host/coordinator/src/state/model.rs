@@ -150,7 +150,8 @@ pub(super) struct Task {
 pub(super) struct Job {
     pub id: JobId,
     pub spec: JobSpec,
-    pub splits: Vec<Split>,
+    /// Each map task's splits (one, or several packed: `--pack-inputs`).
+    pub splits: Vec<Vec<Split>>,
     pub state: JobState,
     pub error: Option<String>,
     /// Map tasks, then reduce tasks.
@@ -183,7 +184,7 @@ pub(super) struct Job {
 
 impl Job {
     /// A job just submitted: every task idle.
-    pub fn new(id: JobId, spec: JobSpec, splits: Vec<Split>, submitted_ms: u64) -> Job {
+    pub fn new(id: JobId, spec: JobSpec, splits: Vec<Vec<Split>>, submitted_ms: u64) -> Job {
         let maps = splits.len();
         let tasks: Vec<Task> = (0..maps as u32)
             .map(TaskId::Map)
@@ -366,9 +367,11 @@ mod tests {
             output_format: Default::default(),
             speculation: true,
             verify: 1,
+            pack_inputs: 0,
         };
         let splits =
             mr_core::split::plan("i", &std::path::PathBuf::from("/i").into(), maps * 10, 10);
+        let splits = mr_core::split::pack(splits, 0);
         Job::new(JobId("job-1-1".into()), spec, splits, 0)
     }
 

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use mr_core::ids::{JobId, TaskId};
 use mr_core::report::{AttemptReport, Dissent, Verdict};
 use mr_core::rpc::JobState;
-use mr_core::split::{plan, Split};
 
 use super::model::{Active, Done, Job, Running, TaskRef, TaskState, Vote};
 use super::{Action, Config, DoneOutput, Now, Record, State, FINISHED_KEPT};
@@ -134,11 +133,7 @@ impl State {
             Record::Worker { n } => self.next_worker = self.next_worker.max(n + 1),
             Record::Submitted { job, seq, spec, ms } => {
                 self.next_job = self.next_job.max(seq + 1);
-                let splits: Vec<Split> = spec
-                    .inputs
-                    .iter()
-                    .flat_map(|i| plan(&i.name, &i.path, i.bytes, spec.split_size))
-                    .collect();
+                let splits = spec.plan_maps();
                 self.by_id.insert(job.clone(), seq);
                 self.jobs.insert(seq, Job::new(job, spec, splits, ms));
                 self.changed(seq);

@@ -3,8 +3,9 @@
 //! message a job fails with.
 
 use mr_core::ids::{JobId, TaskId};
-use mr_core::report::{AppInfo, AttemptReport, InputInfo, JobReport, TaskReport};
+use mr_core::report::{AppInfo, AttemptReport, InputInfo, JobReport, PackedInput, TaskReport};
 use mr_core::rpc::{JobState, JobSummary, RpcError};
+use mr_core::split::Split;
 
 use super::model::{TaskRef, TaskState};
 use super::State;
@@ -138,20 +139,27 @@ impl State {
                 }
                 TaskState::Idle => {}
             }
-            let split = match t.id {
-                TaskId::Map(i) => Some(&job.splits[i as usize]),
-                TaskId::Reduce(_) => None,
+            let splits: &[Split] = match t.id {
+                TaskId::Map(i) => &job.splits[i as usize],
+                TaskId::Reduce(_) => &[],
             };
+            let split = splits.first();
             tasks.push(TaskReport {
                 task: t.id,
                 input: split.map(|s| s.input.clone()),
                 range: split.map(|s| (s.start, s.end)),
+                packed: (splits.iter().skip(1))
+                    .map(|s| PackedInput {
+                        input: s.input.clone(),
+                        range: (s.start, s.end),
+                    })
+                    .collect(),
                 attempts,
                 verified: t.verdict.clone(),
             });
         }
         // Splits are planned input by input, in order.
-        let mut splits = job.splits.iter().peekable();
+        let mut splits = job.splits.iter().flatten().peekable();
         let inputs = job
             .spec
             .inputs
@@ -196,7 +204,17 @@ impl State {
         let job = self.job(r.job);
         let task = &job.tasks[r.task];
         let input = match task.id {
-            TaskId::Map(i) => format!(" (input {})", job.splits[i as usize].input),
+            TaskId::Map(i) => match &job.splits[i as usize][..] {
+                [one] => format!(" (input {})", one.input),
+                [first, more @ ..] => {
+                    format!(
+                        " (input {} and {} more packed with it)",
+                        first.input,
+                        more.len()
+                    )
+                }
+                [] => String::new(),
+            },
             TaskId::Reduce(_) => String::new(),
         };
         let max = job.spec.max_attempts;

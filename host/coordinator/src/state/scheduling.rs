@@ -25,6 +25,8 @@ pub const MAX_REPLY: usize = 16 << 20;
 /// table, and of one map task's entry in a reduce's input table.
 const ASSIGNMENT_BYTES: usize = 256;
 const MAP_OUTPUT_BYTES: usize = 12;
+/// The same, of one split of a map's besides its names.
+const ASSIGNMENT_SPLIT_BYTES: usize = 32;
 
 /// A task runs this much longer than the median of its done peers before
 /// it is a straggler (Spark's `spark.speculation.multiplier`).
@@ -91,8 +93,9 @@ impl State {
             let size = ASSIGNMENT_BYTES
                 + job.spec.app.name.len()
                 + if r.task < job.maps() {
-                    let split = &job.splits[r.task];
-                    split.input.len() + split.path.text_len()
+                    (job.splits[r.task].iter())
+                        .map(|s| ASSIGNMENT_SPLIT_BYTES + s.input.len() + s.path.text_len())
+                        .sum::<usize>()
                 } else {
                     job.maps() * (MAP_OUTPUT_BYTES + if job.spec.verify > 1 { 32 } else { 0 })
                 };
@@ -242,7 +245,7 @@ impl State {
         };
         let work = match task.id {
             TaskId::Map(i) => Work::Map {
-                split: job.splits[i as usize].clone(),
+                splits: job.splits[i as usize].clone(),
             },
             TaskId::Reduce(p) => {
                 let output = job.reduce_output(p, key.attempt);

@@ -70,6 +70,7 @@ fn spec(inputs: u32, reduces: u32) -> JobSpec {
         output_format: Default::default(),
         speculation: true,
         verify: 1,
+        pack_inputs: 0,
     }
 }
 

@@ -225,14 +225,16 @@ impl Worker {
         let limit = a.limits.attempt_timeout;
         let name = a.key.task.to_string();
         match (&a.work, a.key.task) {
-            (Work::Map { split }, TaskId::Map(index)) => {
-                let mut split = split.clone();
-                if let Some(p) = resolved {
-                    split.path = p.into();
+            (Work::Map { splits }, TaskId::Map(index)) => {
+                let mut splits = splits.clone();
+                for (split, resolved) in splits.iter_mut().zip(resolved) {
+                    if let Some(p) = resolved {
+                        split.path = p.into();
+                    }
                 }
                 let task = MapTask {
                     index,
-                    split,
+                    splits,
                     reduces: a.limits.reduces,
                     dir: job_dir,
                     sort_buffer: a.limits.sort_buffer.min(usize::MAX as u64) as usize,
@@ -490,49 +492,61 @@ impl Worker {
     }
 
     /// Checks a task's paths against the coordinator's data roots and this
-    /// worker's own; returns a map's input path resolved (symlinks and
-    /// `..` gone), to be opened instead.
+    /// worker's own; returns each of a map's input paths resolved
+    /// (symlinks and `..` gone), to be opened instead (`None`: as given).
     ///
     /// Fails with a message naming the path and the roots.
-    fn check_paths(&self, work: &Work) -> Result<Option<std::path::PathBuf>, String> {
+    fn check_paths(&self, work: &Work) -> Result<Vec<Option<std::path::PathBuf>>, String> {
+        match work {
+            Work::Map { splits } => {
+                if splits.is_empty() || splits.len() > mr_core::split::MAX_PACKED {
+                    return Err(format!(
+                        "a map task of {} splits (1 to {} make one; a bug)",
+                        splits.len(),
+                        mr_core::split::MAX_PACKED
+                    ));
+                }
+                splits.iter().map(|s| self.check_input(&s.path)).collect()
+            }
+            Work::Reduce { output, .. } => {
+                let mine = &self.options.data_roots;
+                let Some(theirs) = self.task_roots().into_iter().next() else {
+                    return Ok(Vec::new());
+                };
+                match output {
+                    Location::File(output) => {
+                        let p = theirs.place(output)?;
+                        mine.place(&p)?;
+                    }
+                    Location::Object(o) => {
+                        theirs.object(o)?;
+                        mine.object(o)?;
+                    }
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Checks one map input (see [`Self::check_paths`]).
+    fn check_input(&self, path: &Location) -> Result<Option<std::path::PathBuf>, String> {
         let mine = &self.options.data_roots;
         let theirs = self.task_roots().into_iter().next();
         // An object: under an object root of the coordinator's and of
         // this worker's own (if either limits them).
-        if let Work::Map { split } = work {
-            if let Some(o) = split.path.object() {
-                mine.object(o)?;
-                if let Some(t) = &theirs {
-                    t.object(o)?;
-                }
-                return Ok(None);
+        if let Some(o) = path.object() {
+            mine.object(o)?;
+            if let Some(t) = &theirs {
+                t.object(o)?;
             }
+            return Ok(None);
         }
-        let Some(theirs) = theirs else {
+        let (Some(theirs), Some(path)) = (theirs, path.file()) else {
             return Ok(None);
         };
-        match work {
-            Work::Map { split } => {
-                let Some(path) = split.path.file() else {
-                    return Ok(None);
-                };
-                let p = theirs.file(path)?;
-                mine.file(&p)?;
-                Ok(Some(p))
-            }
-            Work::Reduce { output, .. } => match output {
-                Location::File(output) => {
-                    let p = theirs.place(output)?;
-                    mine.place(&p)?;
-                    Ok(None)
-                }
-                Location::Object(o) => {
-                    theirs.object(o)?;
-                    mine.object(o)?;
-                    Ok(None)
-                }
-            },
-        }
+        let p = theirs.file(path)?;
+        mine.file(&p)?;
+        Ok(Some(p))
     }
 }
 

@@ -329,12 +329,12 @@ fn assignment(seq: u64, slot: u32) -> Assignment {
             digests: false,
         },
         work: Work::Map {
-            split: mr_core::split::Split {
+            splits: vec![mr_core::split::Split {
                 input: "i".into(),
                 path: std::path::PathBuf::from("/nonexistent/i").into(),
                 start: 0,
                 end: 1,
-            },
+            }],
         },
     }
 }
