@@ -211,9 +211,14 @@ static void flush_batch(void) {
     batch.len = 0;
 }
 
+// The host takes at most this many bytes in one `emit` call.
+#define MAX_RECORD (16u << 20)
+
 static void push(mr_str key, mr_str value) {
-    if (key.len > UINT32_MAX || value.len > UINT32_MAX)
-        mr_fail("mr_emit: a key or value of more than 4 GiB");
+    if (key.len > MAX_RECORD || value.len > MAX_RECORD - key.len)
+        mr_fail("mr_emit: a pair of %zu + %zu bytes is more than the host takes in one batch "
+                "(16 MiB)",
+                key.len, value.len);
     size_t need = 10 + key.len + value.len;
     if (batch.len + need > batch.cap) {
         size_t cap = batch.cap ? batch.cap : BATCH_BYTES + (64 << 10);
@@ -240,7 +245,8 @@ static void push(mr_str key, mr_str value) {
 // is compared by this and its length alone).
 static inline uint64_t head_of(const char *p, size_t len) {
     uint64_t h = 0;
-    memcpy(&h, p, len < 8 ? len : 8);
+    if (len)
+        memcpy(&h, p, len < 8 ? len : 8);
     return h;
 }
 
@@ -300,7 +306,7 @@ static void sums_grow(size_t cap) {
 // per 64 bytes at most), so it rarely grows: growing rehashes everything.
 static void sums_start(size_t len) {
     size_t want = len / 64;
-    want = want < 1024 ? 1024 : want > (1u << 20) ? (1u << 20) : want;
+    want = want < 1024 ? 1024 : want > (1u << 18) ? (1u << 18) : want;
     size_t cap = 1;
     while (cap * 3 < want * 4)
         cap *= 2;
@@ -331,17 +337,20 @@ static void sums_flush(void) {
 }
 
 // Estimated bytes the sums hold (the arena, and the table).
-static size_t sums_bytes(void) {
-    return sums.arena_len + sums.count * (sizeof(sum_entry) * 4 / 3 + 8);
-}
+static size_t sums_bytes(void) { return sums.arena_len + sums.cap * sizeof(sum_entry); }
 
 // Adds `n` to `key`'s sum; false if that would pass UINT64_MAX (the caller
 // emits the pair as it is instead).
 static bool sums_add(mr_str key, uint64_t n) {
     if (key.len >= UINT32_MAX / 4)
         return false;
-    if ((sums.count + 1) * 4 > sums.cap * 3)
-        sums_grow(sums.cap * 2);
+    if ((sums.count + 1) * 4 > sums.cap * 3) {
+        // A table that would outgrow the budget is flushed instead.
+        if (sums.cap * 2 * sizeof(sum_entry) + sums.arena_len >= TABLE_BYTES)
+            sums_flush();
+        else
+            sums_grow(sums.cap * 2);
+    }
     uint64_t h = hash64(key.ptr, key.len), head = head_of(key.ptr, key.len);
     uint32_t lp1 = (uint32_t)key.len + 1;
     size_t j = h & (sums.cap - 1);
@@ -711,6 +720,8 @@ static bool get_varint(const uint8_t **p, const uint8_t *end, uint32_t *v) {
         if (*p >= end)
             return false;
         uint8_t b = *(*p)++;
+        if (i == 4 && b > 0x0f)
+            return false; // more than 32 bits
         x |= (uint32_t)(b & 0x7f) << (7 * i);
         if (b < 0x80) {
             *v = x;
@@ -775,7 +786,7 @@ const char *mr__decode_groups(const uint8_t *bytes, size_t len, mr_group **group
         return err;
     }
     for (size_t i = 0; i < ng; i++)
-        gs[i].values = vs + (uintptr_t)gs[i].values;
+        gs[i].values = vs ? vs + (uintptr_t)gs[i].values : NULL;
     *groups = gs;
     *values = vs;
     *n = ng;

@@ -302,6 +302,8 @@ static void test_encodings(void) {
     CHECK(mr__decode_groups(flags, sizeof flags, &gs, &n, &vs) != NULL);
     static const uint8_t long_varint[] = {1, 0x80, 0x80, 0x80, 0x80, 0x80, 0};
     CHECK(mr__decode_groups(long_varint, sizeof long_varint, &gs, &n, &vs) != NULL);
+    static const uint8_t past_32_bits[] = {1, 0, 0xff, 0xff, 0xff, 0xff, 0x1f};
+    CHECK(mr__decode_groups(past_32_bits, sizeof past_32_bits, &gs, &n, &vs) != NULL);
     static const uint8_t huge_count[] = {1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f};
     CHECK(mr__decode_groups(huge_count, sizeof huge_count, &gs, &n, &vs) != NULL);
     char *big = malloc(300);

@@ -209,7 +209,7 @@ impl Sums {
     /// distinct word per 64 bytes at most, in our corpora far fewer), so
     /// it rarely grows: growing rehashes everything.
     fn for_input(len: usize) -> Self {
-        let entries = (len / 64).clamp(1 << 10, 1 << 20);
+        let entries = (len / 64).clamp(1 << 10, 1 << 18);
         Sums {
             arena: Vec::with_capacity(entries * 8),
             entries: hashbrown::HashTable::with_capacity(entries),
@@ -255,10 +255,22 @@ impl Sums {
         }
     }
 
-    /// Estimated bytes held (the arena, and entries with the table's
-    /// control bytes and slack).
+    /// Bytes held: the arena, and the table (its capacity, with a
+    /// control byte per bucket and its slack).
     fn bytes(&self) -> usize {
-        self.arena.len() + self.entries.len() * (std::mem::size_of::<SumEntry>() + 8)
+        self.arena.len() + Self::table_bytes(self.entries.capacity())
+    }
+
+    /// About what a table for `capacity` entries takes.
+    fn table_bytes(capacity: usize) -> usize {
+        capacity * (std::mem::size_of::<SumEntry>() + 1) * 8 / 7
+    }
+
+    /// Whether the next new key would grow the table past the budget (the
+    /// table is flushed instead).
+    fn would_outgrow(&self) -> bool {
+        self.entries.len() == self.entries.capacity()
+            && self.arena.len() + Self::table_bytes(self.entries.capacity() * 2) >= TABLE_BYTES
     }
 
     /// Whether the arena's offsets could overflow with one more key.
@@ -429,7 +441,7 @@ impl Emitter {
         if let Some(sums) = &mut self.sums {
             if let Some(n) = parse_u64(value) {
                 if sums.add(key, n) {
-                    if sums.bytes() >= TABLE_BYTES || sums.full() {
+                    if sums.bytes() >= TABLE_BYTES || sums.full() || sums.would_outgrow() {
                         self.flush_sums();
                     }
                     return;
@@ -487,7 +499,7 @@ impl Emitter {
         let sums = self.sums.as_mut().expect("checked");
         if !sums.add(key, n) {
             self.push(key, &n.to_string());
-        } else if sums.bytes() >= TABLE_BYTES || sums.full() {
+        } else if sums.bytes() >= TABLE_BYTES || sums.full() || sums.would_outgrow() {
             self.flush_sums();
         }
     }

@@ -380,7 +380,7 @@ impl JobSpec {
         let maps = self.map_tasks();
         if maps > MAX_MAP_TASKS {
             return bad(format!(
-                "the inputs make {maps} map tasks at --split-size {}, more than mr handles ({MAX_MAP_TASKS}); raise --split-size, or pack small files with --pack-inputs",
+                "the inputs make {maps} map tasks at --split-size {}, more than mr handles ({MAX_MAP_TASKS}); raise --split-size",
                 size(self.split_size)
             ));
         }

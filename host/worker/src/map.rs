@@ -77,15 +77,35 @@ pub fn run(
         .fold(0u64, |n, s| n.saturating_add(s.end - s.start))
         .max(1);
     let mut before = 0u64;
-    for split in &task.splits {
+    for (i, split) in task.splits.iter().enumerate() {
+        if control.is_cancelled() {
+            let buffer = Arc::try_unwrap(buffer)
+                .ok()
+                .expect("no sink is left")
+                .into_inner()
+                .expect("sort buffer lock");
+            buffer.discard();
+            // (Reported as cancelled: the control says so.)
+            return Err(TaskError::Io {
+                what: "the attempt was cancelled".into(),
+                source: std::io::Error::from(std::io::ErrorKind::Interrupted),
+            });
+        }
         let len = split.end - split.start;
         let share = |b: u64| {
             (u128::from(GUEST_SHARE) * u128::from(b.min(total)) / u128::from(total)) as u32
         };
         control.set_phase(share(before), share(before.saturating_add(len)));
         before = before.saturating_add(len);
-        match map_split(sandbox, task, split, control, &buffer, &mut counters) {
-            Ok(out) => crate::log_guest_output(&format!("map-{}", task.index), &out),
+        // Each split's guest gets a seed of its own (the first the task's),
+        // the same in every attempt.
+        let seed = task.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        match map_split(sandbox, task, split, seed, control, &buffer, &mut counters) {
+            Ok(out) => {
+                // This split is done, whatever the guest said.
+                control.set_done(1, 1);
+                crate::log_guest_output(&format!("map-{}", task.index), &out);
+            }
             Err(e) => {
                 let buffer = Arc::try_unwrap(buffer)
                     .ok()
@@ -134,6 +154,7 @@ fn map_split(
     sandbox: &Arc<Sandbox>,
     task: &MapTask,
     split: &Split,
+    seed: u64,
     control: &TaskControl,
     buffer: &Arc<Mutex<SortBuffer>>,
     counters: &mut Counters,
@@ -173,7 +194,7 @@ fn map_split(
     control.bump();
     let sink_buffer = buffer.clone();
     let sink_control = control.clone();
-    let out = sandbox.run_map(task.seed, control, &split.input, &contents, move |pairs| {
+    let out = sandbox.run_map(seed, control, &split.input, &contents, move |pairs| {
         sink_control.bump();
         sink_buffer
             .lock()
@@ -211,6 +232,13 @@ fn map_split(
                     "; this task's input split is {} KiB, so a smaller --split-size also helps",
                     (split.end - split.start) >> 10
                 ));
+            }
+            if task.splits.len() > 1 {
+                // Which of the packed files the guest failed on.
+                failure.message = format!(
+                    "on input {} (bytes {}..{}): {}",
+                    split.input, split.start, split.end, failure.message
+                );
             }
             Err(failure.into())
         }
