@@ -297,15 +297,24 @@ fn index_of<F: Read + Seek>(f: &mut F, len: u64, path: &Path) -> io::Result<Vec<
 }
 
 /// Streams the records of one segment, checking its length, record count
-/// and checksum when it ends.
+/// and checksum when it ends. Records are parsed in place from a buffer of
+/// the segment's bytes (a key and value stay where they were read until the
+/// next [`SegmentReader::advance`]); the checksum runs over whole blocks.
 pub struct SegmentReader<R> {
     src: R,
+    /// Bytes of the segment not yet read from `src`.
     remaining: u64,
     records_left: u64,
     expect_crc: u32,
     crc: crc32fast::Hasher,
-    key: Vec<u8>,
-    value: Vec<u8>,
+    /// Read bytes: `buf[pos..end]` are not parsed yet, and `buf[..crc_at]`
+    /// are in `crc` already.
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    crc_at: usize,
+    key: (usize, usize),
+    value: (usize, usize),
     what: String,
 }
 
@@ -329,8 +338,9 @@ impl SegmentReader<BufReader<io::Take<File>>> {
     pub fn open(path: &Path, info: SegmentInfo) -> io::Result<Self> {
         let mut f = File::open(path)?;
         f.seek(SeekFrom::Start(info.offset))?;
-        let buffer = (info.len.max(1) as usize).min(READ_BUFFER);
-        let src = BufReader::with_capacity(buffer, f.take(info.len));
+        // The reader's own buffer does the buffering (reads of a buffer's
+        // size pass straight through this one).
+        let src = BufReader::with_capacity(1, f.take(info.len));
         Ok(SegmentReader::new(src, info, path.display().to_string()))
     }
 }
@@ -342,8 +352,7 @@ impl SegmentReader<SourceReader> {
             Source::File(path) => {
                 let mut f = File::open(path)?;
                 f.seek(SeekFrom::Start(info.offset))?;
-                let buffer = (info.len.max(1) as usize).min(READ_BUFFER);
-                SourceReader::File(BufReader::with_capacity(buffer, f.take(info.len)))
+                SourceReader::File(BufReader::with_capacity(1, f.take(info.len)))
             }
             Source::Memory(bytes) => {
                 let mut c = io::Cursor::new(bytes.clone());
@@ -365,24 +374,60 @@ impl<R: Read> SegmentReader<R> {
             records_left: info.records,
             expect_crc: info.crc32,
             crc: crc32fast::Hasher::new(),
-            key: Vec::new(),
-            value: Vec::new(),
+            buf: vec![0; (info.len.max(1) as usize).min(READ_BUFFER)],
+            pos: 0,
+            end: 0,
+            crc_at: 0,
+            key: (0, 0),
+            value: (0, 0),
             what,
         }
+    }
+
+    /// Makes at least `need` unparsed bytes available, if the segment has
+    /// them (`false` if it has fewer): moves the unparsed bytes to the
+    /// front (checksumming those parsed) and reads on.
+    fn fill(&mut self, need: usize) -> io::Result<bool> {
+        let have = self.end - self.pos;
+        if have >= need {
+            return Ok(true);
+        }
+        // As much of `need` as the segment still has.
+        let target = match u64::try_from(need - have) {
+            Ok(more) if more <= self.remaining => need,
+            _ => have + self.remaining as usize, // less than `need`
+        };
+        if target == have {
+            return Ok(false);
+        }
+        self.crc.update(&self.buf[self.crc_at..self.pos]);
+        self.buf.copy_within(self.pos..self.end, 0);
+        (self.pos, self.end, self.crc_at) = (0, have, 0);
+        if self.buf.len() < target {
+            self.buf.resize(target, 0);
+        }
+        while self.end < target {
+            let room = (self.buf.len() - self.end)
+                .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+            let n = self.src.read(&mut self.buf[self.end..self.end + room])?;
+            if n == 0 {
+                return Err(corrupt(format!("{} ends inside a segment", self.what)));
+            }
+            self.end += n;
+            self.remaining -= n as u64;
+        }
+        Ok(self.end - self.pos >= need)
     }
 
     fn read_varint(&mut self) -> io::Result<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
-            let mut b = [0u8];
-            self.src.read_exact(&mut b)?;
-            self.crc.update(&b);
-            self.remaining = self
-                .remaining
-                .checked_sub(1)
-                .ok_or_else(|| self.overrun())?;
-            v |= ((b[0] & 0x7f) as u64) << shift;
-            if b[0] & 0x80 == 0 {
+            let Some(&b) = self.buf[..self.end].get(self.pos) else {
+                return Err(self.overrun());
+            };
+            self.pos += 1;
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
                 return Ok(v);
             }
         }
@@ -396,8 +441,11 @@ impl<R: Read> SegmentReader<R> {
     /// Advances to the next record; `false` at the end of the segment.
     pub fn advance(&mut self) -> io::Result<bool> {
         if self.records_left == 0 {
+            // Everything read must have been parsed, and checksummed.
+            self.crc.update(&self.buf[self.crc_at..self.end]);
+            self.crc_at = self.end;
             let crc = std::mem::take(&mut self.crc).finalize();
-            if self.remaining != 0 || crc != self.expect_crc {
+            if self.remaining != 0 || self.pos != self.end || crc != self.expect_crc {
                 return Err(corrupt(format!(
                     "{}: segment checksum or length mismatch (corrupt intermediate data)",
                     self.what
@@ -409,31 +457,31 @@ impl<R: Read> SegmentReader<R> {
         if self.records_left == u64::MAX {
             return Ok(false);
         }
+        // Two lengths of at most ten bytes each (fewer at the very end).
+        self.fill(20)?;
         let klen = self.read_varint()?;
         let vlen = self.read_varint()?;
         let body = klen.checked_add(vlen).ok_or_else(|| self.overrun())?;
-        self.remaining = self
-            .remaining
-            .checked_sub(body)
-            .ok_or_else(|| self.overrun())?;
-        self.key.resize(klen as usize, 0);
-        self.src.read_exact(&mut self.key)?;
-        self.value.resize(vlen as usize, 0);
-        self.src.read_exact(&mut self.value)?;
-        self.crc.update(&self.key);
-        self.crc.update(&self.value);
+        let body = usize::try_from(body).map_err(|_| self.overrun())?;
+        if !self.fill(body)? {
+            return Err(self.overrun());
+        }
+        let k = self.pos + klen as usize;
+        self.key = (self.pos, k);
+        self.value = (k, self.pos + body);
+        self.pos += body;
         self.records_left -= 1;
         Ok(true)
     }
 
     /// The current record's key (valid after `advance` returned `true`).
     pub fn key(&self) -> &[u8] {
-        &self.key
+        &self.buf[self.key.0..self.key.1]
     }
 
     /// The current record's value.
     pub fn value(&self) -> &[u8] {
-        &self.value
+        &self.buf[self.value.0..self.value.1]
     }
 }
 
