@@ -14,7 +14,7 @@
 MR_C_SDK := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 OUT ?= $(APP).wasm
 CLANG ?= clang-19
-CFLAGS ?= -O2
+CFLAGS ?= -O2 -msimd128
 MR_C_SOURCES := $(MR_C_SDK)/mr.c $(MR_C_SDK)/mr_component.c $(MR_C_SDK)/bindings/mapreduce.c
 MR_C_DEPS := $(MR_C_SOURCES) $(MR_C_SDK)/mr.h $(MR_C_SDK)/mr_letters.h \
 	$(MR_C_SDK)/bindings/mapreduce.h $(MR_C_SDK)/bindings/mapreduce_component_type.o
