@@ -172,7 +172,7 @@ fn map_split(
         // Read by this worker's host with its own credentials.
         mr_core::location::Location::Object(_) => mr_storage::read_split(split),
     };
-    let (bytes, requests): (Vec<u8>, mr_storage::Requests) =
+    let (mut bytes, requests): (Vec<u8>, mr_storage::Requests) =
         read.map_err(TaskError::io(format!(
             "cannot read input {} (bytes {}..{})",
             split.path, split.start, split.end
@@ -192,6 +192,8 @@ fn map_split(
             counters.map_input_invalid_utf8 += 1;
             tracing::warn!(input = %split.input, "input is not valid UTF-8; invalid bytes replaced by U+FFFD");
             lossy = String::from_utf8_lossy(&bytes).into_owned();
+            // One copy of the split, not two, while the guest runs.
+            bytes = Vec::new();
             &lossy
         }
     };

@@ -316,6 +316,9 @@ pub struct SegmentReader<R> {
     key: (usize, usize),
     value: (usize, usize),
     what: String,
+    /// The segment's end was reached: `Some(true)` if it checked out,
+    /// `Some(false)` if it did not (every later call fails again).
+    finished: Option<bool>,
 }
 
 /// Reads a segment from a file or from memory.
@@ -333,10 +336,19 @@ impl Read for SourceReader {
     }
 }
 
+/// Checks that segment `info` lies inside a run of `len` bytes.
+fn fits(info: &SegmentInfo, len: u64, what: &str) -> io::Result<()> {
+    match info.offset.checked_add(info.len) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(corrupt(format!("{what}: a segment lies outside its run"))),
+    }
+}
+
 impl SegmentReader<BufReader<io::Take<File>>> {
     /// Opens the segment `info` describes in the run file at `path`.
     pub fn open(path: &Path, info: SegmentInfo) -> io::Result<Self> {
         let mut f = File::open(path)?;
+        fits(&info, f.metadata()?.len(), &path.display().to_string())?;
         f.seek(SeekFrom::Start(info.offset))?;
         // The reader's own buffer does the buffering (reads of a buffer's
         // size pass straight through this one).
@@ -351,10 +363,12 @@ impl SegmentReader<SourceReader> {
         let src = match source {
             Source::File(path) => {
                 let mut f = File::open(path)?;
+                fits(&info, f.metadata()?.len(), &source.describe())?;
                 f.seek(SeekFrom::Start(info.offset))?;
                 SourceReader::File(BufReader::with_capacity(1, f.take(info.len)))
             }
             Source::Memory(bytes) => {
+                fits(&info, bytes.len() as u64, &source.describe())?;
                 let mut c = io::Cursor::new(bytes.clone());
                 c.set_position(info.offset);
                 SourceReader::Memory(c.take(info.len))
@@ -381,6 +395,7 @@ impl<R: Read> SegmentReader<R> {
             key: (0, 0),
             value: (0, 0),
             what,
+            finished: None,
         }
     }
 
@@ -403,13 +418,22 @@ impl<R: Read> SegmentReader<R> {
         self.crc.update(&self.buf[self.crc_at..self.pos]);
         self.buf.copy_within(self.pos..self.end, 0);
         (self.pos, self.end, self.crc_at) = (0, have, 0);
-        if self.buf.len() < target {
-            self.buf.resize(target, 0);
-        }
         while self.end < target {
+            // The buffer grows with the bytes that really come (a length
+            // that lies is found out before much is allocated).
+            if self.end == self.buf.len() {
+                let grown = (self.buf.len().saturating_mul(2))
+                    .max(READ_BUFFER)
+                    .min(target);
+                self.buf.resize(grown, 0);
+            }
             let room = (self.buf.len() - self.end)
                 .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-            let n = self.src.read(&mut self.buf[self.end..self.end + room])?;
+            let n = match self.src.read(&mut self.buf[self.end..self.end + room]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 return Err(corrupt(format!("{} ends inside a segment", self.what)));
             }
@@ -440,22 +464,28 @@ impl<R: Read> SegmentReader<R> {
 
     /// Advances to the next record; `false` at the end of the segment.
     pub fn advance(&mut self) -> io::Result<bool> {
+        let mismatch = |what: &str| {
+            corrupt(format!(
+                "{what}: segment checksum or length mismatch (corrupt intermediate data)"
+            ))
+        };
+        match self.finished {
+            Some(true) => return Ok(false),
+            Some(false) => return Err(mismatch(&self.what)),
+            None => {}
+        }
         if self.records_left == 0 {
             // Everything read must have been parsed, and checksummed.
             self.crc.update(&self.buf[self.crc_at..self.end]);
             self.crc_at = self.end;
             let crc = std::mem::take(&mut self.crc).finalize();
-            if self.remaining != 0 || self.pos != self.end || crc != self.expect_crc {
-                return Err(corrupt(format!(
-                    "{}: segment checksum or length mismatch (corrupt intermediate data)",
-                    self.what
-                )));
-            }
-            self.records_left = u64::MAX; // report the end only once
-            return Ok(false);
-        }
-        if self.records_left == u64::MAX {
-            return Ok(false);
+            let ok = self.remaining == 0 && self.pos == self.end && crc == self.expect_crc;
+            self.finished = Some(ok);
+            return if ok {
+                Ok(false)
+            } else {
+                Err(mismatch(&self.what))
+            };
         }
         // Two lengths of at most ten bytes each (fewer at the very end).
         self.fill(20)?;
@@ -827,6 +857,77 @@ mod tests {
             0,
             "scratch cleaned"
         );
+    }
+
+    /// Segments far larger than the reader's buffer, with records larger
+    /// than it and lengths cut at its edges, read back whole; a flipped
+    /// byte anywhere, or an index that lies about the length, is an error.
+    #[test]
+    fn segments_larger_than_the_buffer_read_back_and_check_their_sums() {
+        use mr_core::fuzz::Rng;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.run");
+        let mut rng = Rng::new(11);
+        let mut recs = Vec::new();
+        for i in 0..3000 {
+            let key = format!("k{i:06}");
+            let len = match i % 500 {
+                7 => 200_000 + rng.below(50_000), // longer than the buffer
+                _ => rng.below(300),
+            };
+            let value: Vec<u8> = (0..len).map(|_| b'a' + rng.below(26) as u8).collect();
+            recs.push((key, value));
+        }
+        let mut w = RunFileWriter::create(&path, 2).unwrap();
+        for (p, (k, v)) in recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((i * 2 / recs.len()) as u32, r))
+        {
+            w.write(p, k.as_bytes(), v).unwrap();
+        }
+        let index = w.finish().unwrap();
+        assert!(index[0].len > 4 * READ_BUFFER as u64, "{:?}", index[0]);
+        let mut got = Vec::new();
+        for seg in &index {
+            let mut r = SegmentReader::open(&path, *seg).unwrap();
+            while r.advance().unwrap() {
+                got.push((
+                    String::from_utf8(r.key().to_vec()).unwrap(),
+                    r.value().to_vec(),
+                ));
+            }
+            assert!(!r.advance().unwrap());
+        }
+        assert_eq!(got, recs);
+        // A flipped byte, deep inside the first segment.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = (index[0].offset + index[0].len * 2 / 3) as usize;
+        bytes[at] ^= 0x01;
+        let bad = Source::Memory(bytes.into());
+        let mut r = SegmentReader::open_source(&bad, index[0]).unwrap();
+        let err = loop {
+            match r.advance() {
+                Ok(true) => continue,
+                Ok(false) => panic!("a flipped byte went unnoticed"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(r.advance().is_err(), "the error sticks");
+        // An index entry that runs past the file, or claims more bytes.
+        let file_len = std::fs::metadata(&path).unwrap().len();
+        let past = SegmentInfo {
+            len: file_len - index[1].offset + 1,
+            ..index[1]
+        };
+        assert!(SegmentReader::open(&path, past).is_err());
+        let longer = SegmentInfo {
+            len: index[0].len + 10,
+            ..index[0]
+        };
+        let mut r = SegmentReader::open(&path, longer).unwrap();
+        assert!((0..5000).map(|_| r.advance()).any(|a| a.is_err()));
     }
 
     #[test]
