@@ -67,21 +67,28 @@ pub fn run(a: Args) -> Result<()> {
     }
     let out = a.tools.dir.join("scale-out");
     let mut rows = Vec::new();
+    // The job's inputs and flags, the same for `mr run` and `mr submit`.
+    let job_args = |files: &[PathBuf]| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = files.iter().map(|f| f.into()).collect();
+        for flag in [
+            "--reduces",
+            &a.reduces.to_string(),
+            "--force",
+            "--quiet",
+            "--output",
+        ] {
+            v.push(flag.into());
+        }
+        v.push(out.clone().into());
+        v
+    };
     for (name, mib, files) in inputs {
         eprint!("{name}: mr run ...");
         let m = measure(
             Command::new(&a.tools.mr)
                 .arg("run")
                 .arg(&a.tools.app)
-                .args(&files)
-                .args([
-                    "--reduces",
-                    &a.reduces.to_string(),
-                    "--force",
-                    "--quiet",
-                    "--output",
-                ])
-                .arg(&out)
+                .args(job_args(&files))
                 .stdout(Stdio::null()),
         )?;
         eprint!(" {:.1} s", m.secs);
@@ -90,15 +97,7 @@ pub fn run(a: Args) -> Result<()> {
             let d = measure(
                 c.client(&a.tools.mr, "submit")
                     .arg(&a.tools.app)
-                    .args(&files)
-                    .args([
-                        "--reduces",
-                        &a.reduces.to_string(),
-                        "--force",
-                        "--quiet",
-                        "--output",
-                    ])
-                    .arg(&out)
+                    .args(job_args(&files))
                     .stdout(Stdio::null()),
             )?;
             let worker_rss = c.stop(&a.tools.mr)?;

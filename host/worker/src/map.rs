@@ -77,51 +77,41 @@ pub fn run(
         .fold(0u64, |n, s| n.saturating_add(s.end - s.start))
         .max(1);
     let mut before = 0u64;
-    for (i, split) in task.splits.iter().enumerate() {
-        if control.is_cancelled() {
-            let buffer = Arc::try_unwrap(buffer)
-                .ok()
-                .expect("no sink is left")
-                .into_inner()
-                .expect("sort buffer lock");
-            buffer.discard();
-            // (Reported as cancelled: the control says so.)
-            return Err(TaskError::Io {
-                what: "the attempt was cancelled".into(),
-                source: std::io::Error::from(std::io::ErrorKind::Interrupted),
-            });
-        }
-        let len = split.end - split.start;
-        let share = |b: u64| {
-            (u128::from(GUEST_SHARE) * u128::from(b.min(total)) / u128::from(total)) as u32
-        };
-        control.set_phase(share(before), share(before.saturating_add(len)));
-        before = before.saturating_add(len);
-        // Each split's guest gets a seed of its own (the first the task's),
-        // the same in every attempt.
-        let seed = task.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        match map_split(sandbox, task, split, seed, control, &buffer, &mut counters) {
-            Ok(out) => {
-                // This split is done, whatever the guest said.
-                control.set_done(1, 1);
-                crate::log_guest_output(&format!("map-{}", task.index), &out);
+    let mut mapped = || -> Result<(), TaskError> {
+        for (i, split) in task.splits.iter().enumerate() {
+            if control.is_cancelled() {
+                // (Reported as cancelled: the control says so.)
+                return Err(TaskError::Io {
+                    what: "the attempt was cancelled".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::Interrupted),
+                });
             }
-            Err(e) => {
-                let buffer = Arc::try_unwrap(buffer)
-                    .ok()
-                    .expect("the sandbox dropped its sink")
-                    .into_inner()
-                    .expect("sort buffer lock");
-                buffer.discard();
-                return Err(e);
-            }
+            let len = split.end - split.start;
+            let share = |b: u64| {
+                (u128::from(GUEST_SHARE) * u128::from(b.min(total)) / u128::from(total)) as u32
+            };
+            control.set_phase(share(before), share(before.saturating_add(len)));
+            before = before.saturating_add(len);
+            // Each split's guest gets a seed of its own (the first the
+            // task's), the same in every attempt.
+            let seed = task.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let out = map_split(sandbox, task, split, seed, control, &buffer, &mut counters)?;
+            // This split is done, whatever the guest said.
+            control.set_done(1, 1);
+            crate::log_guest_output(&format!("map-{}", task.index), &out);
         }
-    }
+        Ok(())
+    };
+    let result = mapped();
     let buffer = Arc::try_unwrap(buffer)
         .ok()
         .expect("the sandbox dropped its sink")
         .into_inner()
         .expect("sort buffer lock");
+    if let Err(e) = result {
+        buffer.discard();
+        return Err(e);
+    }
     control.set_phase(0, GUEST_SHARE);
     control.set_done(1, 1);
     control.set_phase(GUEST_SHARE, 1_000_000);
