@@ -8,16 +8,18 @@
 # skips them too: `bench/run.sh backups` (backup tasks with a slowed worker,
 # and --verify 2; see bench/src/backups.rs), `bench/run.sh state-machine`,
 # `bench/run.sh s3` (the word count from a bucket against local disk, with
-# Ceph's S3 gateway on this machine; see bench/src/s3.rs).
+# Ceph's S3 gateway on this machine; see bench/src/s3.rs), `bench/run.sh
+# no-combiner` (wc without its combiner and the indexer against native
+# equivalents; see bench/src/plain.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
 cargo build --release -q -p mr-cli -p mr-bench
-cargo build --release -q --target wasm32-wasip2 --manifest-path apps/Cargo.toml -p wc
+cargo build --release -q --target wasm32-wasip2 --manifest-path apps/Cargo.toml -p wc -p wc-nocombiner -p indexer
 
 langs=()
 case "${1:-}" in
-    backups | state-machine | native-wc | s3 | scale) MR_BENCH_LANGS=0 ;;
+    backups | state-machine | native-wc | native-indexer | no-combiner | s3 | scale) MR_BENCH_LANGS=0 ;;
 esac
 if [ "${MR_BENCH_LANGS:-1}" != 0 ]; then
     apps=target/bench/apps

@@ -33,6 +33,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod backups;
+mod plain;
 mod s3;
 mod scale;
 mod state_machine;
@@ -57,6 +58,18 @@ enum Cmd {
         output: PathBuf,
         inputs: Vec<PathBuf>,
     },
+    /// The inverted index natively: the `indexer` app's output lines.
+    NativeIndexer {
+        /// Threads (each indexes whole files into a table of its own; the
+        /// tables are merged at the end).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        output: PathBuf,
+        inputs: Vec<PathBuf>,
+    },
+    /// Apps without a combiner (wc with its combiner removed, the indexer)
+    /// against their native equivalents.
+    NoCombiner(plain::Args),
     /// The coordinator's state machine alone, with simulated workers.
     StateMachine {
         /// Map tasks per job (comma-separated: one job each).
@@ -168,6 +181,12 @@ fn main() -> Result<()> {
             output,
             inputs,
         }) => native_wc(&output, &inputs, threads),
+        Some(Cmd::NativeIndexer {
+            threads,
+            output,
+            inputs,
+        }) => plain::native_indexer(&output, &inputs, threads),
+        Some(Cmd::NoCombiner(a)) => plain::run(a),
         Some(Cmd::StateMachine {
             maps,
             reduces,

@@ -755,7 +755,38 @@ pub fn run_map<A: App>(input: &str, contents: &str) -> Result<(), String> {
 
 thread_local! {
     /// The key whose values are still arriving (groups not its last).
-    static PENDING: RefCell<Option<(String, Vec<String>)>> = const { RefCell::new(None) };
+    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
+}
+
+/// A key's values gathered from its groups so far, packed: one string of
+/// all of them and where each ends (a few bytes per value, not a `String`
+/// each; a key with tens of millions of values fits in a guest's memory).
+struct Pending {
+    key: String,
+    bytes: String,
+    ends: Vec<usize>,
+}
+
+impl Pending {
+    fn push(&mut self, values: &[&str]) {
+        for v in values {
+            self.bytes.push_str(v);
+            self.ends.push(self.bytes.len());
+        }
+    }
+
+    /// The values gathered so far and then `more`, borrowed, in one array
+    /// allocated once.
+    fn with<'a>(&'a self, more: &[&'a str]) -> Vec<&'a str> {
+        let mut all = Vec::with_capacity(self.ends.len() + more.len());
+        let mut start = 0;
+        for &end in &self.ends {
+            all.push(&self.bytes[start..end]);
+            start = end;
+        }
+        all.extend_from_slice(more);
+        all
+    }
 }
 
 /// Gathers groups (the contract's encoding) into whole keys and calls `f`
@@ -785,37 +816,52 @@ fn gather(
         for _ in 0..n {
             values.push(get_text(groups, &mut at)?);
         }
-        let pending = PENDING.with(|p| p.borrow_mut().take());
-        let earlier = match pending {
-            Some((k, v)) if k == key => v,
-            Some((k, _)) => {
+        let mut pending = match PENDING.with(|p| p.borrow_mut().take()) {
+            Some(p) if p.key == key => p,
+            Some(p) => {
                 return Err(format!(
-                    "host protocol error: key {k:?} ended without its last group"
+                    "host protocol error: key {:?} ended without its last group",
+                    p.key
                 ))
             }
-            None => Vec::new(),
+            None if last => {
+                // The common case: the whole key in one group.
+                match f(key, &values) {
+                    Some(value) => {
+                        put_varint(&mut out, value.len() as u32);
+                        out.extend_from_slice(value.as_bytes());
+                    }
+                    None => return Ok(None),
+                }
+                continue;
+            }
+            None => Pending {
+                key: key.to_string(),
+                bytes: String::new(),
+                ends: Vec::new(),
+            },
         };
-        let mut all: Vec<&str> = earlier.iter().map(String::as_str).collect();
-        all.extend_from_slice(&values);
         if last {
-            match f(key, &all) {
+            match f(key, &pending.with(&values)) {
                 Some(value) => {
                     put_varint(&mut out, value.len() as u32);
                     out.extend_from_slice(value.as_bytes());
                 }
                 None => return Ok(None),
             }
-        } else {
-            let kept = if fold && all.len() > 1 {
-                match f(key, &all) {
-                    Some(value) => vec![value],
-                    None => return Ok(None),
-                }
-            } else {
-                all.iter().map(|v| v.to_string()).collect()
-            };
-            PENDING.with(|p| *p.borrow_mut() = Some((key.to_string(), kept)));
+            continue;
         }
+        if fold && pending.ends.len() + values.len() > 1 {
+            let Some(folded) = f(key, &pending.with(&values)) else {
+                return Ok(None);
+            };
+            pending.ends.clear();
+            pending.ends.push(folded.len());
+            pending.bytes = folded;
+        } else {
+            pending.push(&values);
+        }
+        PENDING.with(|p| *p.borrow_mut() = Some(pending));
     }
     Ok(Some(out))
 }
@@ -1009,6 +1055,31 @@ mod tests {
         // "a": 1+2 folded to 3, then 3+3; "b": 9.
         assert_eq!(out, [1, b'6', 1, b'9']);
         assert_eq!(seen, [("a".into(), 2), ("a".into(), 2), ("b".into(), 2)]);
+        // Without fold (reduce), a key across three calls reaches `f` once,
+        // with every value in order (a multi-byte one among them).
+        let (mut c1, mut c2, mut c3) = (Vec::new(), Vec::new(), Vec::new());
+        group(&mut c1, true, "x", &["0"]);
+        group(&mut c1, false, "y", &["1", "é2"]);
+        group(&mut c2, false, "y", &["3"]);
+        group(&mut c3, true, "y", &["4", "5"]);
+        let mut got = Vec::new();
+        let mut f = |k: &str, v: &[&str]| {
+            got.push((k.to_string(), v.join(" ")));
+            Some(v.len().to_string())
+        };
+        assert_eq!(gather(&c1, false, &mut f).unwrap().unwrap(), [1, b'1']);
+        assert_eq!(gather(&c2, false, &mut f).unwrap().unwrap(), []);
+        assert_eq!(gather(&c3, false, &mut f).unwrap().unwrap(), [1, b'5']);
+        // A key that ends without its last group is a protocol error.
+        let (mut c4, mut c5) = (Vec::new(), Vec::new());
+        group(&mut c4, false, "p", &["1"]);
+        group(&mut c5, true, "q", &["1"]);
+        assert_eq!(gather(&c4, false, &mut f).unwrap().unwrap(), []);
+        assert!(gather(&c5, false, &mut f).unwrap_err().contains("\"p\""));
+        assert_eq!(
+            got,
+            [("x".into(), "0".into()), ("y".into(), "1 é2 3 4 5".into())]
+        );
         // Bad bytes are a protocol error, not a panic.
         assert!(gather(&[7], false, |_, _| None)
             .unwrap_err()

@@ -54,22 +54,44 @@ pub fn put_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// Takes `len` bytes at `*at` as text.
+/// Takes `len` bytes at `*at` as text. `whole`: all of `bytes` as text if
+/// it is UTF-8 (checked once, by SIMD); a field is then text exactly when
+/// it starts and ends on a character boundary (`str::get` checks the two
+/// bytes), rather than a check of every field on its own.
 #[inline]
-fn text<'a>(bytes: &'a [u8], at: &mut usize, len: u32, what: &str) -> Result<&'a str, String> {
+fn text<'a>(
+    bytes: &'a [u8],
+    at: &mut usize,
+    len: u32,
+    what: &str,
+    whole: Option<&'a str>,
+) -> Result<&'a str, String> {
     let end = at
         .checked_add(len as usize)
         .filter(|&e| e <= bytes.len())
         .ok_or_else(|| format!("a {what} of {len} bytes runs past the end of the batch"))?;
-    let s = std::str::from_utf8(&bytes[*at..end])
-        .map_err(|_| format!("a {what} at byte {} is not UTF-8", *at))?;
+    let s = match whole {
+        Some(all) => all.get(*at..end),
+        None => std::str::from_utf8(&bytes[*at..end]).ok(),
+    };
+    let s = s.ok_or_else(|| format!("a {what} at byte {} is not UTF-8", *at))?;
     *at = end;
     Ok(s)
 }
 
+/// All of `bytes` as text, if it is UTF-8 (by SIMD): [`text`] then checks
+/// only each field's ends.
+fn whole(bytes: &[u8]) -> Option<&str> {
+    simdutf8::basic::from_utf8(bytes).ok()
+}
+
 /// The records of `bytes`, each checked, in order.
 pub fn records(bytes: &[u8]) -> Records<'_> {
-    Records { bytes, at: 0 }
+    Records {
+        bytes,
+        at: 0,
+        whole: whole(bytes),
+    }
 }
 
 /// An iterator over records; yields an error (and then ends) at the
@@ -77,6 +99,8 @@ pub fn records(bytes: &[u8]) -> Records<'_> {
 pub struct Records<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// All of `bytes` as text, if it is UTF-8.
+    whole: Option<&'a str>,
 }
 
 impl<'a> Iterator for Records<'a> {
@@ -89,8 +113,8 @@ impl<'a> Iterator for Records<'a> {
         let r = (|| {
             let k = get_varint(self.bytes, &mut self.at)?;
             let v = get_varint(self.bytes, &mut self.at)?;
-            let key = text(self.bytes, &mut self.at, k, "key")?;
-            let value = text(self.bytes, &mut self.at, v, "value")?;
+            let key = text(self.bytes, &mut self.at, k, "key", self.whole)?;
+            let value = text(self.bytes, &mut self.at, v, "value", self.whole)?;
             Ok((key, value))
         })();
         if r.is_err() {
@@ -206,6 +230,7 @@ impl Groups {
     pub fn decode(bytes: &[u8]) -> Result<Vec<Decoded<'_>>, String> {
         let mut out = Vec::new();
         let mut at = 0;
+        let all = whole(bytes);
         while at < bytes.len() {
             let flags = bytes[at];
             at += 1;
@@ -213,7 +238,7 @@ impl Groups {
                 return Err(format!("a group's flags are {flags} at byte {}", at - 1));
             }
             let k = get_varint(bytes, &mut at)?;
-            let key = text(bytes, &mut at, k, "key")?;
+            let key = text(bytes, &mut at, k, "key", all)?;
             let n = get_varint(bytes, &mut at)?;
             // Each value takes a byte at least: a count past what is left
             // is a lie, not an allocation.
@@ -225,7 +250,7 @@ impl Groups {
             let mut values = Vec::with_capacity(n as usize);
             for _ in 0..n {
                 let l = get_varint(bytes, &mut at)?;
-                values.push(text(bytes, &mut at, l, "value")?);
+                values.push(text(bytes, &mut at, l, "value", all)?);
             }
             out.push((key, values, flags == 1));
         }
@@ -246,9 +271,10 @@ pub fn put_value(out: &mut Vec<u8>, v: &[u8]) {
 pub fn values(bytes: &[u8]) -> Result<Vec<&str>, String> {
     let mut out = Vec::new();
     let mut at = 0;
+    let all = whole(bytes);
     while at < bytes.len() {
         let l = get_varint(bytes, &mut at)?;
-        out.push(text(bytes, &mut at, l, "value")?);
+        out.push(text(bytes, &mut at, l, "value", all)?);
     }
     Ok(out)
 }
@@ -256,6 +282,31 @@ pub fn values(bytes: &[u8]) -> Result<Vec<&str>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch that is UTF-8 as a whole may still cut a character between
+    /// two fields: each field is text on its own or the batch is refused.
+    #[test]
+    fn a_character_cut_between_fields_is_refused() {
+        let mut b = Vec::new();
+        put_record(&mut b, "é".as_bytes(), "x".as_bytes());
+        put_record(&mut b, b"\xc3", b"\xa9");
+        assert!(std::str::from_utf8(&b).is_ok(), "the whole batch is text");
+        let got: Vec<_> = records(&b).collect();
+        assert_eq!(got[0], Ok(("é", "x")));
+        assert!(got[1].as_ref().unwrap_err().contains("key"), "{got:?}");
+        // The same cut inside a group's values and in value items.
+        let mut g = Groups::new();
+        g.start(b"k", true);
+        g.value(b"\xc3");
+        g.value(b"\xa9");
+        assert!(Groups::decode(g.bytes()).unwrap_err().contains("not UTF-8"));
+        let mut v = Vec::new();
+        put_value(&mut v, "ü".as_bytes());
+        assert_eq!(values(&v).unwrap(), ["ü"]);
+        put_value(&mut v, b"\xe2\x82");
+        put_value(&mut v, b"\xac");
+        assert!(values(&v).unwrap_err().contains("not UTF-8"));
+    }
 
     #[test]
     fn records_groups_and_values_round_trip_and_bad_bytes_are_named() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::runfile::{Merger, RunFileWriter, SegmentInfo, SegmentReader, Source};
+use crate::runfile::{key_head, Merger, RunFileWriter, SegmentInfo, SegmentReader, Source};
 use mr_core::partition::partition;
 use mr_core::records::Groups;
 use mr_core::report::Counters;
@@ -242,26 +242,53 @@ fn map_split(
 }
 
 /// One buffered pair: where its key and value lie in the arena, and its
-/// key's first eight bytes (big-endian, zero-padded), which settle most
-/// comparisons of a sort without reading the arena.
+/// rank, one number whose order is the sort's for most pairs (see
+/// [`rank`]): the sort compares integers and reads the arena only for
+/// keys longer than eight bytes that share their first eight.
 struct Entry {
-    partition: u32,
+    rank: u128,
+    offset: usize,
     key_len: u32,
     value_len: u32,
-    head: u64,
-    offset: usize,
 }
 
-/// The first eight bytes of `key` as a big-endian number (zero-padded):
-/// ordered as the keys are, but for keys that differ only after them or
-/// in trailing zero bytes.
-#[inline]
-fn key_head(key: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = key.len().min(8);
-    b[..n].copy_from_slice(&key[..n]);
-    u64::from_be_bytes(b)
+impl Entry {
+    fn partition(&self) -> u32 {
+        (self.rank >> RANK_PARTITION_SHIFT) as u32
+    }
+
+    /// The rank without its sequence number: equal for two entries whose
+    /// partition and key are equal, if keys of at most eight bytes.
+    fn class(&self) -> u128 {
+        self.rank >> SEQ_BITS
+    }
+
+    /// Whether its key is longer than eight bytes (the rank holds its
+    /// first eight only).
+    fn long(&self) -> bool {
+        self.key_len > 8
+    }
 }
+
+/// A rank is, from its highest bits: the partition (17 bits), the key's
+/// first eight bytes (big-endian, zero-padded: 64 bits), the key's length
+/// if at most eight, else 9 (4 bits), and the pair's sequence number in
+/// the buffer (43 bits): equal keys stay in emit order, so an unstable
+/// sort gives the stable order (map output digests rely on it). Ranks
+/// order pairs by (partition, key, emit order) except among keys longer
+/// than eight bytes with the same first eight, which are ordered after.
+fn rank(partition: u32, key: &[u8], seq: usize) -> u128 {
+    let len = key.len().min(9) as u128;
+    (u128::from(partition) << RANK_PARTITION_SHIFT)
+        | (u128::from(key_head(key)) << (SEQ_BITS + 4))
+        | (len << SEQ_BITS)
+        | (seq as u128 & ((1 << SEQ_BITS) - 1))
+}
+
+const SEQ_BITS: u32 = 43;
+const RANK_PARTITION_SHIFT: u32 = SEQ_BITS + 4 + 64;
+// Every partition fits in the rank's 17 bits.
+const _: () = assert!(mr_core::job::limits::MAX_REDUCES <= 1 << (128 - RANK_PARTITION_SHIFT));
 
 /// Emitted pairs in memory, partitioned and sorted when spilled.
 struct SortBuffer {
@@ -354,20 +381,32 @@ impl SortBuffer {
         if self.control.is_cancelled() {
             return Err(cancelled().into());
         }
+        // The batch goes into the arena whole (one copy): each record's
+        // key and value lie next to each other in it, after its lengths.
+        let base = self.arena.len();
+        self.arena.extend_from_slice(records);
+        let mut parsed = 0;
+        let mut failed = None;
         for r in mr_core::records::records(records) {
-            let (k, v) = r.map_err(SpillError::Malformed)?;
-            let (k, v) = (k.as_bytes(), v.as_bytes());
-            self.counters.map_output_records += 1;
+            let (k, v) = match r {
+                Ok((k, v)) => (k.as_bytes(), v.as_bytes()),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            parsed += 1;
             self.counters.map_output_bytes += (k.len() + v.len()) as u64;
             self.entries.push(Entry {
-                partition: partition(k, self.reduces).0,
+                rank: rank(partition(k, self.reduces).0, k, self.entries.len()),
+                offset: base + (k.as_ptr() as usize - records.as_ptr() as usize),
                 key_len: k.len() as u32,
                 value_len: v.len() as u32,
-                head: key_head(k),
-                offset: self.arena.len(),
             });
-            self.arena.extend_from_slice(k);
-            self.arena.extend_from_slice(v);
+        }
+        self.counters.map_output_records += parsed;
+        if let Some(e) = failed {
+            return Err(SpillError::Malformed(e));
         }
         if self.used() >= self.limit {
             self.spill()?;
@@ -384,23 +423,15 @@ impl SortBuffer {
     ) -> Result<(), SpillError> {
         let arena = &self.arena;
         let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
-        // By partition and key; equal keys in emit order (their arena
-        // offsets grow with it), so an unstable sort gives exactly the
-        // stable order (map output digests rely on it).
-        self.entries.sort_unstable_by(|a, b| {
-            (a.partition, a.head)
-                .cmp(&(b.partition, b.head))
-                .then_with(|| key(a).cmp(key(b)))
-                .then_with(|| a.offset.cmp(&b.offset))
-        });
+        sort_entries(&mut self.entries, arena);
         let mut pending: Vec<Pending> = Vec::new();
         let mut groups = Groups::new();
         let mut group_bytes = 0;
         let mut i = 0;
         while i < self.entries.len() {
-            let same = |e: &Entry| {
-                e.partition == self.entries[i].partition && key(e) == key(&self.entries[i])
-            };
+            let first = &self.entries[i];
+            let same =
+                |e: &Entry| e.class() == first.class() && (!e.long() || key(e) == key(first));
             let run_end = i + self.entries[i..].iter().take_while(|e| same(e)).count();
             if run_end - i < 2 || matches!(self.combiner, Combiner::Absent) {
                 if groups.is_empty() {
@@ -591,7 +622,7 @@ impl SortBuffer {
     ) -> Result<(), SpillError> {
         if self.used() >= self.limit {
             let same = self.entries.last().is_some_and(|e| {
-                e.partition == partition
+                e.partition() == partition
                     && &self.arena[e.offset..e.offset + e.key_len as usize] == key
             });
             if !same || self.used() >= self.limit.saturating_mul(2) {
@@ -599,11 +630,10 @@ impl SortBuffer {
             }
         }
         self.entries.push(Entry {
-            partition,
+            rank: rank(partition, key, self.entries.len()),
+            offset: self.arena.len(),
             key_len: key.len() as u32,
             value_len: value.len() as u32,
-            head: key_head(key),
-            offset: self.arena.len(),
         });
         self.arena.extend_from_slice(key);
         self.arena.extend_from_slice(value);
@@ -627,13 +657,32 @@ fn value<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {
     &arena[k..k + e.value_len as usize]
 }
 
+/// Sorts `entries` by partition and key, equal keys in emit order: by
+/// rank, then runs of long keys that share a rank's class by their bytes.
+fn sort_entries(entries: &mut [Entry], arena: &[u8]) {
+    let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
+    entries.sort_unstable_by_key(|e| e.rank);
+    let mut i = 0;
+    while i < entries.len() {
+        let first = &entries[i];
+        let end = i
+            + (entries[i..].iter())
+                .take_while(|e| e.class() == first.class())
+                .count();
+        if first.long() && end - i > 1 {
+            entries[i..end].sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.rank.cmp(&b.rank)));
+        }
+        i = end;
+    }
+}
+
 fn write_entry<W: std::io::Write>(
     w: &mut RunFileWriter<W>,
     arena: &[u8],
     e: &Entry,
 ) -> std::io::Result<()> {
     w.write(
-        e.partition,
+        e.partition(),
         &arena[e.offset..e.offset + e.key_len as usize],
         value(arena, e),
     )
@@ -677,7 +726,7 @@ fn flush_combined<W: std::io::Write>(
                 let v = vals.get(next);
                 next += 1;
                 w.write(
-                    e.partition,
+                    e.partition(),
                     &arena[e.offset..e.offset + e.key_len as usize],
                     v.as_bytes(),
                 )?;
@@ -693,4 +742,44 @@ fn flush_combined<W: std::io::Write>(
     }
     groups.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranks and the fix-up of long keys sort exactly as comparing
+    /// (partition, key bytes, emit order) does: keys sharing eight-byte
+    /// prefixes, zero bytes, empty keys, many equal keys.
+    #[test]
+    fn entries_sort_by_partition_key_and_emit_order() {
+        use mr_core::fuzz::Rng;
+        let mut rng = Rng::new(0x5047);
+        let alphabet = [0u8, b'a', b'b', 0xff];
+        let (mut arena, mut entries) = (Vec::new(), Vec::new());
+        for seq in 0..5000 {
+            let len = [0, 1, 3, 8, 9, 10, 12][rng.below(7)];
+            let key: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.below(2 + (seq % 3))])
+                .collect();
+            let p = rng.below(3) as u32;
+            entries.push(Entry {
+                rank: rank(p, &key, seq),
+                offset: arena.len(),
+                key_len: key.len() as u32,
+                value_len: 0,
+            });
+            arena.extend_from_slice(&key);
+        }
+        let key = |e: &Entry| arena[e.offset..e.offset + e.key_len as usize].to_vec();
+        let mut want: Vec<(u32, Vec<u8>, usize)> = (entries.iter())
+            .map(|e| (e.partition(), key(e), e.offset))
+            .collect();
+        want.sort();
+        sort_entries(&mut entries, &arena);
+        let got: Vec<(u32, Vec<u8>, usize)> = (entries.iter())
+            .map(|e| (e.partition(), key(e), e.offset))
+            .collect();
+        assert_eq!(got, want);
+    }
 }

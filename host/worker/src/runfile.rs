@@ -515,6 +515,32 @@ impl<R: Read> SegmentReader<R> {
     }
 }
 
+/// The first eight bytes of `key` as a big-endian number (zero-padded):
+/// ordered as the keys are, but for keys that differ only after them or
+/// in trailing zero bytes ([`cmp_keys`] settles those).
+#[inline]
+pub fn key_head(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
+}
+
+/// Compares keys `a` and `b` whose [`key_head`]s are `ha` and `hb`, as
+/// `a.cmp(b)` does: most comparisons are settled by the heads, and those
+/// of equal heads and keys of at most eight bytes by their lengths (one
+/// is then a prefix of the other), without reading the keys.
+#[inline]
+pub fn cmp_keys(ha: u64, a: &[u8], hb: u64, b: &[u8]) -> std::cmp::Ordering {
+    ha.cmp(&hb).then_with(|| {
+        if a.len() <= 8 && b.len() <= 8 {
+            a.len().cmp(&b.len())
+        } else {
+            a.cmp(b)
+        }
+    })
+}
+
 /// Merges sorted segments into one sorted stream. Equal keys come out in
 /// source order, so the result does not depend on timing.
 ///
@@ -526,6 +552,8 @@ pub struct Merger<R> {
     /// Whether each source has a current record (else it is done, and
     /// loses to every other).
     live: Vec<bool>,
+    /// Each live source's current key's [`key_head`].
+    heads: Vec<u64>,
     /// `tree[0]`: the source with the least record; `tree[1..]`: the
     /// loser at each inner node (node n's children are 2n and 2n + 1;
     /// source i is leaf `sources.len() + i`).
@@ -542,9 +570,13 @@ impl<R: Read> Merger<R> {
             .map(|s| s.advance())
             .collect::<io::Result<Vec<bool>>>()?;
         let k = sources.len();
+        let heads = (sources.iter().zip(&live))
+            .map(|(s, &live)| if live { key_head(s.key()) } else { 0 })
+            .collect();
         let mut m = Merger {
             sources,
             live,
+            heads,
             tree: vec![0; k.max(1)],
             fresh: true,
         };
@@ -561,7 +593,12 @@ impl<R: Read> Merger<R> {
         match (self.live[a], self.live[b]) {
             (false, _) => false,
             (true, false) => true,
-            (true, true) => match self.sources[a].key().cmp(self.sources[b].key()) {
+            (true, true) => match cmp_keys(
+                self.heads[a],
+                self.sources[a].key(),
+                self.heads[b],
+                self.sources[b].key(),
+            ) {
                 std::cmp::Ordering::Less => true,
                 std::cmp::Ordering::Greater => false,
                 std::cmp::Ordering::Equal => a < b,
@@ -591,6 +628,9 @@ impl<R: Read> Merger<R> {
             // The last winner reads on, and replays its way up the tree.
             let mut winner = self.tree[0];
             self.live[winner] = self.sources[winner].advance()?;
+            if self.live[winner] {
+                self.heads[winner] = key_head(self.sources[winner].key());
+            }
             let mut node = (winner + k) / 2;
             while node >= 1 {
                 if self.before(self.tree[node], winner) {
@@ -691,6 +731,27 @@ fn merge_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The head shortcut orders keys exactly as comparing their bytes
+    /// does, trailing and embedded zero bytes and keys sharing eight-byte
+    /// prefixes included.
+    #[test]
+    fn head_comparison_is_byte_order() {
+        use mr_core::fuzz::Rng;
+        let mut rng = Rng::new(0x4ead);
+        let alphabet = [0u8, 1, b'a', b'b', 0xff];
+        let mut keys: Vec<Vec<u8>> = vec![vec![], vec![0], vec![0, 0], b"abcdefgh".to_vec()];
+        for _ in 0..400 {
+            let len = rng.below(12);
+            keys.push((0..len).map(|_| alphabet[rng.below(5)]).collect());
+        }
+        for a in &keys {
+            for b in &keys {
+                let got = cmp_keys(key_head(a), a, key_head(b), b);
+                assert_eq!(got, a.cmp(b), "{a:?} vs {b:?}");
+            }
+        }
+    }
 
     /// Run files read back from disk may be damaged: any bytes give an
     /// index or an error, any segment records or an error.
