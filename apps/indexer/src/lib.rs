@@ -2,8 +2,7 @@
 //! inputs it occurs in and their names, sorted. Same output as the MIT
 //! 6.5840 lab's `indexer` (whose map sees whole files; when a large file is
 //! split, its name arrives once per split, so reduce drops duplicates).
-use std::collections::HashSet;
-
+use hashbrown::HashSet;
 use mr_sdk::{App, Emitter};
 
 struct Indexer;

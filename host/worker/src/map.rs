@@ -62,6 +62,18 @@ pub fn run(
     attempt: u32,
     control: &TaskControl,
 ) -> Result<MapOutput, TaskError> {
+    // The coordinator checked this; a task from anywhere else is refused
+    // rather than its partitions cut to the rank's bits.
+    let max = mr_core::job::limits::MAX_REDUCES;
+    if task.reduces == 0 || task.reduces > max {
+        return Err(TaskError::Io {
+            what: format!(
+                "map task {} asks for {} reduces; a worker handles 1 to {max}",
+                task.index, task.reduces
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
+    }
     let prefix = format!("map-{}-a{attempt}", task.index);
     // The map instances and the combiner's share one memory limit.
     let buffer = Arc::new(Mutex::new(SortBuffer::new(
