@@ -631,28 +631,53 @@ void mr__emitter_finish(void) {
 
 // ---- Gathering a key's groups ----
 
+// A key's values gathered from its groups so far, packed: their bytes one
+// after another and where each ends (4 bytes a value, not a malloc each),
+// so a key with tens of millions of values fits in a guest's memory.
 static struct {
     bool active;
     mr_string key;
-    mr_string *values;
-    size_t n, cap;
+    char *bytes;
+    size_t len, cap;
+    uint32_t *ends;
+    size_t n, ncap;
 } pending[2];
 
 static void keep(int which, mr_str v) {
-    if (pending[which].n == pending[which].cap) {
-        pending[which].cap = pending[which].cap ? pending[which].cap * 2 : 64;
-        pending[which].values =
-            xrealloc(pending[which].values, pending[which].cap * sizeof(mr_string));
+    if (pending[which].len + v.len > pending[which].cap) {
+        size_t cap = pending[which].cap ? pending[which].cap * 2 : 256;
+        while (cap < pending[which].len + v.len)
+            cap *= 2;
+        pending[which].bytes = xrealloc(pending[which].bytes, cap);
+        pending[which].cap = cap;
     }
-    pending[which].values[pending[which].n++] = mr_string_copy(v);
+    if (pending[which].n == pending[which].ncap) {
+        pending[which].ncap = pending[which].ncap ? pending[which].ncap * 2 : 64;
+        pending[which].ends =
+            xrealloc(pending[which].ends, pending[which].ncap * sizeof(uint32_t));
+    }
+    if (v.len)
+        memcpy(pending[which].bytes + pending[which].len, v.ptr, v.len);
+    pending[which].len += v.len;
+    pending[which].ends[pending[which].n++] = (uint32_t)pending[which].len;
+}
+
+// The values gathered so far, borrowed (one array, freed by the caller).
+static mr_str *gathered(int which) {
+    size_t total = pending[which].n, start = 0;
+    mr_str *all = xrealloc(NULL, (total ? total : 1) * sizeof(mr_str));
+    for (size_t j = 0; j < total; j++) {
+        all[j] = (mr_str){pending[which].bytes + start, pending[which].ends[j] - start};
+        start = pending[which].ends[j];
+    }
+    return all;
 }
 
 static void drop_pending(int which) {
-    for (size_t j = 0; j < pending[which].n; j++)
-        free(pending[which].values[j].ptr);
+    free(pending[which].bytes);
+    free(pending[which].ends);
     free(pending[which].key.ptr);
-    pending[which].n = 0;
-    pending[which].active = false;
+    memset(&pending[which], 0, sizeof pending[which]);
 }
 
 // A combiner may run on any subset of a key's values: folds a combine key's
@@ -660,16 +685,14 @@ static void drop_pending(int which) {
 static void fold(int which, mr_reduce_fn f) {
     if (which != 1 || pending[which].n < 2)
         return;
-    size_t total = pending[which].n;
-    mr_str *all = xrealloc(NULL, total * sizeof(mr_str));
-    for (size_t j = 0; j < total; j++)
-        all[j] = (mr_str){pending[which].values[j].ptr, pending[which].values[j].len};
-    mr_string folded = f((mr_str){pending[which].key.ptr, pending[which].key.len}, all, total);
+    mr_str *all = gathered(which);
+    mr_string folded =
+        f((mr_str){pending[which].key.ptr, pending[which].key.len}, all, pending[which].n);
     free(all);
-    for (size_t j = 0; j < total; j++)
-        free(pending[which].values[j].ptr);
-    pending[which].values[0] = folded;
-    pending[which].n = 1;
+    pending[which].len = 0;
+    pending[which].n = 0;
+    keep(which, (mr_str){folded.ptr, folded.len});
+    free(folded.ptr);
 }
 
 const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn f,
@@ -690,11 +713,8 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
                 fold(which, f);
                 continue;
             }
-            size_t total = pending[which].n;
-            mr_str *all = xrealloc(NULL, total * sizeof(mr_str));
-            for (size_t j = 0; j < total; j++)
-                all[j] = (mr_str){pending[which].values[j].ptr, pending[which].values[j].len};
-            out[k++] = f(g->key, all, total);
+            mr_str *all = gathered(which);
+            out[k++] = f(g->key, all, pending[which].n);
             free(all);
             drop_pending(which);
         } else if (g->last) {

@@ -357,6 +357,26 @@ static void test_gather(void) {
     CHECK(mr__gather(1, c2, 1, count, out, &n) == NULL && n == 1);
     CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("2;3")));
     free(out[0].ptr);
+    // Many values over many calls (the packed store grows), empty and
+    // multi-byte ones kept as they were.
+    mr_str many[5000];
+    for (size_t j = 0; j < 5000; j++)
+        many[j] = j % 3 == 0 ? MR_STR("") : j % 3 == 1 ? MR_STR("\xc3\xa9") : MR_STR("1234567");
+    for (int c = 0; c < 20; c++) {
+        mr_group g[] = {{MR_STR("hot"), many, 5000, false}};
+        CHECK(mr__gather(0, g, 1, count, out, &n) == NULL && n == 0);
+    }
+    mr_str tail[] = {MR_STR(""), MR_STR("\xc3\xa9")};
+    mr_group g_last[] = {{MR_STR("hot"), tail, 2, true}};
+    CHECK(mr__gather(0, g_last, 1, count, out, &n) == NULL && n == 1);
+    CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("100002")));
+    free(out[0].ptr);
+    mr_group j1[] = {{MR_STR("j"), many, 3, false}};
+    mr_group j2[] = {{MR_STR("j"), tail, 2, true}};
+    CHECK(mr__gather(0, j1, 1, join, out, &n) == NULL && n == 0);
+    CHECK(mr__gather(0, j2, 1, join, out, &n) == NULL && n == 1);
+    CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR(",\xc3\xa9,1234567,,\xc3\xa9")));
+    free(out[0].ptr);
 }
 
 // Words of the contents tell the host how far the map is; keys of the
