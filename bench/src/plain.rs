@@ -58,35 +58,34 @@ pub fn run(mut a: Args) -> Result<()> {
     let native_ix = out.join("native-indexer.txt");
     let (mr_wc, mr_ix) = (out.join("mr-wc"), out.join("mr-indexer"));
     let mut best: [Option<Measured>; 4] = [None, None, None, None];
-    let keep = |slot: &mut Option<Measured>, m: Measured| {
-        if slot.as_ref().is_none_or(|b| m.secs < b.secs) {
-            *slot = Some(m);
-        }
+    let native = |cmd: &str, out: &Path| {
+        measure(
+            Command::new(&me)
+                .args([cmd, "--threads", &threads.to_string()])
+                .arg(out)
+                .args(&corpus),
+        )
     };
     for run in 1..=r.runs {
-        eprint!("run {run} of {}: ", r.runs);
-        let m = measure(
-            Command::new(&me)
-                .args(["native-wc", "--threads", &threads.to_string()])
-                .arg(&native_wc)
-                .args(&corpus),
-        )?;
-        eprint!("native wc {:.2} s", m.secs);
-        keep(&mut best[0], m);
-        let m = run_mr(r, &a.wc_nocombiner, &corpus, &mr_wc)?;
-        eprint!(", mr wc-nocombiner {:.2} s", m.secs);
-        keep(&mut best[1], m);
-        let m = measure(
-            Command::new(&me)
-                .args(["native-indexer", "--threads", &threads.to_string()])
-                .arg(&native_ix)
-                .args(&corpus),
-        )?;
-        eprint!(", native indexer {:.2} s", m.secs);
-        keep(&mut best[2], m);
-        let m = run_mr(r, &a.indexer, &corpus, &mr_ix)?;
-        eprintln!(", mr indexer {:.2} s", m.secs);
-        keep(&mut best[3], m);
+        // Interleaved, in this order; a line per run.
+        let got = [
+            ("native wc", native("native-wc", &native_wc)?),
+            (
+                "mr wc-nocombiner",
+                run_mr(r, &a.wc_nocombiner, &corpus, &mr_wc)?,
+            ),
+            ("native indexer", native("native-indexer", &native_ix)?),
+            ("mr indexer", run_mr(r, &a.indexer, &corpus, &mr_ix)?),
+        ];
+        let said: Vec<String> = (got.iter())
+            .map(|(what, m)| format!("{what} {:.2} s", m.secs))
+            .collect();
+        eprintln!("run {run} of {}: {}", r.runs, said.join(", "));
+        for (slot, (_, m)) in best.iter_mut().zip(got) {
+            if slot.as_ref().is_none_or(|b| m.secs < b.secs) {
+                *slot = Some(m);
+            }
+        }
     }
     for (native, mr, what) in [
         (&native_wc, &mr_wc, "wc-nocombiner"),
