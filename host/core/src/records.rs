@@ -103,6 +103,13 @@ pub struct Records<'a> {
     whole: Option<&'a str>,
 }
 
+impl Records<'_> {
+    /// Where the next record starts in the batch.
+    pub fn offset(&self) -> usize {
+        self.at
+    }
+}
+
 impl<'a> Iterator for Records<'a> {
     type Item = Result<(&'a str, &'a str), String>;
 

@@ -253,54 +253,96 @@ fn map_split(
     }
 }
 
-/// One buffered pair: where its key and value lie in the arena, and its
-/// rank, one number whose order is the sort's for most pairs (see
-/// [`rank`]): the sort compares integers and reads the arena only for
-/// keys longer than eight bytes that share their first eight.
-struct Entry {
-    rank: u128,
-    offset: usize,
-    key_len: u32,
-    value_len: u32,
-}
+/// One buffered pair: its rank, one number whose order is the sort's for
+/// most pairs and whose low bits say where its record lies in the arena
+/// (see [`rank`]): the sort compares integers and reads the arena only for
+/// keys longer than eight bytes that share their first eight. Sixteen
+/// bytes a pair, so more pairs fit a sort buffer before it spills.
+#[derive(Clone, Copy)]
+struct Entry(u128);
 
 impl Entry {
-    fn partition(&self) -> u32 {
-        (self.rank >> RANK_PARTITION_SHIFT) as u32
+    fn partition(self) -> u32 {
+        (self.0 >> RANK_PARTITION_SHIFT) as u32
     }
 
-    /// The rank without its sequence number: equal for two entries whose
-    /// partition and key are equal, if keys of at most eight bytes.
-    fn class(&self) -> u128 {
-        self.rank >> SEQ_BITS
+    /// The rank without its offset: equal for two entries whose partition
+    /// and key are equal, if keys of at most eight bytes.
+    fn class(self) -> u128 {
+        self.0 >> OFFSET_BITS
     }
 
     /// Whether its key is longer than eight bytes (the rank holds its
     /// first eight only).
-    fn long(&self) -> bool {
-        self.key_len > 8
+    fn long(self) -> bool {
+        (self.0 >> OFFSET_BITS) & 0xf > 8
+    }
+
+    /// Where its record (`mr_core::records`: lengths, key, value) starts
+    /// in the arena.
+    fn offset(self) -> usize {
+        (self.0 & ((1 << OFFSET_BITS) - 1)) as usize
     }
 }
 
 /// A rank is, from its highest bits: the partition (17 bits), the key's
 /// first eight bytes (big-endian, zero-padded: 64 bits), the key's length
-/// if at most eight, else 9 (4 bits), and the pair's sequence number in
-/// the buffer (43 bits): equal keys stay in emit order, so an unstable
-/// sort gives the stable order (map output digests rely on it). Ranks
-/// order pairs by (partition, key, emit order) except among keys longer
-/// than eight bytes with the same first eight, which are ordered after.
-fn rank(partition: u32, key: &[u8], seq: usize) -> u128 {
+/// if at most eight, else 9 (4 bits), and where the pair's record starts
+/// in the arena (43 bits). Records are appended in emit order, so equal
+/// keys stay in emit order and an unstable sort gives the stable order
+/// (map output digests rely on it). Ranks order pairs by (partition, key,
+/// emit order) except among keys longer than eight bytes with the same
+/// first eight, which are ordered after.
+fn rank(partition: u32, key: &[u8], offset: usize) -> Entry {
     let len = key.len().min(9) as u128;
-    (u128::from(partition) << RANK_PARTITION_SHIFT)
-        | (u128::from(key_head(key)) << (SEQ_BITS + 4))
-        | (len << SEQ_BITS)
-        | (seq as u128 & ((1 << SEQ_BITS) - 1))
+    debug_assert!(offset < 1 << OFFSET_BITS);
+    Entry(
+        (u128::from(partition) << RANK_PARTITION_SHIFT)
+            | (u128::from(key_head(key)) << (OFFSET_BITS + 4))
+            | (len << OFFSET_BITS)
+            | offset as u128,
+    )
 }
 
-const SEQ_BITS: u32 = 43;
-const RANK_PARTITION_SHIFT: u32 = SEQ_BITS + 4 + 64;
+const OFFSET_BITS: u32 = 43;
+const RANK_PARTITION_SHIFT: u32 = OFFSET_BITS + 4 + 64;
 // Every partition fits in the rank's 17 bits.
 const _: () = assert!(mr_core::job::limits::MAX_REDUCES <= 1 << (128 - RANK_PARTITION_SHIFT));
+// So does every offset: an arena holds at most twice the largest sort
+// buffer and a batch.
+const _: () = assert!(2 * mr_core::job::limits::MAX_SORT_BUFFER + (64 << 20) < 1u64 << OFFSET_BITS);
+
+/// The key and value of the record at `offset` of `arena`, which
+/// [`SortBuffer::add`] or [`SortBuffer::stage`] checked or wrote.
+#[inline]
+fn pair(arena: &[u8], offset: usize) -> (&[u8], &[u8]) {
+    #[inline]
+    fn varint(arena: &[u8], at: &mut usize) -> usize {
+        let mut v = 0usize;
+        let mut shift = 0;
+        loop {
+            let b = arena[*at];
+            *at += 1;
+            v |= usize::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut at = offset;
+    let k = varint(arena, &mut at);
+    let v = varint(arena, &mut at);
+    (&arena[at..at + k], &arena[at + k..at + k + v])
+}
+
+fn key(arena: &[u8], e: Entry) -> &[u8] {
+    pair(arena, e.offset()).0
+}
+
+fn value(arena: &[u8], e: Entry) -> &[u8] {
+    pair(arena, e.offset()).1
+}
 
 /// Emitted pairs in memory, partitioned and sorted when spilled.
 struct SortBuffer {
@@ -399,22 +441,20 @@ impl SortBuffer {
         self.arena.extend_from_slice(records);
         let mut parsed = 0;
         let mut failed = None;
-        for r in mr_core::records::records(records) {
-            let (k, v) = match r {
-                Ok((k, v)) => (k.as_bytes(), v.as_bytes()),
-                Err(e) => {
+        let mut it = mr_core::records::records(records);
+        loop {
+            let start = base + it.offset();
+            let (k, v) = match it.next() {
+                None => break,
+                Some(Ok((k, v))) => (k.as_bytes(), v.as_bytes()),
+                Some(Err(e)) => {
                     failed = Some(e);
                     break;
                 }
             };
             parsed += 1;
             self.counters.map_output_bytes += (k.len() + v.len()) as u64;
-            self.entries.push(Entry {
-                rank: rank(partition(k, self.reduces).0, k, self.entries.len()),
-                offset: base + (k.as_ptr() as usize - records.as_ptr() as usize),
-                key_len: k.len() as u32,
-                value_len: v.len() as u32,
-            });
+            (self.entries).push(rank(partition(k, self.reduces).0, k, start));
         }
         self.counters.map_output_records += parsed;
         if let Some(e) = failed {
@@ -434,20 +474,19 @@ impl SortBuffer {
         w: &mut RunFileWriter<W>,
     ) -> Result<(), SpillError> {
         let arena = &self.arena;
-        let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
+        let key = |e: Entry| key(arena, e);
         sort_entries(&mut self.entries, arena);
         let mut pending: Vec<Pending> = Vec::new();
         let mut groups = Groups::new();
         let mut group_bytes = 0;
         let mut i = 0;
         while i < self.entries.len() {
-            let first = &self.entries[i];
-            let same =
-                |e: &Entry| e.class() == first.class() && (!e.long() || key(e) == key(first));
-            let run_end = i + self.entries[i..].iter().take_while(|e| same(e)).count();
+            let first = self.entries[i];
+            let same = |e: Entry| e.class() == first.class() && (!e.long() || key(e) == key(first));
+            let run_end = i + self.entries[i..].iter().take_while(|&&e| same(e)).count();
             if run_end - i < 2 || matches!(self.combiner, Combiner::Absent) {
                 if groups.is_empty() {
-                    for e in &self.entries[i..run_end] {
+                    for &e in &self.entries[i..run_end] {
                         write_entry(w, arena, e)?;
                     }
                 } else {
@@ -464,11 +503,11 @@ impl SortBuffer {
                 let mut end = i;
                 let mut bytes = 0;
                 while end < run_end && (end == i || bytes < COMBINE_CHUNK_BYTES) {
-                    bytes += self.entries[end].value_len as usize + 8;
+                    bytes += value(arena, self.entries[end]).len() + 8;
                     end += 1;
                 }
-                groups.start(key(&self.entries[i]), end == run_end);
-                for e in &self.entries[i..end] {
+                groups.start(key(self.entries[i]), end == run_end);
+                for &e in &self.entries[i..end] {
                     groups.value(value(arena, e));
                 }
                 if end == run_end {
@@ -633,22 +672,14 @@ impl SortBuffer {
         value: &[u8],
     ) -> Result<(), SpillError> {
         if self.used() >= self.limit {
-            let same = self.entries.last().is_some_and(|e| {
-                e.partition() == partition
-                    && &self.arena[e.offset..e.offset + e.key_len as usize] == key
-            });
+            let same = (self.entries.last())
+                .is_some_and(|&e| e.partition() == partition && self::key(&self.arena, e) == key);
             if !same || self.used() >= self.limit.saturating_mul(2) {
                 self.write_sorted(w)?;
             }
         }
-        self.entries.push(Entry {
-            rank: rank(partition, key, self.entries.len()),
-            offset: self.arena.len(),
-            key_len: key.len() as u32,
-            value_len: value.len() as u32,
-        });
-        self.arena.extend_from_slice(key);
-        self.arena.extend_from_slice(value);
+        (self.entries).push(rank(partition, key, self.arena.len()));
+        mr_core::records::put_record(&mut self.arena, key, value);
         Ok(())
     }
 
@@ -664,25 +695,20 @@ fn cancelled() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::Interrupted, "the attempt was cancelled")
 }
 
-fn value<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {
-    let k = e.offset + e.key_len as usize;
-    &arena[k..k + e.value_len as usize]
-}
-
 /// Sorts `entries` by partition and key, equal keys in emit order: by
 /// rank, then runs of long keys that share a rank's class by their bytes.
 fn sort_entries(entries: &mut [Entry], arena: &[u8]) {
-    let key = |e: &Entry| &arena[e.offset..e.offset + e.key_len as usize];
-    entries.sort_unstable_by_key(|e| e.rank);
+    let key = |e: &Entry| key(arena, *e);
+    entries.sort_unstable_by_key(|e| e.0);
     let mut i = 0;
     while i < entries.len() {
-        let first = &entries[i];
+        let first = entries[i];
         let end = i
             + (entries[i..].iter())
                 .take_while(|e| e.class() == first.class())
                 .count();
         if first.long() && end - i > 1 {
-            entries[i..end].sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.rank.cmp(&b.rank)));
+            entries[i..end].sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.0.cmp(&b.0)));
         }
         i = end;
     }
@@ -691,13 +717,10 @@ fn sort_entries(entries: &mut [Entry], arena: &[u8]) {
 fn write_entry<W: std::io::Write>(
     w: &mut RunFileWriter<W>,
     arena: &[u8],
-    e: &Entry,
+    e: Entry,
 ) -> std::io::Result<()> {
-    w.write(
-        e.partition(),
-        &arena[e.offset..e.offset + e.key_len as usize],
-        value(arena, e),
-    )
+    let (k, v) = pair(arena, e.offset());
+    w.write(e.partition(), k, v)
 }
 
 /// Runs the combiner on `groups` and writes everything `pending` in order.
@@ -731,22 +754,18 @@ fn flush_combined<W: std::io::Write>(
     let mut next = 0;
     for p in pending.drain(..) {
         match (p, combined.as_ref()) {
-            (Pending::Raw(i), _) => write_entry(w, arena, &entries[i])?,
+            (Pending::Raw(i), _) => write_entry(w, arena, entries[i])?,
             (Pending::Combined { first, end }, Some(vals)) => {
-                let e = &entries[first];
+                let e = entries[first];
                 // One combined value per last group (checked by the runtime).
                 let v = vals.get(next);
                 next += 1;
-                w.write(
-                    e.partition(),
-                    &arena[e.offset..e.offset + e.key_len as usize],
-                    v.as_bytes(),
-                )?;
+                w.write(e.partition(), key(arena, e), v.as_bytes())?;
                 counters.combine_input_records += (end - first) as u64;
                 counters.combine_output_records += 1;
             }
             (Pending::Combined { first, end }, None) => {
-                for e in &entries[first..end] {
+                for &e in &entries[first..end] {
                     write_entry(w, arena, e)?;
                 }
             }
@@ -775,22 +794,19 @@ mod tests {
                 .map(|_| alphabet[rng.below(2 + (seq % 3))])
                 .collect();
             let p = rng.below(3) as u32;
-            entries.push(Entry {
-                rank: rank(p, &key, seq),
-                offset: arena.len(),
-                key_len: key.len() as u32,
-                value_len: 0,
-            });
-            arena.extend_from_slice(&key);
+            entries.push(rank(p, &key, arena.len()));
+            // Values of every length: the record's lengths vary too.
+            let value = vec![b'v'; rng.below(300)];
+            mr_core::records::put_record(&mut arena, &key, &value);
         }
-        let key = |e: &Entry| arena[e.offset..e.offset + e.key_len as usize].to_vec();
+        let key = |e: &Entry| key(&arena, *e).to_vec();
         let mut want: Vec<(u32, Vec<u8>, usize)> = (entries.iter())
-            .map(|e| (e.partition(), key(e), e.offset))
+            .map(|e| (e.partition(), key(e), e.offset()))
             .collect();
         want.sort();
         sort_entries(&mut entries, &arena);
         let got: Vec<(u32, Vec<u8>, usize)> = (entries.iter())
-            .map(|e| (e.partition(), key(e), e.offset))
+            .map(|e| (e.partition(), key(e), e.offset()))
             .collect();
         assert_eq!(got, want);
     }
