@@ -134,6 +134,26 @@ pub(crate) fn probe_in(app: &str, name: &str, contents: &str, extra: &[&str]) ->
     text.lines().map(str::to_string).collect()
 }
 
+/// Records whose lengths are longer varints than needed (valid in the
+/// contract) give the same output as the shortest ones: the host copies
+/// emitted records into its run files as they are, and reads them back,
+/// also when the map spills and merges.
+#[test]
+fn longer_varints_from_a_guest_give_the_same_output() {
+    let text = "Alpha beta gamma alpha, beta alpha! A word longer than eight: \
+                extraordinarily extraordinarily extraordinary\n"
+        .repeat(200);
+    let want = probe("rawwords", &text, &[]);
+    assert!(want.contains(&"n:alpha 400".to_string()), "{want:?}");
+    assert!(
+        want.contains(&"n:extraordinarily 400".to_string()),
+        "{want:?}"
+    );
+    for extra in [&[][..], &["--sort-buffer", "4KiB"][..]] {
+        assert_eq!(probe("longvarints", &text, extra), want, "{extra:?}");
+    }
+}
+
 #[test]
 fn reading_etc_passwd_is_denied() {
     let got = probe("passwd", "x\n", &[]);

@@ -5,7 +5,8 @@
 //! `dupes` emits 10 000 raw ("dup", "1") pairs, bypassing the SDK's combining
 //! (`bigdupes` 200 000);
 //! `rawwords` emits ("n:WORD", "1") for every word of its input, bypassing it
-//! too (its combiner sums);
+//! too (its combiner sums); `longvarints` the same with every length
+//! written a byte longer than it needs (a varint the contract accepts);
 //! `bigbatch` emits 20 MiB in one call; `badrecords` emits bytes that are
 //! not well-formed records; `badkeys` emits keys and values the text output format cannot carry;
 //! `escapes` panics with terminal control sequences, `chatty` after 3 MB
@@ -101,10 +102,25 @@ impl App for Hostile {
                 let args = std::env::args().count();
                 out.emit("args", &args.to_string());
             }
-            "rawwords" => {
+            "rawwords" | "longvarints" => {
                 let mut batch = Vec::new();
                 for word in mr_sdk::words(contents) {
-                    record(&mut batch, &format!("n:{word}"), "1");
+                    if name == "longvarints" {
+                        let key = format!("n:{word}");
+                        for len in [key.len(), 1] {
+                            // `len` in 7-bit groups, then an empty group.
+                            let mut v = len as u32;
+                            while v > 0 {
+                                batch.push((v as u8 & 0x7f) | 0x80);
+                                v >>= 7;
+                            }
+                            batch.push(0);
+                        }
+                        batch.extend_from_slice(key.as_bytes());
+                        batch.push(b'1');
+                    } else {
+                        record(&mut batch, &format!("n:{word}"), "1");
+                    }
                     if batch.len() >= 64 << 10 {
                         emit(&batch);
                         batch.clear();

@@ -222,6 +222,24 @@ impl<W: Write> RunFileWriter<W> {
         Ok(())
     }
 
+    /// Appends a record already in the run file's encoding (two varints,
+    /// key, value; checked by `mr_core::records`), as a map's sort buffer
+    /// keeps them: one copy instead of three. Same order rules as
+    /// [`Self::write`].
+    pub fn write_record(&mut self, partition: u32, record: &[u8]) -> io::Result<()> {
+        assert!(partition < self.partitions, "partition out of range");
+        while (self.segments.len() as u32) <= partition {
+            self.close_segment()?;
+        }
+        self.block.extend_from_slice(record);
+        self.pos += record.len() as u64;
+        self.segments.last_mut().expect("a current segment").records += 1;
+        if self.block.len() >= WRITE_BLOCK {
+            self.flush_block()?;
+        }
+        Ok(())
+    }
+
     /// Writes the index and trailer; returns the sink and the index.
     fn close(mut self) -> io::Result<(W, Vec<SegmentInfo>)> {
         while (self.segments.len() as u32) <= self.partitions {
