@@ -135,9 +135,9 @@ pub(crate) fn probe_in(app: &str, name: &str, contents: &str, extra: &[&str]) ->
 }
 
 /// Records whose lengths are longer varints than needed (valid in the
-/// contract) give the same output as the shortest ones: the host copies
-/// emitted records into its run files as they are, and reads them back,
-/// also when the map spills and merges.
+/// contract) give the same output as the shortest ones, also when the map
+/// spills and merges (the digests of such a map's output at any sort
+/// buffer: `verify.rs`).
 #[test]
 fn longer_varints_from_a_guest_give_the_same_output() {
     let text = "Alpha beta gamma alpha, beta alpha! A word longer than eight: \

@@ -341,6 +341,11 @@ fn pair(arena: &[u8], offset: usize) -> (&[u8], &[u8], &[u8]) {
     )
 }
 
+/// How many bytes the shortest varint of `n` takes.
+fn varint_len(n: usize) -> usize {
+    1 + (usize::BITS - (n | 1).leading_zeros() - 1) as usize / 7
+}
+
 fn key(arena: &[u8], e: Entry) -> &[u8] {
     pair(arena, e.offset()).0
 }
@@ -444,7 +449,12 @@ impl SortBuffer {
         // key and value lie next to each other in it, after its lengths,
         // as in a run file, so a spill copies each record whole.
         let base = self.arena.len();
+        let first = self.entries.len();
         self.arena.extend_from_slice(records);
+        // Whether every length is its shortest varint, as the host writes
+        // them (so a map's output is the same bytes whether it spilled and
+        // merged or not).
+        let mut shortest = true;
         let mut parsed = 0;
         let mut failed = None;
         let mut it = mr_core::records::records(records);
@@ -459,12 +469,26 @@ impl SortBuffer {
                 }
             };
             parsed += 1;
-            self.counters.map_output_bytes += (k.len() + v.len()) as u64;
+            let (kl, vl) = (k.len(), v.len());
+            shortest &= it.offset() - start == varint_len(kl) + varint_len(vl) + kl + vl;
+            self.counters.map_output_bytes += (kl + vl) as u64;
             (self.entries).push(rank(partition(k, self.reduces).0, k, base + start));
         }
         self.counters.map_output_records += parsed;
         if let Some(e) = failed {
             return Err(SpillError::Malformed(e));
+        }
+        if !shortest {
+            // A guest's longer varints (valid), written again the shortest
+            // way.
+            self.arena.truncate(base);
+            self.entries.truncate(first);
+            for (k, v) in mr_core::records::records(records).flatten() {
+                let (k, v) = (k.as_bytes(), v.as_bytes());
+                let at = self.arena.len();
+                (self.entries).push(rank(partition(k, self.reduces).0, k, at));
+                mr_core::records::put_record(&mut self.arena, k, v);
+            }
         }
         if self.used() >= self.limit {
             self.spill()?;

@@ -222,9 +222,9 @@ impl<W: Write> RunFileWriter<W> {
         Ok(())
     }
 
-    /// Appends a record already in the run file's encoding (two varints,
-    /// key, value; checked by `mr_core::records`), as a map's sort buffer
-    /// keeps them: one copy instead of three. Same order rules as
+    /// Appends a record already in the run file's encoding (the lengths
+    /// as their shortest varints, key, value), as a map's sort buffer keeps
+    /// them: one copy instead of three. Same order rules as
     /// [`Self::write`].
     pub fn write_record(&mut self, partition: u32, record: &[u8]) -> io::Result<()> {
         assert!(partition < self.partitions, "partition out of range");
