@@ -142,13 +142,16 @@ pub(crate) fn probe_in(app: &str, name: &str, contents: &str, extra: &[&str]) ->
 fn longer_varints_from_a_guest_give_the_same_output() {
     let text = "Alpha beta gamma alpha, beta alpha! A word longer than eight: \
                 extraordinarily extraordinarily extraordinary\n"
-        .repeat(200);
+        .repeat(200)
+        // And words once each: written as they were emitted, not combined.
+        + "solitary words\n";
     let want = probe("rawwords", &text, &[]);
     assert!(want.contains(&"n:alpha 400".to_string()), "{want:?}");
     assert!(
         want.contains(&"n:extraordinarily 400".to_string()),
         "{want:?}"
     );
+    assert!(want.contains(&"n:solitary 1".to_string()), "{want:?}");
     for extra in [&[][..], &["--sort-buffer", "4KiB"][..]] {
         assert_eq!(probe("longvarints", &text, extra), want, "{extra:?}");
     }
