@@ -62,18 +62,7 @@ pub fn run(
     attempt: u32,
     control: &TaskControl,
 ) -> Result<MapOutput, TaskError> {
-    // The coordinator checked this; a task from anywhere else is refused
-    // rather than its partitions cut to the rank's bits.
-    let max = mr_core::job::limits::MAX_REDUCES;
-    if task.reduces == 0 || task.reduces > max {
-        return Err(TaskError::Io {
-            what: format!(
-                "map task {} asks for {} reduces; a worker handles 1 to {max}",
-                task.index, task.reduces
-            ),
-            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        });
-    }
+    check_reduces(task)?;
     let prefix = format!("map-{}-a{attempt}", task.index);
     // The map instances and the combiner's share one memory limit.
     let buffer = Arc::new(Mutex::new(SortBuffer::new(
@@ -148,6 +137,23 @@ pub fn run(
         segments,
         counters,
     })
+}
+
+/// Refuses a task whose reduce count a worker cannot partition for: the
+/// coordinator checked it, but a task from anywhere else is refused rather
+/// than its partitions cut to the rank's bits.
+fn check_reduces(task: &MapTask) -> Result<(), TaskError> {
+    let max = mr_core::job::limits::MAX_REDUCES;
+    if task.reduces == 0 || task.reduces > max {
+        return Err(TaskError::Io {
+            what: format!(
+                "map task {} asks for {} reduces; a worker handles 1 to {max}",
+                task.index, task.reduces
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
+    }
+    Ok(())
 }
 
 /// Maps one split into `buffer`, adding to `counters`; returns what the
@@ -874,6 +880,31 @@ fn flush_combined<W: std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reduce count past what the sort's rank holds (or none) is refused
+    /// with a message, not cut or divided by.
+    #[test]
+    fn a_task_with_no_or_too_many_reduces_is_refused() {
+        let max = mr_core::job::limits::MAX_REDUCES;
+        let task = |reduces| MapTask {
+            index: 3,
+            splits: Vec::new(),
+            reduces,
+            dir: PathBuf::new(),
+            sort_buffer: 1 << 20,
+            in_memory: 0,
+            seed: 0,
+            roots: Vec::new(),
+        };
+        for ok in [1, 8, max] {
+            assert!(check_reduces(&task(ok)).is_ok(), "{ok}");
+        }
+        for bad in [0, max + 1, u32::MAX] {
+            let e = check_reduces(&task(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("asks for {bad} reduces")), "{e}");
+            assert!(e.contains(&format!("1 to {max}")), "{e}");
+        }
+    }
 
     /// Ranks and the fix-up of long keys sort exactly as comparing
     /// (partition, key bytes, emit order) does: keys sharing eight-byte
