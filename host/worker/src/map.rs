@@ -321,7 +321,7 @@ const _: () = assert!(2 * mr_core::job::limits::MAX_SORT_BUFFER + (64 << 20) < 1
 /// The key and value of the record at `offset` of `arena`, which
 /// [`SortBuffer::add`] or [`SortBuffer::stage`] checked or wrote, and the
 /// whole record (lengths, key, value).
-#[inline]
+#[inline(always)]
 fn pair(arena: &[u8], offset: usize) -> (&[u8], &[u8], &[u8]) {
     #[inline]
     fn varint(arena: &[u8], at: &mut usize) -> usize {
@@ -346,6 +346,16 @@ fn pair(arena: &[u8], offset: usize) -> (&[u8], &[u8], &[u8]) {
         &arena[offset..at + k + v],
     )
 }
+
+/// Where the record at `offset` of `arena` ends: `(offset, end)`.
+#[inline(always)]
+fn record_span(arena: &[u8], offset: usize) -> (usize, usize) {
+    let (_, _, record) = pair(arena, offset);
+    (offset, offset + record.len())
+}
+
+/// Records located at once before they are copied (see `write_sorted`).
+const LOCATE_CHUNK: usize = 32;
 
 /// How many bytes the shortest varint of `n` takes.
 fn varint_len(n: usize) -> usize {
@@ -527,8 +537,16 @@ impl SortBuffer {
             probe_combiner(&mut self.combiner, arena, &self.entries[run])?;
         }
         if no_runs || matches!(self.combiner, Combiner::Absent) {
-            for &e in &self.entries {
-                w.write_record(e.partition(), pair(arena, e.offset()).2)?;
+            // A chunk's records are located first (independent reads the
+            // processor overlaps), then copied from the cache.
+            for chunk in self.entries.chunks(LOCATE_CHUNK) {
+                let mut spans = [(0, 0); LOCATE_CHUNK];
+                for (span, &e) in spans.iter_mut().zip(chunk) {
+                    *span = record_span(arena, e.offset());
+                }
+                for (&(start, end), &e) in spans.iter().zip(chunk) {
+                    w.write_record(e.partition(), &arena[start..end])?;
+                }
             }
             self.entries.clear();
             self.arena.clear();

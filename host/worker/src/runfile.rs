@@ -217,6 +217,7 @@ impl<W: Write> RunFileWriter<W> {
     /// Appends the parts of one record to the current segment: into the
     /// block, or (a record as large as a block) straight to the sink after
     /// it, so the block never grows past one block and a large record.
+    #[inline]
     fn append(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len >= WRITE_BLOCK {
@@ -242,6 +243,7 @@ impl<W: Write> RunFileWriter<W> {
     /// as their shortest varints, key, value), as a map's sort buffer keeps
     /// them: one copy instead of three. Same order rules as
     /// [`Self::write`].
+    #[inline]
     pub fn write_record(&mut self, partition: u32, record: &[u8]) -> io::Result<()> {
         assert!(partition < self.partitions, "partition out of range");
         while (self.segments.len() as u32) <= partition {
