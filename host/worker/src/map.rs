@@ -783,7 +783,12 @@ fn sort_entries(entries: &mut [Entry], arena: &[u8]) {
             + (entries[i..].iter())
                 .take_while(|e| e.class() == first.class())
                 .count();
-        if first.long() && end - i > 1 {
+        // (Already in order if all its keys are one: a long word emitted
+        // many times, the common case.)
+        if first.long()
+            && end - i > 1
+            && !(entries[i + 1..end].iter()).all(|e| key(e) == key(&first))
+        {
             entries[i..end].sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.0.cmp(&b.0)));
         }
         i = end;
