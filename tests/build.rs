@@ -15,6 +15,7 @@ const APPS: &[&str] = &[
     "hostile",
     "timing",
     "wc_wit010",
+    "wc_nocombiner",
 ];
 
 fn main() {
@@ -33,13 +34,17 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     for app in APPS {
+        // A package's directory is its name, with `-` where the wasm
+        // file's name has `_` (`wc-nocombiner`, `wc_nocombiner.wasm`).
+        let dir = [app.to_string(), app.replace('_', "-")]
+            .into_iter()
+            .map(|d| apps.join(d))
+            .find(|d| d.exists())
+            .unwrap_or_else(|| panic!("no directory in apps/ for {app}"));
+        println!("cargo:rerun-if-changed={}", dir.join("src").display());
         println!(
             "cargo:rerun-if-changed={}",
-            apps.join(app).join("src").display()
-        );
-        println!(
-            "cargo:rerun-if-changed={}",
-            apps.join(app).join("Cargo.toml").display()
+            dir.join("Cargo.toml").display()
         );
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -16,6 +16,8 @@ pub const HOSTILE: &str = env!("MR_GUEST_HOSTILE");
 pub const TIMING: &str = env!("MR_GUEST_TIMING");
 /// Word count built against `mr:app@0.1.0` (ASCII words, no combiner).
 pub const WC_WIT010: &str = env!("MR_GUEST_WC_WIT010");
+/// `wc` without a combiner, its reduce a streaming `mr_sdk::Fold`.
+pub const WC_NOCOMBINER: &str = env!("MR_GUEST_WC_NOCOMBINER");
 pub const REPO_ROOT: &str = env!("MR_REPO_ROOT");
 
 /// The eight books of the lab, as paths.

@@ -67,6 +67,39 @@ fn indexer_matches_sequential_reference() {
 }
 
 #[test]
+fn wc_without_a_combiner_folds_to_the_same_counts() {
+    let (_out, got) = run_app(WC_NOCOMBINER, &[]);
+    assert_eq!(got, reference_wc(&names(&books())));
+}
+
+/// One word three million times: the host hands its values to the reduce
+/// in many groups, and `wc-nocombiner`'s fold sums them as they come, in a
+/// 32 MiB guest. The same app gathering them for `reduce(key, values)`
+/// asked for 41 MiB and failed ("ran out of memory").
+#[test]
+fn a_fold_reduces_a_key_with_millions_of_values_in_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("hot.txt");
+    std::fs::write(
+        &input,
+        "the the the the the the the the the the\n".repeat(300_000),
+    )
+    .unwrap();
+    let dir = tmp.path().join("out");
+    mr_run_ok(&[
+        WC_NOCOMBINER,
+        input.to_str().unwrap(),
+        "--reduces",
+        "2",
+        "--memory-limit",
+        "32MiB",
+        "--output",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(read_output(&dir), ["the 3000000"]);
+}
+
+#[test]
 fn nocrash_matches_sequential_reference() {
     let (_out, got) = run_app(NOCRASH, &[]);
     assert_eq!(got, reference_nocrash(&names(&books())));
