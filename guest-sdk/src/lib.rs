@@ -228,13 +228,33 @@ struct SumEntry {
     sum: u64,
 }
 
-/// The first eight bytes of `key`, zero-padded.
+/// The first eight bytes of `key`, zero-padded, as a little-endian number.
+/// Built from fixed-size loads (overlapping ones for short keys): a copy
+/// of a variable length would be a `memory.copy`, which wasmtime runs as a
+/// call out of the guest, once per word.
 #[inline]
 fn head(key: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = key.len().min(8);
-    b[..n].copy_from_slice(&key[..n]);
-    u64::from_le_bytes(b)
+    let n = key.len();
+    let u32_at = |i: usize| {
+        u64::from(u32::from_le_bytes([
+            key[i],
+            key[i + 1],
+            key[i + 2],
+            key[i + 3],
+        ]))
+    };
+    if n >= 8 {
+        u64::from_le_bytes(key[..8].try_into().expect("eight bytes"))
+    } else if n >= 4 {
+        // The first four and the last four, overlapping in equal bytes.
+        u32_at(0) | u32_at(n - 4) << (8 * (n - 4))
+    } else if n > 0 {
+        u64::from(key[0])
+            | u64::from(key[n / 2]) << (8 * (n / 2))
+            | u64::from(key[n - 1]) << (8 * (n - 1))
+    } else {
+        0
+    }
 }
 
 impl Sums {
@@ -324,7 +344,15 @@ fn put_varint(out: &mut Vec<u8>, mut v: u32) {
 }
 
 /// Reads a varint at `*at`, moving past it.
+#[inline]
 fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u32, String> {
+    // Most lengths are one byte.
+    if let Some(&b) = bytes.get(*at) {
+        if b < 0x80 {
+            *at += 1;
+            return Ok(u32::from(b));
+        }
+    }
     let mut v: u32 = 0;
     for i in 0..5 {
         let b = *bytes
@@ -339,15 +367,25 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u32, String> {
     Err("host protocol error: a length of more than 32 bits".into())
 }
 
-/// Takes `len` bytes of text at `*at`.
-fn get_text<'a>(bytes: &'a [u8], at: &mut usize) -> Result<&'a str, String> {
+/// Takes `len` bytes of text at `*at`. `whole`: all of `bytes` as text if it
+/// is UTF-8 (checked once); a field of it is then text exactly when it
+/// starts and ends on a character boundary, which `str::get` checks.
+#[inline]
+fn get_text<'a>(
+    bytes: &'a [u8],
+    at: &mut usize,
+    whole: Option<&'a str>,
+) -> Result<&'a str, String> {
     let len = get_varint(bytes, at)? as usize;
     let end = at
         .checked_add(len)
         .filter(|&e| e <= bytes.len())
         .ok_or("host protocol error: text runs past the end of the batch")?;
-    let s = std::str::from_utf8(&bytes[*at..end])
-        .map_err(|_| "host protocol error: text that is not UTF-8".to_string())?;
+    let s = match whole {
+        Some(all) => all.get(*at..end),
+        None => std::str::from_utf8(&bytes[*at..end]).ok(),
+    };
+    let s = s.ok_or("host protocol error: text that is not UTF-8")?;
     *at = end;
     Ok(s)
 }
@@ -841,6 +879,7 @@ fn gather(
 ) -> Result<Option<Vec<u8>>, String> {
     let mut out = Vec::new();
     let mut values: Vec<&str> = Vec::new();
+    let whole = std::str::from_utf8(groups).ok();
     let mut at = 0;
     while at < groups.len() {
         let flags = groups[at];
@@ -849,11 +888,11 @@ fn gather(
             return Err(format!("host protocol error: group flags {flags}"));
         }
         let last = flags == 1;
-        let key = get_text(groups, &mut at)?;
+        let key = get_text(groups, &mut at, whole)?;
         let n = get_varint(groups, &mut at)? as usize;
         values.clear();
         for _ in 0..n {
-            values.push(get_text(groups, &mut at)?);
+            values.push(get_text(groups, &mut at, whole)?);
         }
         let so_far = match PENDING.with(|p| p.borrow_mut().take()) {
             Some(p) if p.key == key => p.so_far,
@@ -1153,6 +1192,14 @@ mod tests {
             .unwrap_err()
             .contains("flags"));
         assert!(gather(&[1, 5, b'a'], false, |_| None, |_, _| None).is_err());
+        // A batch that is UTF-8 as a whole may still cut a character
+        // between two fields: "é" is C3 A9, the first byte ending one value
+        // and the second starting the next one's length (169, two bytes).
+        let mut cut = vec![1, 1, b'a', 2, 1, 0xC3, 0xA9, 0x01];
+        cut.extend([b'a'; 169]);
+        assert!(std::str::from_utf8(&cut).is_ok());
+        let err = gather(&cut, false, |_| None, |_, _| Some(String::new())).unwrap_err();
+        assert!(err.contains("not UTF-8"), "{err}");
         assert_eq!(decimal(0, &mut [0; 20]), b"0");
         assert_eq!(
             decimal(u64::MAX, &mut [0; 20]),
@@ -1214,6 +1261,18 @@ mod tests {
         // `start` is asked once per key, on its first group.
         assert_eq!(started, ["a", "b", "c"]);
         assert_eq!(reduced, [("c".to_string(), "7 8".to_string())]);
+    }
+
+    #[test]
+    fn a_keys_head_is_its_first_eight_bytes_zero_padded() {
+        let bytes: Vec<u8> = (0..12u8)
+            .map(|i| i.wrapping_mul(37).wrapping_add(200))
+            .collect();
+        for n in 0..=bytes.len() {
+            let mut want = [0u8; 8];
+            want[..n.min(8)].copy_from_slice(&bytes[..n.min(8)]);
+            assert_eq!(head(&bytes[..n]), u64::from_le_bytes(want), "{n} bytes");
+        }
     }
 
     #[test]

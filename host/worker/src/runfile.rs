@@ -571,12 +571,33 @@ impl<R: Read> SegmentReader<R> {
 /// The first eight bytes of `key` as a big-endian number (zero-padded):
 /// ordered as the keys are, but for keys that differ only after them or
 /// in trailing zero bytes ([`cmp_keys`] settles those).
+///
+/// Built from fixed-size loads (overlapping ones for short keys), not a
+/// copy of a variable length, which is a call to `memcpy` per key.
 #[inline]
 pub fn key_head(key: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = key.len().min(8);
-    b[..n].copy_from_slice(&key[..n]);
-    u64::from_be_bytes(b)
+    let n = key.len();
+    let u32_at = |i: usize| {
+        u64::from(u32::from_le_bytes([
+            key[i],
+            key[i + 1],
+            key[i + 2],
+            key[i + 3],
+        ]))
+    };
+    let le = if n >= 8 {
+        u64::from_le_bytes(key[..8].try_into().expect("eight bytes"))
+    } else if n >= 4 {
+        // The first four and the last four, overlapping in equal bytes.
+        u32_at(0) | u32_at(n - 4) << (8 * (n - 4))
+    } else if n > 0 {
+        u64::from(key[0])
+            | u64::from(key[n / 2]) << (8 * (n / 2))
+            | u64::from(key[n - 1]) << (8 * (n - 1))
+    } else {
+        0
+    };
+    le.swap_bytes()
 }
 
 /// Compares keys `a` and `b` whose [`key_head`]s are `ha` and `hb`, as
@@ -807,6 +828,9 @@ mod tests {
             keys.push((0..len).map(|_| alphabet[rng.below(5)]).collect());
         }
         for a in &keys {
+            let mut padded = [0u8; 8];
+            padded[..a.len().min(8)].copy_from_slice(&a[..a.len().min(8)]);
+            assert_eq!(key_head(a), u64::from_be_bytes(padded), "{a:?}");
             for b in &keys {
                 let got = cmp_keys(key_head(a), a, key_head(b), b);
                 assert_eq!(got, a.cmp(b), "{a:?} vs {b:?}");
