@@ -539,13 +539,18 @@ impl SortBuffer {
         if no_runs || matches!(self.combiner, Combiner::Absent) {
             // A chunk's records are located first (independent reads the
             // processor overlaps), then copied from the cache.
+            // Whether a record repeats the key before it comes from the
+            // ranks (a key of at most eight bytes is its rank's class).
+            let mut prev = None;
             for chunk in self.entries.chunks(LOCATE_CHUNK) {
                 let mut spans = [(0, 0); LOCATE_CHUNK];
                 for (span, &e) in spans.iter_mut().zip(chunk) {
                     *span = record_span(arena, e.offset());
                 }
                 for (&(start, end), &e) in spans.iter().zip(chunk) {
-                    w.write_record(e.partition(), &arena[start..end])?;
+                    let repeats = prev.is_some_and(|p| same_key(arena, p, e));
+                    w.write_record_knowing(e.partition(), &arena[start..end], repeats)?;
+                    prev = Some(e);
                 }
             }
             self.entries.clear();
@@ -558,7 +563,7 @@ impl SortBuffer {
         let mut i = 0;
         while i < self.entries.len() {
             let first = self.entries[i];
-            let same = |e: Entry| e.class() == first.class() && (!e.long() || key(e) == key(first));
+            let same = |e: Entry| same_key(arena, e, first);
             let run_end = i + self.entries[i..].iter().take_while(|&&e| same(e)).count();
             if run_end - i < 2 || matches!(self.combiner, Combiner::Absent) {
                 if groups.is_empty() {
@@ -803,12 +808,16 @@ fn write_entry<W: std::io::Write>(
     w.write_record(e.partition(), pair(arena, e.offset()).2)
 }
 
+/// Whether entries `a` and `b` have one partition and key.
+#[inline]
+fn same_key(arena: &[u8], a: Entry, b: Entry) -> bool {
+    a.class() == b.class() && (!a.long() || key(arena, a) == key(arena, b))
+}
+
 /// The first run of two or more entries with one partition and key, if
 /// any (sorted `entries`).
 fn first_run(entries: &[Entry], arena: &[u8]) -> Option<std::ops::Range<usize>> {
-    let same = |a: Entry, b: Entry| {
-        a.class() == b.class() && (!a.long() || key(arena, a) == key(arena, b))
-    };
+    let same = |a: Entry, b: Entry| same_key(arena, a, b);
     let i = entries.windows(2).position(|w| same(w[0], w[1]))?;
     let end = i + entries[i..]
         .iter()

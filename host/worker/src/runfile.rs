@@ -5,12 +5,20 @@
 //! reads exactly its byte range and merges it with the other map tasks'.
 //!
 //! ```text
-//! file    = "MRR1" segment* index trailer
+//! file    = "MRR2" segment* index trailer
 //! segment = record*                      (sorted by key; equal keys keep emit order)
 //! record  = varint(key_len) varint(value_len) key value
+//!         | 0x80 0x00 varint(value_len) value      (the key of the record before)
 //! index   = (offset:u64 len:u64 records:u64 crc32:u32)  × partitions
-//! trailer = index_offset:u64 partitions:u32 "MRR1"     (integers little-endian)
+//! trailer = index_offset:u64 partitions:u32 "MRR2"     (integers little-endian)
 //! ```
+//!
+//! Varints are unsigned LEB128, written the shortest way, so `0x80 0x00`
+//! (a longer zero) never starts a record of its own: it marks a record
+//! that repeats the key of the one before it in its segment, which most
+//! records of a map without a combiner do (a word's every occurrence). The
+//! key is then stored once per run of it, and a merge knows without
+//! comparing that a source's next record has the key it just had.
 //!
 //! The crc32 of each segment is checked when it has been read to its end,
 //! so a torn or corrupted file is an error, never silently wrong output.
@@ -27,7 +35,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 4] = b"MRR1";
+const MAGIC: &[u8; 4] = b"MRR2";
+/// What starts a record that repeats the key of the record before it.
+const SAME_KEY: [u8; 2] = [0x80, 0x00];
 const TRAILER_LEN: u64 = 8 + 4 + 4;
 const INDEX_ENTRY_LEN: u64 = 8 + 8 + 8 + 4;
 /// Reader buffer per segment (at most; a shorter segment gets a buffer
@@ -123,6 +133,8 @@ pub struct RunFileWriter<W: Write = File> {
     partitions: u32,
     segments: Vec<SegmentInfo>,
     crc: crc32fast::Hasher,
+    /// The key of the current segment's last record, if it has one.
+    last_key: Option<Vec<u8>>,
 }
 
 /// How many bytes of records [`RunFileWriter`] gathers before it writes.
@@ -177,6 +189,7 @@ impl<W: Write> RunFileWriter<W> {
                 ..Default::default()
             }],
             crc: crc32fast::Hasher::new(),
+            last_key: None,
         })
     }
 
@@ -194,6 +207,7 @@ impl<W: Write> RunFileWriter<W> {
         let seg = self.segments.last_mut().expect("a current segment");
         seg.len = self.pos - seg.offset;
         seg.crc32 = crc;
+        self.last_key = None;
         self.segments.push(SegmentInfo {
             offset: self.pos,
             ..Default::default()
@@ -204,14 +218,34 @@ impl<W: Write> RunFileWriter<W> {
     /// Appends a record to `partition`'s segment. Partitions must not
     /// decrease and keys within one must not decrease (not checked).
     pub fn write(&mut self, partition: u32, key: &[u8], value: &[u8]) -> io::Result<()> {
-        assert!(partition < self.partitions, "partition out of range");
-        while (self.segments.len() as u32) <= partition {
-            self.close_segment()?;
-        }
         let mut head = [0u8; 20];
+        if self.repeats(partition, key)? {
+            head[..2].copy_from_slice(&SAME_KEY);
+            let n = 2 + put_varint(&mut head[2..], value.len() as u64);
+            return self.append(&[&head[..n], value]);
+        }
         let mut n = put_varint(&mut head, key.len() as u64);
         n += put_varint(&mut head[n..], value.len() as u64);
         self.append(&[&head[..n], key, value])
+    }
+
+    /// Moves on to `partition`'s segment and says whether `key` is its last
+    /// record's key; if not, it becomes that key.
+    #[inline]
+    fn repeats(&mut self, partition: u32, key: &[u8]) -> io::Result<bool> {
+        if self.next_segment(partition)? && self.last_key.as_deref() == Some(key) {
+            return Ok(true);
+        }
+        self.remember(key);
+        Ok(false)
+    }
+
+    /// Makes `key` the current segment's last record's key.
+    #[inline]
+    fn remember(&mut self, key: &[u8]) {
+        let last = self.last_key.get_or_insert_with(Vec::new);
+        last.clear();
+        last.extend_from_slice(key);
     }
 
     /// Appends the parts of one record to the current segment: into the
@@ -239,17 +273,74 @@ impl<W: Write> RunFileWriter<W> {
         Ok(())
     }
 
-    /// Appends a record already in the run file's encoding (the lengths
-    /// as their shortest varints, key, value), as a map's sort buffer keeps
-    /// them: one copy instead of three. Same order rules as
-    /// [`Self::write`].
+    /// Appends a record in the run file's encoding of a record with its
+    /// key (the lengths as their shortest varints, key, value), as a map's
+    /// sort buffer keeps them: one copy instead of three. Same order rules
+    /// as [`Self::write`].
     #[inline]
     pub fn write_record(&mut self, partition: u32, record: &[u8]) -> io::Result<()> {
+        let (klen, k, v) = lengths(record);
+        let repeats = self.repeats(partition, &record[v..v + klen])?;
+        self.put_record(record, repeats, (klen, k, v))
+    }
+
+    /// [`Self::write_record`] for a caller that knows whether the record
+    /// repeats the key of the record before it in `partition` (`repeats`:
+    /// then it must), without comparing the keys.
+    #[inline]
+    pub fn write_record_knowing(
+        &mut self,
+        partition: u32,
+        record: &[u8],
+        repeats: bool,
+    ) -> io::Result<()> {
+        let (klen, k, v) = lengths(record);
+        let repeats = self.next_segment(partition)? && repeats;
+        debug_assert!(!repeats || self.last_key.as_deref() == Some(&record[v..v + klen]));
+        if !repeats {
+            self.remember(&record[v..v + klen]);
+        }
+        self.put_record(record, repeats, (klen, k, v))
+    }
+
+    /// Moves on to `partition`'s segment; `false` if it had no record yet.
+    #[inline]
+    fn next_segment(&mut self, partition: u32) -> io::Result<bool> {
         assert!(partition < self.partitions, "partition out of range");
         while (self.segments.len() as u32) <= partition {
             self.close_segment()?;
         }
-        self.append(&[record])
+        Ok(self.last_key.is_some())
+    }
+
+    /// Appends `record`, whose key length, key length's end and value
+    /// length's end are `lengths`: whole, or after [`SAME_KEY`] without
+    /// its key.
+    #[inline]
+    fn put_record(
+        &mut self,
+        record: &[u8],
+        repeats: bool,
+        (klen, k, v): (usize, usize, usize),
+    ) -> io::Result<()> {
+        let value = &record[v + klen..];
+        if repeats && value.len() < 64 {
+            // Most of a map's records: a short value of a key just written.
+            let len = SAME_KEY.len() + 1 + value.len();
+            self.block.extend_from_slice(&SAME_KEY);
+            self.block.push(record[k]); // (a length below 64: one byte)
+            self.block.extend_from_slice(value);
+            self.pos += len as u64;
+            self.segments.last_mut().expect("a current segment").records += 1;
+            if self.block.len() >= WRITE_BLOCK {
+                self.flush_block()?;
+            }
+            Ok(())
+        } else if repeats {
+            self.append(&[&SAME_KEY, &record[k..v], value])
+        } else {
+            self.append(&[record])
+        }
     }
 
     /// Writes the index and trailer; returns the sink and the index.
@@ -273,6 +364,32 @@ impl<W: Write> RunFileWriter<W> {
         self.out.write_all(&tail)?;
         self.out.flush()?;
         Ok((self.out, self.segments))
+    }
+}
+
+/// A record's key length, where that length's varint ends and where the
+/// value length's ends (the key follows).
+#[inline]
+fn lengths(record: &[u8]) -> (usize, usize, usize) {
+    let (klen, k) = varint_at(record, 0);
+    let (_, v) = varint_at(record, k);
+    (klen, k, v)
+}
+
+/// The varint at `at` of `bytes` (which holds a whole one) and where it
+/// ends.
+#[inline]
+fn varint_at(bytes: &[u8], mut at: usize) -> (usize, usize) {
+    let mut v = 0usize;
+    let mut shift = 0;
+    loop {
+        let b = bytes[at];
+        at += 1;
+        v |= usize::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return (v, at);
+        }
+        shift += 7;
     }
 }
 
@@ -366,8 +483,14 @@ pub struct SegmentReader<R> {
     pos: usize,
     end: usize,
     crc_at: usize,
+    /// The current record's key and value in `buf`. The key's bytes stay
+    /// in the buffer while records repeat it.
     key: (usize, usize),
     value: (usize, usize),
+    /// Whether there is a current key (a record was read).
+    has_key: bool,
+    /// Whether the current record repeats the key of the one before it.
+    same_key: bool,
     what: String,
     /// The segment's end was reached: `Some(true)` if it checked out,
     /// `Some(false)` if it did not (every later call fails again).
@@ -447,14 +570,17 @@ impl<R: Read> SegmentReader<R> {
             crc_at: 0,
             key: (0, 0),
             value: (0, 0),
+            has_key: false,
+            same_key: false,
             what,
             finished: None,
         }
     }
 
     /// Makes at least `need` unparsed bytes available, if the segment has
-    /// them (`false` if it has fewer): moves the unparsed bytes to the
-    /// front (checksumming those parsed) and reads on.
+    /// them (`false` if it has fewer): moves the unparsed bytes (and the
+    /// current key's, which the next record may repeat) to the front
+    /// (checksumming those parsed) and reads on.
     fn fill(&mut self, need: usize) -> io::Result<bool> {
         let have = self.end - self.pos;
         if have >= need {
@@ -469,8 +595,19 @@ impl<R: Read> SegmentReader<R> {
             return Ok(false);
         }
         self.crc.update(&self.buf[self.crc_at..self.pos]);
-        self.buf.copy_within(self.pos..self.end, 0);
-        (self.pos, self.end, self.crc_at) = (0, have, 0);
+        // The key (if kept) first, then the unparsed bytes; the parsed
+        // bytes between them go.
+        let kept = if self.has_key {
+            self.buf.copy_within(self.key.0..self.key.1, 0);
+            self.key = (0, self.key.1 - self.key.0);
+            self.key.1
+        } else {
+            0
+        };
+        self.buf.copy_within(self.pos..self.end, kept);
+        (self.pos, self.end) = (kept, kept + have);
+        self.crc_at = self.pos;
+        let target = self.pos + target;
         while self.end < target {
             // The buffer grows with the bytes that really come (a length
             // that lies is found out before much is allocated).
@@ -542,19 +679,47 @@ impl<R: Read> SegmentReader<R> {
         }
         // Two lengths of at most ten bytes each (fewer at the very end).
         self.fill(20)?;
+        self.same_key = self.buf[self.pos..self.end].starts_with(&SAME_KEY);
+        if self.same_key {
+            if !self.has_key {
+                return Err(corrupt(format!(
+                    "{}: a segment's first record repeats a key",
+                    self.what
+                )));
+            }
+            self.pos += SAME_KEY.len();
+            let vlen = self.read_varint()?;
+            let vlen = usize::try_from(vlen).map_err(|_| self.overrun())?;
+            if !self.fill(vlen)? {
+                return Err(self.overrun());
+            }
+            self.value = (self.pos, self.pos + vlen);
+            self.pos += vlen;
+            self.records_left -= 1;
+            return Ok(true);
+        }
         let klen = self.read_varint()?;
         let vlen = self.read_varint()?;
         let body = klen.checked_add(vlen).ok_or_else(|| self.overrun())?;
         let body = usize::try_from(body).map_err(|_| self.overrun())?;
+        // The key before this one is not needed any more.
+        self.has_key = false;
         if !self.fill(body)? {
             return Err(self.overrun());
         }
         let k = self.pos + klen as usize;
         self.key = (self.pos, k);
+        self.has_key = true;
         self.value = (k, self.pos + body);
         self.pos += body;
         self.records_left -= 1;
         Ok(true)
+    }
+
+    /// Whether the current record repeats the key of the record before it
+    /// (its key is that record's: no need to compare them).
+    pub fn same_key(&self) -> bool {
+        self.same_key
     }
 
     /// The current record's key (valid after `advance` returned `true`).
@@ -701,17 +866,15 @@ impl<R: Read> Merger<R> {
         if !std::mem::take(&mut self.fresh) {
             // The last winner reads on, and replays its way up the tree.
             let mut winner = self.tree[0];
-            let (head, len) = (self.heads[winner], self.sources[winner].key().len());
             self.live[winner] = self.sources[winner].advance()?;
             if self.live[winner] {
-                let key = self.sources[winner].key();
-                self.heads[winner] = key_head(key);
-                if self.heads[winner] == head && key.len() == len && len <= 8 {
-                    // The key it won with again (a key of at most eight
-                    // bytes is its head and length): it wins again, as a
-                    // replay would find. Most records of a hot key.
+                if self.sources[winner].same_key() {
+                    // The key it won with again: it wins again (equal keys
+                    // go by source order), as a replay would find. Most
+                    // records of a hot key.
                     return Ok(true);
                 }
+                self.heads[winner] = key_head(self.sources[winner].key());
             }
             let mut node = (winner + k) / 2;
             while node >= 1 {
@@ -955,6 +1118,79 @@ mod tests {
         }
     }
 
+    /// A record that repeats the key before it stores the key once, however
+    /// it was written (with its key or as a whole record), and reads back
+    /// with that key: also a key longer than the reader's buffer, which the
+    /// reader keeps while its values come through the buffer. A segment
+    /// starts with a key of its own; one that starts with a repeat is
+    /// corrupt.
+    #[test]
+    fn repeated_keys_are_stored_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run");
+        let long = "k".repeat(READ_BUFFER + 11);
+        let mut want: Vec<Vec<(String, String)>> = vec![Vec::new(); 3];
+        let mut w = RunFileWriter::create(&p, 3).unwrap();
+        for (part, key, n) in [
+            (0, "a", 3),
+            (0, "b", 1),
+            (0, &long[..], 40_000),
+            (2, "b", 5),
+        ] {
+            for i in 0..n {
+                let v = format!("{i}");
+                if i % 3 == 0 {
+                    w.write(part, key.as_bytes(), v.as_bytes()).unwrap();
+                } else {
+                    let mut rec = Vec::new();
+                    mr_core::records::put_record(&mut rec, key.as_bytes(), v.as_bytes());
+                    w.write_record(part, &rec).unwrap();
+                }
+                want[part as usize].push((key.to_string(), v));
+            }
+        }
+        let idx = w.finish().unwrap();
+        // "b" starts partition 2 with its key although partition 0 ended
+        // with "b"s: each segment is read on its own.
+        let values: u64 = want[0].iter().map(|(_, v)| v.len() as u64 + 1).sum();
+        // Keys with their lengths: "a", "b" and the long one (3 bytes).
+        let keys = 2 + 2 + 3 + long.len() as u64;
+        assert_eq!(idx[0].len, values + 2 * (want[0].len() as u64 - 3) + keys);
+        for (part, want) in want.iter().enumerate() {
+            assert_eq!(idx[part].records, want.len() as u64);
+            assert!(read_all(&p, idx[part]) == *want, "partition {part}");
+        }
+        // A long run of one key does not pile up in the reader's buffer:
+        // it keeps the key and what is not read yet, not the values read.
+        let mut r = SegmentReader::open(&p, idx[0]).unwrap();
+        while r.advance().unwrap() {
+            assert!(
+                r.buf.len() <= long.len() + 2 * READ_BUFFER,
+                "{}",
+                r.buf.len()
+            );
+        }
+        // Which records said they repeat their key.
+        let mut r = SegmentReader::open(&p, idx[2]).unwrap();
+        let mut same = Vec::new();
+        while r.advance().unwrap() {
+            same.push(r.same_key());
+        }
+        assert_eq!(same, [false, true, true, true, true]);
+        // A segment whose first record repeats a key.
+        let mut bytes = SAME_KEY.to_vec();
+        bytes.extend([1, b'x']);
+        let info = SegmentInfo {
+            offset: 0,
+            len: bytes.len() as u64,
+            records: 1,
+            crc32: crc32fast::hash(&bytes),
+        };
+        let mut r = SegmentReader::new(&bytes[..], info, "test".into());
+        let e = r.advance().unwrap_err();
+        assert!(e.to_string().contains("first record repeats a key"), "{e}");
+    }
+
     #[test]
     fn a_run_in_memory_reads_like_a_file() {
         let mut w = RunFileWriter::in_memory(3);
@@ -970,7 +1206,7 @@ mod tests {
             got.push(String::from_utf8_lossy(r.key()).into_owned());
         }
         assert_eq!(got, ["b", "c"]);
-        assert!(read_index_of(b"MRR1 not a run").is_err());
+        assert!(read_index_of(b"MRR2 not a run").is_err());
     }
 
     #[test]
