@@ -76,7 +76,9 @@ pub trait App {
     /// an order that depends on scheduling; sort them if order matters.
     /// All of a key's values are in the guest's memory at once: for keys
     /// that may have millions of values, implement [`App::fold`] instead
-    /// (this default calls it, so an app implements one of the two).
+    /// (this default calls it, so an app implements one of the two: one
+    /// that implements neither fails its first reduce with a message
+    /// saying so, and a `fold` must not call `reduce`).
     fn reduce(key: &str, values: &[&str]) -> String {
         let Some(mut fold) = Self::fold(key) else {
             panic!("the app implements neither App::reduce nor App::fold (key {key:?})")

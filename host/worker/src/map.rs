@@ -548,8 +548,16 @@ impl SortBuffer {
                     *span = record_span(arena, e.offset());
                 }
                 for (&(start, end), &e) in spans.iter().zip(chunk) {
-                    let repeats = prev.is_some_and(|p| same_key(arena, p, e));
-                    w.write_record_knowing(e.partition(), &arena[start..end], repeats)?;
+                    let record = &arena[start..end];
+                    match prev {
+                        Some(p) => {
+                            let repeats = same_key(arena, p, e);
+                            w.write_record_knowing(e.partition(), record, repeats)?
+                        }
+                        // The writer may have this key from before (a merge
+                        // of spills writes a sorted buffer more than once).
+                        None => w.write_record(e.partition(), record)?,
+                    }
                     prev = Some(e);
                 }
             }

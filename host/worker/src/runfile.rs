@@ -598,8 +598,10 @@ impl<R: Read> SegmentReader<R> {
         // The key (if kept) first, then the unparsed bytes; the parsed
         // bytes between them go.
         let kept = if self.has_key {
-            self.buf.copy_within(self.key.0..self.key.1, 0);
-            self.key = (0, self.key.1 - self.key.0);
+            if self.key.0 > 0 {
+                self.buf.copy_within(self.key.0..self.key.1, 0);
+                self.key = (0, self.key.1 - self.key.0);
+            }
             self.key.1
         } else {
             0
@@ -611,10 +613,12 @@ impl<R: Read> SegmentReader<R> {
         while self.end < target {
             // The buffer grows with the bytes that really come (a length
             // that lies is found out before much is allocated).
+            // Room for a whole read after a kept key, however long it is
+            // (not a read of a few bytes per record after it).
             if self.end == self.buf.len() {
                 let grown = (self.buf.len().saturating_mul(2))
-                    .max(READ_BUFFER)
-                    .min(target);
+                    .max(kept + READ_BUFFER)
+                    .min(target.max(kept + READ_BUFFER));
                 self.buf.resize(grown, 0);
             }
             let room = (self.buf.len() - self.end)
@@ -1161,8 +1165,19 @@ mod tests {
             assert!(read_all(&p, idx[part]) == *want, "partition {part}");
         }
         // A long run of one key does not pile up in the reader's buffer:
-        // it keeps the key and what is not read yet, not the values read.
-        let mut r = SegmentReader::open(&p, idx[0]).unwrap();
+        // it keeps the key and what is not read yet, not the values read;
+        // and it reads a buffer's worth at a time, not a record's.
+        struct Counting<'a>(&'a [u8], &'a std::cell::Cell<usize>);
+        impl Read for Counting<'_> {
+            fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+                self.1.set(self.1.get() + 1);
+                self.0.read(b)
+            }
+        }
+        let file = std::fs::read(&p).unwrap();
+        let seg = &file[idx[0].offset as usize..(idx[0].offset + idx[0].len) as usize];
+        let reads = std::cell::Cell::new(0);
+        let mut r = SegmentReader::new(Counting(seg, &reads), idx[0], "test".into());
         while r.advance().unwrap() {
             assert!(
                 r.buf.len() <= long.len() + 2 * READ_BUFFER,
@@ -1170,6 +1185,11 @@ mod tests {
                 r.buf.len()
             );
         }
+        assert!(
+            reads.get() <= 2 + 2 * seg.len() / READ_BUFFER,
+            "{} reads",
+            reads.get()
+        );
         // Which records said they repeat their key.
         let mut r = SegmentReader::open(&p, idx[2]).unwrap();
         let mut same = Vec::new();
