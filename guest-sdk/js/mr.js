@@ -32,7 +32,11 @@
 //   call `out.progress(done, total)` (which turns the reports of `words`
 //   off).
 // - Streaming keys: the host may deliver a key with very many values in
-//   several groups; the SDK gathers them and calls `reduce` once.
+//   several groups; the SDK gathers them and calls `reduce` once, or hands
+//   them one at a time to the object the app's optional `fold(key)`
+//   returns (its `add(value)`, then `finish()` for the output value), in
+//   memory that does not grow with their number (an app implements
+//   `reduce` or `fold`).
 // - Errors: an exception in the app fails the task with its message and
 //   stack.
 //
@@ -205,25 +209,40 @@ export class Gatherer {
    * a key's values so far are folded into one whenever a group of it is
    * not its last, so a long run does not pile up in the guest. */
   constructor(fold = false) {
-    this._pending = null; // [key, values] still arriving
+    this._pending = null; // [key, values or a fold's state, is it a fold]
     this._fold = fold;
   }
 
   /** Calls `f(key, values)` once per whole key; returns the results, or
-   * undefined as soon as `f` returns undefined. */
-  run(groups, f) {
+   * undefined as soon as `f` returns undefined. `start(key)`, for a key's
+   * first group, may return a fold's state, which then takes the key's
+   * values as they come (`add`) and gives its result (`finish`) instead. */
+  run(groups, f, start = () => undefined) {
     const out = [];
     for (const g of groups) {
       let key = g.key;
       let values = g.values;
+      let folding;
       if (this._pending !== null) {
-        const [pkey, pvalues] = this._pending;
+        const [pkey, pvalues, isFold] = this._pending;
         if (pkey !== g.key) {
           throw new Error(`host protocol error: key ${JSON.stringify(pkey)} ended without its last group`);
         }
-        for (const v of values) pvalues.push(v);
-        values = pvalues;
         this._pending = null;
+        if (isFold) {
+          folding = pvalues;
+        } else {
+          for (const v of values) pvalues.push(v);
+          values = pvalues;
+        }
+      } else {
+        folding = start(key);
+      }
+      if (folding !== undefined && folding !== null) {
+        for (const v of g.values) folding.add(v);
+        if (g.last) out.push(folding.finish());
+        else this._pending = [key, folding, true];
+        continue;
       }
       if (g.last) {
         const r = f(key, values);
@@ -236,7 +255,7 @@ export class Gatherer {
           if (r === undefined || r === null) return undefined;
           kept = [r];
         }
-        this._pending = [key, kept];
+        this._pending = [key, kept, false];
       }
     }
     return out;
@@ -250,7 +269,7 @@ function failure(what, e) {
 
 /**
  * The component's exports for `app` ({ map(input, contents, out),
- * reduce(key, values), combine?(key, values) }); `emit` and `progress`
+ * reduce(key, values) or fold(key), combine?(key, values) }); `emit` and `progress`
  * are the host's, imported from 'mr:app/host@0.1.1' (`progress` is
  * optional: without it the host hears nothing of how far a map is).
  * Export its `map`, `reduce` and `combine` from the app's module.
@@ -259,12 +278,29 @@ export function exportApp(app, emit, progress) {
   const combine = app.combine ? (k, v) => app.combine(k, v) : () => undefined;
   const reducing = new Gatherer();
   const combining = new Gatherer(true);
-  const reduceOne = (key, values) => {
-    const r = app.reduce(key, values);
+  const checked = (what, key, r) => {
     if (typeof r !== 'string') {
-      throw new TypeError(`reduce returned ${typeof r} for key ${JSON.stringify(key)}, not a string`);
+      throw new TypeError(`${what} returned ${typeof r} for key ${JSON.stringify(key)}, not a string`);
     }
     return r;
+  };
+  const startFold = (key) => (app.fold ? app.fold(key) : undefined);
+  const reduceOne = (key, values) => {
+    if (!app.reduce) {
+      // The app folds: the default reduce hands the values to its fold.
+      const state = startFold(key);
+      if (state === undefined || state === null) {
+        throw new Error('the app implements neither reduce nor fold');
+      }
+      for (const v of values) state.add(v);
+      return checked("fold's finish", key, state.finish());
+    }
+    return checked('reduce', key, app.reduce(key, values));
+  };
+  const foldOne = (key) => {
+    const state = startFold(key);
+    if (state === undefined || state === null) return undefined;
+    return { add: (v) => state.add(v), finish: () => checked("fold's finish", key, state.finish()) };
   };
   return {
     map(input, contents) {
@@ -282,7 +318,7 @@ export function exportApp(app, emit, progress) {
     },
     reduce(groups) {
       try {
-        return reducing.run(groups, reduceOne);
+        return reducing.run(groups, reduceOne, foldOne);
       } catch (e) {
         throw failure('reduce', e);
       }

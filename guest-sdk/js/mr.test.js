@@ -113,6 +113,39 @@ test('combining folds a key at each group that is not its last', () => {
   assert.deepEqual(seen, [['1', '2'], ['3', '3'], ['6', '4']]);
 });
 
+test('a fold takes a key\'s values as they arrive, across calls', () => {
+  const host = fakeHost();
+  const seen = [];
+  const folding = {
+    map() {},
+    fold(key) {
+      if (key === 'none') return undefined;
+      let n = 0;
+      return {
+        add(v) {
+          seen.push(v);
+          n += Number(v);
+        },
+        finish: () => (key === 'num' ? n : String(n)),
+      };
+    },
+  };
+  const app = exportApp(folding, host.emit);
+  assert.deepEqual(app.reduce([{ key: 'a', values: ['1', '2'], last: false }]), []);
+  // Nothing piles up: the fold has the first values already.
+  assert.deepEqual(seen, ['1', '2']);
+  assert.deepEqual(
+    app.reduce([
+      { key: 'a', values: ['3'], last: true },
+      { key: 'b', values: ['4', '5'], last: true },
+    ]),
+    ['6', '9'],
+  );
+  assert.throws(() => app.reduce([{ key: 'num', values: ['1'], last: true }]), (e) => e.includes("fold's finish returned number"));
+  // No fold for a key and no reduce: an error that says so.
+  assert.throws(() => app.reduce([{ key: 'none', values: ['1'], last: true }]), (e) => e.includes('neither reduce nor fold'));
+});
+
 test('exportApp wires map, reduce and combine, and turns exceptions into messages', () => {
   const host = fakeHost();
   const wc = {

@@ -187,6 +187,59 @@ class GathererTest(unittest.TestCase):
         self.assertEqual(g.run([Group("k", ["3"], False), Group("k", ["4"], True)], total), ["10"])
         self.assertEqual(seen, [["1", "2"], ["3", "3"], ["6", "4"]])
 
+    def test_a_fold_takes_a_keys_values_as_they_arrive(self):
+        # "a" over two calls and "b" folded; "c" reduced (`start` says no).
+        seen = []
+
+        class Sum:
+            def __init__(self):
+                self.n = 0
+
+            def add(self, v):
+                seen.append(v)
+                self.n += int(v)
+
+            def finish(self):
+                return str(self.n)
+
+        started = []
+        start = lambda k: started.append(k) or (Sum() if k != "c" else None)
+        join = lambda k, v: f"{k}:{','.join(v)}"
+        g = mr_sdk._Gatherer()
+        self.assertEqual(g.run([Group("a", ["1", "2"], False)], join, start), [])
+        # Nothing piles up: the fold has the first values already.
+        self.assertEqual(seen, ["1", "2"])
+        out = g.run(
+            [Group("a", ["3"], True), Group("b", ["4", "5"], True), Group("c", ["6", "7"], True)],
+            join,
+            start,
+        )
+        self.assertEqual(out, ["6", "9", "c:6,7"])
+        self.assertEqual(started, ["a", "b", "c"])
+        # A fold pending for one key when another arrives is an error.
+        g.run([Group("p", ["1"], False)], join, start)
+        with self.assertRaises(ValueError):
+            g.run([Group("q", ["2"], True)], join, start)
+
+    def test_the_default_reduce_uses_fold_and_neither_is_an_error(self):
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def add(self, v):
+                self.n += 1
+
+            def finish(self):
+                return str(self.n)
+
+        class Folding(mr_sdk.App):
+            def fold(self, key):
+                return Counter()
+
+        self.assertEqual(Folding().reduce("k", ["x", "y"]), "2")
+        with self.assertRaises(NotImplementedError):
+            mr_sdk.App().reduce("k", ["x"])
+
     def test_none_stops_early(self):
         g = mr_sdk._Gatherer()
         self.assertIsNone(g.run([Group("a", ["1"], True)], lambda k, v: None))
@@ -255,6 +308,31 @@ class ExportTest(unittest.TestCase):
         self.assertEqual(w.reduce([G("a", ["1", "2"], False)]), [])
         self.assertEqual(w.reduce([G("a", ["3"], True), G("b", ["4"], True)]), ["6", "4"])
         self.assertEqual(w.combine([G("a", ["1", "2"], True)]), ["3"])
+
+    def test_a_fold_reduces_through_the_bindings_and_its_result_is_checked(self):
+        from componentize_py_types import Err
+
+        class Sum:
+            def __init__(self, key):
+                self.key, self.n = key, 0
+
+            def add(self, v):
+                self.n += int(v)
+
+            def finish(self):
+                return str(self.n) if self.key != "bad" else self.n
+
+        class Folding(mr_sdk.App):
+            def fold(self, key):
+                return Sum(key)
+
+        w = self.world(Folding)
+        G = self.types.Group
+        self.assertEqual(w.reduce([G("a", ["1", "2"], False)]), [])
+        self.assertEqual(w.reduce([G("a", ["3"], True), G("b", ["4"], True)]), ["6", "4"])
+        with self.assertRaises(Err) as e:
+            w.reduce([G("bad", ["1"], True)])
+        self.assertIn("fold's finish returned int for key 'bad', not str", e.exception.value)
 
     def test_no_combiner_is_none(self):
         class NoCombiner(mr_sdk.App):

@@ -31,7 +31,10 @@ What the SDK does for the app, as the Rust SDK does:
   call `out.progress(done, total)` (which turns the reports of `words`
   off).
 - Streaming keys: the host may deliver a key with very many values in
-  several groups; the SDK gathers them and calls `reduce` once.
+  several groups; the SDK gathers them and calls `reduce` once, or hands
+  them one at a time to the object the app's `fold(key)` returns (its
+  `add(value)`, then `finish()` for the output value), in memory that does
+  not grow with their number.
 - Errors: an exception in the app fails the task with its traceback.
 """
 
@@ -125,8 +128,25 @@ class App:
 
     def reduce(self, key, values):
         """Reduces all values of one key (a list of str) to the output value
-        (a str). Values arrive in an order that depends on scheduling."""
-        raise NotImplementedError
+        (a str). Values arrive in an order that depends on scheduling. All
+        of a key's values are in memory at once: for keys that may have
+        millions, implement `fold` instead (this default uses it, so an
+        app implements one of the two; `fold` must not call `reduce`)."""
+        state = self.fold(key)
+        if state is None:
+            raise NotImplementedError("the app implements neither reduce nor fold")
+        for v in values:
+            state.add(v)
+        return state.finish()
+
+    def fold(self, key):
+        """The optional streaming reduce (Hadoop's reducer over an iterator,
+        Spark's aggregateByKey): return an object with `add(value)` and
+        `finish()`, and the SDK hands it the key's values one at a time as
+        the host delivers them, then takes `finish()` (a str) as the output
+        value; `reduce` is then not called for the key. Return None (the
+        default) to have `reduce` called."""
+        return None
 
     def combine(self, key, values):
         """The optional combiner: merges some values of a key into one str
@@ -228,27 +248,42 @@ class _Gatherer:
     with `last = False`) into whole keys."""
 
     def __init__(self, fold=False):
-        self._pending = None  # (key, values) still arriving
+        self._pending = None  # (key, values or a fold's state, is it a fold)
         # A combiner may run on any subset of a key's values: with `fold`,
         # a key's values so far are folded into one whenever a group of it
         # is not its last, so a long run does not pile up in the guest.
         self._fold = fold
 
-    def run(self, groups, f):
+    def run(self, groups, f, start=None):
         """Calls `f(key, values)` once per whole key; returns the results,
-        or None as soon as `f` returns None."""
+        or None as soon as `f` returns None. `start(key)`, for a key's first
+        group, may return a fold's state, which then takes the key's values
+        as they come (`add`) and gives its result (`finish`) instead."""
         out = []
         for g in groups:
+            folding = None
             if self._pending is not None:
-                key, values = self._pending
+                key, values, is_fold = self._pending
                 if key != g.key:
                     raise ValueError(
                         f"host protocol error: key {key!r} ended without its last group"
                     )
-                values.extend(g.values)
                 self._pending = None
+                if is_fold:
+                    folding = values
+                else:
+                    values.extend(g.values)
             else:
                 key, values = g.key, g.values
+                folding = start(key) if start is not None else None
+            if folding is not None:
+                for v in g.values:
+                    folding.add(v)
+                if g.last:
+                    out.append(folding.finish())
+                else:
+                    self._pending = (key, folding, True)
+                continue
             if g.last:
                 r = f(key, values)
                 if r is None:
@@ -261,8 +296,24 @@ class _Gatherer:
                     if r is None:
                         return None
                     values = [r]
-                self._pending = (key, values)
+                self._pending = (key, values, False)
         return out
+
+
+class _Checked:
+    """A fold's state whose result is checked to be a str."""
+
+    def __init__(self, state, key):
+        self._state, self._key = state, key
+        self.add = state.add
+
+    def finish(self):
+        r = self._state.finish()
+        if not isinstance(r, str):
+            raise TypeError(
+                f"fold's finish returned {type(r).__name__} for key {self._key!r}, not str"
+            )
+        return r
 
 
 def _app_error(err_type, what):
@@ -289,6 +340,12 @@ def export(app):
             raise TypeError(f"reduce returned {type(r).__name__} for key {key!r}, not str")
         return r
 
+    def fold_one(key):
+        state = instance.fold(key)
+        if state is None:
+            return None
+        return _Checked(state, key)
+
     class WitWorld(wit_world.WitWorld):
         def map(self, input, contents):
             global _where
@@ -304,7 +361,7 @@ def export(app):
 
         def reduce(self, groups):
             try:
-                return reducing.run(groups, reduce_one)
+                return reducing.run(groups, reduce_one, fold_one)
             except Exception:
                 raise _app_error(Err, "reduce")
 
