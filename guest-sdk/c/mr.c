@@ -637,6 +637,8 @@ void mr__emitter_finish(void) {
 static struct {
     bool active;
     mr_string key;
+    // A fold's state, if the key's values go to a fold (mr_fold).
+    void *state;
     char *bytes;
     size_t len, cap;
     uint32_t *ends;
@@ -673,7 +675,11 @@ static mr_str *gathered(int which) {
     return all;
 }
 
-static void drop_pending(int which) {
+static void drop_pending(int which, const mr_fold *f) {
+    if (pending[which].state && f) {
+        // The fold frees its state with its result.
+        free(f->finish(pending[which].state).ptr);
+    }
     free(pending[which].bytes);
     free(pending[which].ends);
     free(pending[which].key.ptr);
@@ -682,7 +688,7 @@ static void drop_pending(int which) {
 
 // A combiner may run on any subset of a key's values: folds a combine key's
 // values gathered so far into one, so a long run does not pile up here.
-static void fold(int which, mr_reduce_fn f) {
+static void fold_gathered(int which, mr_reduce_fn f) {
     if (which != 1 || pending[which].n < 2)
         return;
     mr_str *all = gathered(which);
@@ -696,27 +702,45 @@ static void fold(int which, mr_reduce_fn f) {
 }
 
 const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn f,
-                       mr_string *out, size_t *n_out) {
+                       const mr_fold *fold, mr_string *out, size_t *n_out) {
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         const mr_group *g = &groups[i];
         if (pending[which].active) {
             mr_str pkey = {pending[which].key.ptr, pending[which].key.len};
             if (!mr_str_eq(pkey, g->key)) {
-                drop_pending(which);
+                drop_pending(which, fold);
                 *n_out = k;
                 return "host protocol error: a key ended without its last group";
             }
+        }
+        if (fold) {
+            void *state = pending[which].active ? pending[which].state : fold->start(g->key);
+            for (size_t j = 0; j < g->n; j++)
+                fold->add(state, g->values[j]);
+            if (g->last) {
+                out[k++] = fold->finish(state);
+                pending[which].state = NULL;
+                if (pending[which].active)
+                    drop_pending(which, fold);
+            } else if (!pending[which].active) {
+                pending[which].active = true;
+                pending[which].key = mr_string_copy(g->key);
+                pending[which].state = state;
+            }
+            continue;
+        }
+        if (pending[which].active) {
             for (size_t j = 0; j < g->n; j++)
                 keep(which, g->values[j]);
             if (!g->last) {
-                fold(which, f);
+                fold_gathered(which, f);
                 continue;
             }
             mr_str *all = gathered(which);
             out[k++] = f(g->key, all, pending[which].n);
             free(all);
-            drop_pending(which);
+            drop_pending(which, fold);
         } else if (g->last) {
             out[k++] = f(g->key, g->values, g->n);
         } else {
@@ -724,7 +748,7 @@ const char *mr__gather(int which, const mr_group *groups, size_t n, mr_reduce_fn
             pending[which].key = mr_string_copy(g->key);
             for (size_t j = 0; j < g->n; j++)
                 keep(which, g->values[j]);
-            fold(which, f);
+            fold_gathered(which, f);
         }
     }
     *n_out = k;

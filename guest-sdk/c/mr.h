@@ -33,7 +33,9 @@
 //   input emits them; apps that emit text of their own, or out of order,
 //   call mr_progress instead (which turns the SDK's reports off).
 // - Streaming keys: the host may deliver a key with very many values in
-//   several groups; the SDK gathers them and calls reduce once.
+//   several groups; the SDK gathers them and calls reduce once, or hands
+//   them one at a time to the app's fold (MR_EXPORT_APP_FOLD), in memory
+//   that does not grow with their number.
 // - Failing: mr_fail (or abort) fails the task; what the app printed to
 //   stderr is quoted in the error.
 //
@@ -105,23 +107,42 @@ typedef mr_string (*mr_combine_fn)(mr_str key, const mr_str *values, size_t n);
 /// on spills).
 typedef enum { MR_COMBINE_TEXT = 0, MR_COMBINE_SUM_U64 = 1 } mr_combiner;
 
-/// An app: its map, reduce and (or NULL) combine functions, and what the
-/// combiner does.
+/// The streaming reduce (Hadoop's reducer over an iterator, Spark's
+/// aggregateByKey), for keys that may have more values than fit in memory:
+/// `start` makes the app's state for a key, `add` takes the key's values one
+/// at a time as the host delivers them, and `finish` gives the output value
+/// and frees the state. Memory stays the state's own however many values a
+/// key has.
+typedef struct {
+    void *(*start)(mr_str key);
+    void (*add)(void *state, mr_str value);
+    mr_string (*finish)(void *state);
+} mr_fold;
+
+/// An app: its map, reduce and (or NULL) combine functions, what the
+/// combiner does, and its fold (all NULL unless exported with
+/// MR_EXPORT_APP_FOLD, which leaves `reduce` NULL).
 typedef struct {
     mr_map_fn map;
     mr_reduce_fn reduce;
     mr_combine_fn combine;
     mr_combiner combiner;
+    mr_fold fold;
 } mr_app;
 
 /// Exports the app; use once, at file scope. `combine` may be NULL.
 #define MR_EXPORT_APP(map, reduce, combine)                                                        \
-    const mr_app mr_the_app = {(map), (reduce), (combine), MR_COMBINE_TEXT}
+    const mr_app mr_the_app = {(map), (reduce), (combine), MR_COMBINE_TEXT, {NULL, NULL, NULL}}
 
 /// Exports an app whose values are counts that its combiner adds up (see
 /// mr_combiner); emit them with mr_emit_u64 (or mr_emit, as decimal text).
 #define MR_EXPORT_APP_SUM_U64(map, reduce, combine)                                                \
-    const mr_app mr_the_app = {(map), (reduce), (combine), MR_COMBINE_SUM_U64}
+    const mr_app mr_the_app = {(map), (reduce), (combine), MR_COMBINE_SUM_U64, {NULL, NULL, NULL}}
+
+/// Exports an app whose reduce is a fold (see mr_fold): `start`, `add` and
+/// `finish` in place of a reduce function. `combine` may be NULL.
+#define MR_EXPORT_APP_FOLD(map, start, add, finish, combine)                                       \
+    const mr_app mr_the_app = {(map), NULL, (combine), MR_COMBINE_TEXT, {(start), (add), (finish)}}
 
 /// Emits one intermediate pair (copied; call it from map only).
 void mr_emit(mr_str key, mr_str value);
@@ -183,9 +204,11 @@ typedef struct {
 /// its results to `out` (one per group with `last`); `pending` keeps a key
 /// whose values are still arriving between calls (index 0: reduce,
 /// 1: combine; a combine key's values are folded with `f` whenever a group
-/// of it is not its last). Returns NULL, or a message on a protocol error.
+/// of it is not its last). With `fold` (not NULL), each key's values go to
+/// a fold's state as they come instead, and `f` is not called. Returns
+/// NULL, or a message on a protocol error.
 const char *mr__gather(int pending, const mr_group *groups, size_t n, mr_reduce_fn f,
-                       mr_string *out, size_t *n_out);
+                       const mr_fold *fold, mr_string *out, size_t *n_out);
 
 /// Decodes a batch of groups (mr:app@0.2.0: flags, varint key length, key,
 /// varint value count, then varint length and bytes of each value) into

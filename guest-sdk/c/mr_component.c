@@ -37,8 +37,8 @@ bool exports_mapreduce_map(mapreduce_string_t *input, mapreduce_string_t *conten
 // Runs `f` on whole keys of the batch `groups` (which it frees); on success
 // the encoded values go to `ret`, owned by the bindings (freed after the
 // call returns).
-static bool gather(int which, mapreduce_list_u8_t *groups, mr_reduce_fn f, mapreduce_list_u8_t *ret,
-                   mapreduce_string_t *err) {
+static bool gather(int which, mapreduce_list_u8_t *groups, mr_reduce_fn f, const mr_fold *fold,
+                   mapreduce_list_u8_t *ret, mapreduce_string_t *err) {
     mr_group *gs;
     mr_str *values;
     size_t n;
@@ -52,7 +52,7 @@ static bool gather(int which, mapreduce_list_u8_t *groups, mr_reduce_fn f, mapre
     if (!out)
         mr_fail("mr: out of memory for %zu groups", n);
     size_t k = 0;
-    e = mr__gather(which, gs, n, f, out, &k);
+    e = mr__gather(which, gs, n, f, fold, out, &k);
     free(gs);
     free(values);
     mapreduce_list_u8_free(groups);
@@ -78,7 +78,8 @@ static bool gather(int which, mapreduce_list_u8_t *groups, mr_reduce_fn f, mapre
 
 bool exports_mapreduce_reduce(mapreduce_list_u8_t *groups, mapreduce_list_u8_t *ret,
                               mapreduce_string_t *err) {
-    return gather(0, groups, mr_the_app.reduce, ret, err);
+    const mr_fold *fold = mr_the_app.fold.start ? &mr_the_app.fold : NULL;
+    return gather(0, groups, mr_the_app.reduce, fold, ret, err);
 }
 
 bool exports_mapreduce_combine(mapreduce_list_u8_t *groups, mapreduce_option_list_u8_t *ret,
@@ -89,5 +90,5 @@ bool exports_mapreduce_combine(mapreduce_list_u8_t *groups, mapreduce_option_lis
         return true;
     }
     ret->is_some = true;
-    return gather(1, groups, mr_the_app.combine, &ret->val, err);
+    return gather(1, groups, mr_the_app.combine, NULL, &ret->val, err);
 }

@@ -335,12 +335,12 @@ static void test_gather(void) {
     size_t n = 0;
     // Key "k" arrives in three groups over two calls; "m" whole.
     mr_group first[] = {{MR_STR("a"), v3, 1, true}, {MR_STR("k"), v1, 2, false}};
-    CHECK(mr__gather(0, first, 2, join, out, &n) == NULL);
+    CHECK(mr__gather(0, first, 2, join, NULL, out, &n) == NULL);
     CHECK(n == 1 && mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("x")));
     free(out[0].ptr);
     mr_group second[] = {{MR_STR("k"), v2, 1, false}, {MR_STR("k"), v1, 1, true},
                          {MR_STR("m"), v2, 1, true}};
-    CHECK(mr__gather(0, second, 3, join, out, &n) == NULL);
+    CHECK(mr__gather(0, second, 3, join, NULL, out, &n) == NULL);
     CHECK(n == 2);
     CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("1,2,3,1")));
     CHECK(mr_str_eq((mr_str){out[1].ptr, out[1].len}, MR_STR("3")));
@@ -348,13 +348,13 @@ static void test_gather(void) {
     free(out[1].ptr);
     // A key that ends without its last group is the host's error.
     mr_group broken[] = {{MR_STR("p"), v1, 2, false}, {MR_STR("q"), v2, 1, true}};
-    CHECK(mr__gather(1, broken, 2, join, out, &n) != NULL);
+    CHECK(mr__gather(1, broken, 2, join, NULL, out, &n) != NULL);
     // Combining (1) folds a key's values so far at each group that is not
     // its last: the last call sees the fold ("2": two values) and "3".
     mr_group c1[] = {{MR_STR("k"), v1, 2, false}};
-    CHECK(mr__gather(1, c1, 1, count, out, &n) == NULL && n == 0);
+    CHECK(mr__gather(1, c1, 1, count, NULL, out, &n) == NULL && n == 0);
     mr_group c2[] = {{MR_STR("k"), v2, 1, true}};
-    CHECK(mr__gather(1, c2, 1, count, out, &n) == NULL && n == 1);
+    CHECK(mr__gather(1, c2, 1, count, NULL, out, &n) == NULL && n == 1);
     CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("2;3")));
     free(out[0].ptr);
     // Many values over many calls (the packed store grows), empty and
@@ -364,19 +364,75 @@ static void test_gather(void) {
         many[j] = j % 3 == 0 ? MR_STR("") : j % 3 == 1 ? MR_STR("\xc3\xa9") : MR_STR("1234567");
     for (int c = 0; c < 20; c++) {
         mr_group g[] = {{MR_STR("hot"), many, 5000, false}};
-        CHECK(mr__gather(0, g, 1, count, out, &n) == NULL && n == 0);
+        CHECK(mr__gather(0, g, 1, count, NULL, out, &n) == NULL && n == 0);
     }
     mr_str tail[] = {MR_STR(""), MR_STR("\xc3\xa9")};
     mr_group g_last[] = {{MR_STR("hot"), tail, 2, true}};
-    CHECK(mr__gather(0, g_last, 1, count, out, &n) == NULL && n == 1);
+    CHECK(mr__gather(0, g_last, 1, count, NULL, out, &n) == NULL && n == 1);
     CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("100002")));
     free(out[0].ptr);
     mr_group j1[] = {{MR_STR("j"), many, 3, false}};
     mr_group j2[] = {{MR_STR("j"), tail, 2, true}};
-    CHECK(mr__gather(0, j1, 1, join, out, &n) == NULL && n == 0);
-    CHECK(mr__gather(0, j2, 1, join, out, &n) == NULL && n == 1);
+    CHECK(mr__gather(0, j1, 1, join, NULL, out, &n) == NULL && n == 0);
+    CHECK(mr__gather(0, j2, 1, join, NULL, out, &n) == NULL && n == 1);
     CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR(",\xc3\xa9,1234567,,\xc3\xa9")));
     free(out[0].ptr);
+}
+
+// A fold's state: a running sum, and how many values it took.
+typedef struct {
+    uint64_t sum;
+    size_t n;
+} sum_state;
+
+static size_t fold_states; // live states
+
+static void *sum_start(mr_str key) {
+    (void)key;
+    fold_states++;
+    return calloc(1, sizeof(sum_state));
+}
+
+static void sum_add(void *state, mr_str v) {
+    sum_state *s = state;
+    s->sum += mr_parse_u64(v);
+    s->n++;
+}
+
+static mr_string sum_finish(void *state) {
+    sum_state *s = state;
+    char *p = malloc(64);
+    int len = snprintf(p, 64, "%llu/%zu", (unsigned long long)s->sum, s->n);
+    free(s);
+    fold_states--;
+    return (mr_string){p, (size_t)len};
+}
+
+// A fold takes a key's values as they come, over several calls, and its
+// state is freed at the key's end or at a protocol error.
+static void test_fold(void) {
+    mr_fold fold = {sum_start, sum_add, sum_finish};
+    mr_str v1[] = {MR_STR("1"), MR_STR("2")}, v2[] = {MR_STR("30")};
+    mr_string out[4];
+    size_t n = 0;
+    mr_group c1[] = {{MR_STR("k"), v1, 2, false}};
+    CHECK(mr__gather(0, c1, 1, NULL, &fold, out, &n) == NULL && n == 0);
+    CHECK(fold_states == 1);
+    mr_group c2[] = {{MR_STR("k"), v2, 1, false}};
+    CHECK(mr__gather(0, c2, 1, NULL, &fold, out, &n) == NULL && n == 0);
+    mr_group c3[] = {{MR_STR("k"), v1, 1, true}, {MR_STR("m"), v2, 1, true}};
+    CHECK(mr__gather(0, c3, 2, NULL, &fold, out, &n) == NULL && n == 2);
+    CHECK(mr_str_eq((mr_str){out[0].ptr, out[0].len}, MR_STR("34/4")));
+    CHECK(mr_str_eq((mr_str){out[1].ptr, out[1].len}, MR_STR("30/1")));
+    free(out[0].ptr);
+    free(out[1].ptr);
+    CHECK(fold_states == 0);
+    // A key that ends without its last group: an error, its state freed.
+    mr_group b1[] = {{MR_STR("p"), v1, 2, false}};
+    CHECK(mr__gather(0, b1, 1, NULL, &fold, out, &n) == NULL && n == 0);
+    mr_group b2[] = {{MR_STR("q"), v2, 1, true}};
+    CHECK(mr__gather(0, b2, 1, NULL, &fold, out, &n) != NULL);
+    CHECK(fold_states == 0);
 }
 
 // Words of the contents tell the host how far the map is; keys of the
@@ -431,6 +487,7 @@ int main(void) {
     test_sums();
     test_encodings();
     test_gather();
+    test_fold();
     test_progress();
     host_reset();
     printf("C SDK: %d checks passed\n", checks);
