@@ -400,6 +400,25 @@ enum Combiner {
     Absent,
 }
 
+impl Combiner {
+    /// The combiner's instance, started if it was not; `None` if the app
+    /// has none.
+    fn start(&mut self) -> Result<Option<&mut Reducer>, SpillError> {
+        if let Combiner::Untried {
+            sandbox,
+            seed,
+            control,
+        } = self
+        {
+            *self = Combiner::Ready(sandbox.reducer(*seed, control).map_err(SpillError::Guest)?);
+        }
+        Ok(match self {
+            Combiner::Ready(r) => Some(r),
+            _ => None,
+        })
+    }
+}
+
 /// Why a spill failed.
 enum SpillError {
     Io(std::io::Error),
@@ -849,15 +868,7 @@ fn probe_combiner(combiner: &mut Combiner, arena: &[u8], run: &[Entry]) -> Resul
         bytes += v.len() + 8;
         groups.value(v);
     }
-    if let Combiner::Untried {
-        sandbox,
-        seed,
-        control,
-    } = combiner
-    {
-        *combiner = Combiner::Ready(sandbox.reducer(*seed, control).map_err(SpillError::Guest)?);
-    }
-    if let Combiner::Ready(r) = combiner {
+    if let Some(r) = combiner.start()? {
         if r.combine(&mut groups).map_err(SpillError::Guest)?.is_none() {
             *combiner = Combiner::Absent;
         }
@@ -878,17 +889,9 @@ fn flush_combined<W: std::io::Write>(
     if groups.is_empty() {
         return Ok(());
     }
-    if let Combiner::Untried {
-        sandbox,
-        seed,
-        control,
-    } = combiner
-    {
-        *combiner = Combiner::Ready(sandbox.reducer(*seed, control).map_err(SpillError::Guest)?);
-    }
-    let combined = match combiner {
-        Combiner::Ready(r) => r.combine(groups).map_err(SpillError::Guest)?,
-        _ => None,
+    let combined = match combiner.start()? {
+        Some(r) => r.combine(groups).map_err(SpillError::Guest)?,
+        None => None,
     };
     if combined.is_none() {
         *combiner = Combiner::Absent;
