@@ -1128,6 +1128,18 @@ mod tests {
         }
     }
 
+    /// Appends a group (the contract's encoding) of `key` and `values`.
+    fn group(out: &mut Vec<u8>, last: bool, key: &str, values: &[&str]) {
+        out.push(u8::from(last));
+        put_varint(out, key.len() as u32);
+        out.extend_from_slice(key.as_bytes());
+        put_varint(out, values.len() as u32);
+        for v in values {
+            put_varint(out, v.len() as u32);
+            out.extend_from_slice(v.as_bytes());
+        }
+    }
+
     /// The records of a batch, decoded.
     fn pairs(batch: &[u8]) -> Vec<(String, String)> {
         let mut at = 0;
@@ -1150,16 +1162,6 @@ mod tests {
         // Two calls: key "a" in two groups (the first not its last), then
         // "b"; with fold, "a"'s first values are combined before the rest.
         let mut call1 = Vec::new();
-        let group = |out: &mut Vec<u8>, last: bool, key: &str, values: &[&str]| {
-            out.push(u8::from(last));
-            put_varint(out, key.len() as u32);
-            out.extend_from_slice(key.as_bytes());
-            put_varint(out, values.len() as u32);
-            for v in values {
-                put_varint(out, v.len() as u32);
-                out.extend_from_slice(v.as_bytes());
-            }
-        };
         group(&mut call1, false, "a", &["1", "2"]);
         let mut call2 = Vec::new();
         group(&mut call2, true, "a", &["3"]);
@@ -1245,16 +1247,6 @@ mod tests {
 
     #[test]
     fn a_fold_takes_a_keys_values_as_they_arrive_across_calls() {
-        let group = |out: &mut Vec<u8>, last: bool, key: &str, values: &[&str]| {
-            out.push(u8::from(last));
-            put_varint(out, key.len() as u32);
-            out.extend_from_slice(key.as_bytes());
-            put_varint(out, values.len() as u32);
-            for v in values {
-                put_varint(out, v.len() as u32);
-                out.extend_from_slice(v.as_bytes());
-            }
-        };
         // "a" over three calls, then "b" (folded) and "c" (not: `start`
         // says no, so `f` reduces it).
         let (mut c1, mut c2, mut c3) = (Vec::new(), Vec::new(), Vec::new());

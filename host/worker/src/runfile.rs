@@ -265,6 +265,13 @@ impl<W: Write> RunFileWriter<W> {
                 self.block.extend_from_slice(p);
             }
         }
+        self.appended(len)
+    }
+
+    /// Counts a record of `len` bytes just appended, and writes the block
+    /// once it is full.
+    #[inline]
+    fn appended(&mut self, len: usize) -> io::Result<()> {
         self.pos += len as u64;
         self.segments.last_mut().expect("a current segment").records += 1;
         if self.block.len() >= WRITE_BLOCK {
@@ -330,12 +337,7 @@ impl<W: Write> RunFileWriter<W> {
             self.block.extend_from_slice(&SAME_KEY);
             self.block.push(record[k]); // (a length below 64: one byte)
             self.block.extend_from_slice(value);
-            self.pos += len as u64;
-            self.segments.last_mut().expect("a current segment").records += 1;
-            if self.block.len() >= WRITE_BLOCK {
-                self.flush_block()?;
-            }
-            Ok(())
+            self.appended(len)
         } else if repeats {
             self.append(&[&SAME_KEY, &record[k..v], value])
         } else {
