@@ -36,6 +36,8 @@ pub(crate) struct Cluster {
     /// Environment for every process of the cluster and its commands
     /// (an S3 endpoint and credentials, say).
     pub env: Vec<(String, String)>,
+    /// The web page's URL (`--http`), without the token.
+    pub web: Option<String>,
 }
 
 impl Cluster {
@@ -91,6 +93,7 @@ impl Cluster {
             workers: Vec::new(),
             logs: Vec::new(),
             env,
+            web: None,
         };
         c.start_coordinator("127.0.0.1:0");
         c
@@ -145,12 +148,27 @@ impl Cluster {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        // With --http, a second line says where the web page is.
+        let lines = 1 + usize::from(self.coordinator_args.iter().any(|a| a == "--http"));
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
+            let mut stdout = BufReader::new(stdout);
+            for _ in 0..lines {
+                let mut line = String::new();
+                let _ = stdout.read_line(&mut line);
+                let _ = tx.send(line);
+            }
         });
         let line = rx.recv_timeout(QUICK).unwrap_or_default();
+        if lines > 1 {
+            let web = rx.recv_timeout(QUICK).unwrap_or_default();
+            self.web = Some(
+                web.trim()
+                    .strip_prefix("mr coordinator web page at ")
+                    .unwrap_or_else(|| panic!("no web page: {web:?}\n{}", self.logs()))
+                    .trim_end_matches('/')
+                    .to_string(),
+            );
+        }
         self.addr = line
             .trim()
             .strip_prefix("mr coordinator listening on ")
@@ -226,7 +244,7 @@ impl Cluster {
         };
     }
 
-    fn kill_worker(&mut self, i: usize) {
+    pub(crate) fn kill_worker(&mut self, i: usize) {
         self.workers[i].kill().unwrap();
         self.workers[i].wait().unwrap();
     }
@@ -946,6 +964,7 @@ fn a_worker_waits_for_a_coordinator_that_starts_late() {
         workers: Vec::new(),
         logs: vec![log],
         env: Vec::new(),
+        web: None,
     };
     c.start_coordinator(&addr);
     let out = c.out("late");

@@ -99,7 +99,7 @@ pub fn unavailable(what: &str, why: &str) {
 pub const UNAVAILABLE: i32 = 77;
 
 /// Runs a build step; `None` (after saying so) if its toolchain is missing.
-fn build_step(what: &str, cmd: &mut Command) -> Option<String> {
+pub(crate) fn build_step(what: &str, cmd: &mut Command) -> Option<String> {
     let ran = run_with_deadline(cmd, BUILD_LIMIT);
     if ran.status.code() == Some(UNAVAILABLE) {
         unavailable(what, &ran.output);

@@ -12,6 +12,7 @@ mod sandbox;
 mod security;
 mod splits;
 mod verify;
+mod web;
 
 use std::io::Read;
 use std::path::Path;

@@ -414,6 +414,7 @@ fn a_coordinator_without_data_roots_refuses_every_job() {
         workers: Vec::new(),
         logs: Vec::new(),
         env: Vec::new(),
+        web: None,
     };
     c.start_coordinator("127.0.0.1:0");
     let o = c.out("out").display().to_string();

@@ -71,6 +71,22 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     worker_timeout: Duration,
 
+    /// Serve a web page of the cluster (jobs, each job's pipeline and
+    /// timeline, workers) and Prometheus metrics (/metrics) here, e.g.
+    /// 127.0.0.1:8080 (port 0: any free port). Over TLS with a
+    /// certificate of the cluster CA (ca.crt in the state directory)
+    /// and behind the client token: the page's URL, with the token, is
+    /// logged once at start; scripts and Prometheus send
+    /// `Authorization: Bearer <client token>`.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+
+    /// A host name or address browsers use to reach --http, for its
+    /// certificate (repeatable; this machine's host name, localhost and
+    /// the loopback addresses are always in it).
+    #[arg(long = "http-name", value_name = "NAME", requires = "http")]
+    http_names: Vec<String>,
+
     /// How often workers heartbeat.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, hide = true)]
     heartbeat: Duration,
@@ -179,7 +195,25 @@ impl CoordinatorArgs {
                 writeln!(out, "mr coordinator listening on {addr}")?;
                 out.flush()?;
             }
-            mr_coordinator::serve(listener, options, interrupted()).await?;
+            let mut engine = mr_coordinator::Engine::start(options)?;
+            if let Some(http) = &self.http {
+                let web = tokio::net::TcpListener::bind(http)
+                    .await
+                    .with_context(|| format!("cannot listen on {http} (--http)"))?;
+                let mut names = self.http_names.clone();
+                names.extend(mr_core::hostname());
+                names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
+                let url = engine.serve_web(web, &names)?;
+                // Once, as Jupyter does: the URL holds the client token
+                // (the log, not stdout, which scripts read).
+                tracing::info!("web page and /metrics at {url}");
+                use std::io::Write;
+                let bare = url.split('?').next().unwrap_or(&url);
+                let mut out = std::io::stdout();
+                writeln!(out, "mr coordinator web page at {bare}")?;
+                out.flush()?;
+            }
+            engine.serve(listener, interrupted()).await?;
             drop(lock);
             Ok(())
         })

@@ -81,6 +81,8 @@ pub enum ServeError {
     },
     #[error("the coordinator's event loop failed (a bug in mr; please report it): {0}")]
     Crashed(String),
+    #[error("cannot serve the web page: {0}")]
+    Web(String),
 }
 
 pub(crate) type Reply = Box<dyn FnOnce() + Send>;
@@ -396,6 +398,8 @@ pub struct Engine {
     /// `None` once it has been waited for.
     event_loop: Option<tokio::task::JoinHandle<Loop>>,
     recovered: bool,
+    /// The web page's server (`--http`), stopped with the engine.
+    web: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Engine {
@@ -538,7 +542,61 @@ impl Engine {
             shared,
             event_loop: Some(event_loop),
             recovered,
+            web: None,
         })
+    }
+
+    /// Serves the web page and `/metrics` on `listener` (see
+    /// [`crate::web`]) until the engine stops: over TLS with a certificate
+    /// of the cluster CA naming `names` as well (host names and addresses
+    /// a browser may use), or plain HTTP without an authority
+    /// (`--insecure`). Returns the page's URL, with the client token that
+    /// lets a browser in (`?token=`) if there is one: say it once.
+    ///
+    /// Fails if the certificate cannot be made.
+    pub fn serve_web(
+        &mut self,
+        listener: tokio::net::TcpListener,
+        names: &[String],
+    ) -> Result<String, ServeError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ServeError::Web(format!("the listener has no address: {e}")))?;
+        let host = if addr.ip().is_unspecified() {
+            names.first().cloned().unwrap_or_else(|| "localhost".into())
+        } else {
+            addr.ip().to_string()
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let (tls, url) = match &self.shared.authority {
+            Some(a) => {
+                let mut all = names.to_vec();
+                if !addr.ip().is_unspecified() {
+                    all.push(addr.ip().to_string());
+                }
+                let config = a
+                    .web_config(&all)
+                    .map_err(|e| ServeError::Web(e.to_string()))?;
+                let token = a.client_token_text();
+                (
+                    Some(config),
+                    format!("https://{host}:{}/?token={token}", addr.port()),
+                )
+            }
+            None => (None, format!("http://{host}:{}/", addr.port())),
+        };
+        if let Some(old) = self.web.replace(tokio::spawn(crate::web::serve(
+            self.shared.clone(),
+            listener,
+            tls,
+        ))) {
+            old.abort();
+        }
+        Ok(url)
     }
 
     /// Whether the state was recovered from a journal.
@@ -579,6 +637,9 @@ impl Engine {
     ///
     /// Fails if the event loop had panicked (a bug).
     pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(web) = self.web.take() {
+            web.abort();
+        }
         let Some(handle) = self.event_loop.take() else {
             return Ok(());
         };

@@ -19,6 +19,7 @@ pub mod output;
 pub mod security;
 pub mod server;
 pub mod state;
+mod web;
 
 pub use engine::{Engine, Options, ServeError};
 pub use server::serve;

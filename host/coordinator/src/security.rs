@@ -43,6 +43,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 const WORKER_CERT_DAYS: i64 = 366;
 /// How long the CA is valid.
 const CA_DAYS: i64 = 10 * 366;
+/// The web page's certificate is made at each start; browsers refuse
+/// leaf certificates valid much longer than a year.
+const WEB_CERT_DAYS: i64 = 365;
+/// What a web session cookie signs (see [`Authority::web_session`]).
+const WEB_SESSION: &[u8] = b"mr web session v1";
 
 /// Why the authority could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +339,74 @@ impl Authority {
     /// The TLS settings of the coordinator's port.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         self.server.clone()
+    }
+
+    /// The TLS settings of the web page (`mr coordinator --http`): a
+    /// certificate of the cluster CA made for this run, naming the
+    /// coordinator's cluster name and `names` (host names or IP addresses
+    /// a browser may use), HTTP/1.1, no client certificates (a browser
+    /// proves itself with the client token).
+    ///
+    /// Fails if a name cannot go in a certificate.
+    pub fn web_config(&self, names: &[String]) -> Result<Arc<rustls::ServerConfig>, SecurityError> {
+        let mut p = leaf_params(tls::COORDINATOR_NAME, WEB_CERT_DAYS)?;
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|e| {
+                    SecurityError::Damaged(format!("{name} is not a certificate name: {e}"))
+                })?),
+            };
+            if !p.subject_alt_names.contains(&san) {
+                p.subject_alt_names.push(san);
+            }
+        }
+        let key = KeyPair::generate()
+            .map_err(|e| SecurityError::Damaged(format!("cannot make a key: {e}")))?;
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| SecurityError::Damaged(format!("cannot certify the web page: {e}")))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .and_then(|b| {
+                b.with_no_client_auth().with_single_cert(
+                    vec![cert.der().clone(), self.ca_der.clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )
+            })
+            .map_err(|e| SecurityError::Damaged(format!("cannot use the web certificate: {e}")))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// The web page's session cookie: derived from the client token (a
+    /// rotated token ends every session), so the cookie is not the token
+    /// itself and opens nothing but the page.
+    pub fn web_session(&self) -> String {
+        hex::encode(self.web_tag().as_ref())
+    }
+
+    /// Whether `value` is the current [`Authority::web_session`]
+    /// (compared in constant time).
+    pub fn is_web_session(&self, value: &str) -> bool {
+        let mut got = [0u8; 32];
+        value.len() == 64
+            && hex::decode_to_slice(value, &mut got).is_ok()
+            && ring::hmac::verify(&self.web_key(), WEB_SESSION, &got).is_ok()
+    }
+
+    fn web_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.client_token.secret)
+    }
+
+    fn web_tag(&self) -> ring::hmac::Tag {
+        ring::hmac::sign(&self.web_key(), WEB_SESSION)
+    }
+
+    /// The client token's text (for the web page's URL, logged once at
+    /// start, as the token file is readable by this user anyway).
+    pub fn client_token_text(&self) -> String {
+        self.client_token.to_string()
     }
 
     /// The cluster CA's fingerprint.

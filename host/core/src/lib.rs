@@ -40,6 +40,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// This machine's host name, if the kernel says.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 /// Hex sha256 of a byte string (apps are addressed by it).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -767,9 +767,7 @@ impl Drop for ObjectOutput {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into())
+    mr_core::hostname().unwrap_or_else(|| "host".into())
 }
 
 #[cfg(test)]

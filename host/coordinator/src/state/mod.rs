@@ -60,11 +60,13 @@ mod outcomes;
 mod recovery;
 mod report;
 mod scheduling;
+mod tallies;
 mod timers;
 mod workers;
 
 pub use scheduling::MAX_REPLY;
-pub use workers::MAX_SLOTS;
+pub use tallies::{Durations, Kind, Overview, Tallies, DURATION_BUCKETS};
+pub use workers::{WorkerView, MAX_SLOTS};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -335,6 +337,8 @@ pub struct State {
     shutdown: Option<Instant>,
     exited: bool,
     last_tick: Option<Instant>,
+    /// Attempts ended since start, for `/metrics`.
+    tallies: Tallies,
     actions: Vec<Action>,
 }
 
@@ -358,6 +362,7 @@ impl State {
             shutdown: None,
             exited: false,
             last_tick: None,
+            tallies: Tallies::default(),
             actions: Vec::new(),
         }
     }

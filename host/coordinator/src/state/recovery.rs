@@ -190,7 +190,10 @@ impl State {
                 };
                 let mut a = a.clone();
                 let run = a.live.remove(i);
-                let job = self.job_mut(r.job);
+                let job = self
+                    .jobs
+                    .get_mut(&r.job)
+                    .expect("a job by a number the state holds");
                 let k = job.spec.verify;
                 let kind = usize::from(r.task >= job.maps());
                 let task = &mut job.tasks[r.task];
@@ -204,6 +207,12 @@ impl State {
                     )
                 };
                 let done = done.filter(fits);
+                let emitted = match &done {
+                    Some(DoneOutput::Map { counters, .. }) => counters.map_output_bytes,
+                    _ => 0,
+                };
+                self.tallies
+                    .ended(task.id, &outcome, ms.saturating_sub(run.start_ms), emitted);
                 task.history.push(AttemptReport {
                     attempt: run.attempt,
                     worker: run.worker.0.clone(),

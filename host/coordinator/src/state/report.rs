@@ -45,6 +45,27 @@ impl State {
         Ok((self.summary_of(seq), self.report_of(seq)))
     }
 
+    /// Each task's state, in the report's order: `idle`, `running` or
+    /// `done` (the web page tells a failed or lost task waiting for its
+    /// next attempt from its attempts).
+    ///
+    /// Fails if there is no such job.
+    pub fn task_states(&self, job: &JobId) -> Result<Vec<&'static str>, RpcError> {
+        let seq = self
+            .seq_of(job)
+            .ok_or_else(|| RpcError::UnknownJob(job.clone()))?;
+        Ok(self
+            .job(seq)
+            .tasks
+            .iter()
+            .map(|t| match t.state {
+                TaskState::Idle => "idle",
+                TaskState::Active(_) => "running",
+                TaskState::Done(_) => "done",
+            })
+            .collect())
+    }
+
     pub(super) fn summary_of(&self, seq: u64) -> JobSummary {
         let job = self.job(seq);
         // Object storage's bytes so far (summed only for jobs that use it).

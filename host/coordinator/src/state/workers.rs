@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mr_core::ids::{TaskId, WorkerId};
 use mr_core::rpc::{
@@ -303,6 +304,34 @@ impl State {
             .collect()
     }
 
+    /// Live workers for the web page: with their address, how long ago
+    /// each was last heard from and the attempts it runs.
+    pub fn worker_views(&self, now: Instant) -> Vec<WorkerView> {
+        self.worker_summaries()
+            .into_iter()
+            .map(|s| {
+                let w = &self.workers[&s.worker];
+                let mut attempts: Vec<String> = self
+                    .running_on
+                    .get(&s.worker)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|&r| {
+                        let attempt = self.live_on(r, &s.worker)?;
+                        Some(format!("{}", self.key(r, attempt)))
+                    })
+                    .collect();
+                attempts.sort();
+                WorkerView {
+                    addr: w.addr.map(|a| a.to_string()),
+                    heartbeat_age_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                    attempts,
+                    summary: s,
+                }
+            })
+            .collect()
+    }
+
     /// Lets a quarantined worker take tasks again (`mr worker-release`);
     /// its count of lost votes starts afresh.
     ///
@@ -321,4 +350,17 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A live worker as the web page shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerView {
+    #[serde(flatten)]
+    pub summary: WorkerSummary,
+    /// Where it serves its map output (`None`: it serves none).
+    pub addr: Option<String>,
+    /// Since its last heartbeat.
+    pub heartbeat_age_ms: u64,
+    /// The attempts it runs, as `JOB TASK attempt N`.
+    pub attempts: Vec<String>,
 }

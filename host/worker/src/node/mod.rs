@@ -315,9 +315,7 @@ pub async fn run(
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    mr_core::hostname().unwrap_or_else(|| "unknown".into())
 }
 
 impl Worker {
