@@ -19,7 +19,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mr_tests::{books, names, REPO_ROOT, WC};
+use mr_tests::{books, names, read_output, reference_wc, REPO_ROOT, WC};
 
 use crate::mr_run_ok;
 
@@ -410,4 +410,138 @@ fn a_hostile_python_guest_is_contained() {
 fn rust_wc_reports_progress() {
     let tmp = tempfile::tempdir().unwrap();
     reports_progress(Path::new(WC), tmp.path());
+}
+
+/// `mr new my-app --lang LANG` in a fresh folder, then the three commands
+/// it printed (cd, build, run), run as printed with the books as the
+/// inputs: the output is the lab's word count. `toolchain` installs the
+/// language's tools first (telling a missing toolchain from a broken app).
+fn a_new_app_builds_and_runs(lang: &str, lock: &Mutex<()>, toolchain: Option<&str>) {
+    let _one_at_a_time = lock.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let made = crate::mr()
+        .args(["new", "my-app", "--lang", lang, "--dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&made.stdout).into_owned();
+    assert!(
+        made.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let app = tmp.path().join("my-app");
+    let commands: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .collect();
+    let [cd, build, run] = commands[..] else {
+        panic!("mr new printed no cd, build and run commands:\n{said}");
+    };
+    assert_eq!(cd, format!("cd {}", app.display()));
+    let readme = std::fs::read_to_string(app.join("README.md")).unwrap();
+    assert!(readme.contains(build), "{readme}");
+    // A second time: refused, the first left as it was.
+    let again = crate::mr()
+        .args(["new", "my-app", "--lang", lang, "--dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    if let Some(script) = toolchain {
+        let tools = build_step(
+            &format!("mr new --lang {lang}"),
+            Command::new("bash").arg(repo().join(script)),
+        );
+        if tools.is_none() {
+            return;
+        }
+    }
+    let shell = |line: String| {
+        let mut c = Command::new("bash");
+        for (k, v) in crate::mr().get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.env_remove("CARGO_TARGET_DIR").arg("-c").arg(line);
+        c
+    };
+    if build_step(
+        &format!("an app of mr new --lang {lang}"),
+        &mut shell(format!("{cd} && {build}")),
+    )
+    .is_none()
+    {
+        return;
+    }
+    let books = names(&books());
+    let run = run.replace("INPUT...", &books.join(" "));
+    let ran = crate::output_within(&mut shell(format!("{cd} && {run}")), BUILD_LIMIT);
+    assert!(
+        ran.status.success(),
+        "{run}: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(read_output(&app.join("out")), reference_wc(&books));
+}
+
+static RUST: Mutex<()> = Mutex::new(());
+
+#[test]
+fn mr_new_writes_a_rust_app_that_builds_and_runs() {
+    a_new_app_builds_and_runs("rust", &RUST, None);
+}
+
+#[test]
+fn mr_new_writes_a_python_app_that_builds_and_runs() {
+    a_new_app_builds_and_runs("python", &PYTHON, Some("guest-sdk/python/venv.sh"));
+}
+
+#[test]
+fn mr_new_writes_a_javascript_app_that_builds_and_runs() {
+    a_new_app_builds_and_runs("js", &JS, None);
+}
+
+#[test]
+fn mr_new_writes_a_c_app_that_builds_and_runs() {
+    a_new_app_builds_and_runs("c", &C, Some("guest-sdk/c/toolchain.sh"));
+}
+
+#[test]
+fn mr_new_refuses_bad_names_and_a_missing_sdk() {
+    let tmp = tempfile::tempdir().unwrap();
+    for bad in ["../up", "1app", "a b", ""] {
+        let out = crate::mr()
+            .args(["new", bad, "--dir"])
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is not an app name"),
+            "{bad}"
+        );
+    }
+    let out = crate::mr()
+        .args(["new", "app", "--dir"])
+        .arg(tmp.path())
+        .arg("--sdk")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass --sdk"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }

@@ -5,6 +5,7 @@ mod cancel;
 mod client;
 mod coordinator;
 mod job_args;
+mod new;
 mod progress;
 mod run;
 mod shutdown;
@@ -40,6 +41,7 @@ enum Command {
     Cancel(cancel::CancelArgs),
     Shutdown(shutdown::ShutdownArgs),
     WorkerRelease(worker_release::WorkerReleaseArgs),
+    New(new::NewArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => args.run(),
         Command::Shutdown(args) => args.run(),
         Command::WorkerRelease(args) => args.run(),
+        Command::New(args) => args.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
