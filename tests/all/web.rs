@@ -114,18 +114,38 @@ fn the_page_and_metrics_need_the_client_token_over_tls() {
     let a = curl(&c, &format!("/?token={}", forged(&client)), &[]);
     assert_eq!(a.status, 401);
     assert!(!a.headers.contains("set-cookie"), "{}", a.headers);
-    // The right one is traded for a cookie, and the URL cleaned of it.
+    // The right one is traded for a cookie, and the URL cleaned of it (a
+    // page that goes on to `/`).
     let a = curl(&c, &format!("/?token={client}"), &[]);
-    assert_eq!(a.status, 303, "{}", a.body);
-    assert!(a.headers.contains("location: /\r\n"), "{}", a.headers);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("url=/\""), "{}", a.body);
+    assert!(!a.body.contains(&client), "{}", a.body);
     let cookie = a
         .headers
         .lines()
         .find_map(|l| l.strip_prefix("set-cookie: "))
         .unwrap_or_else(|| panic!("no cookie: {}", a.headers))
         .to_string();
-    for attr in ["httponly", "secure", "samesite=strict", "path=/"] {
+    let port = base.rsplit(':').next().unwrap();
+    assert!(
+        cookie.starts_with(&format!("mr_session_{port}=")),
+        "{cookie}"
+    );
+    for attr in [
+        "httponly",
+        "secure",
+        "samesite=strict",
+        "path=/",
+        "max-age=",
+    ] {
         assert!(cookie.contains(attr), "{cookie}");
+    }
+    for h in [
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+        "content-security-policy",
+    ] {
+        assert!(a.headers.contains(h), "{}", a.headers);
     }
     let session = cookie.split(';').next().unwrap().trim().to_string();
     assert!(
@@ -170,6 +190,26 @@ fn the_page_and_metrics_need_the_client_token_over_tls() {
         ],
     );
     assert_eq!(a.status, 404, "{}", a.body);
+
+    // A name this coordinator was not started with (DNS rebinding) is
+    // refused, even with the token.
+    let a = curl(
+        &c,
+        "/api/jobs",
+        &["-H", &bearer(&client), "-H", "Host: evil.example"],
+    );
+    assert_eq!(a.status, 421, "{}", a.body);
+    let a = curl(
+        &c,
+        "/api/jobs",
+        &[
+            "-H",
+            &bearer(&client),
+            "-H",
+            &format!("Host: localhost:{port}"),
+        ],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
 
     // Only TLS: plain HTTP to the port gets no page.
     let plain = output_within(
@@ -472,7 +512,11 @@ fn the_page_shows_a_job_live_and_a_lost_worker_in_headless_chromium() {
     );
     // The token in the URL is traded for a cookie, and the URL cleaned.
     b.goto(&format!("{base}/?token={client}"));
-    assert_eq!(b.url(), format!("{base}/"));
+    assert!(
+        wait_for(QUICK, || b.url() == format!("{base}/")),
+        "{}",
+        b.url()
+    );
     assert!(b.until(
         QUICK,
         "return document.getElementById('live').textContent === 'live'"
@@ -560,4 +604,35 @@ fn the_page_shows_a_job_live_and_a_lost_worker_in_headless_chromium() {
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-pipeline.png");
     b.screenshot(&shot);
     eprintln!("screenshot of the page: {}", shot.display());
+}
+
+#[test]
+fn an_insecure_page_needs_no_token_but_refuses_other_host_names() {
+    let c = Cluster::insecure(&["--http", "127.0.0.1:0"]);
+    let base = c.web.clone().unwrap();
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    let get = |host: &str| {
+        output_within(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-H",
+                ])
+                .arg(format!("Host: {host}"))
+                .arg(format!("{base}/api/jobs")),
+            QUICK,
+        )
+    };
+    let port = base.rsplit(':').next().unwrap();
+    let ok = get(&format!("127.0.0.1:{port}"));
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200");
+    // A web site whose name was rebound to this address reads nothing.
+    let rebound = get(&format!("attacker.example:{port}"));
+    assert_eq!(String::from_utf8_lossy(&rebound.stdout), "421");
 }

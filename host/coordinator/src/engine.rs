@@ -578,9 +578,13 @@ impl Engine {
                 if !addr.ip().is_unspecified() {
                     all.push(addr.ip().to_string());
                 }
-                let config = a
+                let (config, fingerprint) = a
                     .web_config(&all)
                     .map_err(|e| ServeError::Web(e.to_string()))?;
+                tracing::info!(
+                    names = %all.join(", "),
+                    "the web page's certificate (of the cluster CA, ca.crt) has SHA-256 fingerprint {fingerprint}"
+                );
                 let token = a.client_token_text();
                 (
                     Some(config),
@@ -593,6 +597,7 @@ impl Engine {
             self.shared.clone(),
             listener,
             tls,
+            names.to_vec(),
         ))) {
             old.abort();
         }
@@ -652,6 +657,16 @@ impl Engine {
                 .await;
         }
         handle.await.map(drop).map_err(crashed)
+    }
+}
+
+impl Drop for Engine {
+    /// The web page's server (and every connection it holds) stops with
+    /// the engine, however the engine ends.
+    fn drop(&mut self) {
+        if let Some(web) = self.web.take() {
+            web.abort();
+        }
     }
 }
 

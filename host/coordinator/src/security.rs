@@ -347,8 +347,14 @@ impl Authority {
     /// a browser may use), HTTP/1.1, no client certificates (a browser
     /// proves itself with the client token).
     ///
+    /// Also returns the certificate's SHA-256 fingerprint (to log: a
+    /// browser that does not hold the cluster CA shows it to check).
+    ///
     /// Fails if a name cannot go in a certificate.
-    pub fn web_config(&self, names: &[String]) -> Result<Arc<rustls::ServerConfig>, SecurityError> {
+    pub fn web_config(
+        &self,
+        names: &[String],
+    ) -> Result<(Arc<rustls::ServerConfig>, Fingerprint), SecurityError> {
         let mut p = leaf_params(tls::COORDINATOR_NAME, WEB_CERT_DAYS)?;
         for name in names {
             let san = match name.parse::<std::net::IpAddr>() {
@@ -376,7 +382,7 @@ impl Authority {
             })
             .map_err(|e| SecurityError::Damaged(format!("cannot use the web certificate: {e}")))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), Fingerprint::of(cert.der())))
     }
 
     /// The web page's session cookie: derived from the client token (a

@@ -22,6 +22,8 @@ impl State {
         for r in records {
             s.apply(now, r);
         }
+        // /metrics counts what this run sees, not the journal's past.
+        s.tallies = super::Tallies::default();
         for (r, attempt) in s.live_attempts() {
             s.end_attempt(
                 now,

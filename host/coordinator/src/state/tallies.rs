@@ -75,9 +75,9 @@ impl Durations {
     }
 }
 
-/// Counts since this coordinator started (a restarted one counts the
-/// attempts its journal replays again, as a restarted exporter's counters
-/// start over).
+/// Counts since this coordinator started: a restarted one starts from
+/// zero (attempts its journal replays are not counted again), as any
+/// restarted exporter's counters do.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Tallies {
     /// Ended attempts by kind and outcome (`succeeded`, `failed`,
@@ -104,7 +104,8 @@ impl Tallies {
             .entry(kind)
             .or_default()
             .observe(ms as f64 / 1000.0);
-        self.shuffle_bytes += map_output_bytes;
+        // What a worker reports: never let it wrap the counter.
+        self.shuffle_bytes = self.shuffle_bytes.saturating_add(map_output_bytes);
     }
 }
 

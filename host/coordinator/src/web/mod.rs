@@ -6,8 +6,12 @@
 //! (scripts, Prometheus), or a browser holding the session cookie it got
 //! by opening `/?token=<client token>`, the URL the coordinator logs at
 //! start (as Jupyter does). The cookie is derived from the token, not the
-//! token itself, and is `HttpOnly`, `Secure`, `SameSite=Strict`; a POST
+//! token itself, and is `HttpOnly`, `Secure`, `SameSite=Strict`, named
+//! for the port (two coordinators on one host keep theirs apart); a POST
 //! must also carry `X-Requested-By: mr`, which a cross-site form cannot.
+//! Every request must name this coordinator in its `Host` header (one of
+//! `--http-name`, this machine's names, the address it listens on), which
+//! stops DNS rebinding, with `--insecure` too.
 //!
 //! ```text
 //! /                          the page (index.html, app.js, style.css)
@@ -15,16 +19,17 @@
 //! /api/jobs/JOB              one job: summary, report, each task's state
 //! /api/jobs/JOB/cancel       POST: cancel it
 //! /api/workers               live workers
-//! /api/events                server-sent events: `overview` (jobs and workers) on every change
-//! /api/jobs/JOB/events       server-sent events: `job` (as /api/jobs/JOB) on every change
+//! /api/events[?job=JOB]      server-sent events: `overview` (jobs, workers,
+//!                            and JOB as /api/jobs/JOB) on every change
 //! /metrics                   Prometheus text format
 //! ```
 
 mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,11 +48,10 @@ use tokio::net::TcpListener;
 use crate::engine::Shared;
 use crate::state::Now;
 
-/// The session cookie's name.
-const COOKIE: &str = "mr_session";
-/// At most this many connections at once (each browser tab holds one or
-/// two event streams).
+/// At most this many connections at once (a browser tab holds one event
+/// stream), and from one address.
 const MAX_CONNECTIONS: usize = 256;
+const PER_ADDRESS: usize = 32;
 /// A connection must finish its TLS handshake, and send a request's
 /// headers, within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +59,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (heartbeat ages, progress), and how long it gathers changes.
 const TICK: Duration = Duration::from_secs(1);
 const GATHER: Duration = Duration::from_millis(150);
+/// How long a browser keeps its session cookie.
+const SESSION_SECONDS: u64 = 30 * 24 * 3600;
+/// Headers on every answer: no sniffing, no referrer (a URL never leaves
+/// with a token), and what the page may load.
+const CSP: &str = "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 const INDEX: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
@@ -63,19 +72,38 @@ const STYLE: &str = include_str!("page/style.css");
 #[derive(Clone)]
 struct Web {
     shared: Arc<Shared>,
+    /// What the `Host` header may name (lower case, no port).
+    hosts: Arc<HashSet<String>>,
+    /// The session cookie's name: `mr_session_<port>`.
+    cookie: Arc<str>,
 }
 
-/// Serves the page on `listener` (TLS with `tls`) until the task is
-/// dropped or aborted.
+/// Serves the page on `listener` (TLS with `tls`) until the future is
+/// dropped (which drops every connection with it); `names` are the host
+/// names and addresses requests may name.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    names: Vec<String>,
 ) {
-    let app = router(Web { shared });
+    let local = listener.local_addr().ok();
+    let mut hosts: HashSet<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    if let Some(a) = local.filter(|a| !a.ip().is_unspecified()) {
+        hosts.insert(a.ip().to_string());
+    }
+    let web = Web {
+        shared,
+        hosts: Arc::new(hosts),
+        cookie: format!("mr_session_{}", local.map_or(0, |a| a.port())).into(),
+    };
+    let app = router(web);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    // Owned here: dropping this future drops every connection.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -84,13 +112,13 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "web: {MAX_CONNECTIONS} connections are open; dropped one");
+        let Some(slot) = Slot::take(&per_address, peer.ip(), connections.len()) else {
+            tracing::debug!(%peer, "web: too many connections; dropped one");
             continue;
         };
         let (app, acceptor) = (app.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        connections.spawn(async move {
+            let _slot = slot;
             let service = hyper_util::service::TowerToHyperService::new(app);
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new())
@@ -124,6 +152,95 @@ pub(crate) async fn serve(
     }
 }
 
+/// A connection's place among [`MAX_CONNECTIONS`] and its address's
+/// [`PER_ADDRESS`], given back when dropped.
+struct Slot {
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Slot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        open: usize,
+    ) -> Option<Slot> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.entry(ip).or_default();
+        if open >= MAX_CONNECTIONS || *n >= PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The host a `Host` header names, without its port, lower case.
+fn host_of(header: &str) -> String {
+    let h = header.trim();
+    let bare = if let Some(rest) = h.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match h.rsplit_once(':') {
+            Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+            _ => h,
+        }
+    };
+    bare.to_ascii_lowercase()
+}
+
+/// Refuses a request whose `Host` is not this coordinator's (DNS
+/// rebinding), and puts the security headers on every answer.
+async fn guard(
+    Extract(web): Extract<Web>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(host_of)
+        .or_else(|| request.uri().host().map(str::to_ascii_lowercase));
+    let mut response = match host {
+        Some(h) if web.hosts.contains(&h) => next.run(request).await,
+        _ => (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this coordinator does not answer to that host name: use one it was started with (mr coordinator --http-name NAME)\n",
+        )
+            .into_response(),
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    response
+}
+
 fn router(web: Web) -> Router {
     Router::new()
         .route("/", get(index))
@@ -135,11 +252,11 @@ fn router(web: Web) -> Router {
         .route("/api/jobs", get(jobs))
         .route("/api/jobs/{job}", get(job))
         .route("/api/jobs/{job}/cancel", post(cancel))
-        .route("/api/jobs/{job}/events", get(job_events))
         .route("/api/workers", get(workers))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics::metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such page\n") })
+        .layer(axum::middleware::from_fn_with_state(web.clone(), guard))
         .with_state(web)
 }
 
@@ -178,6 +295,9 @@ impl IntoResponse for WebError {
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"mr\""),
         );
+        // A stranger does not keep a connection open.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
     }
 }
@@ -226,7 +346,7 @@ impl Web {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|c| c.trim().split_once('='))
-            .any(|(k, v)| k == COOKIE && authority.is_web_session(v));
+            .any(|(k, v)| k == &*self.cookie && authority.is_web_session(v));
         if session {
             Ok(())
         } else {
@@ -241,35 +361,30 @@ async fn index(
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     if let (Some(token), Some(authority)) = (query.get("token"), &web.shared.authority) {
-        // The token is traded for a cookie, and the URL cleaned of it.
+        // The token is traded for a cookie, and the URL cleaned of it: a
+        // page (not a redirect, after which a link followed from another
+        // site would not send a SameSite=Strict cookie) that goes to `/`.
         authority
             .check_token(TokenKind::Client, token)
             .map_err(refused)?;
         let cookie = format!(
-            "{COOKIE}={}; Path=/; HttpOnly; Secure; SameSite=Strict",
+            "{}={}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; Secure; SameSite=Strict",
+            web.cookie,
             authority.web_session()
         );
         return Ok((
-            StatusCode::SEE_OTHER,
             [
                 (header::SET_COOKIE, cookie),
-                (header::LOCATION, "/".to_string()),
+                (header::CACHE_CONTROL, "no-store".to_string()),
             ],
+            Html(
+                "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0; url=/\"><title>mr coordinator</title><p>Signed in; <a href=\"/\">go on to the page</a>.</p>",
+            ),
         )
             .into_response());
     }
     web.check(&headers)?;
-    Ok((
-        [
-            (header::CACHE_CONTROL, "no-store"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
-            ),
-        ],
-        Html(INDEX),
-    )
-        .into_response())
+    Ok(([(header::CACHE_CONTROL, "no-store")], Html(INDEX)).into_response())
 }
 
 /// Every job, as the page lists them.
@@ -402,28 +517,50 @@ where
     })
 }
 
-async fn events(Extract(web): Extract<Web>, headers: HeaderMap) -> Result<Response, WebError> {
-    web.check(&headers)?;
-    let stream = changes(web, "overview", |web: Web| async move {
-        let jobs = job_list(&web).await?;
-        let workers = worker_list(&web).await?;
-        Ok(serde_json::json!({ "jobs": jobs, "workers": workers }))
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+/// What an event stream keeps between looks: the open job's detail and
+/// the version it was made at (a finished job's detail is made once; a
+/// running one's once per look, for its attempts' progress).
+#[derive(Default)]
+struct Seen {
+    detail: Option<(u64, serde_json::Value)>,
 }
 
-async fn job_events(
+async fn events(
     Extract(web): Extract<Web>,
-    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     web.check(&headers)?;
-    let id = job_id(id)?;
-    let stream = changes(web, "job", move |web: Web| {
-        let id = id.clone();
-        async move { job_detail(&web, id).await }
+    let job = query.get("job").cloned().map(job_id).transpose()?;
+    let seen = Arc::new(tokio::sync::Mutex::new(Seen::default()));
+    let stream = changes(web, "overview", move |web: Web| {
+        let (job, seen) = (job.clone(), seen.clone());
+        async move {
+            let jobs = job_list(&web).await?;
+            let workers = worker_list(&web).await?;
+            let mut out = serde_json::json!({ "jobs": jobs, "workers": workers, "now_ms": mr_core::now_ms() });
+            if let Some(id) = job {
+                let summary = jobs.iter().find(|j| j["job"] == id.0.as_str());
+                match summary {
+                    None => out["job"] = serde_json::Value::Null,
+                    Some(s) => {
+                        let version = s["version"].as_u64().unwrap_or(0);
+                        let over = s["finished_ms"].as_u64().is_some();
+                        let mut seen = seen.lock().await;
+                        let fresh = matches!(&seen.detail, Some((v, _)) if *v == version && over);
+                        if !fresh {
+                            seen.detail = Some((version, job_detail(&web, id).await?));
+                        }
+                        out["job"] = seen
+                            .detail
+                            .as_ref()
+                            .map(|d| d.1.clone())
+                            .unwrap_or_default();
+                    }
+                }
+            }
+            Ok(out)
+        }
     });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())

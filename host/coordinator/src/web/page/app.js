@@ -37,70 +37,104 @@ function taskName(t) {
 
 /** At most this many tasks a side are drawn as labelled chips. */
 const LIST = 48;
+/** Beyond this many tasks, a job's tasks are counted by state, not drawn. */
+const MAX_DRAWN = 4000;
 
 let selected = null;
-let jobStream = null;
+let stream = null;
 
+// One event stream per tab: the overview, with the open job's detail.
 function connect() {
+  if (stream) stream.close();
   const live = $("live");
-  const overview = new EventSource("/api/events");
-  overview.onopen = () => { live.textContent = "live"; live.className = "live"; };
-  overview.onerror = () => { live.textContent = "disconnected; retrying"; live.className = "live off"; };
-  overview.addEventListener("overview", (e) => {
+  const url = selected ? `/api/events?job=${encodeURIComponent(selected)}` : "/api/events";
+  stream = new EventSource(url);
+  stream.onopen = () => { live.textContent = "live"; live.className = "live"; };
+  stream.onerror = () => { live.textContent = "disconnected; retrying"; live.className = "live off"; };
+  stream.addEventListener("overview", (e) => {
     const o = JSON.parse(e.data);
-    drawJobs(o.jobs);
+    drawJobs(o.jobs, o.now_ms);
     drawWorkers(o.workers);
+    if (selected && "job" in o) {
+      if (o.job) drawJob(o.job);
+      else { selected = null; $("job").hidden = true; }   // forgotten
+    }
+    if (selected === null && o.jobs.length > 0) openJob(o.jobs[o.jobs.length - 1].job);
   });
 }
 
-function drawJobs(jobs) {
+// Rows are kept by key and their cells updated in place, so a tooltip, a
+// selection or a click survives the next event.
+function upsert(body, key, attr, cells, make) {
+  let row = body.querySelector(`tr[${attr}="${CSS.escape(key)}"]`);
+  if (!row) {
+    row = make();
+    row.setAttribute(attr, key);
+    for (let i = 0; i < cells.length; i++) row.append(el("td"));
+  }
+  cells.forEach((c, i) => {
+    const td = row.children[i];
+    if (c instanceof Node) {
+      if (td.firstChild === null || !td.firstChild.isEqualNode(c)) td.replaceChildren(c);
+    } else if (td.textContent !== String(c)) {
+      td.textContent = String(c);
+    }
+  });
+  return row;
+}
+
+function drawJobs(jobs, nowMs) {
   const body = $("jobs").tBodies[0];
-  body.replaceChildren();
   $("no-jobs").hidden = jobs.length > 0;
-  const now = Date.now();
-  for (const j of jobs.slice().reverse()) {
+  const keep = new Set(jobs.map((j) => j.job));
+  for (const r of [...body.rows]) if (!keep.has(r.dataset.job)) r.remove();
+  jobs.slice().reverse().forEach((j, i) => {
     const over = ["succeeded", "failed", "cancelled"].includes(j.state);
-    const took = (j.finished_ms || now) - j.submitted_ms;
+    const took = (j.finished_ms || nowMs) - j.submitted_ms;
     const cancel = el("button", { class: "cancel", "data-job": j.job, title: "cancel this job" }, "cancel");
     cancel.hidden = over || j.state === "committing";
-    cancel.onclick = (ev) => { ev.stopPropagation(); cancelJob(j.job); };
-    const row = el("tr", { class: "job" + (j.job === selected ? " selected" : ""), "data-job": j.job, "data-state": j.state },
-      el("td", {}, j.job),
-      el("td", { title: j.app }, j.app.split("/").pop()),
-      el("td", {}, el("span", { class: `state ${j.state}` }, j.state)),
-      el("td", {}, bar(j.maps_done, j.maps)),
-      el("td", {}, bar(j.reduces_done, j.reduces)),
-      el("td", {}, j.running),
-      el("td", {}, j.failed_attempts),
-      el("td", {}, j.backups),
-      el("td", {}, duration(Math.max(0, took))),
-      el("td", {}, j.output),
-      el("td", {}, cancel));
-    if (j.error) row.title = j.error;
-    row.onclick = () => openJob(j.job);
-    body.append(row);
-  }
-  if (selected === null && jobs.length > 0) openJob(jobs[jobs.length - 1].job);
+    const row = upsert(body, j.job, "data-job", [
+      j.job,
+      j.app.split("/").pop(),
+      el("span", { class: `state ${j.state}` }, j.state),
+      bar(j.maps_done, j.maps),
+      bar(j.reduces_done, j.reduces),
+      j.running, j.failed_attempts, j.backups,
+      duration(Math.max(0, took)),
+      j.output,
+      cancel,
+    ], () => {
+      const r = el("tr", { class: "job" });
+      r.onclick = (ev) => {
+        if (ev.target.closest("button.cancel")) { ev.stopPropagation(); cancelJob(r.dataset.job); return; }
+        openJob(r.dataset.job);
+      };
+      return r;
+    });
+    row.dataset.state = j.state;
+    row.classList.toggle("selected", j.job === selected);
+    row.children[1].title = j.app;
+    row.title = j.error || "";
+    if (body.rows[i] !== row) body.insertBefore(row, body.rows[i] || null);
+  });
 }
 
 function drawWorkers(workers) {
   const body = $("workers").tBodies[0];
-  body.replaceChildren();
   $("no-workers").hidden = workers.length > 0;
-  for (const w of workers) {
+  const keep = new Set(workers.map((w) => w.worker));
+  for (const r of [...body.rows]) if (!keep.has(r.dataset.worker)) r.remove();
+  workers.forEach((w, i) => {
     let state = "ok";
     if (w.quarantined) state = `quarantined: ${w.quarantined}`;
     else if (w.suspect_in.length) state = `suspect in ${w.suspect_in.join(", ")}`;
-    const running = el("td", { title: w.attempts.join("\n") }, `${w.running}`);
-    body.append(el("tr", { "data-worker": w.worker },
-      el("td", {}, w.worker),
-      el("td", {}, w.host),
-      el("td", {}, w.addr || "—"),
-      el("td", {}, w.slots),
-      running,
-      el("td", {}, `${duration(w.heartbeat_age_ms)} ago`),
-      el("td", {}, state)));
-  }
+    const row = upsert(body, w.worker, "data-worker", [
+      w.worker, w.host, w.addr || "—", w.slots, w.running,
+      `${duration(w.heartbeat_age_ms)} ago`, state,
+    ], () => el("tr"));
+    row.children[4].title = w.attempts.join("\n");
+    if (body.rows[i] !== row) body.insertBefore(row, body.rows[i] || null);
+  });
 }
 
 async function cancelJob(job) {
@@ -114,13 +148,10 @@ async function cancelJob(job) {
 function openJob(job) {
   if (selected === job) return;
   selected = job;
-  if (jobStream) jobStream.close();
   for (const r of document.querySelectorAll("tr.job")) r.classList.toggle("selected", r.dataset.job === job);
   $("job").hidden = false;
   $("job-id").textContent = job;
-  jobStream = new EventSource(`/api/jobs/${encodeURIComponent(job)}/events`);
-  jobStream.addEventListener("job", (e) => drawJob(JSON.parse(e.data)));
-  jobStream.addEventListener("gone", () => { jobStream.close(); });
+  connect();
 }
 
 // What a task is, for its colour: the coordinator says idle, running or
@@ -155,6 +186,25 @@ function drawJob(d) {
   // a small square in a grid.
   const mapCount = report.tasks.filter((t) => "map" in t.task).length;
   const list = mapCount <= LIST && s.reduces <= LIST;
+  if (report.tasks.length > MAX_DRAWN) {
+    // Too many to draw one by one: how many are in each state.
+    const counts = {};
+    report.tasks.forEach((t, i) => {
+      const k = `${"map" in t.task ? "map" : "reduce"} ${taskState(d.states[i], t)}`;
+      counts[k] = (counts[k] || 0) + 1;
+    });
+    maps.className = reduces.className = "tasks list";
+    for (const [k, n] of Object.entries(counts).sort()) {
+      const [kind, state] = k.split(" ");
+      (kind === "map" ? maps : reduces).append(
+        el("span", { class: `task state-${state}`, "data-count": state }, `${n} ${state}`));
+    }
+    drawShuffle(false, mapsAllDone(d));
+    $("timeline").replaceChildren(el("p", { class: "quiet" }, `${report.tasks.length} tasks: too many to draw each attempt (mr status JOB --json has them)`));
+    drawFailures(report);
+    drawCounters(report);
+    return;
+  }
   maps.className = reduces.className = list ? "tasks list" : "tasks grid";
   let mapsDone = 0;
   report.tasks.forEach((t, i) => {
@@ -175,18 +225,31 @@ function drawJob(d) {
   drawShuffle(list, mapsDone === mapCount);
   drawTimeline(report, d.now_ms);
 
+  drawFailures(report);
+  drawCounters(report);
+}
+
+function mapsAllDone(d) {
+  return d.report.tasks.every((t, i) => !("map" in t.task) || d.states[i] === "done");
+}
+
+function drawFailures(report) {
   const failures = $("failures");
   failures.replaceChildren();
+  let shown = 0;
   for (const t of report.tasks) {
     for (const a of t.attempts) {
-      if (a.outcome.startsWith("failed") || a.outcome.startsWith("killed")) {
+      if ((a.outcome.startsWith("failed") || a.outcome.startsWith("killed")) && shown++ < 200) {
         failures.append(el("li", { "data-attempt": `${taskName(t)}#${a.attempt}` },
           `${taskName(t)} attempt ${a.attempt} on ${a.worker}: ${a.outcome}`));
       }
     }
   }
-  if (!failures.childElementCount) failures.append(el("li", { class: "quiet" }, "none"));
+  if (shown > 200) failures.append(el("li", { class: "quiet" }, `and ${shown - 200} more (mr status JOB --json has them all)`));
+  if (!shown) failures.append(el("li", { class: "quiet" }, "none"));
+}
 
+function drawCounters(report) {
   const counters = $("counters").tBodies[0];
   counters.replaceChildren();
   for (const [k, v] of Object.entries(report.counters)) {
