@@ -374,6 +374,25 @@ fn metrics_parse_as_prometheus_text_and_count_every_attempt() {
         sample(&s, "mr_shuffle_bytes_total", &[]),
         report["counters"]["map_output_bytes"].as_f64().unwrap()
     );
+
+    // Restarted on the same state directory: the finished jobs are still
+    // listed, and the counters start from zero (nothing counted twice).
+    c.kill_coordinator();
+    c.start_coordinator("127.0.0.1:0");
+    let a = curl(&c, "/api/jobs", &["-H", &bearer(&token(&c, "client"))]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let states: Vec<String> = serde_json::from_str::<Vec<Value>>(&a.body)
+        .unwrap()
+        .iter()
+        .map(|j| j["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["succeeded", "failed"], "{}", a.body);
+    let s = scrape(&c).unwrap();
+    assert_eq!(sample(&s, "mr_jobs", &[("state", "succeeded")]), 1.0);
+    assert_eq!(
+        sample(&s, "mr_attempts_total", &[("kind", "map"), ("outcome", "succeeded")]),
+        0.0
+    );
 }
 
 /// A WebDriver session on headless Chromium, with chromedriver killed
