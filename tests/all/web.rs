@@ -246,28 +246,7 @@ fn scrape(c: &Cluster) -> Option<Vec<Value>> {
         "{}",
         a.headers
     );
-    let mut parse = Command::new(venv.join("bin/python"))
-        .arg(Path::new(REPO_ROOT).join("tests/web/parse_metrics.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    parse
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(a.body.as_bytes())
-        .unwrap();
-    let out = parse.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser refused /metrics: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        a.body
-    );
-    Some(serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap())
+    Some(parse(&venv, &a.body))
 }
 
 /// The value of sample `name` with exactly `labels` (0 if absent).
@@ -390,7 +369,11 @@ fn metrics_parse_as_prometheus_text_and_count_every_attempt() {
     let s = scrape(&c).unwrap();
     assert_eq!(sample(&s, "mr_jobs", &[("state", "succeeded")]), 1.0);
     assert_eq!(
-        sample(&s, "mr_attempts_total", &[("kind", "map"), ("outcome", "succeeded")]),
+        sample(
+            &s,
+            "mr_attempts_total",
+            &[("kind", "map"), ("outcome", "succeeded")]
+        ),
         0.0
     );
 }
@@ -654,4 +637,181 @@ fn an_insecure_page_needs_no_token_but_refuses_other_host_names() {
     // A web site whose name was rebound to this address reads nothing.
     let rebound = get(&format!("attacker.example:{port}"));
     assert_eq!(String::from_utf8_lossy(&rebound.stdout), "421");
+}
+
+/// The address a worker serves `/metrics` at, from its log.
+fn metrics_addr(log: &Path) -> String {
+    let mut addr = None;
+    let said = wait_for(QUICK, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        addr = text
+            .lines()
+            .find_map(|l| l.split("/metrics at https://").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string);
+        addr.is_some()
+    });
+    assert!(said, "{}", std::fs::read_to_string(log).unwrap_or_default());
+    addr.unwrap()
+}
+
+/// `curl` against a worker's `/metrics` as `metrics.worker.mr` (the name
+/// its certificate holds), checked against the cluster CA.
+fn worker_metrics(c: &Cluster, addr: &str, token: Option<&str>) -> Answer {
+    let port = addr.rsplit(':').next().unwrap();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(c.state.join("ca.crt"))
+        .arg("--resolve")
+        .arg(format!("metrics.worker.mr:{port}:127.0.0.1"))
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        cmd.args(["-H", &bearer(t)]);
+    }
+    let out = output_within(
+        cmd.arg(format!("https://metrics.worker.mr:{port}/metrics")),
+        QUICK,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Answer {
+        status: status.trim().parse().unwrap_or(0),
+        headers: String::new(),
+        body: body.to_string(),
+    }
+}
+
+#[test]
+fn workers_serve_metrics_to_the_metrics_token_only() {
+    let mut c = Cluster::start(&["--http", "127.0.0.1:0"]);
+    let mut addrs = Vec::new();
+    for slots in ["2", "1"] {
+        c.worker(&["--slots", slots, "--metrics", "127.0.0.1:0"]);
+        addrs.push(metrics_addr(c.logs.last().unwrap()));
+    }
+    let metrics = token(&c, "metrics");
+    // Before any job: the slots, nothing busy.
+    let a = worker_metrics(&c, &addrs[0], Some(&metrics));
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("mr_worker_slots 2\n"), "{}", a.body);
+    assert!(a.body.contains("mr_worker_slots_busy 0\n"), "{}", a.body);
+    // Any other token, or none, is refused; so is plain HTTP.
+    for wrong in [
+        None,
+        Some(token(&c, "client")),
+        Some(token(&c, "worker")),
+        Some(forged(&metrics)),
+    ] {
+        let a = worker_metrics(&c, &addrs[0], wrong.as_deref());
+        assert_eq!(a.status, 401, "{wrong:?}: {}", a.body);
+        assert!(a.body.contains("metrics.token"), "{}", a.body);
+    }
+    let plain = output_within(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-H", &bearer(&metrics)])
+            .arg(format!("http://{}/metrics", addrs[0])),
+        QUICK,
+    );
+    assert!(!String::from_utf8_lossy(&plain.stdout).contains("mr_worker"));
+    // The coordinator's /metrics takes the metrics token too.
+    let a = curl(&c, "/metrics", &["-H", &bearer(&metrics)]);
+    assert_eq!(a.status, 200, "{}", a.body);
+
+    let books = names(&books());
+    let out = c.out("wc");
+    let mut args = vec![WC, "-r", "3", "-o", out.to_str().unwrap()];
+    args.extend(books.iter().map(String::as_str));
+    assert!(c.submit(&args).status.success());
+    let report = crate::report(&out, "_SUCCESS");
+
+    // Parsed by Prometheus' own parser, the two workers' counts add up to
+    // the job's attempts.
+    let Some(_) = scrape(&c) else { return };
+    let venv = PathBuf::from(
+        build_step(
+            "the worker /metrics test",
+            Command::new("bash").arg(Path::new(REPO_ROOT).join("tests/web/prometheus.sh")),
+        )
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim(),
+    );
+    let mut succeeded = 0.0;
+    let (mut served, mut fetched) = (0.0, 0.0);
+    for addr in &addrs {
+        let a = worker_metrics(&c, addr, Some(&metrics));
+        assert_eq!(a.status, 200, "{}", a.body);
+        let s = parse(&venv, &a.body);
+        let ran = sample(
+            &s,
+            "mr_worker_attempts_total",
+            &[("kind", "map"), ("outcome", "succeeded")],
+        ) + sample(
+            &s,
+            "mr_worker_attempts_total",
+            &[("kind", "reduce"), ("outcome", "succeeded")],
+        );
+        succeeded += ran;
+        if ran > 0.0 {
+            // One app, one set of limits: loaded once, then reused.
+            assert_eq!(
+                sample(&s, "mr_worker_app_loads_total", &[]),
+                1.0,
+                "{}",
+                a.body
+            );
+            assert_eq!(
+                sample(&s, "mr_worker_app_reuses_total", &[]),
+                ran - 1.0,
+                "{}",
+                a.body
+            );
+        }
+        assert_eq!(sample(&s, "mr_worker_slots_busy", &[]), 0.0);
+        served += sample(&s, "mr_worker_served_bytes_total", &[]);
+        fetched += sample(&s, "mr_worker_fetched_bytes_total", &[]);
+    }
+    assert_eq!(succeeded, (books.len() + 3) as f64);
+    // Output fetched from another worker went over the network both ways.
+    let workers_of = |kind: &str| -> std::collections::BTreeSet<String> {
+        crate::cluster::attempts(&report, kind)
+            .iter()
+            .filter(|a| a["outcome"] == "succeeded")
+            .map(|a| a["worker"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (mappers, reducers) = (workers_of("map"), workers_of("reduce"));
+    if reducers.iter().any(|r| mappers.iter().any(|m| m != r)) {
+        assert!(
+            served > 0.0 && fetched > 0.0,
+            "served {served}, fetched {fetched}"
+        );
+    }
+}
+
+/// Prometheus text read by the Prometheus Python client's parser.
+fn parse(venv: &Path, text: &str) -> Vec<Value> {
+    let mut parse = Command::new(venv.join("bin/python"))
+        .arg(Path::new(REPO_ROOT).join("tests/web/parse_metrics.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    parse
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = parse.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused it: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -55,6 +55,7 @@ pub fn load_token(
     let name = match kind {
         TokenKind::Worker => "worker",
         TokenKind::Client => "client",
+        TokenKind::Metrics => "metrics",
     };
     let hint = format!(
         "use the token in DIR/{name}.token, where DIR is the coordinator's state directory (`mr coordinator` logs it at start), with --token-file or {env_name}; or pass --insecure to reach a coordinator started with --insecure"

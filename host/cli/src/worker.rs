@@ -71,6 +71,15 @@ pub struct WorkerArgs {
     #[arg(long = "data-root", value_name = "DIR|s3://BUCKET/PREFIX/")]
     data_roots: Vec<String>,
 
+    /// Serve Prometheus metrics of this worker at ADDR/metrics (slots
+    /// busy, guest memory, apps loaded, attempts, bytes served and
+    /// fetched). Over TLS with the worker's cluster certificate (name
+    /// metrics.worker.mr) and only for `Authorization: Bearer <metrics
+    /// token>` (metrics.token in the coordinator's state directory); plain
+    /// and open with --insecure.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+
     /// Announce another protocol version (for testing the refusal).
     #[arg(long, hide = true, default_value_t = mr_core::rpc::PROTOCOL_VERSION)]
     protocol_version: u32,
@@ -145,6 +154,7 @@ impl WorkerArgs {
             give_up_after: self.give_up_after,
             cache_dir: self.cache.resolve(),
             protocol_version: self.protocol_version,
+            metrics: self.metrics,
             ..WorkerOptions::new(
                 Transport::Tcp {
                     addr: self.coordinator,

@@ -8,6 +8,7 @@
 //! ca.crt, ca.key      the cluster CA (made on first start, kept)
 //! worker.token        what `mr worker --token-file` needs to join
 //! client.token        what `mr submit/status/cancel/shutdown` need
+//! metrics.token       what reads /metrics (coordinator and workers)
 //! lock                held while a coordinator uses the directory
 //! ```
 //!
@@ -101,6 +102,7 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     worker_token: Token,
     client_token: Token,
+    metrics_token: Token,
     server: Arc<rustls::ServerConfig>,
     members: Mutex<Members>,
     _lock: std::fs::File,
@@ -285,6 +287,7 @@ impl Authority {
         };
         let worker_token = token(TokenKind::Worker)?;
         let client_token = token(TokenKind::Client)?;
+        let metrics_token = token(TokenKind::Metrics)?;
         let issuer = Issuer::new(ca_params()?, ca_key);
         // The coordinator's own certificate, for this run.
         let own_key = KeyPair::generate()
@@ -330,6 +333,7 @@ impl Authority {
             issuer,
             worker_token,
             client_token,
+            metrics_token,
             server,
             members: Mutex::new(Members::default()),
             _lock: lock,
@@ -446,6 +450,7 @@ impl Authority {
         let current = match kind {
             TokenKind::Worker => &self.worker_token,
             TokenKind::Client => &self.client_token,
+            TokenKind::Metrics => &self.metrics_token,
         };
         if current.matches(&presented) {
             Ok(())
@@ -464,6 +469,15 @@ impl Authority {
         self.check_key(public_key)?;
         let name = tls::worker_name(worker);
         let cert = leaf_params(&name, WORKER_CERT_DAYS)
+            .and_then(|mut p| {
+                // Also the name its /metrics answers to (any worker's).
+                p.subject_alt_names.push(SanType::DnsName(
+                    tls::METRICS_NAME.try_into().map_err(|e| {
+                        SecurityError::Damaged(format!("{}: {e}", tls::METRICS_NAME))
+                    })?,
+                ));
+                Ok(p)
+            })
             .and_then(|p| {
                 p.signed_by(&WorkerKey(public_key), &self.issuer)
                     .map_err(|e| SecurityError::Damaged(e.to_string()))
@@ -488,6 +502,7 @@ impl Authority {
             cert: cert.der().to_vec(),
             ca: self.ca_der.to_vec(),
             shuffle_key,
+            metrics_check: tls::metrics_check(&self.metrics_token),
         })
     }
 

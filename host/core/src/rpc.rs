@@ -35,9 +35,10 @@ use crate::split::Split;
 /// The version of this protocol. Bump it on any change to the service or
 /// its types, or to what a worker can run (5: workers run apps built for
 /// `mr:app@0.1.1`, which an older worker refuses as the wrong world; 6:
-/// outputs and data roots in object storage); mismatched peers are
-/// refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// outputs and data roots in object storage; 8: credentials carry the
+/// metrics token's check); mismatched peers are refused at
+/// `register`/`hello`.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
@@ -221,6 +222,9 @@ pub struct Credentials {
     /// The key its shuffle server checks grants with (see
     /// [`crate::tls::grant`]); a new one at each registration.
     pub shuffle_key: [u8; 32],
+    /// What its `/metrics` checks the metrics token against (see
+    /// [`crate::tls::metrics_check`]).
+    pub metrics_check: [u8; 32],
 }
 
 impl std::fmt::Debug for Register {

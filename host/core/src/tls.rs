@@ -91,6 +91,10 @@ pub enum TokenKind {
     /// Submit, watch and cancel jobs, shut the cluster down
     /// (`DIR/client.token`).
     Client,
+    /// Read `/metrics` of the coordinator and of every worker, and nothing
+    /// else (`DIR/metrics.token`): what a Prometheus server holds, and
+    /// what a hostile worker posing as another's metrics could learn.
+    Metrics,
 }
 
 impl TokenKind {
@@ -98,6 +102,7 @@ impl TokenKind {
         match self {
             TokenKind::Worker => "worker",
             TokenKind::Client => "client",
+            TokenKind::Metrics => "metrics",
         }
     }
 
@@ -140,7 +145,9 @@ impl fmt::Display for Token {
 /// Why a token could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("not an mr token (expected mr1.<worker|client>.<64 hex digits>.<64 hex digits>)")]
+    #[error(
+        "not an mr token (expected mr1.<worker|client|metrics>.<64 hex digits>.<64 hex digits>)"
+    )]
     Malformed,
     #[error("this is a {found} token; a {wanted} token is needed here")]
     WrongKind {
@@ -188,6 +195,7 @@ impl Token {
         let kind = match kind {
             "worker" => TokenKind::Worker,
             "client" => TokenKind::Client,
+            "metrics" => TokenKind::Metrics,
             _ => return Err(TokenError::Malformed),
         };
         let (Some(secret), Some(ca)) = (hex32(secret), hex32(ca)) else {
@@ -224,6 +232,35 @@ impl Token {
         same == 0 && self.kind == other.kind && self.ca == other.ca
     }
 }
+
+/// What a worker checks a metrics token against (`mr worker --metrics`):
+/// a MAC of the token's secret, which the coordinator hands each worker
+/// at registration. A worker can tell the right token from a wrong one
+/// without ever holding it, and what it holds opens nothing.
+pub fn metrics_check(token: &Token) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &token.secret);
+    let tag = ring::hmac::sign(&key, METRICS_CHECK);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Whether `presented` is the metrics token of the CA `ca` whose
+/// [`metrics_check`] is `check` (compared in constant time).
+pub fn is_metrics_token(presented: &str, ca: &Fingerprint, check: &[u8; 32]) -> bool {
+    let Ok(t) = Token::parse_as(presented, TokenKind::Metrics) else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &t.secret);
+    t.ca == *ca && ring::hmac::verify(&key, METRICS_CHECK, check).is_ok()
+}
+
+/// What [`metrics_check`] signs.
+const METRICS_CHECK: &[u8] = b"mr worker metrics check v1";
+
+/// The name every worker's certificate also holds, for its `/metrics`
+/// (worker ids change at each registration; a scraper checks this name).
+pub const METRICS_NAME: &str = "metrics.worker.mr";
 
 /// The default state directory: `$XDG_STATE_HOME/mr`, else
 /// `~/.local/state/mr` (where `mr coordinator` keeps its CA, tokens,

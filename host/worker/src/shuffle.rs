@@ -80,6 +80,12 @@ pub struct ShuffleAuth {
     pub client: Arc<rustls::ClientConfig>,
     /// The key grants to read from it are made with.
     pub key: [u8; 32],
+    /// Its `/metrics`' (`mr worker --metrics`): its certificate, no client
+    /// certificates (a scraper sends the metrics token).
+    pub metrics_server: Arc<rustls::ServerConfig>,
+    /// What the metrics token is checked against, and its CA.
+    pub metrics_check: [u8; 32],
+    pub ca: mr_core::tls::Fingerprint,
 }
 
 /// How a shuffle server guards its port.
@@ -116,6 +122,8 @@ pub struct MapOutputs {
     memory: Mutex<InMemory>,
     /// Jobs whose directory exists.
     made: Mutex<std::collections::HashSet<JobId>>,
+    /// Bytes sent to reducers (`/metrics`).
+    pub served: AtomicU64,
 }
 
 /// A map attempt's output: job, map task, attempt.
@@ -142,6 +150,7 @@ impl MapOutputs {
             indexes: Mutex::new(IndexCache::default()),
             memory: Mutex::new(InMemory::default()),
             made: Mutex::new(Default::default()),
+            served: AtomicU64::new(0),
         }
     }
 
@@ -447,6 +456,7 @@ async fn send_watched<W: Finish + Send + 'static>(
         sock: tcp,
         sent: sent.clone(),
     };
+    let counted = outputs.clone();
     let send = tokio::task::spawn_blocking(move || send_segments(wrap(watched), &outputs, &req));
     tokio::pin!(send);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -458,6 +468,9 @@ async fn send_watched<W: Finish + Send + 'static>(
             done = &mut send => {
                 // Done: the clone is closed without shutting anything down.
                 guard.0 = None;
+                counted
+                    .served
+                    .fetch_add(sent.load(Ordering::Relaxed), Ordering::Relaxed);
                 return done.map_err(std::io::Error::other)?;
             }
             _ = tick.tick() => {

@@ -3,34 +3,37 @@
 //! scrape ([`crate::state::State::overview`]).
 
 use axum::extract::State as Extract;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{Web, WebError};
+use mr_core::tls::TokenKind;
+use mr_http::HttpError;
+
+use super::Web;
 use crate::state::Overview;
 
 pub(super) async fn metrics(
     Extract(web): Extract<Web>,
     headers: HeaderMap,
-) -> Result<Response, WebError> {
-    web.check(&headers)?;
-    let overview = web.shared.state(|s, _| s.overview()).await?;
-    let text = render(overview).map_err(|_| WebError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: "cannot encode the metrics".into(),
+) -> Result<Response, HttpError> {
+    // Prometheus may hold the metrics token instead of the client's.
+    web.check_for(&headers, &[TokenKind::Client, TokenKind::Metrics])?;
+    let overview = web
+        .shared
+        .state(|s, _| s.overview())
+        .await
+        .map_err(super::rpc_error)?;
+    let text = render(overview).map_err(|_| {
+        HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics",
+        )
     })?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-        )],
-        text,
-    )
-        .into_response())
+    Ok(mr_http::prometheus(text))
 }
 
 /// The text of one scrape.

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,7 @@ impl Worker {
     ) -> Result<Arc<Sandbox>, String> {
         let key = key(&app.sha256, limits);
         if let Some(s) = self.apps.preloaded.get(&key) {
+            self.stats.app_reuses.fetch_add(1, Ordering::Relaxed);
             return Ok(s.clone());
         }
         let cell = {
@@ -75,21 +77,30 @@ impl Worker {
             }
             cache.entry(key).or_default().clone()
         };
-        cell.get_or_try_init(|| async {
-            let path = self.fetch_app(app).await?;
-            let config = SandboxConfig {
-                memory_limit: limits.memory_limit.min(usize::MAX as u64) as usize,
-                attempt_timeout: limits.attempt_timeout,
-                grants: limits.grants,
-                cache_dir: self.options.cache_dir.clone(),
-                ..SandboxConfig::default()
-            };
-            super::load_blocking(self.engine.clone(), path, config)
-                .await
-                .map(Arc::new)
-        })
-        .await
-        .cloned()
+        // Loaded by this call, or found loaded (or being loaded by another).
+        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let got = cell
+            .get_or_try_init(|| async {
+                loaded.store(true, Ordering::Relaxed);
+                self.stats.app_loads.fetch_add(1, Ordering::Relaxed);
+                let path = self.fetch_app(app).await?;
+                let config = SandboxConfig {
+                    memory_limit: limits.memory_limit.min(usize::MAX as u64) as usize,
+                    attempt_timeout: limits.attempt_timeout,
+                    grants: limits.grants,
+                    cache_dir: self.options.cache_dir.clone(),
+                    ..SandboxConfig::default()
+                };
+                super::load_blocking(self.engine.clone(), path, config)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .cloned();
+        if got.is_ok() && !loaded.load(Ordering::Relaxed) {
+            self.stats.app_reuses.fetch_add(1, Ordering::Relaxed);
+        }
+        got
     }
 
     /// The app's file, fetched from the coordinator unless already here.

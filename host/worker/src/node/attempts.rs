@@ -122,6 +122,14 @@ impl Worker {
                 }
             }
         }
+        let word = match &outcome {
+            Outcome::MapDone | Outcome::ReduceDone => "succeeded",
+            Outcome::Failed { .. } => "failed",
+            Outcome::FetchFailed { .. } => "fetch_failed",
+            Outcome::Cancelled => "cancelled",
+        };
+        self.stats
+            .ended(matches!(a.key.task, mr_core::ids::TaskId::Map(_)), word);
         let result = AttemptResult {
             key: a.key.clone(),
             outcome,

@@ -263,11 +263,22 @@ impl Worker {
         let client =
             tls::client_config(token.ca, Some(&identity)).map_err(|e| wrong(e.to_string()))?;
         let server = tls::server_config(&ca, &identity, true).map_err(|e| wrong(e.to_string()))?;
+        let mut metrics_server = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .and_then(|b| {
+                b.with_no_client_auth()
+                    .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+            })
+            .map_err(|e| wrong(e.to_string()))?;
+        metrics_server.alpn_protocols = vec![b"http/1.1".to_vec()];
         *self.shuffle_auth.write().expect("shuffle auth lock") = Some(Arc::new(ShuffleAuth {
             me: id.clone(),
             server,
             client: client.clone(),
             key: c.shuffle_key,
+            metrics_server: Arc::new(metrics_server),
+            metrics_check: c.metrics_check,
+            ca: token.ca,
         }));
         Ok(client)
     }

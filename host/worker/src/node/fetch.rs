@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -127,6 +128,7 @@ impl Worker {
         while let Some(r) = results.next().await {
             let (dest, segs) = r?;
             for (m, s) in segs {
+                self.stats.fetched.fetch_add(s.len, Ordering::Relaxed);
                 got[m as usize] = Some((Source::File(dest.clone()), s));
             }
         }

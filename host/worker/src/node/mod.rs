@@ -32,6 +32,7 @@ mod connection;
 mod data_dir;
 mod fetch;
 mod heartbeats;
+mod metrics;
 #[cfg(test)]
 mod tests;
 
@@ -123,6 +124,8 @@ pub struct WorkerOptions {
     pub data_roots: DataRoots,
     /// Where its token was read from: never a job's input.
     pub token_file: Option<PathBuf>,
+    /// Serve `/metrics` here (`mr worker --metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl WorkerOptions {
@@ -143,6 +146,7 @@ impl WorkerOptions {
             token: None,
             data_roots: DataRoots::unlimited(),
             token_file: None,
+            metrics: None,
         }
     }
 }
@@ -178,6 +182,8 @@ pub(crate) struct Worker {
     /// This worker's own directories (map output, apps, compiled apps):
     /// never a job's to read or write.
     pub private_dirs: Vec<PathBuf>,
+    /// What its `/metrics` counts.
+    pub stats: metrics::Stats,
 }
 
 /// Runs a worker until `shutdown` completes, the coordinator tells it to
@@ -267,6 +273,7 @@ pub async fn run(
         apps: apps::AppCache::new(data.apps(), &options.preloaded),
         engine,
         outputs: outputs.clone(),
+        stats: metrics::Stats::default(),
         options,
     });
     worker.client().await?;
@@ -285,6 +292,29 @@ pub async fn run(
         };
         tokio::spawn(shuffle::serve(l, outputs, guard))
     });
+    let metrics = match worker.options.metrics {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Io {
+                    what: format!("cannot listen for /metrics on {addr} (--metrics)"),
+                    source,
+                })?;
+            let at = l.local_addr().map_err(|source| WorkerError::Io {
+                what: "cannot read the /metrics address".into(),
+                source,
+            })?;
+            match worker.options.token {
+                Some(_) => tracing::info!(
+                    "/metrics at https://{at}/metrics (certificate name {}, send the metrics token)",
+                    mr_core::tls::METRICS_NAME
+                ),
+                None => tracing::info!("/metrics at http://{at}/metrics"),
+            }
+            Some(tokio::spawn(metrics::serve(Arc::downgrade(&worker), l)))
+        }
+    };
     let heartbeats = tokio::spawn(worker.clone().heartbeat_loop());
     let requests = tokio::spawn(worker.clone().request_loop());
     let (hb_abort, req_abort) = (heartbeats.abort_handle(), requests.abort_handle());
@@ -309,6 +339,9 @@ pub async fn run(
     worker.stop(result.is_ok()).await;
     if let Some(s) = shuffle {
         s.abort();
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     drop(data);
     result

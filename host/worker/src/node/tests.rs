@@ -177,6 +177,7 @@ fn worker(fake: &Fake, dir: &std::path::Path) -> Arc<Worker> {
         apps: apps::AppCache::new(dir.join("apps"), &[]),
         engine: SandboxEngine::new().unwrap(),
         outputs: Arc::new(MapOutputs::new(dir.join("jobs"))),
+        stats: super::metrics::Stats::default(),
         key: None,
         shuffle_auth: std::sync::RwLock::new(None),
         roots: Mutex::new(mr_core::roots::DataRoots::unlimited()),
