@@ -306,7 +306,7 @@ fn metrics_parse_as_prometheus_text_and_count_every_attempt() {
     assert_eq!(sample(&s, "mr_jobs", &[("state", "failed")]), 1.0);
     assert_eq!(sample(&s, "mr_jobs", &[("state", "running")]), 0.0);
     assert_eq!(sample(&s, "mr_workers", &[]), 2.0);
-    assert_eq!(sample(&s, "mr_worker_slots", &[]), 3.0);
+    assert_eq!(sample(&s, "mr_slots", &[]), 3.0);
     assert_eq!(sample(&s, "mr_tasks_running", &[("kind", "map")]), 0.0);
     let maps = books.len() as f64;
     let ok_maps = sample(
@@ -695,6 +695,34 @@ fn workers_serve_metrics_to_the_metrics_token_only() {
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(a.body.contains("mr_worker_slots 2\n"), "{}", a.body);
     assert!(a.body.contains("mr_worker_slots_busy 0\n"), "{}", a.body);
+    // Prometheus names its target in Host: any name is fine with TLS and
+    // the token (a rebound page has no token).
+    let named = output_within(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
+            .arg(c.state.join("ca.crt"))
+            .arg("--resolve")
+            .arg(format!(
+                "metrics.worker.mr:{}:127.0.0.1",
+                addrs[0].rsplit(':').next().unwrap()
+            ))
+            .args(["-H", &bearer(&metrics), "-H", "Host: worker-1.example:9400"])
+            .arg(format!(
+                "https://metrics.worker.mr:{}/metrics",
+                addrs[0].rsplit(':').next().unwrap()
+            )),
+        QUICK,
+    );
+    assert_eq!(String::from_utf8_lossy(&named.stdout), "200");
     // Any other token, or none, is refused; so is plain HTTP.
     for wrong in [
         None,
@@ -713,9 +741,15 @@ fn workers_serve_metrics_to_the_metrics_token_only() {
         QUICK,
     );
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("mr_worker"));
-    // The coordinator's /metrics takes the metrics token too.
+    // The coordinator's /metrics takes the metrics token too (and a wrong
+    // one is told it is wrong), but nothing else does.
     let a = curl(&c, "/metrics", &["-H", &bearer(&metrics)]);
     assert_eq!(a.status, 200, "{}", a.body);
+    let a = curl(&c, "/metrics", &["-H", &bearer(&forged(&metrics))]);
+    assert_eq!(a.status, 401);
+    assert!(a.body.contains("wrong or was revoked"), "{}", a.body);
+    let a = curl(&c, "/api/jobs", &["-H", &bearer(&metrics)]);
+    assert_eq!(a.status, 401, "{}", a.body);
 
     let books = names(&books());
     let out = c.out("wc");

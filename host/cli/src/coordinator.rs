@@ -147,9 +147,10 @@ impl CoordinatorArgs {
         };
         match &authority {
             Some(_) => tracing::info!(
-                "workers join with {}, clients use {}",
+                "workers join with {}, clients use {}, /metrics takes {} too",
                 TokenKind::Worker.file_in(&state_dir).display(),
-                TokenKind::Client.file_in(&state_dir).display()
+                TokenKind::Client.file_in(&state_dir).display(),
+                TokenKind::Metrics.file_in(&state_dir).display()
             ),
             None => tracing::warn!(
                 "INSECURE (--insecure): no TLS, no tokens; anyone who can reach this port can run jobs, join as a worker and read job data"

@@ -9,9 +9,9 @@
 //!   owned by the serving future, so dropping it ends them all;
 //! - TLS from a [`TlsSource`] asked at each connection (a worker's
 //!   certificate changes when it registers again), or plain HTTP;
-//! - the `Host` header must name the server (one of its names), which
-//!   stops DNS rebinding; and `nosniff`, `no-referrer` and a strict
-//!   content security policy on every answer.
+//! - the `Host` header must name the server (one of its names, or an IP
+//!   address), which stops DNS rebinding; and `nosniff`, `no-referrer` and
+//!   a strict content security policy on every answer.
 //!
 //! Who may call is each surface's business: [`HttpError::unauthorized`]
 //! is the answer to refuse with (it closes the connection).
@@ -42,23 +42,18 @@ pub type TlsSource = Arc<dyn Fn() -> Option<Arc<rustls::ServerConfig>> + Send + 
 
 /// Serves `router` on `listener` until the future is dropped (every
 /// connection with it): over TLS from `tls`, else plain HTTP. `hosts` are
-/// the names (host names and addresses, any case, no port) a request's
-/// `Host` may name; the listener's own address is added.
+/// the host names (any case, no port) a request's `Host` may name besides
+/// an IP address (DNS rebinding needs a name); `None`: any (a surface that
+/// only takes bearer tokens, which a rebound page does not have).
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     tls: Option<TlsSource>,
-    hosts: impl IntoIterator<Item = String>,
+    hosts: Option<Vec<String>>,
     what: &'static str,
 ) {
-    let mut hosts: HashSet<String> = hosts.into_iter().map(|n| n.to_ascii_lowercase()).collect();
-    if let Some(a) = listener
-        .local_addr()
-        .ok()
-        .filter(|a| !a.ip().is_unspecified())
-    {
-        hosts.insert(a.ip().to_string());
-    }
+    let hosts: Option<HashSet<String>> =
+        hosts.map(|h| h.into_iter().map(|n| n.to_ascii_lowercase()).collect());
     let app = router.layer(axum::middleware::from_fn_with_state(Arc::new(hosts), guard));
     let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut connections = tokio::task::JoinSet::new();
@@ -173,7 +168,7 @@ pub fn host_of(header: &str) -> String {
 /// Refuses a request whose `Host` is not the server's (DNS rebinding),
 /// and puts the security headers on every answer.
 async fn guard(
-    State(hosts): State<Arc<HashSet<String>>>,
+    State(hosts): State<Arc<Option<HashSet<String>>>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -183,14 +178,19 @@ async fn guard(
         .and_then(|h| h.to_str().ok())
         .map(host_of)
         .or_else(|| request.uri().host().map(str::to_ascii_lowercase));
-    let mut response = match host {
-        Some(h) if hosts.contains(&h) => next.run(request).await,
-        _ => HttpError {
-            status: StatusCode::MISDIRECTED_REQUEST,
-            message: "this server does not answer to that host name: use one it was started with"
-                .into(),
-        }
-        .into_response(),
+    let allowed = match (&*hosts, host) {
+        (None, _) => true,
+        (Some(names), Some(h)) => names.contains(&h) || h.parse::<IpAddr>().is_ok(),
+        (Some(_), None) => false,
+    };
+    let mut response = if allowed {
+        next.run(request).await
+    } else {
+        HttpError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this server does not answer to that host name: use its address, or a name it was started with (mr coordinator --http-name NAME)",
+        )
+        .into_response()
     };
     let h = response.headers_mut();
     h.insert(

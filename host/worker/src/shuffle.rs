@@ -122,7 +122,8 @@ pub struct MapOutputs {
     memory: Mutex<InMemory>,
     /// Jobs whose directory exists.
     made: Mutex<std::collections::HashSet<JobId>>,
-    /// Bytes sent to reducers (`/metrics`).
+    /// Segment bytes sent to reducers (`/metrics`; framing and TLS left
+    /// out, as the fetching side counts them).
     pub served: AtomicU64,
 }
 
@@ -456,7 +457,6 @@ async fn send_watched<W: Finish + Send + 'static>(
         sock: tcp,
         sent: sent.clone(),
     };
-    let counted = outputs.clone();
     let send = tokio::task::spawn_blocking(move || send_segments(wrap(watched), &outputs, &req));
     tokio::pin!(send);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -468,9 +468,6 @@ async fn send_watched<W: Finish + Send + 'static>(
             done = &mut send => {
                 // Done: the clone is closed without shutting anything down.
                 guard.0 = None;
-                counted
-                    .served
-                    .fetch_add(sent.load(Ordering::Relaxed), Ordering::Relaxed);
                 return done.map_err(std::io::Error::other)?;
             }
             _ = tick.tick() => {
@@ -657,6 +654,8 @@ fn send_segments<W: Finish>(
                 "the run file is shorter than its index says",
             ));
         }
+        // Segment bytes handed to the socket, as a fetcher counts them.
+        outputs.served.fetch_add(seg.len, Ordering::Relaxed);
     }
     out.flush()?;
     out.get_mut().finish()

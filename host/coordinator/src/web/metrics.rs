@@ -88,7 +88,7 @@ impl Collector for Snapshot {
         e.encode_descriptor("mr_workers", "Live workers", None, MetricType::Gauge)?
             .encode_gauge(&o.workers)?;
         e.encode_descriptor(
-            "mr_worker_slots",
+            "mr_slots",
             "Task slots of the live workers",
             None,
             MetricType::Gauge,

@@ -83,7 +83,7 @@ pub(crate) async fn serve(
         details: Arc::default(),
     };
     let tls = tls.map(|c| Arc::new(move || Some(c.clone())) as mr_http::TlsSource);
-    mr_http::serve(router(web), listener, tls, names, "web").await
+    mr_http::serve(router(web), listener, tls, Some(names), "web").await
 }
 
 fn router(web: Web) -> Router {
@@ -146,17 +146,13 @@ impl Web {
         };
         if let Some(token) = mr_http::bearer(headers) {
             let token = token.map_err(refused)?;
-            // The first kind's error says what to send.
-            let mut first = None;
-            for &kind in kinds {
-                match authority.check_token(kind, token) {
-                    Ok(()) => return Ok(()),
-                    Err(e) => {
-                        first.get_or_insert(e);
-                    }
-                }
-            }
-            return Err(refused(first.map_or_else(String::new, |e| e.to_string())));
+            // Checked as the kind it says it is, if that is one taken here.
+            let kind = mr_core::tls::Token::parse(token)
+                .ok()
+                .map(|t| t.kind)
+                .filter(|k| kinds.contains(k))
+                .unwrap_or(kinds[0]);
+            return authority.check_token(kind, token).map_err(refused);
         }
         let session = headers
             .get_all(header::COOKIE)

@@ -67,13 +67,14 @@ pub(crate) async fn serve(worker: Weak<Worker>, listener: TcpListener) {
             Some(auth.metrics_server.clone())
         }) as mr_http::TlsSource
     });
-    let mut hosts = vec![
-        mr_core::tls::METRICS_NAME.to_string(),
-        "localhost".into(),
-        "127.0.0.1".into(),
-        "::1".into(),
-    ];
-    hosts.extend(mr_core::hostname());
+    // With TLS, a scraper must send the metrics token, which a rebound
+    // page cannot: any Host (Prometheus sends the target's name). Open
+    // (--insecure): only this machine's names (and addresses).
+    let hosts = (!secure).then(|| {
+        let mut hosts = vec![mr_core::tls::METRICS_NAME.to_string(), "localhost".into()];
+        hosts.extend(mr_core::hostname());
+        hosts
+    });
     let router = Router::new()
         .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "only /metrics here\n") })

@@ -216,6 +216,31 @@ pub async fn run(
             Some(l)
         }
     };
+    // Bound before registering: a busy port is an error before anything
+    // else starts.
+    let metrics_listener = match options.metrics {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Io {
+                    what: format!("cannot listen for /metrics on {addr} (--metrics)"),
+                    source,
+                })?;
+            let at = l.local_addr().map_err(|source| WorkerError::Io {
+                what: "cannot read the /metrics address".into(),
+                source,
+            })?;
+            match options.token {
+                Some(_) => tracing::info!(
+                    "/metrics at https://{at}/metrics (certificate name {}, send the metrics token)",
+                    mr_core::tls::METRICS_NAME
+                ),
+                None => tracing::info!("/metrics at http://{at}/metrics"),
+            }
+            Some(l)
+        }
+    };
     let shuffle_addr = match &listener {
         Some(l) => Some(l.local_addr().map_err(|source| WorkerError::Io {
             what: "cannot read the shuffle address".into(),
@@ -292,29 +317,8 @@ pub async fn run(
         };
         tokio::spawn(shuffle::serve(l, outputs, guard))
     });
-    let metrics = match worker.options.metrics {
-        None => None,
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| WorkerError::Io {
-                    what: format!("cannot listen for /metrics on {addr} (--metrics)"),
-                    source,
-                })?;
-            let at = l.local_addr().map_err(|source| WorkerError::Io {
-                what: "cannot read the /metrics address".into(),
-                source,
-            })?;
-            match worker.options.token {
-                Some(_) => tracing::info!(
-                    "/metrics at https://{at}/metrics (certificate name {}, send the metrics token)",
-                    mr_core::tls::METRICS_NAME
-                ),
-                None => tracing::info!("/metrics at http://{at}/metrics"),
-            }
-            Some(tokio::spawn(metrics::serve(Arc::downgrade(&worker), l)))
-        }
-    };
+    let metrics =
+        metrics_listener.map(|l| tokio::spawn(metrics::serve(Arc::downgrade(&worker), l)));
     let heartbeats = tokio::spawn(worker.clone().heartbeat_loop());
     let requests = tokio::spawn(worker.clone().request_loop());
     let (hb_abort, req_abort) = (heartbeats.abort_handle(), requests.abort_handle());
