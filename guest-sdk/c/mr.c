@@ -515,6 +515,8 @@ void mr_progress(uint64_t done, uint64_t total) {
     mr__host_progress(done, total);
 }
 
+void mr_counter(mr_str name, int64_t delta) { mr__host_counter(name, delta); }
+
 // Whether `s` starts inside the contents; its offset in `*at`.
 static bool offset_of(mr_str s, size_t *at) {
     uintptr_t p = (uintptr_t)s.ptr;

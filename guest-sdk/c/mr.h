@@ -160,6 +160,14 @@ void mr_emit_u64(mr_str key, uint64_t n);
 /// the host never moves progress back.
 void mr_progress(uint64_t done, uint64_t total);
 
+/// Adds `delta` to the app's counter `name` (Hadoop's user counters): the
+/// job's report sums each counter over the attempts whose output was
+/// committed, one per task, so a retried or killed attempt's counts are
+/// not added twice. Works in map, reduce and combine. A name is 1 to 128
+/// bytes, and an attempt may use at most 64 names (beyond either, the
+/// task fails saying so).
+void mr_counter(mr_str name, int64_t delta);
+
 /// Splits text into words the way the MIT 6.5840 lab does (Go's
 /// unicode.IsLetter): maximal runs of Unicode letters (general category L),
 /// case kept. Finds the next word in `*text`, stores it in `*word`, moves
@@ -184,6 +192,10 @@ void mr__host_emit(const uint8_t *records, size_t len);
 /// Tells the host how far the map is (mr_component.c: the `progress`
 /// import).
 void mr__host_progress(uint64_t done, uint64_t total);
+
+/// Adds to one of the app's counters (mr_component.c: the `counter`
+/// import).
+void mr__host_counter(mr_str name, int64_t delta);
 
 /// Starts a map task's emitter (with the app's combiner, or NULL, and what
 /// it does) for a map of `contents`.

@@ -44,6 +44,29 @@ void mr__host_progress(uint64_t done, uint64_t total) {
     reports.n++;
 }
 
+static struct {
+    char name[256];
+    int64_t total;
+    size_t calls;
+} counted;
+
+void mr__host_counter(mr_str name, int64_t delta) {
+    CHECK(name.len < sizeof counted.name);
+    memcpy(counted.name, name.ptr, name.len);
+    counted.name[name.len] = 0;
+    counted.total += delta;
+    counted.calls++;
+}
+
+// mr_counter hands its name and delta to the host as they are.
+static void test_counter(void) {
+    mr_counter((mr_str){"lines", 5}, 3);
+    mr_counter((mr_str){"lines", 5}, -1);
+    CHECK(counted.calls == 2);
+    CHECK(strcmp(counted.name, "lines") == 0);
+    CHECK(counted.total == 2);
+}
+
 static uint32_t varint(const uint8_t **p, const uint8_t *end) {
     uint32_t v = 0;
     for (int i = 0; i < 5; i++) {
@@ -489,6 +512,7 @@ int main(void) {
     test_gather();
     test_fold();
     test_progress();
+    test_counter();
     host_reset();
     printf("C SDK: %d checks passed\n", checks);
     return 0;

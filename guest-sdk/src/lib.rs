@@ -679,6 +679,21 @@ impl Emitter {
     }
 }
 
+/// Adds `delta` to the app's counter `name`: Hadoop's user counters. The
+/// job's report (`_SUCCESS`, `mr status JOB`, the web page) sums each
+/// counter over the attempts whose output was committed, one per task, so
+/// a retried or killed attempt's counts are not added twice. Works in
+/// `map`, `reduce` and `combine` (a combiner's counts are its map
+/// attempt's). A name is 1 to 128 bytes and an attempt may use at most 64
+/// names; beyond either, the task fails with a message that says so.
+///
+/// ```ignore
+/// mr_sdk::counter("lines", 1);
+/// ```
+pub fn counter(name: &str, delta: i64) {
+    bindings::mr::app::host::counter(name, delta)
+}
+
 /// Splits text into words the way the MIT 6.5840 lab does (Go's
 /// `strings.FieldsFunc(s, func(r) bool { return !unicode.IsLetter(r) })`):
 /// maximal runs of Unicode letters (general category L), case kept. ASCII

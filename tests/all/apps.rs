@@ -142,6 +142,7 @@ fn crash_with_retries_matches_nocrash() {
     let (out, got) = run_app(CRASH, &["--allow", "clock,random", "--max-attempts", "30"]);
     assert_eq!(got, reference_nocrash(&names(&books())));
     let r = report(&out.path().join("out"), "_SUCCESS");
+    assert_crash_counters(&r);
     for t in r["tasks"].as_array().unwrap() {
         let attempts = t["attempts"].as_array().unwrap();
         let last = attempts.last().unwrap();
@@ -179,4 +180,31 @@ fn an_app_built_against_the_0_1_0_contract_still_runs() {
     args.extend(inputs.iter().map(String::as_str));
     mr_run_ok(&args);
     assert_eq!(read_output(&dir), reference_wc(&inputs));
+}
+
+/// The crash app's own counters (`mr_sdk::counter`, counted before it may
+/// crash, so failed and killed attempts count too): the report sums them
+/// over committed attempts only, so they equal the books and the keys, and
+/// attempts that failed or were killed did count (or the test proves
+/// nothing).
+pub(crate) fn assert_crash_counters(r: &serde_json::Value) {
+    let books = books();
+    let bytes: u64 = books
+        .iter()
+        .map(|b| std::fs::metadata(b).unwrap().len())
+        .sum();
+    let user = &r["counters"]["user"];
+    assert_eq!(user["maps"], books.len() as u64, "{user}");
+    assert_eq!(user["map_bytes"], bytes, "{user}");
+    assert_eq!(user["keys"], 4, "{user}");
+    let attempts: usize = r["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["attempts"].as_array().unwrap().len())
+        .sum();
+    assert!(
+        attempts > books.len() + 4,
+        "some attempts failed or were killed: {r}"
+    );
 }

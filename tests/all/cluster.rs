@@ -680,6 +680,7 @@ fn crashing_guests_and_killed_workers_still_give_the_right_output() {
         .count();
     eprintln!("{kills} workers killed; {killed} attempts killed or lost with them");
     assert!(killed > 0, "the kills took work down with them: {r}");
+    crate::apps::assert_crash_counters(&r);
 }
 
 #[test]

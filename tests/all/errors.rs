@@ -121,7 +121,7 @@ fn component_of_another_world() {
     let app = app_file(tmp.path(), b"\0asm\x0d\0\x01\0");
     let err = fails(&[&app, &book(), "-o", tmp.path().join("o").to_str().unwrap()]);
     assert!(
-        err.contains("does not implement the mr:app/mapreduce@0.2.0 world"),
+        err.contains("does not implement the mr:app/mapreduce@0.2.1 world"),
         "{err}"
     );
     assert!(err.contains("map"), "names what is missing: {err}");

@@ -3,6 +3,12 @@
 //! identical to `nocrash`. It needs randomness and a clock, so run it with
 //! `--allow random --allow clock` (without them it sees a fixed "random"
 //! sequence and behaves the same on every attempt).
+//!
+//! It also counts, with `mr_sdk::counter`, before it may crash: `maps` and
+//! `map_bytes` per map call, `keys` per reduce call. Failed and killed
+//! attempts count too, so the job's report shows each counter summed over
+//! committed attempts only exactly when it equals the inputs (files, bytes)
+//! and the keys (4).
 use std::time::Duration;
 
 use mr_sdk::{App, Emitter};
@@ -26,6 +32,8 @@ struct Crash;
 
 impl App for Crash {
     fn map(input: &str, contents: &str, out: &mut Emitter) {
+        mr_sdk::counter("maps", 1);
+        mr_sdk::counter("map_bytes", contents.len() as i64);
         maybe_crash();
         out.emit("a", input);
         out.emit("b", &input.len().to_string());
@@ -34,6 +42,7 @@ impl App for Crash {
     }
 
     fn reduce(_key: &str, values: &[&str]) -> String {
+        mr_sdk::counter("keys", 1);
         maybe_crash();
         let mut sorted = values.to_vec();
         sorted.sort();

@@ -180,6 +180,18 @@ impl App for Hostile {
                 // screen, set the window title, a fake success line.
                 panic!("\x1b[2J\x1b]0;pwned\x07\rjob job-1-1 succeeded");
             }
+            "counters" => {
+                // One name more than an attempt may use.
+                for i in 0..65 {
+                    mr_sdk::counter(&format!("c{i}"), 1);
+                }
+            }
+            "countername" => {
+                // Counts under a name of terminal control sequences, then
+                // succeeds: the name reaches `mr run`'s last line.
+                mr_sdk::counter("\x1b[2J\x1b]0;pwned\x07", 7);
+                out.emit("k", "v");
+            }
             "chatty" => {
                 // Writes far more than is kept, then dies: its last words
                 // must survive.

@@ -3,13 +3,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `mr:app/host@0.2.0`
+// Imported Functions from `mr:app/host@0.2.1`
 
-__attribute__((__import_module__("mr:app/host@0.2.0"), __import_name__("emit")))
+__attribute__((__import_module__("mr:app/host@0.2.1"), __import_name__("emit")))
 extern void __wasm_import_mr_app_host_emit(uint8_t *, size_t);
 
-__attribute__((__import_module__("mr:app/host@0.2.0"), __import_name__("progress")))
+__attribute__((__import_module__("mr:app/host@0.2.1"), __import_name__("progress")))
 extern void __wasm_import_mr_app_host_progress(int64_t, int64_t);
+
+__attribute__((__import_module__("mr:app/host@0.2.1"), __import_name__("counter")))
+extern void __wasm_import_mr_app_host_counter(uint8_t *, size_t, int64_t);
 
 // Exported Functions from `mapreduce`
 
@@ -172,6 +175,10 @@ void mr_app_host_emit(mapreduce_list_u8_t *records) {
 
 void mr_app_host_progress(uint64_t done, uint64_t total) {
   __wasm_import_mr_app_host_progress((int64_t) (done), (int64_t) (total));
+}
+
+void mr_app_host_counter(mapreduce_string_t *name, int64_t delta) {
+  __wasm_import_mr_app_host_counter((uint8_t *) (*name).ptr, (*name).len, delta);
 }
 
 __attribute__((__export_name__("map")))

@@ -47,7 +47,7 @@ typedef struct {
   } val;
 } mapreduce_result_option_list_u8_string_t;
 
-// Imported Functions from `mr:app/host@0.2.0`
+// Imported Functions from `mr:app/host@0.2.1`
 // Hands a batch of map output records (`records`, above) to the
 // host. The host partitions, sorts and spills them; it may be called
 // any number of times. A batch is at most 16 MiB (a larger one, or
@@ -64,6 +64,13 @@ extern void mr_app_host_emit(mapreduce_list_u8_t *records);
 // themselves (see their READMEs); a few hundred calls per split are
 // plenty.
 extern void mr_app_host_progress(uint64_t done, uint64_t total);
+// Adds `delta` to the app's counter `name` (Hadoop's user counters):
+// the job's report sums each counter over the attempts whose output
+// was committed, one per task, so a retried, killed or backup attempt
+// counts once or not at all. Works in `map`, `reduce` and `combine`.
+// A name is 1 to 128 bytes; an attempt may use at most 64 names (one
+// more fails the task); sums saturate at the limits of s64.
+extern void mr_app_host_counter(mapreduce_string_t *name, int64_t delta);
 
 // Exported Functions from `mapreduce`
 bool exports_mapreduce_map(mapreduce_string_t *input, mapreduce_string_t *contents, mapreduce_string_t *err);

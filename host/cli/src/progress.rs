@@ -127,7 +127,7 @@ pub fn success_line(report: &JobReport, output: &str) -> String {
         .filter(|t| matches!(t.task, TaskId::Map(_)))
         .count();
     format!(
-        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {} (report: {}){}",
+        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {} (report: {}){}{}",
         report.job_id.as_ref().map(|j| j.0.as_str()).unwrap_or("?"),
         report.reduces,
         report.counters.map_input_bytes,
@@ -135,7 +135,27 @@ pub fn success_line(report: &JobReport, output: &str) -> String {
         under(output, "mr-out-*"),
         under(output, "_SUCCESS"),
         object_requests(&report.counters),
+        user_counters(&report.counters),
     )
+}
+
+/// The app's own counters, if it kept any: `; counters: keys=4, maps=8`
+/// (the first 20; names as the guest wrote them, control characters
+/// escaped).
+pub fn user_counters(c: &mr_core::report::Counters) -> String {
+    if c.user.is_empty() {
+        return String::new();
+    }
+    let mut shown: Vec<String> = c
+        .user
+        .iter()
+        .take(20)
+        .map(|(k, v)| format!("{}={v}", mr_core::text::escape_controls(k)))
+        .collect();
+    if c.user.len() > 20 {
+        shown.push(format!("… ({} in all, in the report)", c.user.len()));
+    }
+    format!("; counters: {}", shown.join(", "))
 }
 
 /// `name` in the output directory or under the output prefix.

@@ -111,7 +111,12 @@ impl StatusArgs {
             if let Some(e) = &s.error {
                 println!("error    {}", mr_core::text::escape_controls(e));
             }
-            for t in detail.report()?.tasks {
+            let report = detail.report()?;
+            let counters = crate::progress::user_counters(&report.counters);
+            if let Some(c) = counters.strip_prefix("; counters: ") {
+                println!("counters {c}");
+            }
+            for t in report.tasks {
                 for a in &t.attempts {
                     if a.outcome != "succeeded" {
                         let outcome = mr_core::text::escape_controls(&a.outcome);

@@ -41,8 +41,18 @@ pub struct InputInfo {
     pub splits: u32,
 }
 
+/// Counter names one attempt may use (`counter` in the WIT), and a name's
+/// length in bytes: they travel with every report.
+pub const MAX_COUNTERS: usize = 64;
+pub const MAX_COUNTER_NAME: usize = 128;
+/// Counter names one job's report holds; the rest are counted under
+/// [`DROPPED_COUNTERS`] (a job whose tasks each name new counters would
+/// otherwise grow its report without bound).
+pub const MAX_JOB_COUNTERS: usize = 256;
+pub const DROPPED_COUNTERS: &str = "(counters over the job's limit of 256 names)";
+
 /// Totals over the successful attempt of every task.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Bytes of input read by map tasks.
     pub map_input_bytes: u64,
@@ -77,9 +87,38 @@ pub struct Counters {
     pub object_bytes_read: u64,
     #[serde(default)]
     pub object_bytes_written: u64,
+    /// The app's own counters (`counter` in the WIT), by name: summed over
+    /// the attempts whose output was committed, one per task. (Always
+    /// written: the RPC's encoding, postcard, cannot skip a field.)
+    #[serde(default)]
+    pub user: std::collections::BTreeMap<String, i64>,
 }
 
 impl Counters {
+    /// Checks counters a worker reported: at most [`MAX_COUNTERS`] names
+    /// of 1 to [`MAX_COUNTER_NAME`] bytes.
+    ///
+    /// Fails, saying what is wrong, otherwise.
+    pub fn check_user(&self) -> Result<(), String> {
+        if self.user.len() > MAX_COUNTERS {
+            return Err(format!(
+                "{} counters reported; an attempt has at most {MAX_COUNTERS}",
+                self.user.len()
+            ));
+        }
+        if let Some(n) = self
+            .user
+            .keys()
+            .find(|n| n.is_empty() || n.len() > MAX_COUNTER_NAME)
+        {
+            return Err(format!(
+                "a counter name of {} bytes; names are 1 to {MAX_COUNTER_NAME}",
+                n.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// Adds another task's counters to these.
     pub fn add(&mut self, o: &Counters) {
         self.map_input_bytes += o.map_input_bytes;
@@ -97,6 +136,15 @@ impl Counters {
         self.object_puts += o.object_puts;
         self.object_bytes_read += o.object_bytes_read;
         self.object_bytes_written += o.object_bytes_written;
+        for (name, v) in &o.user {
+            let name = if self.user.contains_key(name) || self.user.len() < MAX_JOB_COUNTERS {
+                name.as_str()
+            } else {
+                DROPPED_COUNTERS
+            };
+            let sum = self.user.entry(name.to_string()).or_default();
+            *sum = sum.saturating_add(*v);
+        }
     }
 }
 
@@ -196,4 +244,53 @@ pub struct AttemptReport {
     /// merge of its output) or of its partition merged (a reduce).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(pairs: &[(&str, i64)]) -> Counters {
+        Counters {
+            user: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..Counters::default()
+        }
+    }
+
+    #[test]
+    fn app_counters_add_by_name_and_saturate() {
+        let mut total = user(&[("a", 1), ("b", i64::MAX)]);
+        total.add(&user(&[("a", 2), ("b", 5), ("c", -3)]));
+        assert_eq!(total.user["a"], 3);
+        assert_eq!(total.user["b"], i64::MAX);
+        assert_eq!(total.user["c"], -3);
+    }
+
+    #[test]
+    fn a_jobs_counter_names_are_capped_and_the_rest_counted_as_dropped() {
+        let mut total = Counters::default();
+        for i in 0..MAX_JOB_COUNTERS + 10 {
+            total.add(&user(&[(&format!("n{i}"), 2)]));
+        }
+        assert_eq!(total.user.len(), MAX_JOB_COUNTERS + 1);
+        assert_eq!(total.user[DROPPED_COUNTERS], 20);
+        // A name already kept still adds up.
+        total.add(&user(&[("n0", 1)]));
+        assert_eq!(total.user["n0"], 3);
+    }
+
+    #[test]
+    fn reported_counters_are_bounded() {
+        assert!(user(&[("ok", 1)]).check_user().is_ok());
+        assert!(user(&[("", 1)]).check_user().is_err());
+        assert!(user(&[(&"x".repeat(MAX_COUNTER_NAME + 1), 1)])
+            .check_user()
+            .is_err());
+        let many: Vec<(String, i64)> = (0..=MAX_COUNTERS).map(|i| (format!("c{i}"), 1)).collect();
+        let many = Counters {
+            user: many.into_iter().collect(),
+            ..Counters::default()
+        };
+        assert!(many.check_user().unwrap_err().contains("at most 64"));
+    }
 }

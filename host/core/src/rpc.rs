@@ -36,9 +36,9 @@ use crate::split::Split;
 /// its types, or to what a worker can run (5: workers run apps built for
 /// `mr:app@0.1.1`, which an older worker refuses as the wrong world; 6:
 /// outputs and data roots in object storage; 8: credentials carry the
-/// metrics token's check); mismatched peers are refused at
-/// `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// metrics token's check; 9: counters carry the app's own); mismatched
+/// peers are refused at `register`/`hello`.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:

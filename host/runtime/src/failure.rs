@@ -267,20 +267,25 @@ pub(crate) fn check_imports(
     path: &str,
 ) -> Result<(), LoadError> {
     for (name, _) in component.component_type().imports(engine) {
-        // 0.2.0 is the contract; 0.1.1 added `progress` to 0.1.0's host:
-        // apps built against any of them link (wasmtime matches
-        // semver-compatible versions).
+        // 0.2.1 is the contract (0.2.0 plus `counter`); 0.1.1 added
+        // `progress` to 0.1.0's host: apps built against any of them link
+        // (wasmtime matches semver-compatible versions).
         let Some(ours) = name.strip_prefix("mr:app/") else {
             continue;
         };
         if !matches!(
             ours,
-            "host@0.2.0" | "host@0.1.0" | "host@0.1.1" | "types@0.1.0" | "types@0.1.1"
+            "host@0.2.1"
+                | "host@0.2.0"
+                | "host@0.1.0"
+                | "host@0.1.1"
+                | "types@0.1.0"
+                | "types@0.1.1"
         ) {
             return Err(LoadError::WrongWorld {
                 path: path.into(),
                 detail: format!(
-                    "it imports `{name}`, but this mr provides mr:app/host@0.2.0 (and 0.1.1, 0.1.0)"
+                    "it imports `{name}`, but this mr provides mr:app/host@0.2.1 (and 0.2.0, 0.1.1, 0.1.0)"
                 ),
             });
         }

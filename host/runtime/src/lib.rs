@@ -37,7 +37,8 @@ use wasmtime::{Config, Engine, Store, UpdateDeadline};
 pub use failure::{FailureKind, GuestFailure, LoadError};
 pub use wasi::{Grants, TaskControl, MALFORMED};
 
-/// The current contract, `mr:app@0.2.0` (`wit/mr.wit`).
+/// The current contract, `mr:app@0.2.1` (`wit/mr.wit`; 0.2.0 apps link to
+/// it too).
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
@@ -77,7 +78,7 @@ pub const MAX_EMIT_BATCH: usize = 16 << 20;
 
 /// The name and version of the world apps implement (those built for
 /// `mr:app/mapreduce@0.1.x` run too).
-pub const WORLD: &str = "mr:app/mapreduce@0.2.0";
+pub const WORLD: &str = "mr:app/mapreduce@0.2.1";
 /// How often the epoch advances.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Epoch ticks between a running guest's checks of its time limit and

@@ -172,6 +172,14 @@ impl crate::bindings::mr::app::host::Host for TaskState {
         self.report_progress(done, total);
         Ok(())
     }
+
+    fn counter(&mut self, name: String, delta: i64) -> wasmtime::Result<()> {
+        if let Err(e) = self.control.add_counter(&name, delta) {
+            self.protocol_error = Some(e.clone());
+            wasmtime::bail!("{e}");
+        }
+        Ok(())
+    }
 }
 
 impl crate::bindings01::mr::app::host::Host for TaskState {
@@ -222,12 +230,52 @@ struct Control {
     /// When the attempt's first instance started: its time limit counts
     /// from there for all of them (a packed map's instances, a combiner's).
     started: std::sync::OnceLock<std::time::Instant>,
+    /// The app's own counters (`counter` in the WIT), over all its
+    /// instances.
+    counters: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
+
+use mr_core::report::{MAX_COUNTERS, MAX_COUNTER_NAME};
 
 impl TaskControl {
     /// When the attempt's guest first started (now, on the first call).
     pub fn guest_started(&self) -> std::time::Instant {
         *self.0.started.get_or_init(std::time::Instant::now)
+    }
+
+    /// Adds `delta` to the app's counter `name` (saturating).
+    ///
+    /// Fails, saying why, if the name is empty or longer than
+    /// [`MAX_COUNTER_NAME`] bytes, or would be the attempt's counter number
+    /// [`MAX_COUNTERS`] + 1.
+    pub fn add_counter(&self, name: &str, delta: i64) -> Result<(), String> {
+        if name.is_empty() || name.len() > MAX_COUNTER_NAME {
+            return Err(format!(
+                "the app named a counter with {} bytes; a counter's name is 1 to {MAX_COUNTER_NAME} bytes",
+                name.len()
+            ));
+        }
+        let mut counters = self.0.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = counters.get_mut(name) {
+            *v = v.saturating_add(delta);
+            return Ok(());
+        }
+        if counters.len() >= MAX_COUNTERS {
+            return Err(format!(
+                "the app used more than {MAX_COUNTERS} counters (the next was {name:?}); use fewer names"
+            ));
+        }
+        counters.insert(name.to_string(), delta);
+        Ok(())
+    }
+
+    /// The app's counters so far.
+    pub fn counters(&self) -> std::collections::BTreeMap<String, i64> {
+        self.0
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Bytes currently charged to the task.

@@ -21,6 +21,12 @@ impl State {
         worker: &WorkerId,
         result: AttemptResult,
     ) -> Result<(), RpcError> {
+        // What the app counted, as its worker says: bounded before it is
+        // kept, summed or journaled.
+        result
+            .counters
+            .check_user()
+            .map_err(|e| RpcError::Invalid(format!("refused a report of {}: {e}", result.key)))?;
         if let Some(w) = self.workers.get_mut(worker) {
             w.last_seen = now.at;
         }

@@ -138,7 +138,7 @@ impl State {
     /// `mr run` and a cluster: both are this state.
     pub(super) fn report_of(&self, seq: u64) -> JobReport {
         let job = self.job(seq);
-        let mut counters = job.commit_counters;
+        let mut counters = job.commit_counters.clone();
         let mut tasks = Vec::with_capacity(job.tasks.len());
         for t in &job.tasks {
             let mut attempts = t.history.clone();

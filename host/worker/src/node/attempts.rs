@@ -94,11 +94,14 @@ impl Worker {
     ) {
         tracing::debug!(key = %a.key, slot = a.slot, "attempt started");
         let started = Instant::now();
-        let (outcome, counters, digests, upload) = if self.stopping() {
+        let (outcome, mut counters, digests, upload) = if self.stopping() {
             (Outcome::Cancelled, Counters::default(), Vec::new(), None)
         } else {
             self.execute(&a, &control, &preparing).await
         };
+        // The app's own counters, over every instance of the attempt (a
+        // map's combiners too).
+        counters.user = control.counters();
         match &outcome {
             // In process (`mr run`) the user sees failures from the job.
             Outcome::Failed { message, .. } if self.register.shuffle_addr.is_none() => {

@@ -253,7 +253,13 @@ function drawCounters(report) {
   const counters = $("counters").tBodies[0];
   counters.replaceChildren();
   for (const [k, v] of Object.entries(report.counters)) {
+    if (k === "user") continue;
     if (v) counters.append(el("tr", {}, el("td", {}, k), el("td", {}, v.toLocaleString())));
+  }
+  // The app's own counters (mr_sdk::counter and the like), marked as such.
+  for (const [k, v] of Object.entries(report.counters.user || {})) {
+    counters.append(el("tr", { class: "user-counter", "data-counter": k },
+      el("td", {}, `${k} (app)`), el("td", {}, v.toLocaleString())));
   }
 }
 
