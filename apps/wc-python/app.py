@@ -7,6 +7,7 @@ import mr_sdk
 
 class WordCount(mr_sdk.App):
     def map(self, input, contents, out):
+        mr_sdk.counter("maps", 1)  # the app's own counter, summed in the job's report
         for word in mr_sdk.words(contents):
             out.emit(word, "1")
 

@@ -5,7 +5,7 @@
 #
 # APP.js is an ES module exporting `map`, `reduce` and `combine` (see
 # mr.js); it may import modules by relative path (this SDK's mr.js among
-# them) and 'mr:app/host@0.1.1'. The first run installs componentize-js
+# them) and 'mr:app/host@0.1.2'. The first run installs componentize-js
 # (pinned by package.json and package-lock.json here) from the npm registry into
 # $MR_TOOLS_DIR/js (default: <repo>/target/guest-tools/js); it needs node
 # and npm. A build whose output is newer than its inputs (the app's folder,

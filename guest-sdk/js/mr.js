@@ -1,7 +1,7 @@
 // The JavaScript SDK for `mr` apps: write an object with map/reduce/combine,
 // export it, build it with componentize-js (see apps/wc-js).
 //
-//   import { emit, progress } from 'mr:app/host@0.1.1';
+//   import { emit, progress, counter } from 'mr:app/host@0.1.2';
 //   import { exportApp, words } from './mr.js';
 //
 //   const wordCount = {
@@ -270,8 +270,10 @@ function failure(what, e) {
 /**
  * The component's exports for `app` ({ map(input, contents, out),
  * reduce(key, values) or fold(key), combine?(key, values) }); `emit` and `progress`
- * are the host's, imported from 'mr:app/host@0.1.1' (`progress` is
- * optional: without it the host hears nothing of how far a map is).
+ * are the host's, imported from 'mr:app/host@0.1.2' (`progress` is
+ * optional: without it the host hears nothing of how far a map is). An app
+ * counts with the host's `counter(name, delta)` (delta a BigInt), imported
+ * from there too: the job's report sums it over committed attempts.
  * Export its `map`, `reduce` and `combine` from the app's module.
  */
 export function exportApp(app, emit, progress) {

@@ -255,7 +255,7 @@ class ExportTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp()
-        # The Python SDK is on the contract mr:app@0.1.1 (the host runs it).
+        # The Python SDK is on the contract mr:app@0.1.2 (the host runs it).
         wit = os.path.join(os.path.dirname(__file__), "..", "..", "wit", "0.1")
         subprocess.run(
             [COMPONENTIZE_PY, "-d", wit, "-w", "mapreduce", "bindings", cls.dir],
@@ -333,6 +333,19 @@ class ExportTest(unittest.TestCase):
         with self.assertRaises(Err) as e:
             w.reduce([G("bad", ["1"], True)])
         self.assertIn("fold's finish returned int for key 'bad', not str", e.exception.value)
+
+    def test_counter_goes_to_the_hosts_counter_and_checks_its_arguments(self):
+        counted = []
+        self.host.counter = lambda name, delta: counted.append((name, delta))
+        mr_sdk.counter("lines", 3)
+        mr_sdk.counter("lines")
+        self.assertEqual(counted, [("lines", 3), ("lines", 1)])
+        with self.assertRaises(TypeError):
+            mr_sdk.counter(7, 1)
+        with self.assertRaises(TypeError):
+            mr_sdk.counter("x", 1.5)
+        with self.assertRaises(ValueError):
+            mr_sdk.counter("x", 2**63)
 
     def test_no_combiner_is_none(self):
         class NoCombiner(mr_sdk.App):

@@ -268,12 +268,41 @@ fn reports_progress(app: &Path, tmp: &Path) {
 
 #[test]
 fn python_wc_matches_the_rust_wc_byte_for_byte() {
-    wc_matches_rust(build_script_app("wc-python", &PYTHON));
+    let app = build_script_app("wc-python", &PYTHON);
+    counts_its_maps(app.as_deref());
+    wc_matches_rust(app);
 }
 
 #[test]
 fn javascript_wc_matches_the_rust_wc_byte_for_byte() {
-    wc_matches_rust(build_script_app("wc-js", &JS));
+    let app = build_script_app("wc-js", &JS);
+    counts_its_maps(app.as_deref());
+    wc_matches_rust(app);
+}
+
+/// The app counts its map calls with its SDK's `counter` (`maps`, 1 each):
+/// the job's report has one per book.
+fn counts_its_maps(app: Option<&Path>) {
+    let Some(app) = app else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let books = names(&books());
+    let mut args = vec![
+        app.to_str().unwrap(),
+        "-r",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(books.iter().map(String::as_str));
+    mr_run_ok(&args);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("_SUCCESS")).unwrap()).unwrap();
+    assert_eq!(
+        report["counters"]["user"]["maps"],
+        books.len() as u64,
+        "{report}"
+    );
 }
 
 #[test]

@@ -28,7 +28,7 @@ pub enum LoadError {
     #[error("{path} is not a valid WebAssembly component: {detail}")]
     Invalid { path: String, detail: String },
     #[error(
-        "{path} does not implement the {world} world (nor the older mr:app/mapreduce@0.1.1): \
+        "{path} does not implement the {world} world (nor the older mr:app/mapreduce@0.1.2): \
          {detail}\n\
          An mr app exports `map`, `reduce` and `combine` and imports `mr:app/host` \
          (the Rust SDK's `mr_sdk::export_app!` does all of this)",
@@ -268,8 +268,8 @@ pub(crate) fn check_imports(
 ) -> Result<(), LoadError> {
     for (name, _) in component.component_type().imports(engine) {
         // 0.2.1 is the contract (0.2.0 plus `counter`); 0.1.1 added
-        // `progress` to 0.1.0's host: apps built against any of them link
-        // (wasmtime matches semver-compatible versions).
+        // `progress` to 0.1.0's host, 0.1.2 `counter`: apps built against
+        // any of them link (wasmtime matches semver-compatible versions).
         let Some(ours) = name.strip_prefix("mr:app/") else {
             continue;
         };
@@ -279,13 +279,15 @@ pub(crate) fn check_imports(
                 | "host@0.2.0"
                 | "host@0.1.0"
                 | "host@0.1.1"
+                | "host@0.1.2"
                 | "types@0.1.0"
                 | "types@0.1.1"
+                | "types@0.1.2"
         ) {
             return Err(LoadError::WrongWorld {
                 path: path.into(),
                 detail: format!(
-                    "it imports `{name}`, but this mr provides mr:app/host@0.2.1 (and 0.2.0, 0.1.1, 0.1.0)"
+                    "it imports `{name}`, but this mr provides mr:app/host@0.2.1 (and 0.2.0, 0.1.2, 0.1.1, 0.1.0)"
                 ),
             });
         }

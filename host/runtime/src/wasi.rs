@@ -199,6 +199,10 @@ impl crate::bindings01::mr::app::host::Host for TaskState {
         self.report_progress(done, total);
         Ok(())
     }
+
+    fn counter(&mut self, name: String, delta: i64) -> wasmtime::Result<()> {
+        crate::bindings::mr::app::host::Host::counter(self, name, delta)
+    }
 }
 
 impl crate::bindings01::mr::app::types::Host for TaskState {}
