@@ -167,6 +167,7 @@ pub fn simulate(maps: u32, reduces: u32, workers: u32, slots: u32) -> Result<Cos
                         .collect(),
                     received: running[w].iter().map(|a| a.seq).max().unwrap_or(0),
                     jobs: Vec::new(),
+                    served: 0,
                 };
                 calls += 1;
                 s.heartbeat(t, id, beat)?;

@@ -163,9 +163,9 @@ void mr_progress(uint64_t done, uint64_t total);
 /// Adds `delta` to the app's counter `name` (Hadoop's user counters): the
 /// job's report sums each counter over the attempts whose output was
 /// committed, one per task, so a retried or killed attempt's counts are
-/// not added twice. Works in map, reduce and combine. A name is 1 to 128
-/// bytes, and an attempt may use at most 64 names (beyond either, the
-/// task fails saying so).
+/// not added twice. Works in map, reduce and combine. A name is 1 to 64
+/// bytes of printable text, and an attempt may use at most 32 names
+/// (beyond either, the task fails saying so).
 void mr_counter(mr_str name, int64_t delta);
 
 /// Splits text into words the way the MIT 6.5840 lab does (Go's

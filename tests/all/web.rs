@@ -808,6 +808,19 @@ fn workers_serve_metrics_to_the_metrics_token_only() {
         fetched += sample(&s, "mr_worker_fetched_bytes_total", &[]);
     }
     assert_eq!(succeeded, (books.len() + 3) as f64);
+    // The page's workers show what they served, as their heartbeats say.
+    let mut seen = Value::Null;
+    let shown = wait_for(QUICK, || {
+        let a = curl(&c, "/api/workers", &["-H", &bearer(&token(&c, "client"))]);
+        seen = serde_json::from_str(&a.body).unwrap_or(Value::Null);
+        seen.as_array().is_some_and(|w| {
+            w.iter()
+                .map(|w| w["served_bytes"].as_f64().unwrap_or(-1.0))
+                .sum::<f64>()
+                == served
+        })
+    });
+    assert!(shown, "the page shows {seen}, the workers {served}");
     // Output fetched from another worker went over the network both ways.
     let workers_of = |kind: &str| -> std::collections::BTreeSet<String> {
         crate::cluster::attempts(&report, kind)

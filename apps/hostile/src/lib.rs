@@ -182,14 +182,14 @@ impl App for Hostile {
             }
             "counters" => {
                 // One name more than an attempt may use.
-                for i in 0..65 {
+                for i in 0..33 {
                     mr_sdk::counter(&format!("c{i}"), 1);
                 }
             }
             "countername" => {
-                // Counts under a name of terminal control sequences, then
-                // succeeds: the name reaches `mr run`'s last line.
-                mr_sdk::counter("\x1b[2J\x1b]0;pwned\x07", 7);
+                // Counts under a name that would forge a line of `mr
+                // status` (and clear the screen): refused.
+                mr_sdk::counter("\x1b[2Jx\nstate    succeeded", 7);
                 out.emit("k", "v");
             }
             "chatty" => {

@@ -68,8 +68,10 @@ extern void mr_app_host_progress(uint64_t done, uint64_t total);
 // the job's report sums each counter over the attempts whose output
 // was committed, one per task, so a retried, killed or backup attempt
 // counts once or not at all. Works in `map`, `reduce` and `combine`.
-// A name is 1 to 128 bytes; an attempt may use at most 64 names (one
-// more fails the task); sums saturate at the limits of s64.
+// A name is 1 to 64 bytes of printable text (no control characters
+// or bidirectional overrides); an attempt may use at most 32 names
+// (one more, or a bad name, fails the task); a job keeps 120 names
+// and counts the rest under one; sums saturate at the limits of s64.
 extern void mr_app_host_counter(mapreduce_string_t *name, int64_t delta);
 
 // Exported Functions from `mapreduce`

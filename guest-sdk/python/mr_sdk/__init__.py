@@ -321,8 +321,8 @@ def _app_error(err_type, what):
 
 
 def counter(name, delta=1):
-    """Adds `delta` (an int) to the app's counter `name` (a str of 1 to
-    128 bytes; an attempt may use 64 names): Hadoop's user counters. The
+    """Adds `delta` (an int) to the app's counter `name` (printable text
+    of 1 to 64 bytes; an attempt may use 32 names): Hadoop's user counters. The
     job's report sums each counter over the attempts whose output was
     committed, one per task, so a retried or killed attempt's counts are
     not added twice. Works in map, reduce and combine."""

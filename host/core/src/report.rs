@@ -42,14 +42,32 @@ pub struct InputInfo {
 }
 
 /// Counter names one attempt may use (`counter` in the WIT), and a name's
-/// length in bytes: they travel with every report.
-pub const MAX_COUNTERS: usize = 64;
-pub const MAX_COUNTER_NAME: usize = 128;
-/// Counter names one job's report holds; the rest are counted under
-/// [`DROPPED_COUNTERS`] (a job whose tasks each name new counters would
-/// otherwise grow its report without bound).
-pub const MAX_JOB_COUNTERS: usize = 256;
-pub const DROPPED_COUNTERS: &str = "(counters over the job's limit of 256 names)";
+/// length in bytes: they travel with every report, and the coordinator
+/// keeps each done task's (Hadoop's limits are of the same size).
+pub const MAX_COUNTERS: usize = 32;
+pub const MAX_COUNTER_NAME: usize = 64;
+/// Counter names one job holds; what attempts count under more names is
+/// counted under [`DROPPED_COUNTERS`] (a job whose tasks each name new
+/// counters would otherwise grow without bound).
+pub const MAX_JOB_COUNTERS: usize = 120;
+pub const DROPPED_COUNTERS: &str = "(counters over the job's limit of 120 names)";
+
+/// Why `name` cannot name a counter, if it cannot: empty, longer than
+/// [`MAX_COUNTER_NAME`] bytes, or holding a control character or a
+/// bidirectional override (a name reaches terminals and reports as
+/// written, and must not forge or reorder lines there).
+pub fn bad_counter_name(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_COUNTER_NAME {
+        return Some(format!(
+            "a counter's name has {} bytes; it must have 1 to {MAX_COUNTER_NAME}",
+            name.len()
+        ));
+    }
+    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    name.chars()
+        .find(|&c| c.is_control() || bidi(c))
+        .map(|c| format!("a counter's name holds the character {c:?}; names are printable text"))
+}
 
 /// Totals over the successful attempt of every task.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,8 +113,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Checks counters a worker reported: at most [`MAX_COUNTERS`] names
-    /// of 1 to [`MAX_COUNTER_NAME`] bytes.
+    /// Checks counters a worker reported: at most [`MAX_COUNTERS`] names,
+    /// each a good name (see [`bad_counter_name`]).
     ///
     /// Fails, saying what is wrong, otherwise.
     pub fn check_user(&self) -> Result<(), String> {
@@ -106,44 +124,66 @@ impl Counters {
                 self.user.len()
             ));
         }
-        if let Some(n) = self
-            .user
-            .keys()
-            .find(|n| n.is_empty() || n.len() > MAX_COUNTER_NAME)
-        {
-            return Err(format!(
-                "a counter name of {} bytes; names are 1 to {MAX_COUNTER_NAME}",
-                n.len()
-            ));
+        match self.user.keys().find_map(|n| bad_counter_name(n)) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// Adds another task's counters to these.
+    /// Adds another task's counters to these (saturating: a worker's
+    /// report is not trusted to be sane).
     pub fn add(&mut self, o: &Counters) {
-        self.map_input_bytes += o.map_input_bytes;
-        self.map_input_records += o.map_input_records;
-        self.map_input_invalid_utf8 += o.map_input_invalid_utf8;
-        self.map_output_records += o.map_output_records;
-        self.map_output_bytes += o.map_output_bytes;
-        self.combine_input_records += o.combine_input_records;
-        self.combine_output_records += o.combine_output_records;
-        self.map_spills += o.map_spills;
-        self.reduce_input_records += o.reduce_input_records;
-        self.reduce_output_records += o.reduce_output_records;
-        self.output_bytes += o.output_bytes;
-        self.object_gets += o.object_gets;
-        self.object_puts += o.object_puts;
-        self.object_bytes_read += o.object_bytes_read;
-        self.object_bytes_written += o.object_bytes_written;
+        let add = |a: &mut u64, b: u64| *a = a.saturating_add(b);
+        add(&mut self.map_input_bytes, o.map_input_bytes);
+        add(&mut self.map_input_records, o.map_input_records);
+        add(&mut self.map_input_invalid_utf8, o.map_input_invalid_utf8);
+        add(&mut self.map_output_records, o.map_output_records);
+        add(&mut self.map_output_bytes, o.map_output_bytes);
+        add(&mut self.combine_input_records, o.combine_input_records);
+        add(&mut self.combine_output_records, o.combine_output_records);
+        add(&mut self.map_spills, o.map_spills);
+        add(&mut self.reduce_input_records, o.reduce_input_records);
+        add(&mut self.reduce_output_records, o.reduce_output_records);
+        add(&mut self.output_bytes, o.output_bytes);
+        add(&mut self.object_gets, o.object_gets);
+        add(&mut self.object_puts, o.object_puts);
+        add(&mut self.object_bytes_read, o.object_bytes_read);
+        add(&mut self.object_bytes_written, o.object_bytes_written);
         for (name, v) in &o.user {
-            let name = if self.user.contains_key(name) || self.user.len() < MAX_JOB_COUNTERS {
-                name.as_str()
-            } else {
-                DROPPED_COUNTERS
+            let sum = match self.user.get_mut(name) {
+                Some(sum) => sum,
+                None => {
+                    let name = if self.user.len() < MAX_JOB_COUNTERS {
+                        name.as_str()
+                    } else {
+                        DROPPED_COUNTERS
+                    };
+                    self.user.entry(name.to_string()).or_default()
+                }
             };
-            let sum = self.user.entry(name.to_string()).or_default();
             *sum = sum.saturating_add(*v);
+        }
+    }
+
+    /// Folds `user`'s names beyond `known` (a job's names so far, at most
+    /// [`MAX_JOB_COUNTERS`], which it extends) into [`DROPPED_COUNTERS`],
+    /// so what a job keeps per task is bounded by its own names.
+    pub fn fold_user_into(&mut self, known: &mut std::collections::BTreeSet<String>) {
+        let mut dropped = 0i64;
+        self.user.retain(|name, v| {
+            if known.contains(name) || name == DROPPED_COUNTERS {
+                return true;
+            }
+            if known.len() < MAX_JOB_COUNTERS {
+                known.insert(name.clone());
+                return true;
+            }
+            dropped = dropped.saturating_add(*v);
+            false
+        });
+        if dropped != 0 {
+            let d = self.user.entry(DROPPED_COUNTERS.to_string()).or_default();
+            *d = d.saturating_add(dropped);
         }
     }
 }
@@ -274,6 +314,14 @@ mod tests {
         }
         assert_eq!(total.user.len(), MAX_JOB_COUNTERS + 1);
         assert_eq!(total.user[DROPPED_COUNTERS], 20);
+        // Folding a report against a job's names keeps at most the cap.
+        let mut known: std::collections::BTreeSet<String> =
+            (0..MAX_JOB_COUNTERS).map(|i| format!("n{i}")).collect();
+        let mut report = user(&[("n1", 1), ("new", 5), ("newer", 6)]);
+        report.fold_user_into(&mut known);
+        assert_eq!(report.user.len(), 2);
+        assert_eq!(report.user[DROPPED_COUNTERS], 11);
+        assert_eq!(known.len(), MAX_JOB_COUNTERS);
         // A name already kept still adds up.
         total.add(&user(&[("n0", 1)]));
         assert_eq!(total.user["n0"], 3);
@@ -291,6 +339,10 @@ mod tests {
             user: many.into_iter().collect(),
             ..Counters::default()
         };
-        assert!(many.check_user().unwrap_err().contains("at most 64"));
+        assert!(many.check_user().unwrap_err().contains("at most 32"));
+        for bad in ["a\nstate succeeded", "tab\there", "\u{202e}evil", "nul\0"] {
+            assert!(user(&[(bad, 1)]).check_user().is_err(), "{bad:?}");
+        }
+        assert!(user(&[("ünïcode names ✓", 1)]).check_user().is_ok());
     }
 }

@@ -36,9 +36,10 @@ use crate::split::Split;
 /// its types, or to what a worker can run (5: workers run apps built for
 /// `mr:app@0.1.1`, which an older worker refuses as the wrong world; 6:
 /// outputs and data roots in object storage; 8: credentials carry the
-/// metrics token's check; 9: counters carry the app's own); mismatched
-/// peers are refused at `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// metrics token's check; 9: counters carry the app's own; 10: heartbeats
+/// say the bytes served); mismatched peers are refused at
+/// `register`/`hello`.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:
@@ -313,6 +314,9 @@ pub struct Heartbeat {
     /// the coordinator does not know or that are over are forgotten in the
     /// reply (a worker that was away when a job ended still hears of it).
     pub jobs: Vec<JobId>,
+    /// Map output bytes it has served to reducers since it started (as it
+    /// says: shown, never trusted).
+    pub served: u64,
 }
 
 /// Jobs a heartbeat lists at most.
@@ -698,6 +702,7 @@ mod fuzz_tests {
                 }],
                 received: 4,
                 jobs: vec![JobId("job-1-1".into())],
+                served: 1 << 40,
             },
         };
         let hello = CoordinatorRequest::Hello {

@@ -273,17 +273,12 @@ pub(crate) fn check_imports(
         let Some(ours) = name.strip_prefix("mr:app/") else {
             continue;
         };
-        if !matches!(
-            ours,
-            "host@0.2.1"
-                | "host@0.2.0"
-                | "host@0.1.0"
-                | "host@0.1.1"
-                | "host@0.1.2"
-                | "types@0.1.0"
-                | "types@0.1.1"
-                | "types@0.1.2"
-        ) {
+        // Any 0.2.x or 0.1.x: a later patch version adds functions, and
+        // linking checks the ones the app imports exist.
+        let version_ok = ["host@0.2.", "host@0.1.", "types@0.1."]
+            .iter()
+            .any(|p| ours.starts_with(p));
+        if !version_ok {
             return Err(LoadError::WrongWorld {
                 path: path.into(),
                 detail: format!(

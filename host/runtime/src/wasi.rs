@@ -239,7 +239,7 @@ struct Control {
     counters: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
-use mr_core::report::{MAX_COUNTERS, MAX_COUNTER_NAME};
+use mr_core::report::MAX_COUNTERS;
 
 impl TaskControl {
     /// When the attempt's guest first started (now, on the first call).
@@ -249,15 +249,12 @@ impl TaskControl {
 
     /// Adds `delta` to the app's counter `name` (saturating).
     ///
-    /// Fails, saying why, if the name is empty or longer than
-    /// [`MAX_COUNTER_NAME`] bytes, or would be the attempt's counter number
-    /// [`MAX_COUNTERS`] + 1.
+    /// Fails, saying why, if the name is not a good one
+    /// (`mr_core::report::bad_counter_name`), or would be the attempt's
+    /// counter number [`MAX_COUNTERS`] + 1.
     pub fn add_counter(&self, name: &str, delta: i64) -> Result<(), String> {
-        if name.is_empty() || name.len() > MAX_COUNTER_NAME {
-            return Err(format!(
-                "the app named a counter with {} bytes; a counter's name is 1 to {MAX_COUNTER_NAME} bytes",
-                name.len()
-            ));
+        if let Some(why) = mr_core::report::bad_counter_name(name) {
+            return Err(format!("the app's counter {name:?} is refused: {why}"));
         }
         let mut counters = self.0.counters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = counters.get_mut(name) {

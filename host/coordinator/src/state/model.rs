@@ -39,6 +39,8 @@ pub(super) struct WorkerInfo {
     pub forget: Vec<JobId>,
     /// The last [`mr_core::rpc::Assignment::seq`] handed to it.
     pub assigned: u64,
+    /// Map output bytes it says it has served (for the web page).
+    pub served: u64,
 }
 
 impl WorkerInfo {
@@ -183,6 +185,9 @@ pub(super) struct Job {
     pub commit_counters: mr_core::report::Counters,
     /// Grows with every change (see `mr_core::rpc::JobSummary::version`).
     pub version: u64,
+    /// The app's counter names so far, at most
+    /// `mr_core::report::MAX_JOB_COUNTERS` (more are folded into one).
+    pub counter_names: BTreeSet<String>,
 }
 
 impl Job {
@@ -222,6 +227,7 @@ impl Job {
             backups: 0,
             commit_counters: Default::default(),
             version: 0,
+            counter_names: BTreeSet::new(),
         }
     }
 

@@ -19,7 +19,7 @@ impl State {
         &mut self,
         now: Now,
         worker: &WorkerId,
-        result: AttemptResult,
+        mut result: AttemptResult,
     ) -> Result<(), RpcError> {
         // What the app counted, as its worker says: bounded before it is
         // kept, summed or journaled.
@@ -45,6 +45,11 @@ impl State {
             }
             return Ok(());
         };
+        // What a done task keeps of the app's counters is bounded by its
+        // job's names.
+        result
+            .counters
+            .fold_user_into(&mut self.job_mut(r.job).counter_names);
         // An upload is kept only as a reduce's output in object storage.
         let upload = match (&result.outcome, key.task, &self.job(r.job).spec.output) {
             (Outcome::ReduceDone, TaskId::Reduce(_), Location::Object(_)) => match result.upload {

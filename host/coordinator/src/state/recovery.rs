@@ -209,6 +209,15 @@ impl State {
                     )
                 };
                 let done = done.filter(fits);
+                if let Some(d) = &done {
+                    // Names were folded before they were journaled.
+                    let names = d.counters().user.keys();
+                    job.counter_names.extend(
+                        names
+                            .filter(|n| *n != mr_core::report::DROPPED_COUNTERS)
+                            .cloned(),
+                    );
+                }
                 let emitted = match &done {
                     Some(DoneOutput::Map { counters, .. }) => counters.map_output_bytes,
                     _ => 0,

@@ -99,6 +99,7 @@ fn hb(running: Vec<RunningAttempt>) -> Heartbeat {
         running,
         received: 0,
         jobs: Vec::new(),
+        served: 0,
     }
 }
 
@@ -849,6 +850,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
         running: vec![],
         received: 0,
         jobs: Vec::new(),
+        served: 0,
     };
     s.heartbeat(c.at(1.5), &w, before).unwrap();
     assert_eq!(summary(&s, &job).running, 1);
@@ -858,6 +860,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
         running: vec![],
         received: 1,
         jobs: Vec::new(),
+        served: 0,
     };
     s.heartbeat(c.at(2.5), &w, after).unwrap();
     let (sum, report) = s.detail(&job).unwrap();
@@ -877,6 +880,7 @@ fn an_assignment_that_never_reached_its_worker_is_killed_not_failed() {
         }],
         received: 2,
         jobs: Vec::new(),
+        served: 0,
     };
     s.heartbeat(c.at(3.5), &w, running.clone()).unwrap();
     s.heartbeat(c.at(4.5), &w, running).unwrap();
@@ -1086,6 +1090,7 @@ fn the_indexes_agree_with_the_tasks_through_random_events() {
                             running,
                             received,
                             jobs: Vec::new(),
+                            served: 0,
                         },
                     );
                 }
@@ -1364,6 +1369,7 @@ fn a_worker_that_holds_data_of_jobs_over_or_unknown_is_told_to_forget_them() {
     let unknown = JobId("job-1-999".into());
     let beat = Heartbeat {
         jobs: vec![running.clone(), over.clone(), unknown.clone()],
+        served: 0,
         ..Heartbeat::default()
     };
     let reply = s.heartbeat(c.at(0.3), &w, beat).unwrap();

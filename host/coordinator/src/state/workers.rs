@@ -75,6 +75,7 @@ impl State {
                 cancel: Vec::new(),
                 forget: Vec::new(),
                 assigned: 0,
+                served: 0,
             },
         );
         self.actions.push(Action::WorkAvailable);
@@ -99,9 +100,10 @@ impl State {
         worker: &WorkerId,
         beat: Heartbeat,
     ) -> Result<HeartbeatReply, RpcError> {
-        if !self.workers.contains_key(worker) {
+        let Some(w) = self.workers.get_mut(worker) else {
             return Err(RpcError::UnknownWorker);
-        }
+        };
+        w.served = beat.served;
         let mut listed: BTreeSet<TaskRef> = BTreeSet::new();
         let mut stale = Vec::new();
         for r in beat.running {
@@ -323,6 +325,7 @@ impl State {
                     .collect();
                 attempts.sort();
                 WorkerView {
+                    served_bytes: w.served,
                     addr: w.addr.map(|a| a.to_string()),
                     heartbeat_age_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
                     attempts,
@@ -363,4 +366,6 @@ pub struct WorkerView {
     pub heartbeat_age_ms: u64,
     /// The attempts it runs, as `JOB TASK attempt N`.
     pub attempts: Vec<String>,
+    /// Map output bytes it says it has served to reducers.
+    pub served_bytes: u64,
 }

@@ -43,6 +43,7 @@ impl Worker {
             running,
             received,
             jobs,
+            served: self.outputs.served.load(Ordering::Relaxed),
         }
     }
 

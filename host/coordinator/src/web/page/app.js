@@ -24,6 +24,13 @@ function duration(ms) {
   return m < 120 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${n} B` : `${n.toFixed(1)} ${units[i]}`;
+}
+
 function bar(done, all) {
   const pct = all ? (100 * done) / all : 0;
   const b = el("span", { class: "bar" }, el("span"));
@@ -130,7 +137,7 @@ function drawWorkers(workers) {
     else if (w.suspect_in.length) state = `suspect in ${w.suspect_in.join(", ")}`;
     const row = upsert(body, w.worker, "data-worker", [
       w.worker, w.host, w.addr || "—", w.slots, w.running,
-      `${duration(w.heartbeat_age_ms)} ago`, state,
+      `${duration(w.heartbeat_age_ms)} ago`, bytes(w.served_bytes), state,
     ], () => el("tr"));
     row.children[4].title = w.attempts.join("\n");
     if (body.rows[i] !== row) body.insertBefore(row, body.rows[i] || null);
