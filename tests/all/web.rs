@@ -191,6 +191,46 @@ fn the_page_and_metrics_need_the_client_token_over_tls() {
     );
     assert_eq!(a.status, 404, "{}", a.body);
 
+    // Cancel, as the page does: a job with no worker to run it.
+    let out = c.out("cancelled");
+    let book = names(&books()).remove(0);
+    let submitted = output_within(
+        &mut c.cmd(
+            "submit",
+            &[WC, &book, "-o", out.to_str().unwrap(), "--detach"],
+        ),
+        QUICK,
+    );
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let jobs: Vec<Value> =
+        serde_json::from_str(&curl(&c, "/api/jobs", &["-H", &bearer(&client)]).body).unwrap();
+    let job = jobs[0]["job"].as_str().unwrap().to_string();
+    assert_eq!(jobs[0]["state"], "running");
+    let a = curl(
+        &c,
+        &format!("/api/jobs/{job}/cancel"),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Cookie: {session}"),
+            "-H",
+            "X-Requested-By: mr",
+        ],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(wait_for(QUICK, || {
+        let d: Value = serde_json::from_str(
+            &curl(&c, &format!("/api/jobs/{job}"), &["-H", &bearer(&client)]).body,
+        )
+        .unwrap_or(Value::Null);
+        d["summary"]["state"] == "cancelled"
+    }));
+
     // A name this coordinator was not started with (DNS rebinding) is
     // refused, even with the token.
     let a = curl(
