@@ -210,6 +210,7 @@ fn the_page_and_metrics_need_the_client_token_over_tls() {
         serde_json::from_str(&curl(&c, "/api/jobs", &["-H", &bearer(&client)]).body).unwrap();
     let job = jobs[0]["job"].as_str().unwrap().to_string();
     assert_eq!(jobs[0]["state"], "running");
+    assert_eq!(jobs[0]["running"], 0, "no worker: the page shows it queued");
     let a = curl(
         &c,
         &format!("/api/jobs/{job}/cancel"),
@@ -566,12 +567,6 @@ fn the_page_shows_a_job_live_and_a_lost_worker_in_headless_chromium() {
     // Set once: a reload would lose it.
     b.js("window.mrMarker = 42; window.mrErrors = []; window.addEventListener('error', e => mrErrors.push(e.message)); return true");
 
-    c.worker(&["--slots", "1"]);
-    c.worker(&["--slots", "1"]);
-    assert!(b.until(
-        QUICK,
-        "return document.querySelectorAll('#workers tr[data-worker]').length === 2"
-    ));
     // Eight maps of 1.5 s each on two slots, then two reduces of 1 s.
     let inputs = c.dir.path().join("in");
     std::fs::create_dir_all(&inputs).unwrap();
@@ -594,7 +589,23 @@ fn the_page_shows_a_job_live_and_a_lost_worker_in_headless_chromium() {
     args.extend(files.iter().map(String::as_str));
     let mut submit = c.spawn_submit(&args);
 
-    // The job appears, and its first map runs.
+    // The job appears, queued: no worker yet.
+    assert!(
+        b.until(
+            QUICK,
+            "return document.querySelector('#jobs tr[data-state=running] .state.queued') !== null"
+        ),
+        "{}",
+        b.js("return document.getElementById('jobs').innerText")
+    );
+    c.worker(&["--slots", "1"]);
+    c.worker(&["--slots", "1"]);
+    assert!(b.until(
+        QUICK,
+        "return document.querySelectorAll('#workers tr[data-worker]').length === 2"
+    ));
+
+    // Its first map runs.
     assert!(b.until(
         QUICK,
         "return document.querySelector('#jobs tr[data-state=running]') !== null"

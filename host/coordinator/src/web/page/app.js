@@ -98,12 +98,15 @@ function drawJobs(jobs, nowMs) {
   jobs.slice().reverse().forEach((j, i) => {
     const over = ["succeeded", "failed", "cancelled"].includes(j.state);
     const took = (j.finished_ms || nowMs) - j.submitted_ms;
+    // Running, but nothing started yet: it waits for free slots.
+    const queued = j.state === "running" && j.running === 0 && j.maps_done === 0;
+    const label = queued ? "queued" : j.state;
     const cancel = el("button", { class: "cancel", "data-job": j.job, title: "cancel this job" }, "cancel");
     cancel.hidden = over || j.state === "committing";
     const row = upsert(body, j.job, "data-job", [
       j.job,
       j.app.split("/").pop(),
-      el("span", { class: `state ${j.state}` }, j.state),
+      el("span", { class: `state ${label}` }, label),
       bar(j.maps_done, j.maps),
       bar(j.reduces_done, j.reduces),
       j.running, j.failed_attempts, j.backups,
