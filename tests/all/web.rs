@@ -25,22 +25,18 @@ struct Answer {
     body: String,
 }
 
-/// `curl` against the cluster's web page, checking its certificate against
-/// the cluster CA (`ca.crt`); `args` add headers, a method, ...
-fn curl(c: &Cluster, path: &str, args: &[&str]) -> Answer {
-    let base = c.web.as_deref().expect("started with --http");
+/// `curl URL` with `args`, checking the server's certificate against
+/// `ca` (`None`: curl's own trust, or plain HTTP).
+fn fetch(url: &str, ca: Option<&Path>, args: &[&str]) -> Answer {
     let headers = tempfile::NamedTempFile::new().unwrap();
-    let out = output_within(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "10", "--cacert"])
-            .arg(c.state.join("ca.crt"))
-            .arg("-D")
-            .arg(headers.path())
-            .args(["-w", "\n%{http_code}"])
-            .args(args)
-            .arg(format!("{base}{path}")),
-        QUICK,
-    );
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "-D"])
+        .arg(headers.path())
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    let out = output_within(cmd.args(args).arg(url), QUICK);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
     Answer {
@@ -50,6 +46,17 @@ fn curl(c: &Cluster, path: &str, args: &[&str]) -> Answer {
             .to_lowercase(),
         body: body.to_string(),
     }
+}
+
+/// `curl` against the cluster's web page, checking its certificate against
+/// the cluster CA (`ca.crt`); `args` add headers, a method, ...
+fn curl(c: &Cluster, path: &str, args: &[&str]) -> Answer {
+    let base = c.web.as_deref().expect("started with --http");
+    fetch(
+        &format!("{base}{path}"),
+        Some(&c.state.join("ca.crt")),
+        args,
+    )
 }
 
 fn token(c: &Cluster, kind: &str) -> String {
@@ -253,32 +260,22 @@ fn the_page_and_metrics_need_the_client_token_over_tls() {
     assert_eq!(a.status, 200, "{}", a.body);
 
     // Only TLS: plain HTTP to the port gets no page.
-    let plain = output_within(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "5"])
-            .arg(base.replace("https://", "http://") + "/metrics"),
-        QUICK,
+    let plain = fetch(
+        &(base.replace("https://", "http://") + "/metrics"),
+        None,
+        &[],
     );
-    assert!(!String::from_utf8_lossy(&plain.stdout).contains("mr_jobs"));
+    assert!(!plain.body.contains("mr_jobs"), "{}", plain.body);
     // The certificate names 127.0.0.1 and chains to the cluster CA (curl
     // checked it above); without the CA it is refused.
-    let untrusted = output_within(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("{base}/metrics")),
-        QUICK,
-    );
-    assert!(!untrusted.status.success());
+    let untrusted = fetch(&format!("{base}/metrics"), None, &[]);
+    assert_eq!(untrusted.status, 0, "no answer: {}", untrusted.body);
 }
 
 /// Every sample of `/metrics`, as the Prometheus Python client's parser
 /// read them; `None` (said) if it cannot be installed outside CI.
 fn scrape(c: &Cluster) -> Option<Vec<Value>> {
-    let out = build_step(
-        "the /metrics test (Prometheus' Python client)",
-        Command::new("bash").arg(Path::new(REPO_ROOT).join("tests/web/prometheus.sh")),
-    )?;
-    let venv = PathBuf::from(out.lines().last().unwrap().trim());
+    let venv = prometheus_venv()?;
     let a = curl(c, "/metrics", &["-H", &bearer(&token(c, "client"))]);
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(
@@ -288,6 +285,16 @@ fn scrape(c: &Cluster) -> Option<Vec<Value>> {
         a.headers
     );
     Some(parse(&venv, &a.body))
+}
+
+/// The virtualenv of the Prometheus Python client (`tests/web/prometheus.sh`
+/// installs it); `None` (said) if it cannot be installed outside CI.
+fn prometheus_venv() -> Option<PathBuf> {
+    let out = build_step(
+        "the /metrics tests (Prometheus' Python client)",
+        Command::new("bash").arg(Path::new(REPO_ROOT).join("tests/web/prometheus.sh")),
+    )?;
+    Some(PathBuf::from(out.lines().last().unwrap().trim()))
 }
 
 /// The value of sample `name` with exactly `labels` (0 if absent).
@@ -665,29 +672,17 @@ fn an_insecure_page_needs_no_token_but_refuses_other_host_names() {
     let base = c.web.clone().unwrap();
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");
     let get = |host: &str| {
-        output_within(
-            Command::new("curl")
-                .args([
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-H",
-                ])
-                .arg(format!("Host: {host}"))
-                .arg(format!("{base}/api/jobs")),
-            QUICK,
+        fetch(
+            &format!("{base}/api/jobs"),
+            None,
+            &["-H", &format!("Host: {host}")],
         )
+        .status
     };
     let port = base.rsplit(':').next().unwrap();
-    let ok = get(&format!("127.0.0.1:{port}"));
-    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200");
+    assert_eq!(get(&format!("127.0.0.1:{port}")), 200);
     // A web site whose name was rebound to this address reads nothing.
-    let rebound = get(&format!("attacker.example:{port}"));
-    assert_eq!(String::from_utf8_lossy(&rebound.stdout), "421");
+    assert_eq!(get(&format!("attacker.example:{port}")), 421);
 }
 
 /// The address a worker serves `/metrics` at, from its log.
@@ -707,29 +702,23 @@ fn metrics_addr(log: &Path) -> String {
 }
 
 /// `curl` against a worker's `/metrics` as `metrics.worker.mr` (the name
-/// its certificate holds), checked against the cluster CA.
-fn worker_metrics(c: &Cluster, addr: &str, token: Option<&str>) -> Answer {
+/// its certificate holds), checked against the cluster CA; `args` add
+/// headers.
+fn worker_metrics(c: &Cluster, addr: &str, args: &[&str]) -> Answer {
     let port = addr.rsplit(':').next().unwrap();
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(c.state.join("ca.crt"))
-        .arg("--resolve")
-        .arg(format!("metrics.worker.mr:{port}:127.0.0.1"))
-        .args(["-w", "\n%{http_code}"]);
-    if let Some(t) = token {
-        cmd.args(["-H", &bearer(t)]);
-    }
-    let out = output_within(
-        cmd.arg(format!("https://metrics.worker.mr:{port}/metrics")),
-        QUICK,
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    Answer {
-        status: status.trim().parse().unwrap_or(0),
-        headers: String::new(),
-        body: body.to_string(),
-    }
+    let resolve = format!("metrics.worker.mr:{port}:127.0.0.1");
+    let mut all = vec!["--resolve", &resolve];
+    all.extend(args);
+    fetch(
+        &format!("https://metrics.worker.mr:{port}/metrics"),
+        Some(&c.state.join("ca.crt")),
+        &all,
+    )
+}
+
+/// `-H Authorization: Bearer <token>`, or nothing.
+fn with_bearer(token: Option<&str>) -> Vec<String> {
+    token.map_or_else(Vec::new, |t| vec!["-H".into(), bearer(t)])
 }
 
 #[test]
@@ -742,38 +731,16 @@ fn workers_serve_metrics_to_the_metrics_token_only() {
     }
     let metrics = token(&c, "metrics");
     // Before any job: the slots, nothing busy.
-    let a = worker_metrics(&c, &addrs[0], Some(&metrics));
+    let auth = ["-H".to_string(), bearer(&metrics)];
+    let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let a = worker_metrics(&c, &addrs[0], &auth);
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(a.body.contains("mr_worker_slots 2\n"), "{}", a.body);
     assert!(a.body.contains("mr_worker_slots_busy 0\n"), "{}", a.body);
     // Prometheus names its target in Host: any name is fine with TLS and
     // the token (a rebound page has no token).
-    let named = output_within(
-        Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "10",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--cacert",
-            ])
-            .arg(c.state.join("ca.crt"))
-            .arg("--resolve")
-            .arg(format!(
-                "metrics.worker.mr:{}:127.0.0.1",
-                addrs[0].rsplit(':').next().unwrap()
-            ))
-            .args(["-H", &bearer(&metrics), "-H", "Host: worker-1.example:9400"])
-            .arg(format!(
-                "https://metrics.worker.mr:{}/metrics",
-                addrs[0].rsplit(':').next().unwrap()
-            )),
-        QUICK,
-    );
-    assert_eq!(String::from_utf8_lossy(&named.stdout), "200");
+    let named = [&auth[..], &["-H", "Host: worker-1.example:9400"]].concat();
+    assert_eq!(worker_metrics(&c, &addrs[0], &named).status, 200);
     // Any other token, or none, is refused; so is plain HTTP.
     for wrong in [
         None,
@@ -781,17 +748,14 @@ fn workers_serve_metrics_to_the_metrics_token_only() {
         Some(token(&c, "worker")),
         Some(forged(&metrics)),
     ] {
-        let a = worker_metrics(&c, &addrs[0], wrong.as_deref());
+        let header = with_bearer(wrong.as_deref());
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        let a = worker_metrics(&c, &addrs[0], &header);
         assert_eq!(a.status, 401, "{wrong:?}: {}", a.body);
         assert!(a.body.contains("metrics.token"), "{}", a.body);
     }
-    let plain = output_within(
-        Command::new("curl")
-            .args(["-sS", "--max-time", "5", "-H", &bearer(&metrics)])
-            .arg(format!("http://{}/metrics", addrs[0])),
-        QUICK,
-    );
-    assert!(!String::from_utf8_lossy(&plain.stdout).contains("mr_worker"));
+    let plain = fetch(&format!("http://{}/metrics", addrs[0]), None, &auth);
+    assert!(!plain.body.contains("mr_worker"), "{}", plain.body);
     // The coordinator's /metrics takes the metrics token too (and a wrong
     // one is told it is wrong), but nothing else does.
     let a = curl(&c, "/metrics", &["-H", &bearer(&metrics)]);
@@ -811,22 +775,13 @@ fn workers_serve_metrics_to_the_metrics_token_only() {
 
     // Parsed by Prometheus' own parser, the two workers' counts add up to
     // the job's attempts.
-    let Some(_) = scrape(&c) else { return };
-    let venv = PathBuf::from(
-        build_step(
-            "the worker /metrics test",
-            Command::new("bash").arg(Path::new(REPO_ROOT).join("tests/web/prometheus.sh")),
-        )
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim(),
-    );
+    let Some(venv) = prometheus_venv() else {
+        return;
+    };
     let mut succeeded = 0.0;
     let (mut served, mut fetched) = (0.0, 0.0);
     for addr in &addrs {
-        let a = worker_metrics(&c, addr, Some(&metrics));
+        let a = worker_metrics(&c, addr, &auth);
         assert_eq!(a.status, 200, "{}", a.body);
         let s = parse(&venv, &a.body);
         let ran = sample(

@@ -186,6 +186,35 @@ fn shell_word(s: &str) -> String {
     }
 }
 
+/// An app that its SDK's componentize script builds (Python, JavaScript):
+/// the app's file, a `build.sh` that runs `exec` with the output path
+/// (`with` names the tool), `.gitignore` and the README `readme` writes
+/// from the build command and the .wasm.
+fn script_app(
+    name: &str,
+    (file, text): (&str, String),
+    with: &str,
+    exec: String,
+    ignore: &str,
+    readme: impl Fn(&str, &str) -> String,
+) -> Plan {
+    let wasm = format!("{name}.wasm");
+    let build = "./build.sh";
+    let script = format!(
+        "#!/usr/bin/env bash\n# Builds {wasm} (or the path given) from {file} with\n# {with} the first time.\nhere=$(cd \"$(dirname \"$0\")\" && pwd)\nexec {exec} \"${{1:-$here/{wasm}}}\"\n"
+    );
+    Plan {
+        files: vec![
+            (file.into(), text, false),
+            ("build.sh".into(), script, true),
+            (".gitignore".into(), ignore.into(), false),
+            ("README.md".into(), readme(build, &wasm), false),
+        ],
+        build: build.into(),
+        wasm,
+    }
+}
+
 /// `to` relative to the folder `from` (both absolute).
 fn relative(from: &Path, to: &Path) -> PathBuf {
     let from: Vec<Component> = from.components().collect();
@@ -251,29 +280,18 @@ fn plan(lang: Lang, name: &str, sdk: &Path, target: &Path) -> anyhow::Result<Pla
             }
         }
         Lang::Python => {
-            let wasm = format!("{name}.wasm");
-            Plan {
-                files: vec![
-                    ("app.py".into(), PYTHON_APP.into(), false),
-                    ("build.sh".into(),
-                        format!(
-                            "#!/usr/bin/env bash\n# Builds {wasm} (or the path given) from app.py with componentize-py,\n# which mr's Python SDK installs from PyPI the first time.\nhere=$(cd \"$(dirname \"$0\")\" && pwd)\nexec {} \"$here\" app \"${{1:-$here/{wasm}}}\"\n",
-                            s("python/componentize.sh")
-                        ),
-                        true,
-                    ),
-                    (".gitignore".into(), "*.wasm\n__pycache__/\n".into(), false),
-                    ("README.md".into(),
-                        run_hint("./build.sh", &wasm, "app.py", "python3 with venv and pip; the first build installs componentize-py, ~10 s"),
-                        false,
-                    ),
-                ],
-                build: "./build.sh".into(),
-                wasm,
-            }
+            script_app(
+                name,
+                ("app.py", PYTHON_APP.into()),
+                "componentize-py, which mr's Python SDK installs from PyPI",
+                format!("{} \"$here\" app", s("python/componentize.sh")),
+                "*.wasm\n__pycache__/\n",
+                |build, wasm| {
+                    run_hint(build, wasm, "app.py", "python3 with venv and pip; the first build installs componentize-py, ~10 s")
+                },
+            )
         }
         Lang::Js => {
-            let wasm = format!("{name}.wasm");
             let import = relative(target, &sdk_dir.join("js/mr.js"));
             let import = import.display().to_string();
             let import = if import.starts_with('.') {
@@ -284,25 +302,24 @@ fn plan(lang: Lang, name: &str, sdk: &Path, target: &Path) -> anyhow::Result<Pla
             if !JS_APP.contains(JS_SDK_IMPORT) {
                 bail!("the JavaScript template does not import the SDK as {JS_SDK_IMPORT} (a bug in mr)");
             }
-            Plan {
-                files: vec![
-                    ("app.js".into(), JS_APP.replace(JS_SDK_IMPORT, &format!("'{import}'")), false),
-                    ("build.sh".into(),
-                        format!(
-                            "#!/usr/bin/env bash\n# Builds {wasm} (or the path given) from app.js with componentize-js,\n# which mr's JavaScript SDK installs from npm the first time.\nhere=$(cd \"$(dirname \"$0\")\" && pwd)\nexec {} \"$here/app.js\" \"${{1:-$here/{wasm}}}\"\n",
-                            s("js/componentize.sh")
-                        ),
-                        true,
-                    ),
-                    (".gitignore".into(), "*.wasm\n".into(), false),
-                    ("README.md".into(),
-                        run_hint("./build.sh", &wasm, "app.js", "node and npm; the first build installs componentize-js, ~30 s"),
-                        false,
-                    ),
-                ],
-                build: "./build.sh".into(),
-                wasm,
-            }
+            script_app(
+                name,
+                (
+                    "app.js",
+                    JS_APP.replace(JS_SDK_IMPORT, &format!("'{import}'")),
+                ),
+                "componentize-js, which mr's JavaScript SDK installs from npm",
+                format!("{} \"$here/app.js\"", s("js/componentize.sh")),
+                "*.wasm\n",
+                |build, wasm| {
+                    run_hint(
+                        build,
+                        wasm,
+                        "app.js",
+                        "node and npm; the first build installs componentize-js, ~30 s",
+                    )
+                },
+            )
         }
         Lang::C => {
             let wasm = format!("{name}.wasm");
