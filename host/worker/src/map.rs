@@ -389,6 +389,9 @@ struct SortBuffer {
     advised: [(usize, usize); 2],
 }
 
+/// The most of a sort buffer reserved when a map starts.
+const RESERVE: usize = 256 << 20;
+
 /// Advises the kernel to back the whole 2 MiB pages of `(address, bytes)`
 /// with huge pages (transparent huge pages, where the system allows them
 /// on request: Linux's `madvise` mode). Below 4 MiB it is not worth it.
@@ -475,10 +478,14 @@ impl SortBuffer {
         SortBuffer {
             reduces: task.reduces,
             limit: task.sort_buffer,
-            // Reserved whole (untouched pages cost nothing), so the
-            // buffer is not copied as it grows and is advised once.
-            arena: Vec::with_capacity(task.sort_buffer),
-            entries: Vec::with_capacity(task.sort_buffer / std::mem::size_of::<Entry>()),
+            // Reserved whole up to RESERVE (untouched pages cost nothing),
+            // so the buffer is not copied as it grows and is advised once;
+            // a larger sort buffer grows past it (a reservation of many
+            // GiB could be refused where memory is not overcommitted).
+            arena: Vec::with_capacity(task.sort_buffer.min(RESERVE)),
+            entries: Vec::with_capacity(
+                task.sort_buffer.min(RESERVE) / std::mem::size_of::<Entry>(),
+            ),
             dir: task.dir.clone(),
             prefix: prefix.to_string(),
             spills: Vec::new(),
