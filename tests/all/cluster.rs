@@ -432,6 +432,11 @@ fn wc_with_three_workers_matches_the_reference() {
     let r = success(&out);
     assert_eq!(r["status"], "succeeded");
     assert!(r["finished_ms"].as_u64() >= r["started_ms"].as_u64(), "{r}");
+    // Workers on one host fetch from each other uncompressed (the default,
+    // `auto`, compresses only off loopback).
+    let fetched = r["counters"]["shuffle_bytes"].as_u64().unwrap();
+    assert!(fetched > 0, "{r}");
+    assert_eq!(r["counters"]["shuffle_wire_bytes"].as_u64(), Some(fetched));
     assert_eq!(r["tasks"].as_array().unwrap().len(), 18);
     for a in attempts(&r, "map")
         .into_iter()
@@ -451,14 +456,29 @@ fn wc_with_three_workers_matches_the_reference() {
     assert_eq!(left, want, "only the output and its report");
 }
 
+/// With `--shuffle-compression on`, map output crosses between workers
+/// compressed: the same output, in fewer bytes on the wire, which the
+/// report and the last line say.
 #[test]
 fn indexer_with_two_workers_matches_the_reference() {
     let mut c = Cluster::start(&[]);
-    c.worker(&[]);
-    c.worker(&[]);
+    c.worker(&["--shuffle-compression", "on"]);
+    c.worker(&["--shuffle-compression", "on"]);
     let out = c.out("ix");
-    ok(&c.submit(&strs(&book_args(INDEXER, &out, &[]))));
+    let run = c.submit(&strs(&book_args(INDEXER, &out, &[])));
+    ok(&run);
     assert_eq!(read_output(&out), reference_indexer(&names(&books())));
+    let counters = &success(&out)["counters"];
+    let (bytes, wire) = (
+        counters["shuffle_bytes"].as_u64().unwrap(),
+        counters["shuffle_wire_bytes"].as_u64().unwrap(),
+    );
+    // Two workers, one slot each: about half of every reduce's input is
+    // the other worker's.
+    assert!(bytes > 100_000, "{counters}");
+    assert!(wire * 10 < bytes * 7, "text compresses: {counters}");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("(compressed, 0."), "{stdout}");
 }
 
 #[test]

@@ -263,9 +263,10 @@ fn ask<S: Read + Write>(stream: &mut S, job: &str, grant: Option<tls::Grant>) ->
         partition: 0,
         maps: vec![(0, 1)],
         grant,
+        compress: false,
     })
     .unwrap();
-    let mut msg = b"MRS2".to_vec();
+    let mut msg = b"MRS3".to_vec();
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(&body);
     let _ = stream.write_all(&msg);

@@ -127,7 +127,7 @@ pub fn success_line(report: &JobReport, output: &str) -> String {
         .filter(|t| matches!(t.task, TaskId::Map(_)))
         .count();
     format!(
-        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {} (report: {}){}{}",
+        "job {} succeeded in {secs:.1}s: {maps} map and {} reduce tasks, {} input bytes, {} output lines in {} (report: {}){}{}{}",
         report.job_id.as_ref().map(|j| j.0.as_str()).unwrap_or("?"),
         report.reduces,
         report.counters.map_input_bytes,
@@ -135,8 +135,28 @@ pub fn success_line(report: &JobReport, output: &str) -> String {
         under(output, "mr-out-*"),
         under(output, "_SUCCESS"),
         object_requests(&report.counters),
+        shuffle_bytes(&report.counters),
         user_counters(&report.counters),
     )
+}
+
+/// What reduces fetched from other workers, if anything, and what it took
+/// on the wire: `; shuffle: 120 MB fetched as 41 MB (compressed, 0.34x)`.
+fn shuffle_bytes(c: &mr_core::report::Counters) -> String {
+    if c.shuffle_bytes == 0 {
+        return String::new();
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    if c.shuffle_wire_bytes < c.shuffle_bytes {
+        format!(
+            "; shuffle: {:.1} MB fetched as {:.1} MB (compressed, {:.2}x)",
+            mb(c.shuffle_bytes),
+            mb(c.shuffle_wire_bytes),
+            c.shuffle_wire_bytes as f64 / c.shuffle_bytes as f64
+        )
+    } else {
+        format!("; shuffle: {:.1} MB fetched", mb(c.shuffle_bytes))
+    }
 }
 
 /// The app's own counters, if it kept any: `; counters: keys=4, maps=8`

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use mr_core::rpc::Transport;
+use mr_worker::shuffle::Compression;
 use mr_worker::{Shuffle, WorkerOptions};
 
 use crate::client::{interrupted, runtime, DEFAULT_ADDR};
@@ -80,9 +81,25 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
 
+    /// Fetch map output from other workers compressed (LZ4, 256 KiB
+    /// blocks): `auto` from workers at an address other than loopback
+    /// (where the network, not the processor, is the limit), `on` always,
+    /// `off` never. Jobs report the bytes fetched and the bytes they took
+    /// on the wire (`shuffle_bytes`, `shuffle_wire_bytes`).
+    #[arg(long, value_enum, default_value = "auto")]
+    shuffle_compression: ShuffleCompression,
+
     /// Announce another protocol version (for testing the refusal).
     #[arg(long, hide = true, default_value_t = mr_core::rpc::PROTOCOL_VERSION)]
     protocol_version: u32,
+}
+
+/// `--shuffle-compression`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ShuffleCompression {
+    Auto,
+    On,
+    Off,
 }
 
 impl WorkerArgs {
@@ -155,6 +172,11 @@ impl WorkerArgs {
             cache_dir: self.cache.resolve(),
             protocol_version: self.protocol_version,
             metrics: self.metrics,
+            shuffle_compression: match self.shuffle_compression {
+                ShuffleCompression::Auto => Compression::Auto,
+                ShuffleCompression::On => Compression::Always,
+                ShuffleCompression::Off => Compression::Never,
+            },
             ..WorkerOptions::new(
                 Transport::Tcp {
                     addr: self.coordinator,

@@ -105,6 +105,13 @@ pub struct Counters {
     pub object_bytes_read: u64,
     #[serde(default)]
     pub object_bytes_written: u64,
+    /// Bytes of map output reduces fetched from other workers ...
+    #[serde(default)]
+    pub shuffle_bytes: u64,
+    /// ... and the bytes that took on the wire (fewer when compressed:
+    /// `mr worker --shuffle-compression`).
+    #[serde(default)]
+    pub shuffle_wire_bytes: u64,
     /// The app's own counters (`counter` in the WIT), by name: summed over
     /// the attempts whose output was committed, one per task. (Always
     /// written: the RPC's encoding, postcard, cannot skip a field.)
@@ -149,6 +156,8 @@ impl Counters {
         add(&mut self.object_puts, o.object_puts);
         add(&mut self.object_bytes_read, o.object_bytes_read);
         add(&mut self.object_bytes_written, o.object_bytes_written);
+        add(&mut self.shuffle_bytes, o.shuffle_bytes);
+        add(&mut self.shuffle_wire_bytes, o.shuffle_wire_bytes);
         for (name, v) in &o.user {
             let sum = match self.user.get_mut(name) {
                 Some(sum) => sum,

@@ -37,9 +37,10 @@ use crate::split::Split;
 /// `mr:app@0.1.1`, which an older worker refuses as the wrong world; 6:
 /// outputs and data roots in object storage; 8: credentials carry the
 /// metrics token's check; 9: counters carry the app's own; 10: heartbeats
-/// say the bytes served); mismatched peers are refused at
+/// say the bytes served; 11: counters carry the shuffle's bytes on the
+/// wire); mismatched peers are refused at
 /// `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:

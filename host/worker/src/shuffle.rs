@@ -7,15 +7,23 @@
 //! request (not through the coordinator, and not inside RPC frames).
 //!
 //! ```text
-//! request  = "MRS2" len:u32 postcard(FetchRequest)             (len ≤ 1 MiB)
+//! request  = "MRS3" len:u32 postcard(FetchRequest)             (len ≤ 1 MiB)
 //! response = for each requested map output, in order:
 //!            0:u8 len:u64 records:u64 crc32:u32 <len bytes>     its segment
+//!          | 2:u8 len:u64 records:u64 crc32:u32 block...        compressed
 //!          | 1:u8 len:u32 <message, UTF-8>                      why not (and the end)
+//! block    = n:u32 0:u32 <n bytes>                              as they are
+//!          | n:u32 c:u32 <c bytes: LZ4 block of n bytes>        (0 < n ≤ 256 KiB)
 //! ```
 //! (integers little-endian). One request per connection. The bytes are
 //! one segment of a run file ([`crate::runfile`]), streamed from disk; the
 //! fetcher checks each one's length and crc32 as it writes it to its own
-//! disk, all of a batch into one file.
+//! disk, all of a batch into one file. A fetcher that asks for compression
+//! (`FetchRequest::compress`: Spark's `spark.shuffle.compress`, by default
+//! for a worker that is not on this host) gets each segment as LZ4 blocks
+//! of at most 256 KiB each, a block that would not shrink sent as it is;
+//! it checks every block's sizes before decompressing it, and the crc32 of
+//! what they decompress to.
 //!
 //! Unless the cluster runs with `--insecure`, all of it goes over mutual
 //! TLS: the server presents this worker's certificate (the fetcher checks
@@ -41,7 +49,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::runfile::{SegmentInfo, Source};
 
-const MAGIC: &[u8; 4] = b"MRS2";
+const MAGIC: &[u8; 4] = b"MRS3";
+/// The most bytes of a segment in one compressed block.
+pub const BLOCK: usize = 256 << 10;
 const MAX_REQUEST: u32 = 1 << 20;
 /// Map outputs per request: a batch of this many costs the server one
 /// index lookup each, and the request stays far below [`MAX_REQUEST`].
@@ -68,6 +78,31 @@ pub struct FetchRequest {
     /// The coordinator's grant to read this job's partition here (`None`
     /// with `--insecure`).
     pub grant: Option<Grant>,
+    /// Send the segments compressed (LZ4 blocks).
+    pub compress: bool,
+}
+
+/// When a reducer asks for map output compressed (`mr worker
+/// --shuffle-compression`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// From workers at an address other than loopback: on a network it
+    /// pays (map output shrinks 2-4x for text), on one host it only costs.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl Compression {
+    /// Whether to ask the worker at `addr` for compressed segments.
+    pub fn wanted(self, addr: SocketAddr) -> bool {
+        match self {
+            Compression::Auto => !addr.ip().is_loopback(),
+            Compression::Always => true,
+            Compression::Never => false,
+        }
+    }
 }
 
 /// A worker's TLS settings for the shuffle (from its certificate).
@@ -610,6 +645,7 @@ fn send_segments<W: Finish>(
 ) -> std::io::Result<()> {
     use std::io::{Read, Seek, Write};
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
+    let mut blocks = Blocks::default();
     for &(map, attempt) in &req.maps {
         let (source, seg) = match outputs.segment(&req.job, map, attempt, req.partition) {
             Ok(s) => s,
@@ -624,6 +660,7 @@ fn send_segments<W: Finish>(
             }
         };
         let mut head = [0u8; 21];
+        head[0] = if req.compress { 2 } else { 0 };
         head[1..9].copy_from_slice(&seg.len.to_le_bytes());
         head[9..17].copy_from_slice(&seg.records.to_le_bytes());
         head[17..21].copy_from_slice(&seg.crc32.to_le_bytes());
@@ -631,22 +668,27 @@ fn send_segments<W: Finish>(
         if seg.len == 0 {
             continue;
         }
-        let sent = match &source {
+        let mut segment: Box<dyn Read + '_> = match &source {
             Source::File(path) => {
                 let mut file = std::fs::File::open(path)?;
                 file.seek(std::io::SeekFrom::Start(seg.offset))?;
-                std::io::copy(&mut file.take(seg.len), &mut out)?
+                Box::new(file.take(seg.len))
             }
             Source::Memory(bytes) => {
                 let (start, end) = (seg.offset as usize, (seg.offset + seg.len) as usize);
-                out.write_all(bytes.get(start..end).ok_or_else(|| {
-                    std::io::Error::new(
+                let Some(part) = bytes.get(start..end) else {
+                    return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "a run shorter than its index",
-                    )
-                })?)?;
-                seg.len
+                    ));
+                };
+                Box::new(part)
             }
+        };
+        let sent = if req.compress {
+            send_compressed(&mut segment, &mut out, seg.len, &mut blocks)?
+        } else {
+            std::io::copy(&mut segment, &mut out)?
         };
         if sent != seg.len {
             return Err(std::io::Error::new(
@@ -659,6 +701,52 @@ fn send_segments<W: Finish>(
     }
     out.flush()?;
     out.get_mut().finish()
+}
+
+/// A compressor's buffers: a block as read, and as compressed.
+#[derive(Default)]
+struct Blocks {
+    raw: Vec<u8>,
+    packed: Vec<u8>,
+}
+
+/// Sends the `len` bytes of `segment` as blocks (see the module's
+/// protocol); returns how many it read.
+fn send_compressed(
+    segment: &mut dyn std::io::Read,
+    out: &mut impl std::io::Write,
+    len: u64,
+    b: &mut Blocks,
+) -> std::io::Result<u64> {
+    b.raw.resize(BLOCK, 0);
+    b.packed
+        .resize(lz4_flex::block::get_maximum_output_size(BLOCK), 0);
+    let mut left = len;
+    while left > 0 {
+        let n = (left as usize).min(BLOCK);
+        let raw = &mut b.raw[..n];
+        if let Err(e) = segment.read_exact(raw) {
+            return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(len - left)
+            } else {
+                Err(e)
+            };
+        }
+        let c =
+            lz4_flex::block::compress_into(raw, &mut b.packed).map_err(std::io::Error::other)?;
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        if c < n {
+            head[4..].copy_from_slice(&(c as u32).to_le_bytes());
+            out.write_all(&head)?;
+            out.write_all(&b.packed[..c])?;
+        } else {
+            out.write_all(&head)?;
+            out.write_all(raw)?;
+        }
+        left -= n as u64;
+    }
+    Ok(len)
 }
 
 /// A refusal on the wire.
@@ -723,12 +811,14 @@ pub struct Partial {
 
 /// Fetches `req`'s segments from the worker at `addr`, appending them to
 /// `dest` (created if need be) from byte `offset` on; returns each one's
-/// place in `dest`, in request order. Every MiB counts as progress of the
+/// place in `dest`, in request order, and adds to `wire` the bytes their
+/// contents took on the wire (fewer than theirs if compressed). Every MiB counts as progress of the
 /// attempt; a cancelled attempt stops.
 ///
 /// Fails with what arrived before the failure: when the server cannot be
 /// reached, stalls for [`FETCH_TIMEOUT`], refuses, or sends bytes that do
 /// not check out, or when `dest` cannot be written.
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     addr: SocketAddr,
     dial: &Dial,
@@ -736,11 +826,13 @@ pub async fn fetch(
     dest: &Path,
     offset: u64,
     control: &TaskControl,
+    wire: &mut u64,
 ) -> Result<Vec<SegmentInfo>, Partial> {
     let mut done = Vec::with_capacity(req.maps.len());
+    let d = &mut done;
     let r = match connect(addr, dial).await {
-        Ok(Connected::Plain(s)) => fetch_into(s, addr, req, dest, offset, control, &mut done).await,
-        Ok(Connected::Tls(s)) => fetch_into(*s, addr, req, dest, offset, control, &mut done).await,
+        Ok(Connected::Plain(s)) => fetch_into(s, addr, req, dest, offset, control, d, wire).await,
+        Ok(Connected::Tls(s)) => fetch_into(*s, addr, req, dest, offset, control, d, wire).await,
         Err(e) => Err(e),
     };
     match r {
@@ -772,6 +864,45 @@ async fn connect(addr: SocketAddr, dial: &Dial) -> Result<Connected, FetchError>
     Ok(Connected::Tls(Box::new(s)))
 }
 
+/// Reads one block of a compressed segment (`left` bytes of it still to
+/// come) into `buf`: its size and the bytes it took on the wire. A block
+/// whose sizes are out of bounds, or that does not decompress to its size,
+/// is the server's error.
+async fn read_block<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    addr: SocketAddr,
+    left: u64,
+    buf: &mut [u8],
+    packed: &mut Vec<u8>,
+) -> Result<(usize, usize), FetchError> {
+    let mut head = [0u8; 8];
+    timed("reading from", addr, stream.read_exact(&mut head)).await?;
+    let n = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let c = u32::from_le_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+    let bad = |why: &str| FetchError::Peer(format!("{addr} sent a bad compressed block: {why}"));
+    if n == 0 || n > BLOCK || n as u64 > left {
+        return Err(bad(&format!(
+            "{n} bytes, where 1 to {} were due",
+            left.min(BLOCK as u64)
+        )));
+    }
+    if c == 0 {
+        timed("reading from", addr, stream.read_exact(&mut buf[..n])).await?;
+        return Ok((n, n));
+    }
+    if c >= n {
+        return Err(bad(&format!("{c} bytes for {n}")));
+    }
+    packed.resize(c, 0);
+    timed("reading from", addr, stream.read_exact(packed)).await?;
+    match lz4_flex::block::decompress_into(packed, &mut buf[..n]) {
+        Ok(got) if got == n => Ok((n, c)),
+        Ok(got) => Err(bad(&format!("{got} bytes where it said {n}"))),
+        Err(e) => Err(bad(&e.to_string())),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     addr: SocketAddr,
@@ -780,6 +911,7 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     offset: u64,
     control: &TaskControl,
     done: &mut Vec<SegmentInfo>,
+    wire: &mut u64,
 ) -> Result<(), FetchError> {
     let body = postcard::to_stdvec(req).expect("a request serializes");
     let mut msg = MAGIC.to_vec();
@@ -806,23 +938,34 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(local)?;
     let mut pos = offset;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; if req.compress { BLOCK } else { 64 * 1024 }];
+    let mut packed = Vec::new();
     let mut since_bump = 0usize;
     for _ in &req.maps {
         let mut status = [0u8];
         timed("reading from", addr, stream.read_exact(&mut status)).await?;
-        if status[0] != 0 {
-            let mut len = [0u8; 4];
-            timed("reading from", addr, stream.read_exact(&mut len)).await?;
-            let len = u32::from_le_bytes(len).min(64 << 10) as usize;
-            let mut text = vec![0u8; len];
-            timed("reading from", addr, stream.read_exact(&mut text)).await?;
-            file.flush().await.map_err(local)?;
-            return Err(FetchError::Peer(format!(
-                "{addr} refused: {}",
-                String::from_utf8_lossy(&text)
-            )));
-        }
+        let compressed = match status[0] {
+            0 => false,
+            2 if req.compress => true,
+            2 => {
+                return Err(FetchError::Peer(format!(
+                    "{addr} sent compressed map output unasked"
+                )))
+            }
+            _ => {
+                // A refusal (or nonsense, read as one).
+                let mut len = [0u8; 4];
+                timed("reading from", addr, stream.read_exact(&mut len)).await?;
+                let len = u32::from_le_bytes(len).min(64 << 10) as usize;
+                let mut text = vec![0u8; len];
+                timed("reading from", addr, stream.read_exact(&mut text)).await?;
+                file.flush().await.map_err(local)?;
+                return Err(FetchError::Peer(format!(
+                    "{addr} refused: {}",
+                    String::from_utf8_lossy(&text)
+                )));
+            }
+        };
         let mut head = [0u8; 20];
         timed("reading from", addr, stream.read_exact(&mut head)).await?;
         let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
@@ -834,8 +977,16 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
             if control.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
-            let want = buf.len().min(left as usize);
-            let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
+            let n = if compressed {
+                let n = read_block(&mut stream, addr, left, &mut buf, &mut packed).await?;
+                *wire += 8 + n.1 as u64;
+                n.0
+            } else {
+                let want = buf.len().min(left as usize);
+                let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
+                *wire += n as u64;
+                n
+            };
             if n == 0 {
                 return Err(FetchError::Peer(format!(
                     "{addr} closed the connection {left} bytes early"
@@ -885,6 +1036,7 @@ mod tests {
                 expires_ms: 5,
                 mac: [1; 32],
             }),
+            compress: true,
         };
         let mut ok_response = vec![0u8];
         ok_response.extend_from_slice(&3u64.to_le_bytes());
@@ -893,7 +1045,25 @@ mod tests {
         ok_response.extend_from_slice(b"abc");
         let mut refused = refusal("no such output");
         refused.splice(0..0, ok_response.clone());
-        let seeds = vec![postcard::to_stdvec(&req).unwrap(), ok_response, refused];
+        // The same segment compressed: one block, and one as it is.
+        let text = b"abcabcabcabcabcabcabcabcabcabcabcabc";
+        let mut packed = ok_response[..21].to_vec();
+        packed[0] = 2;
+        packed[1..9].copy_from_slice(&(text.len() as u64 * 2).to_le_bytes());
+        packed[17..21].copy_from_slice(&crc32fast::hash(&[&text[..], text].concat()).to_le_bytes());
+        let block = lz4_flex::block::compress(text);
+        packed.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&block);
+        packed.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&0u32.to_le_bytes());
+        packed.extend_from_slice(text);
+        let seeds = vec![
+            postcard::to_stdvec(&req).unwrap(),
+            ok_response,
+            refused,
+            packed,
+        ];
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("fetched");
         let control = TaskControl::default();
@@ -908,7 +1078,7 @@ mod tests {
             let mut done = Vec::new();
             let got = tokio::time::timeout(
                 Duration::from_secs(5),
-                fetch_into(client, addr, &req, &dest, 0, &control, &mut done),
+                fetch_into(client, addr, &req, &dest, 0, &control, &mut done, &mut 0),
             )
             .await
             .expect("a response that ends is never waited on");
@@ -942,6 +1112,115 @@ mod tests {
         (addr, outputs)
     }
 
+    /// Asked for compression, a server sends the same segments in fewer
+    /// bytes (text compresses); the fetcher's file is the same bytes
+    /// either way, and a hostile server's blocks are refused, saying why.
+    #[tokio::test]
+    async fn compressed_segments_arrive_whole_in_fewer_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, outputs) = server(dir.path()).await;
+        let words: Vec<String> = (0..60_000).map(|i| format!("word{i:06}")).collect();
+        let mut recs: Vec<(u32, &str)> = words.iter().map(|w| (1, w.as_str())).collect();
+        recs.sort();
+        let index = run_file(&outputs, 3, 2, &recs);
+        assert!(index[1].len > 2 * BLOCK as u64, "more than one block");
+        let job = JobId("job-1-1".into());
+        let control = TaskControl::default();
+        let mut fetched = Vec::new();
+        let mut wires = Vec::new();
+        for compress in [false, true] {
+            let req = FetchRequest {
+                job: job.clone(),
+                partition: 1,
+                maps: vec![(3, 2)],
+                grant: None,
+                compress,
+            };
+            let dest = dir.path().join(format!("fetched-{compress}"));
+            let mut wire = 0;
+            let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &control, &mut wire)
+                .await
+                .unwrap();
+            assert_eq!((got[0].len, got[0].crc32), (index[1].len, index[1].crc32));
+            fetched.push(std::fs::read(&dest).unwrap());
+            wires.push(wire);
+        }
+        assert_eq!(fetched[0], fetched[1]);
+        assert_eq!(wires[0], index[1].len);
+        assert!(wires[1] * 3 < index[1].len, "{wires:?}");
+
+        // A hostile server: blocks too large, larger than they unpack to,
+        // or that are not LZ4.
+        let hostile = |n: u32, c: u32, body: Vec<u8>| {
+            let mut r = vec![2u8];
+            r.extend_from_slice(&100u64.to_le_bytes());
+            r.extend_from_slice(&1u64.to_le_bytes());
+            r.extend_from_slice(&0u32.to_le_bytes());
+            r.extend_from_slice(&n.to_le_bytes());
+            r.extend_from_slice(&c.to_le_bytes());
+            r.extend_from_slice(&body);
+            r
+        };
+        let req = FetchRequest {
+            job: job.clone(),
+            partition: 1,
+            maps: vec![(3, 2)],
+            grant: None,
+            compress: true,
+        };
+        for (bytes, says) in [
+            (
+                hostile(1 << 30, 10, vec![0; 10]),
+                "bytes, where 1 to 100 were due",
+            ),
+            (
+                hostile(101, 0, vec![0; 101]),
+                "bytes, where 1 to 100 were due",
+            ),
+            (hostile(100, 100, vec![0; 100]), "100 bytes for 100"),
+            (hostile(100, 5, vec![0xff; 5]), "bad compressed block"),
+        ] {
+            // (The server end stays open: the request is written to it.)
+            let (mut server, client) = tokio::io::duplex(1 << 16);
+            server.write_all(&bytes).await.unwrap();
+            let dest = dir.path().join("hostile");
+            let mut done = Vec::new();
+            let err = fetch_into(client, addr, &req, &dest, 0, &control, &mut done, &mut 0)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, FetchError::Peer(m) if m.contains(says)),
+                "{err:?}"
+            );
+        }
+        // Compressed output nobody asked for is refused too.
+        let (mut server, client) = tokio::io::duplex(1 << 16);
+        server
+            .write_all(&hostile(100, 0, vec![0; 100]))
+            .await
+            .unwrap();
+        let plain = FetchRequest {
+            compress: false,
+            ..req.clone()
+        };
+        let err = fetch_into(
+            client,
+            addr,
+            &plain,
+            &dir.path().join("h"),
+            0,
+            &control,
+            &mut Vec::new(),
+            &mut 0,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, FetchError::Peer(m) if m.contains("unasked")),
+            "{err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_batch_of_segments_is_served_and_checked() {
         let dir = tempfile::tempdir().unwrap();
@@ -957,9 +1236,10 @@ mod tests {
             partition: 1,
             maps: vec![(3, 2), (4, 1)],
             grant: None,
+            compress: false,
         };
         let control = TaskControl::default();
-        let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &control)
+        let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &control, &mut 0)
             .await
             .unwrap();
         assert_eq!(got.len(), 2);
@@ -983,9 +1263,10 @@ mod tests {
             maps: vec![(3, 2), (3, 1)],
             ..req.clone()
         };
-        let Partial { done, error } = fetch(addr, &Dial::Plain, &missing, &dest, 0, &control)
-            .await
-            .unwrap_err();
+        let Partial { done, error } =
+            fetch(addr, &Dial::Plain, &missing, &dest, 0, &control, &mut 0)
+                .await
+                .unwrap_err();
         assert_eq!(done.len(), 1);
         assert!(
             error
@@ -1001,6 +1282,7 @@ mod tests {
             Path::new("/nonexistent/dir/x"),
             0,
             &control,
+            &mut 0,
         )
         .await
         .unwrap_err();
@@ -1010,7 +1292,7 @@ mod tests {
             job: JobId("../../etc".into()),
             ..req
         };
-        assert!(fetch(addr, &Dial::Plain, &evil, &dest, 0, &control)
+        assert!(fetch(addr, &Dial::Plain, &evil, &dest, 0, &control, &mut 0)
             .await
             .is_err());
     }
@@ -1048,11 +1330,20 @@ mod tests {
             partition: 1,
             maps: vec![(0, 1)],
             grant: None,
+            compress: false,
         };
         let dest = dir.path().join("fetched");
-        let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &TaskControl::default())
-            .await
-            .unwrap();
+        let got = fetch(
+            addr,
+            &Dial::Plain,
+            &req,
+            &dest,
+            0,
+            &TaskControl::default(),
+            &mut 0,
+        )
+        .await
+        .unwrap();
         assert_eq!(got[0].records, 1);
         // Forgetting the job frees it.
         outputs.forget(&job);
@@ -1078,6 +1369,7 @@ mod tests {
             partition: 0,
             maps: vec![(0, 1)],
             grant: None,
+            compress: false,
         };
         let body = postcard::to_stdvec(&req).unwrap();
         let mut msg = MAGIC.to_vec();
@@ -1116,6 +1408,7 @@ mod tests {
             partition: 0,
             maps: vec![(0, 1)],
             grant: None,
+            compress: false,
         };
         let err = fetch(
             addr,
@@ -1124,6 +1417,7 @@ mod tests {
             &dir.path().join("x"),
             0,
             &TaskControl::default(),
+            &mut 0,
         )
         .await
         .unwrap_err();
@@ -1148,6 +1442,7 @@ mod tests {
             partition: 0,
             maps: vec![(0, 1)],
             grant: None,
+            compress: false,
         };
         let err = fetch(
             addr,
@@ -1156,6 +1451,7 @@ mod tests {
             &dir.path().join("x"),
             0,
             &TaskControl::default(),
+            &mut 0,
         )
         .await
         .unwrap_err();

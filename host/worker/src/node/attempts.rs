@@ -332,6 +332,11 @@ impl Worker {
                     )
                     .await;
                 preparing.store(false, Ordering::SeqCst);
+                let mut fetched = super::fetch::Fetched::default();
+                let gathered = gathered.map(|(inputs, f)| {
+                    fetched = f;
+                    inputs
+                });
                 let outcome = match gathered {
                     Err((_, _, FetchError::Cancelled)) => (Outcome::Cancelled, Counters::default()),
                     Err(_) if control.is_cancelled() => (Outcome::Cancelled, Counters::default()),
@@ -427,7 +432,12 @@ impl Worker {
                             Ok(out)
                         };
                         match on_thread(name, limit, control, run).await {
-                            Ok(out) => (Outcome::ReduceDone, out.counters),
+                            Ok(out) => {
+                                let mut counters = out.counters;
+                                counters.shuffle_bytes = fetched.bytes;
+                                counters.shuffle_wire_bytes = fetched.wire;
+                                (Outcome::ReduceDone, counters)
+                            }
                             Err(e) => (failed(e), Counters::default()),
                         }
                     }

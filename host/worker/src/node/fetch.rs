@@ -27,6 +27,14 @@ const FETCH_TRIES: u32 = 3;
 /// A map output that could not be had: the map task, its attempt, why.
 pub(crate) type Missing = (u32, u32, FetchError);
 
+/// What a reduce's input cost to fetch: its segments' bytes fetched from
+/// other workers, and the bytes they took on the wire.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Fetched {
+    pub bytes: u64,
+    pub wire: u64,
+}
+
 impl Worker {
     /// Partition `partition` of every map output in `outputs`, in map
     /// order (so equal keys meet the reducer in the same order wherever
@@ -45,8 +53,9 @@ impl Worker {
         dir: &Path,
         control: &TaskControl,
         deadline: tokio::time::Instant,
-    ) -> Result<Vec<(Source, SegmentInfo)>, Missing> {
+    ) -> Result<(Vec<(Source, SegmentInfo)>, Fetched), Missing> {
         let me = self.id().await;
+        let compression = self.options.shuffle_compression;
         let mut got: Vec<Option<(Source, SegmentInfo)>> = vec![None; outputs.maps.len()];
         // Maps to fetch, by the host that has them.
         let mut remote: BTreeMap<u32, Vec<(u32, u32)>> = BTreeMap::new();
@@ -117,31 +126,36 @@ impl Worker {
                     let why = "this worker has no certificate yet".to_string();
                     return Err((m, a, FetchError::Local(why)));
                 };
+                let compress = compression.wanted(addr);
                 fetch_host(
-                    addr, &dial, grant, job, partition, maps, &dest, control, deadline,
+                    addr, &dial, grant, job, partition, maps, &dest, control, deadline, compress,
                 )
                 .await
-                .map(|segs| (dest, segs))
+                .map(|(segs, wire)| (dest, segs, wire))
             }
         });
         let mut results = futures::stream::iter(fetches).buffer_unordered(FETCH_PARALLEL);
+        let mut fetched = Fetched::default();
         while let Some(r) = results.next().await {
-            let (dest, segs) = r?;
+            let (dest, segs, wire) = r?;
+            fetched.wire += wire;
             for (m, s) in segs {
                 self.stats.fetched.fetch_add(s.len, Ordering::Relaxed);
+                fetched.bytes += s.len;
                 got[m as usize] = Some((Source::File(dest.clone()), s));
             }
         }
         // One per map, in map order, empty ones too: a verified job's
         // digests are per map (the caller drops the empty ones).
-        Ok(got.into_iter().flatten().collect())
+        Ok((got.into_iter().flatten().collect(), fetched))
     }
 }
 
 /// Fetches `maps` (map, attempt) from the worker at `addr` into `dest`, in
 /// batches, trying a batch again (a few times, with backoff, from its
 /// first missing segment) when the serving worker refused or failed, but
-/// not when it stalled, or this worker's disk failed.
+/// not when it stalled, or this worker's disk failed. Also returns the
+/// bytes the segments took on the wire (asked `compress`ed: fewer).
 #[allow(clippy::too_many_arguments)]
 async fn fetch_host(
     addr: std::net::SocketAddr,
@@ -153,8 +167,10 @@ async fn fetch_host(
     dest: &Path,
     control: &TaskControl,
     deadline: tokio::time::Instant,
-) -> Result<Vec<(u32, SegmentInfo)>, Missing> {
+    compress: bool,
+) -> Result<(Vec<(u32, SegmentInfo)>, u64), Missing> {
     let mut out = Vec::with_capacity(maps.len());
+    let mut wire = 0;
     let mut end = 0u64;
     for batch in maps.chunks(MAX_BATCH) {
         let mut from = 0;
@@ -165,10 +181,11 @@ async fn fetch_host(
                 partition,
                 maps: batch[from..].to_vec(),
                 grant,
+                compress,
             };
             let fetched = tokio::time::timeout_at(
                 deadline,
-                shuffle::fetch(addr, dial, &req, dest, end, control),
+                shuffle::fetch(addr, dial, &req, dest, end, control, &mut wire),
             )
             .await;
             let (done, error) = match fetched {
@@ -203,5 +220,5 @@ async fn fetch_host(
             }
         }
     }
-    Ok(out)
+    Ok((out, wire))
 }

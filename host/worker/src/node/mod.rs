@@ -126,6 +126,8 @@ pub struct WorkerOptions {
     pub token_file: Option<PathBuf>,
     /// Serve `/metrics` here (`mr worker --metrics`).
     pub metrics: Option<SocketAddr>,
+    /// When to fetch map output compressed (`--shuffle-compression`).
+    pub shuffle_compression: crate::shuffle::Compression,
 }
 
 impl WorkerOptions {
@@ -147,6 +149,7 @@ impl WorkerOptions {
             data_roots: DataRoots::unlimited(),
             token_file: None,
             metrics: None,
+            shuffle_compression: Default::default(),
         }
     }
 }

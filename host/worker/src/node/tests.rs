@@ -440,7 +440,8 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
     let got = w
         .gather(&job, 1, &mine, &[], &scratch, &control, far())
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(got.len(), 2);
     assert!(matches!(got[0].0, Source::Memory(_)));
     assert!(matches!(got[1].0, Source::File(_)));
