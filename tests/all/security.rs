@@ -264,6 +264,7 @@ fn ask<S: Read + Write>(stream: &mut S, job: &str, grant: Option<tls::Grant>) ->
         maps: vec![(0, 1)],
         grant,
         compress: false,
+        limits: Vec::new(),
     })
     .unwrap();
     let mut msg = b"MRS3".to_vec();

@@ -141,21 +141,21 @@ pub fn success_line(report: &JobReport, output: &str) -> String {
 }
 
 /// What reduces fetched from other workers, if anything, and what it took
-/// on the wire: `; shuffle: 120 MB fetched as 41 MB (compressed, 0.34x)`.
+/// on the wire: `; shuffle: 120.0 MB fetched as 41.0 MB on the wire (0.34x)`.
 fn shuffle_bytes(c: &mr_core::report::Counters) -> String {
-    if c.shuffle_bytes == 0 {
+    if c.shuffle_fetched_bytes == 0 {
         return String::new();
     }
     let mb = |b: u64| b as f64 / 1e6;
-    if c.shuffle_wire_bytes < c.shuffle_bytes {
+    if c.shuffle_wire_bytes != c.shuffle_fetched_bytes {
         format!(
-            "; shuffle: {:.1} MB fetched as {:.1} MB (compressed, {:.2}x)",
-            mb(c.shuffle_bytes),
+            "; shuffle: {:.1} MB fetched as {:.1} MB on the wire ({:.2}x)",
+            mb(c.shuffle_fetched_bytes),
             mb(c.shuffle_wire_bytes),
-            c.shuffle_wire_bytes as f64 / c.shuffle_bytes as f64
+            c.shuffle_wire_bytes as f64 / c.shuffle_fetched_bytes as f64
         )
     } else {
-        format!("; shuffle: {:.1} MB fetched", mb(c.shuffle_bytes))
+        format!("; shuffle: {:.1} MB fetched", mb(c.shuffle_fetched_bytes))
     }
 }
 

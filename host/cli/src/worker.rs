@@ -85,7 +85,7 @@ pub struct WorkerArgs {
     /// blocks): `auto` from workers at an address other than loopback
     /// (where the network, not the processor, is the limit), `on` always,
     /// `off` never. Jobs report the bytes fetched and the bytes they took
-    /// on the wire (`shuffle_bytes`, `shuffle_wire_bytes`).
+    /// on the wire (`shuffle_fetched_bytes`, `shuffle_wire_bytes`).
     #[arg(long, value_enum, default_value = "auto")]
     shuffle_compression: ShuffleCompression,
 

@@ -105,11 +105,15 @@ pub struct Counters {
     pub object_bytes_read: u64,
     #[serde(default)]
     pub object_bytes_written: u64,
+    /// Bytes of map output as written for the shuffle (Hadoop's "map
+    /// output materialized bytes": run files' segments, after combining).
+    #[serde(default)]
+    pub map_output_materialized_bytes: u64,
     /// Bytes of map output reduces fetched from other workers ...
     #[serde(default)]
-    pub shuffle_bytes: u64,
-    /// ... and the bytes that took on the wire (fewer when compressed:
-    /// `mr worker --shuffle-compression`).
+    pub shuffle_fetched_bytes: u64,
+    /// ... and the bytes those took on the wire (fewer when compressed:
+    /// `mr worker --shuffle-compression`). Both as the workers report them.
     #[serde(default)]
     pub shuffle_wire_bytes: u64,
     /// The app's own counters (`counter` in the WIT), by name: summed over
@@ -156,7 +160,11 @@ impl Counters {
         add(&mut self.object_puts, o.object_puts);
         add(&mut self.object_bytes_read, o.object_bytes_read);
         add(&mut self.object_bytes_written, o.object_bytes_written);
-        add(&mut self.shuffle_bytes, o.shuffle_bytes);
+        add(
+            &mut self.map_output_materialized_bytes,
+            o.map_output_materialized_bytes,
+        );
+        add(&mut self.shuffle_fetched_bytes, o.shuffle_fetched_bytes);
         add(&mut self.shuffle_wire_bytes, o.shuffle_wire_bytes);
         for (name, v) in &o.user {
             let sum = match self.user.get_mut(name) {

@@ -428,6 +428,9 @@ pub struct MapOutputRef {
     /// Index into [`MapOutputs::hosts`].
     pub host: u32,
     pub attempt: u32,
+    /// Its whole run's bytes, as its worker reported them: no segment of
+    /// it can be longer (a fetcher refuses a server that says otherwise).
+    pub bytes: u64,
 }
 
 /// How an attempt ended.

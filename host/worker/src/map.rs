@@ -132,6 +132,7 @@ pub fn run(
             },
         })?;
     counters.add(&more);
+    counters.map_output_materialized_bytes = segments.iter().map(|s| s.len).sum();
     Ok(MapOutput {
         run,
         segments,
@@ -871,7 +872,7 @@ fn sort_entries(entries: &mut [Entry], arena: &[u8]) {
         // many times, the common case.)
         if first.long()
             && end - i > 1
-            && !(entries[i + 1..end].iter()).all(|e| key(e) == key(&first))
+            && !(entries[i + 1..end].iter()).all(|e| same_long_key(key(e), key(&first)))
         {
             entries[i..end].sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.0.cmp(&b.0)));
         }
@@ -890,7 +891,24 @@ fn write_entry<W: std::io::Write>(
 /// Whether entries `a` and `b` have one partition and key.
 #[inline]
 fn same_key(arena: &[u8], a: Entry, b: Entry) -> bool {
-    a.class() == b.class() && (!a.long() || key(arena, a) == key(arena, b))
+    a.class() == b.class() && (!a.long() || same_long_key(key(arena, a), key(arena, b)))
+}
+
+/// Whether keys `a` and `b`, longer than eight bytes and equal in their
+/// first eight (their ranks' class is one), are equal: most such keys are
+/// words of 9 to 16 bytes, compared by one load of their last eight bytes
+/// (a call to `memcmp` per pair took 4 % of `wc-nocombiner`'s time).
+#[inline]
+fn same_long_key(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if (9..=16).contains(&n) {
+        let tail = |k: &[u8]| u64::from_le_bytes(k[n - 8..].try_into().expect("8 bytes"));
+        return tail(a) == tail(b);
+    }
+    a == b
 }
 
 /// The first run of two or more entries with one partition and key, if

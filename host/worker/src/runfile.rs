@@ -778,12 +778,25 @@ pub fn key_head(key: &[u8]) -> u64 {
 #[inline]
 pub fn cmp_keys(ha: u64, a: &[u8], hb: u64, b: &[u8]) -> std::cmp::Ordering {
     ha.cmp(&hb).then_with(|| {
-        if a.len() <= 8 && b.len() <= 8 {
-            a.len().cmp(&b.len())
+        let (m, n) = (a.len(), b.len());
+        if m <= 8 && n <= 8 {
+            m.cmp(&n)
+        } else if (9..=16).contains(&m) && (9..=16).contains(&n) {
+            // Equal first eight bytes: the rest of each (at most eight
+            // bytes, zero-padded), then the lengths, order them as their
+            // bytes do, without a call to `memcmp`.
+            tail(a).cmp(&tail(b)).then(m.cmp(&n))
         } else {
             a.cmp(b)
         }
     })
+}
+
+/// Bytes 8.. of a key of 9 to 16 bytes as a big-endian number, zero-padded.
+#[inline]
+fn tail(k: &[u8]) -> u64 {
+    let n = k.len();
+    u64::from_be_bytes(k[n - 8..].try_into().expect("8 bytes")) << (8 * (16 - n))
 }
 
 /// Merges sorted segments into one sorted stream. Equal keys come out in

@@ -80,14 +80,21 @@ pub struct FetchRequest {
     pub grant: Option<Grant>,
     /// Send the segments compressed (LZ4 blocks).
     pub compress: bool,
+    /// Not sent: the most bytes each segment may have (its map's whole
+    /// run, as the coordinator was told), in `maps` order; the fetcher
+    /// refuses a longer one, so a hostile server cannot fill its disk
+    /// (empty: no limit, for tests of the protocol alone).
+    #[serde(skip)]
+    pub limits: Vec<u64>,
 }
 
 /// When a reducer asks for map output compressed (`mr worker
 /// --shuffle-compression`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compression {
-    /// From workers at an address other than loopback: on a network it
-    /// pays (map output shrinks 2-4x for text), on one host it only costs.
+    /// From workers at an address other than loopback and this worker's
+    /// own: on a network it pays (map output shrinks 2-4x for text), on
+    /// one host it only costs.
     #[default]
     Auto,
     Always,
@@ -95,10 +102,12 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// Whether to ask the worker at `addr` for compressed segments.
-    pub fn wanted(self, addr: SocketAddr) -> bool {
+    /// Whether to ask the worker at `addr` for compressed segments, this
+    /// worker's shuffle being at `mine`.
+    pub fn wanted(self, addr: SocketAddr, mine: Option<std::net::IpAddr>) -> bool {
+        let ip = addr.ip().to_canonical();
         match self {
-            Compression::Auto => !addr.ip().is_loopback(),
+            Compression::Auto => !ip.is_loopback() && mine.map(|m| m.to_canonical()) != Some(ip),
             Compression::Always => true,
             Compression::Never => false,
         }
@@ -646,6 +655,10 @@ fn send_segments<W: Finish>(
     use std::io::{Read, Seek, Write};
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
     let mut blocks = Blocks::default();
+    // Compressing costs the server a core: beyond COMPRESSING at once, a
+    // request is answered as it is (the fetcher takes either).
+    let compressing = req.compress.then(Compressing::take).flatten();
+    let compress = compressing.is_some();
     for &(map, attempt) in &req.maps {
         let (source, seg) = match outputs.segment(&req.job, map, attempt, req.partition) {
             Ok(s) => s,
@@ -660,7 +673,7 @@ fn send_segments<W: Finish>(
             }
         };
         let mut head = [0u8; 21];
-        head[0] = if req.compress { 2 } else { 0 };
+        head[0] = if compress { 2 } else { 0 };
         head[1..9].copy_from_slice(&seg.len.to_le_bytes());
         head[9..17].copy_from_slice(&seg.records.to_le_bytes());
         head[17..21].copy_from_slice(&seg.crc32.to_le_bytes());
@@ -685,7 +698,7 @@ fn send_segments<W: Finish>(
                 Box::new(part)
             }
         };
-        let sent = if req.compress {
+        let sent = if compress {
             send_compressed(&mut segment, &mut out, seg.len, &mut blocks)?
         } else {
             std::io::copy(&mut segment, &mut out)?
@@ -696,11 +709,40 @@ fn send_segments<W: Finish>(
                 "the run file is shorter than its index says",
             ));
         }
-        // Segment bytes handed to the socket, as a fetcher counts them.
+        // Segment bytes served (before any compression), as a fetcher
+        // counts them.
         outputs.served.fetch_add(seg.len, Ordering::Relaxed);
     }
     out.flush()?;
     out.get_mut().finish()
+}
+
+/// Requests a server answers compressed at once, per core.
+const COMPRESSING_PER_CORE: usize = 1;
+
+/// A share of the server's compressing: one of at most
+/// [`COMPRESSING_PER_CORE`] per core, given back when dropped.
+struct Compressing;
+
+static COMPRESSING: AtomicU64 = AtomicU64::new(0);
+
+impl Compressing {
+    fn take() -> Option<Compressing> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let most = (cores * COMPRESSING_PER_CORE) as u64;
+        COMPRESSING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Compressing)
+    }
+}
+
+impl Drop for Compressing {
+    fn drop(&mut self) {
+        COMPRESSING.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A compressor's buffers: a block as read, and as compressed.
@@ -718,12 +760,17 @@ fn send_compressed(
     len: u64,
     b: &mut Blocks,
 ) -> std::io::Result<u64> {
-    b.raw.resize(BLOCK, 0);
-    b.packed
-        .resize(lz4_flex::block::get_maximum_output_size(BLOCK), 0);
+    // Buffers as large as the largest block so far (a small segment does
+    // not cost a whole block's).
+    let need = len.min(BLOCK as u64) as usize;
+    if b.raw.len() < need {
+        b.raw.resize(need, 0);
+        b.packed
+            .resize(lz4_flex::block::get_maximum_output_size(need), 0);
+    }
     let mut left = len;
     while left > 0 {
-        let n = (left as usize).min(BLOCK);
+        let n = left.min(BLOCK as u64) as usize;
         let raw = &mut b.raw[..n];
         if let Err(e) = segment.read_exact(raw) {
             return if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -941,7 +988,7 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = vec![0u8; if req.compress { BLOCK } else { 64 * 1024 }];
     let mut packed = Vec::new();
     let mut since_bump = 0usize;
-    for _ in &req.maps {
+    for (i, &(map, _)) in req.maps.iter().enumerate() {
         let mut status = [0u8];
         timed("reading from", addr, stream.read_exact(&mut status)).await?;
         let compressed = match status[0] {
@@ -971,20 +1018,30 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
         let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
         let records = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
         let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+        if let Some(&most) = req.limits.get(i) {
+            if len > most {
+                return Err(FetchError::Peer(format!(
+                    "{addr} sent a segment of {len} bytes of map-{map}, whose whole output is {most} bytes"
+                )));
+            }
+        }
         let mut hasher = crc32fast::Hasher::new();
         let mut left = len;
+        // The bytes this segment takes on the wire (counted once it is
+        // whole: a retried one counts once).
+        let mut seg_wire = 0u64;
         while left > 0 {
             if control.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
             let n = if compressed {
                 let n = read_block(&mut stream, addr, left, &mut buf, &mut packed).await?;
-                *wire += 8 + n.1 as u64;
+                seg_wire += 8 + n.1 as u64;
                 n.0
             } else {
-                let want = buf.len().min(left as usize);
+                let want = left.min(buf.len() as u64) as usize;
                 let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
-                *wire += n as u64;
+                seg_wire += n as u64;
                 n
             };
             if n == 0 {
@@ -1012,6 +1069,7 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
             records,
             crc32: crc,
         });
+        *wire += seg_wire;
         pos += len;
     }
     file.flush().await.map_err(local)?;
@@ -1037,6 +1095,7 @@ mod tests {
                 mac: [1; 32],
             }),
             compress: true,
+            limits: Vec::new(),
         };
         let mut ok_response = vec![0u8];
         ok_response.extend_from_slice(&3u64.to_le_bytes());
@@ -1069,13 +1128,25 @@ mod tests {
         let control = TaskControl::default();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut rng = Rng::new(0x5eed_0004);
-        for _ in 0..cases(5_000) {
+        let n = cases(5_000);
+        for case in 0..n {
             let bytes = rng.input(&seeds);
             let _ = decode_request(&bytes);
+            // The response, then the end of it; the request is written to
+            // the server's end, which stays open for it.
             let (mut server, client) = tokio::io::duplex(1 << 16);
             server.write_all(&bytes).await.unwrap();
-            drop(server);
+            server.shutdown().await.unwrap();
             let mut done = Vec::new();
+            // Half the cases with limits on the segments' lengths.
+            let req = FetchRequest {
+                limits: if case % 2 == 0 {
+                    vec![40, 80]
+                } else {
+                    Vec::new()
+                },
+                ..req.clone()
+            };
             let got = tokio::time::timeout(
                 Duration::from_secs(5),
                 fetch_into(client, addr, &req, &dest, 0, &control, &mut done, &mut 0),
@@ -1083,6 +1154,14 @@ mod tests {
             .await
             .expect("a response that ends is never waited on");
             assert!(got.is_err() || done.len() == req.maps.len());
+            // The response was read (not refused for want of a reader).
+            assert!(
+                !matches!(&got, Err(FetchError::Peer(m)) if m.starts_with("cannot send")),
+                "{got:?}"
+            );
+            for (s, most) in done.iter().zip(&req.limits) {
+                assert!(s.len <= *most, "{s:?}");
+            }
         }
     }
     use crate::runfile::RunFileWriter;
@@ -1135,6 +1214,7 @@ mod tests {
                 maps: vec![(3, 2)],
                 grant: None,
                 compress,
+                limits: Vec::new(),
             };
             let dest = dir.path().join(format!("fetched-{compress}"));
             let mut wire = 0;
@@ -1167,6 +1247,7 @@ mod tests {
             maps: vec![(3, 2)],
             grant: None,
             compress: true,
+            limits: Vec::new(),
         };
         for (bytes, says) in [
             (
@@ -1193,6 +1274,35 @@ mod tests {
                 "{err:?}"
             );
         }
+        // A segment longer than its map's whole output is refused before a
+        // byte of it is written.
+        let (mut server, client) = tokio::io::duplex(1 << 16);
+        server
+            .write_all(&hostile(100, 0, vec![0; 100]))
+            .await
+            .unwrap();
+        let limited = FetchRequest {
+            limits: vec![99],
+            ..req.clone()
+        };
+        let dest = dir.path().join("limited");
+        let err = fetch_into(
+            client,
+            addr,
+            &limited,
+            &dest,
+            0,
+            &control,
+            &mut Vec::new(),
+            &mut 0,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, FetchError::Peer(m) if m.contains("segment of 100 bytes of map-3, whose whole output is 99 bytes")),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
         // Compressed output nobody asked for is refused too.
         let (mut server, client) = tokio::io::duplex(1 << 16);
         server
@@ -1237,6 +1347,7 @@ mod tests {
             maps: vec![(3, 2), (4, 1)],
             grant: None,
             compress: false,
+            limits: Vec::new(),
         };
         let control = TaskControl::default();
         let got = fetch(addr, &Dial::Plain, &req, &dest, 0, &control, &mut 0)
@@ -1331,6 +1442,7 @@ mod tests {
             maps: vec![(0, 1)],
             grant: None,
             compress: false,
+            limits: Vec::new(),
         };
         let dest = dir.path().join("fetched");
         let got = fetch(
@@ -1370,6 +1482,7 @@ mod tests {
             maps: vec![(0, 1)],
             grant: None,
             compress: false,
+            limits: Vec::new(),
         };
         let body = postcard::to_stdvec(&req).unwrap();
         let mut msg = MAGIC.to_vec();
@@ -1409,6 +1522,7 @@ mod tests {
             maps: vec![(0, 1)],
             grant: None,
             compress: false,
+            limits: Vec::new(),
         };
         let err = fetch(
             addr,
@@ -1443,6 +1557,7 @@ mod tests {
             maps: vec![(0, 1)],
             grant: None,
             compress: false,
+            limits: Vec::new(),
         };
         let err = fetch(
             addr,

@@ -156,7 +156,7 @@ impl Now {
 #[derive(Debug)]
 pub enum Action {
     /// Append a record to the journal (before replying to the caller).
-    Journal(Record),
+    Journal(Box<Record>),
     /// A reduce attempt won: rename its output into the job's `committed/`.
     /// On failure the loop calls [`State::fail_job`].
     CommitTask {
@@ -408,7 +408,7 @@ impl State {
     /// Applies a durable change and journals it.
     fn record(&mut self, now: Now, r: Record) {
         self.apply(now, r.clone());
-        self.actions.push(Action::Journal(r));
+        self.actions.push(Action::Journal(Box::new(r)));
     }
 
     /// Moves task `r` to `new`, keeping every index in step (idle queues,

@@ -322,7 +322,7 @@ impl State {
             let TaskState::Done(Done {
                 attempt,
                 worker,
-                output: DoneOutput::Map { addr, .. },
+                output: DoneOutput::Map { addr, counters, .. },
             }) = &t.state
             else {
                 unreachable!("reduces start only once every map is done")
@@ -337,6 +337,7 @@ impl State {
             maps.push(MapOutputRef {
                 host,
                 attempt: *attempt,
+                bytes: counters.map_output_materialized_bytes,
             });
         }
         let outputs = Arc::new(MapOutputs { hosts, maps });

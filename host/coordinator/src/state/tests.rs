@@ -162,7 +162,7 @@ fn journal(actions: &[Action]) -> Vec<Record> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Journal(r) => Some(r.clone()),
+            Action::Journal(r) => Some((**r).clone()),
             _ => None,
         })
         .collect()

@@ -434,7 +434,7 @@ impl Worker {
                         match on_thread(name, limit, control, run).await {
                             Ok(out) => {
                                 let mut counters = out.counters;
-                                counters.shuffle_bytes = fetched.bytes;
+                                counters.shuffle_fetched_bytes = fetched.bytes;
                                 counters.shuffle_wire_bytes = fetched.wire;
                                 (Outcome::ReduceDone, counters)
                             }

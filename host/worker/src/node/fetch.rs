@@ -56,9 +56,10 @@ impl Worker {
     ) -> Result<(Vec<(Source, SegmentInfo)>, Fetched), Missing> {
         let me = self.id().await;
         let compression = self.options.shuffle_compression;
+        let my_ip = self.register.shuffle_addr.map(|a| a.ip());
         let mut got: Vec<Option<(Source, SegmentInfo)>> = vec![None; outputs.maps.len()];
         // Maps to fetch, by the host that has them.
-        let mut remote: BTreeMap<u32, Vec<(u32, u32)>> = BTreeMap::new();
+        let mut remote: BTreeMap<u32, Vec<(u32, u32, u64)>> = BTreeMap::new();
         let mut local = Vec::new();
         for (m, r) in outputs.maps.iter().enumerate() {
             let host = outputs.hosts.get(r.host as usize).ok_or_else(|| {
@@ -73,7 +74,7 @@ impl Worker {
                 remote
                     .entry(r.host)
                     .or_default()
-                    .push((m as u32, r.attempt));
+                    .push((m as u32, r.attempt, r.bytes));
             }
         }
         if !local.is_empty() {
@@ -117,16 +118,16 @@ impl Worker {
             };
             async move {
                 let Some(addr) = host.addr else {
-                    let (m, a) = maps[0];
+                    let (m, a, _) = maps[0];
                     let why = format!("worker {} serves no map output", host.worker);
                     return Err((m, a, FetchError::Peer(why)));
                 };
                 let Some(dial) = dial else {
-                    let (m, a) = maps[0];
+                    let (m, a, _) = maps[0];
                     let why = "this worker has no certificate yet".to_string();
                     return Err((m, a, FetchError::Local(why)));
                 };
-                let compress = compression.wanted(addr);
+                let compress = compression.wanted(addr, my_ip);
                 fetch_host(
                     addr, &dial, grant, job, partition, maps, &dest, control, deadline, compress,
                 )
@@ -163,7 +164,7 @@ async fn fetch_host(
     grant: Option<Grant>,
     job: &JobId,
     partition: u32,
-    maps: Vec<(u32, u32)>,
+    maps: Vec<(u32, u32, u64)>,
     dest: &Path,
     control: &TaskControl,
     deadline: tokio::time::Instant,
@@ -179,9 +180,10 @@ async fn fetch_host(
             let req = FetchRequest {
                 job: job.clone(),
                 partition,
-                maps: batch[from..].to_vec(),
+                maps: batch[from..].iter().map(|&(m, a, _)| (m, a)).collect(),
                 grant,
                 compress,
+                limits: batch[from..].iter().map(|&(_, _, b)| b).collect(),
             };
             let fetched = tokio::time::timeout_at(
                 deadline,
@@ -192,20 +194,20 @@ async fn fetch_host(
                 Ok(Ok(done)) => (done, None),
                 Ok(Err(Partial { done, error })) => (done, Some(error)),
                 Err(_) => {
-                    let (m, a) = batch[from];
+                    let (m, a, _) = batch[from];
                     let why = format!(
                         "{addr} did not send map-{m}'s output within the reduce attempt's time budget (--attempt-timeout)"
                     );
                     return Err((m, a, FetchError::Stalled(why)));
                 }
             };
-            for (s, &(m, _)) in done.iter().zip(&batch[from..]) {
+            for (s, &(m, _, _)) in done.iter().zip(&batch[from..]) {
                 end = s.offset + s.len;
                 out.push((m, *s));
             }
             from += done.len();
             let Some(e) = error else { break };
-            let (m, a) = batch[from.min(batch.len() - 1)];
+            let (m, a, _) = batch[from.min(batch.len() - 1)];
             match e {
                 FetchError::Peer(why) if tries + 1 < FETCH_TRIES && !control.is_cancelled() => {
                     tracing::debug!(map = m, "fetch failed, trying again: {why}");

@@ -427,10 +427,12 @@ async fn a_reduce_reads_its_own_workers_output_in_place_and_fetches_the_rest() {
             MapOutputRef {
                 host: 0,
                 attempt: 1,
+                bytes: u64::MAX,
             },
             MapOutputRef {
                 host: 0,
                 attempt: 2,
+                bytes: u64::MAX,
             },
         ],
     };
@@ -490,6 +492,7 @@ async fn a_host_that_does_not_send_within_the_attempts_budget_is_blamed() {
         maps: vec![MapOutputRef {
             host: 0,
             attempt: 3,
+            bytes: u64::MAX,
         }],
     };
     let scratch = dir.path().join("scratch");
