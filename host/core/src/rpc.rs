@@ -38,9 +38,10 @@ use crate::split::Split;
 /// outputs and data roots in object storage; 8: credentials carry the
 /// metrics token's check; 9: counters carry the app's own; 10: heartbeats
 /// say the bytes served; 11: counters carry the shuffle's bytes on the
-/// wire); mismatched peers are refused at
+/// wire; 12: maps report their materialized bytes, reducers get each
+/// map's); mismatched peers are refused at
 /// `register`/`hello`.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// Largest frame either side sends or accepts. The largest messages are
 /// app chunks (4 MiB) and reduce assignments (a few bytes per map task:

@@ -1005,9 +1005,15 @@ mod tests {
         let mut rng = Rng::new(0x4ead);
         let alphabet = [0u8, 1, b'a', b'b', 0xff];
         let mut keys: Vec<Vec<u8>> = vec![vec![], vec![0], vec![0, 0], b"abcdefgh".to_vec()];
-        for _ in 0..400 {
-            let len = rng.below(12);
-            keys.push((0..len).map(|_| alphabet[rng.below(5)]).collect());
+        for i in 0..600 {
+            // Keys of up to 8 bytes, 9 to 16 (compared by their tails)
+            // and longer; half of them sharing their first eight bytes.
+            let len = rng.below(21);
+            let mut key: Vec<u8> = (0..len).map(|_| alphabet[rng.below(5)]).collect();
+            if i % 2 == 0 && len > 8 {
+                key[..8].copy_from_slice(b"ab\0\xffab\0\x01");
+            }
+            keys.push(key);
         }
         for a in &keys {
             let mut padded = [0u8; 8];

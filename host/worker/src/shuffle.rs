@@ -722,20 +722,23 @@ const COMPRESSING_PER_CORE: usize = 1;
 
 /// A share of the server's compressing: one of at most
 /// [`COMPRESSING_PER_CORE`] per core, given back when dropped.
-struct Compressing;
+struct Compressing(());
 
 static COMPRESSING: AtomicU64 = AtomicU64::new(0);
 
 impl Compressing {
     fn take() -> Option<Compressing> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let most = (cores * COMPRESSING_PER_CORE) as u64;
+        static MOST: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let most = *MOST.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores * COMPRESSING_PER_CORE) as u64
+        });
         COMPRESSING
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < most).then_some(n + 1)
             })
             .ok()
-            .map(|_| Compressing)
+            .map(|_| Compressing(()))
     }
 }
 
@@ -949,6 +952,15 @@ async fn read_block<S: AsyncRead + Unpin>(
     }
 }
 
+/// Bytes left free on a reducer's scratch disk whatever it fetches.
+const DISK_RESERVE: u64 = 256 << 20;
+
+/// The bytes free for this user on the file system of `path`.
+fn free_space(path: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
@@ -960,6 +972,7 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     done: &mut Vec<SegmentInfo>,
     wire: &mut u64,
 ) -> Result<(), FetchError> {
+    debug_assert!(req.limits.is_empty() || req.limits.len() == req.maps.len());
     let body = postcard::to_stdvec(req).expect("a request serializes");
     let mut msg = MAGIC.to_vec();
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -988,91 +1001,112 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = vec![0u8; if req.compress { BLOCK } else { 64 * 1024 }];
     let mut packed = Vec::new();
     let mut since_bump = 0usize;
-    for (i, &(map, _)) in req.maps.iter().enumerate() {
-        let mut status = [0u8];
-        timed("reading from", addr, stream.read_exact(&mut status)).await?;
-        let compressed = match status[0] {
-            0 => false,
-            2 if req.compress => true,
-            2 => {
-                return Err(FetchError::Peer(format!(
-                    "{addr} sent compressed map output unasked"
-                )))
-            }
-            _ => {
-                // A refusal (or nonsense, read as one).
-                let mut len = [0u8; 4];
-                timed("reading from", addr, stream.read_exact(&mut len)).await?;
-                let len = u32::from_le_bytes(len).min(64 << 10) as usize;
-                let mut text = vec![0u8; len];
-                timed("reading from", addr, stream.read_exact(&mut text)).await?;
-                file.flush().await.map_err(local)?;
-                return Err(FetchError::Peer(format!(
-                    "{addr} refused: {}",
-                    String::from_utf8_lossy(&text)
-                )));
-            }
-        };
-        let mut head = [0u8; 20];
-        timed("reading from", addr, stream.read_exact(&mut head)).await?;
-        let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
-        let records = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
-        if let Some(&most) = req.limits.get(i) {
-            if len > most {
-                return Err(FetchError::Peer(format!(
-                    "{addr} sent a segment of {len} bytes of map-{map}, whose whole output is {most} bytes"
-                )));
-            }
-        }
-        let mut hasher = crc32fast::Hasher::new();
-        let mut left = len;
-        // The bytes this segment takes on the wire (counted once it is
-        // whole: a retried one counts once).
-        let mut seg_wire = 0u64;
-        while left > 0 {
-            if control.is_cancelled() {
-                return Err(FetchError::Cancelled);
-            }
-            let n = if compressed {
-                let n = read_block(&mut stream, addr, left, &mut buf, &mut packed).await?;
-                seg_wire += 8 + n.1 as u64;
-                n.0
-            } else {
-                let want = left.min(buf.len() as u64) as usize;
-                let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
-                seg_wire += n as u64;
-                n
+    // Whatever happens, the segments that came whole reach the file (a
+    // dropped buffered writer loses what it holds, and a retry appends
+    // after them).
+    let received = async {
+        for (i, &(map, _)) in req.maps.iter().enumerate() {
+            let mut status = [0u8];
+            timed("reading from", addr, stream.read_exact(&mut status)).await?;
+            let compressed = match status[0] {
+                0 => false,
+                2 if req.compress => true,
+                2 => {
+                    return Err(FetchError::Peer(format!(
+                        "{addr} sent compressed map output unasked"
+                    )))
+                }
+                _ => {
+                    // A refusal (or nonsense, read as one).
+                    let mut len = [0u8; 4];
+                    timed("reading from", addr, stream.read_exact(&mut len)).await?;
+                    let len = u32::from_le_bytes(len).min(64 << 10) as usize;
+                    let mut text = vec![0u8; len];
+                    timed("reading from", addr, stream.read_exact(&mut text)).await?;
+                    file.flush().await.map_err(local)?;
+                    return Err(FetchError::Peer(format!(
+                        "{addr} refused: {}",
+                        String::from_utf8_lossy(&text)
+                    )));
+                }
             };
-            if n == 0 {
+            let mut head = [0u8; 20];
+            timed("reading from", addr, stream.read_exact(&mut head)).await?;
+            let len = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
+            let records = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+            let crc = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+            if let Some(&most) = req.limits.get(i) {
+                if len > most {
+                    return Err(FetchError::Peer(format!(
+                        "{addr} sent a segment of {len} bytes of map-{map}, whose whole output is {most} bytes"
+                    )));
+                }
+            }
+            // Nor does a segment go where it would leave the disk all but
+            // full (its map's worker said how large its output is, and may
+            // have lied).
+            if len > 0 {
+                let free = free_space(dest).map_err(local)?;
+                if len > free.saturating_sub(DISK_RESERVE) {
+                    return Err(FetchError::Local(format!(
+                        "no room in {} for {len} bytes of map-{map}'s output from {addr}: {free} bytes free, of which {DISK_RESERVE} are kept free",
+                        dest.display()
+                    )));
+                }
+            }
+            let mut hasher = crc32fast::Hasher::new();
+            let mut left = len;
+            // The bytes this segment takes on the wire (counted once it is
+            // whole: a retried one counts once).
+            let mut seg_wire = 0u64;
+            while left > 0 {
+                if control.is_cancelled() {
+                    return Err(FetchError::Cancelled);
+                }
+                let n = if compressed {
+                    let n = read_block(&mut stream, addr, left, &mut buf, &mut packed).await?;
+                    seg_wire += 8 + n.1 as u64;
+                    n.0
+                } else {
+                    let want = left.min(buf.len() as u64) as usize;
+                    let n = timed("reading from", addr, stream.read(&mut buf[..want])).await?;
+                    seg_wire += n as u64;
+                    n
+                };
+                if n == 0 {
+                    return Err(FetchError::Peer(format!(
+                        "{addr} closed the connection {left} bytes early"
+                    )));
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).await.map_err(local)?;
+                left -= n as u64;
+                since_bump += n;
+                if since_bump >= 1 << 20 {
+                    control.bump();
+                    since_bump = 0;
+                }
+            }
+            if hasher.finalize() != crc {
                 return Err(FetchError::Peer(format!(
-                    "{addr} closed the connection {left} bytes early"
+                    "the bytes from {addr} fail their checksum"
                 )));
             }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).await.map_err(local)?;
-            left -= n as u64;
-            since_bump += n;
-            if since_bump >= 1 << 20 {
-                control.bump();
-                since_bump = 0;
-            }
+            done.push(SegmentInfo {
+                offset: pos,
+                len,
+                records,
+                crc32: crc,
+            });
+            *wire += seg_wire;
+            pos += len;
         }
-        if hasher.finalize() != crc {
-            return Err(FetchError::Peer(format!(
-                "the bytes from {addr} fail their checksum"
-            )));
-        }
-        done.push(SegmentInfo {
-            offset: pos,
-            len,
-            records,
-            crc32: crc,
-        });
-        *wire += seg_wire;
-        pos += len;
+        Ok::<(), FetchError>(())
     }
-    file.flush().await.map_err(local)?;
+    .await;
+    let flushed = file.flush().await.map_err(local);
+    received?;
+    flushed?;
     control.bump();
     Ok(())
 }
@@ -1117,11 +1151,14 @@ mod tests {
         packed.extend_from_slice(&(text.len() as u32).to_le_bytes());
         packed.extend_from_slice(&0u32.to_le_bytes());
         packed.extend_from_slice(text);
+        let mut two = ok_response.clone();
+        two.extend_from_slice(&ok_response);
         let seeds = vec![
             postcard::to_stdvec(&req).unwrap(),
             ok_response,
             refused,
             packed,
+            two,
         ];
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("fetched");
@@ -1138,8 +1175,10 @@ mod tests {
             server.write_all(&bytes).await.unwrap();
             server.shutdown().await.unwrap();
             let mut done = Vec::new();
-            // Half the cases with limits on the segments' lengths.
+            // Half the cases with limits on the segments' lengths, half
+            // asking for compression.
             let req = FetchRequest {
+                compress: case % 4 < 2,
                 limits: if case % 2 == 0 {
                     vec![40, 80]
                 } else {
@@ -1303,6 +1342,31 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
+        // A segment that came whole before one that fails is in the file
+        // (the buffered writer is flushed on every way out).
+        let (mut server, client) = tokio::io::duplex(1 << 16);
+        let mut first = vec![0u8];
+        first.extend_from_slice(&3u64.to_le_bytes());
+        first.extend_from_slice(&1u64.to_le_bytes());
+        first.extend_from_slice(&crc32fast::hash(b"abc").to_le_bytes());
+        first.extend_from_slice(b"abc");
+        first.extend_from_slice(&hostile(100, 0, vec![0; 100]));
+        server.write_all(&first).await.unwrap();
+        let two = FetchRequest {
+            maps: vec![(3, 2), (4, 1)],
+            limits: vec![3, 99],
+            ..req.clone()
+        };
+        let mut done = Vec::new();
+        let err = fetch_into(client, addr, &two, &dest, 0, &control, &mut done, &mut 0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, FetchError::Peer(m) if m.contains("map-4")),
+            "{err:?}"
+        );
+        assert_eq!(done.len(), 1);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
         // Compressed output nobody asked for is refused too.
         let (mut server, client) = tokio::io::duplex(1 << 16);
         server

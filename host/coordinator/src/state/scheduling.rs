@@ -337,7 +337,11 @@ impl State {
             maps.push(MapOutputRef {
                 host,
                 attempt: *attempt,
-                bytes: counters.map_output_materialized_bytes,
+                // (A map journaled before maps reported it: no limit.)
+                bytes: match counters.map_output_materialized_bytes {
+                    0 if counters.map_output_records > 0 => u64::MAX,
+                    n => n,
+                },
             });
         }
         let outputs = Arc::new(MapOutputs { hosts, maps });
