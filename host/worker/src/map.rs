@@ -388,52 +388,6 @@ struct SortBuffer {
     control: TaskControl,
     /// The arena's and the ranks' memory last advised (address, bytes).
     advised: [(usize, usize); 2],
-    partitions: PartitionCache,
-}
-
-/// The partitions of recent keys of at most sixteen bytes, by their bytes
-/// (as two numbers) and length: most keys a map emits are a few frequent
-/// words, whose partition (the lab's FNV hash, a byte at a time: 4 % of
-/// `wc-nocombiner`'s time) is then looked up, not computed.
-struct PartitionCache {
-    slots: Box<[(u64, u64, u32, u32)]>,
-}
-
-impl PartitionCache {
-    const SLOTS: usize = 4096;
-
-    fn new() -> Self {
-        // Length u32::MAX: no key's.
-        PartitionCache {
-            slots: vec![(0, 0, u32::MAX, 0); Self::SLOTS].into_boxed_slice(),
-        }
-    }
-
-    /// `key`'s partition of `reduces` (the same for every call of a task).
-    #[inline]
-    fn of(&mut self, key: &[u8], reduces: u32) -> u32 {
-        let n = key.len();
-        if n > 16 {
-            return partition(key, reduces).0;
-        }
-        let head = key_head(key);
-        // Bytes 8.. (zero-padded; the length tells keys apart that differ
-        // only in trailing zeros).
-        let tail = if n > 8 {
-            u64::from_le_bytes(key[n - 8..].try_into().expect("8 bytes")) >> (8 * (16 - n))
-        } else {
-            0
-        };
-        let len = n as u32;
-        let h = (head ^ tail.rotate_left(32) ^ u64::from(len)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let slot = &mut self.slots[(h >> (64 - Self::SLOTS.trailing_zeros())) as usize];
-        if slot.0 == head && slot.1 == tail && slot.2 == len {
-            return slot.3;
-        }
-        let p = partition(key, reduces).0;
-        *slot = (head, tail, len, p);
-        p
-    }
 }
 
 /// The most of a sort buffer reserved when a map starts.
@@ -546,7 +500,6 @@ impl SortBuffer {
             combine_failure: None,
             control,
             advised: [(0, 0); 2],
-            partitions: PartitionCache::new(),
         }
     }
 
@@ -606,8 +559,7 @@ impl SortBuffer {
             let (kl, vl) = (k.len(), v.len());
             shortest &= it.offset() - start == varint_len(kl) + varint_len(vl) + kl + vl;
             self.counters.map_output_bytes += (kl + vl) as u64;
-            let p = self.partitions.of(k, self.reduces);
-            (self.entries).push(rank(p, k, base + start));
+            (self.entries).push(rank(partition(k, self.reduces).0, k, base + start));
         }
         self.counters.map_output_records += parsed;
         if let Some(e) = failed {
@@ -622,8 +574,7 @@ impl SortBuffer {
             for (k, v) in mr_core::records::records(records).flatten() {
                 let (k, v) = (k.as_bytes(), v.as_bytes());
                 let at = self.arena.len();
-                let p = self.partitions.of(k, self.reduces);
-                (self.entries).push(rank(p, k, at));
+                (self.entries).push(rank(partition(k, self.reduces).0, k, at));
                 mr_core::records::put_record(&mut self.arena, k, v);
             }
         }
@@ -1065,28 +1016,6 @@ mod tests {
             let e = check_reduces(&task(bad)).unwrap_err().to_string();
             assert!(e.contains(&format!("asks for {bad} reduces")), "{e}");
             assert!(e.contains(&format!("1 to {max}")), "{e}");
-        }
-    }
-
-    /// The cache gives every key the lab's partition: keys that share
-    /// heads but not lengths (zero bytes), long keys, many keys per slot.
-    #[test]
-    fn cached_partitions_are_the_labs() {
-        use mr_core::fuzz::Rng;
-        let mut rng = Rng::new(0x9a27);
-        // (One cache per reduce count, as one per task.)
-        let mut caches = [(); 3].map(|_| PartitionCache::new());
-        let alphabet = [0u8, b'a', b'b', b'z', 0xff];
-        for _ in 0..100_000 {
-            let len = rng.below(20);
-            let key: Vec<u8> = (0..len).map(|_| alphabet[rng.below(5)]).collect();
-            for (cache, reduces) in caches.iter_mut().zip([1, 7, 10]) {
-                assert_eq!(
-                    cache.of(&key, reduces),
-                    partition(&key, reduces).0,
-                    "{key:?}"
-                );
-            }
         }
     }
 
