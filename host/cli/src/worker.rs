@@ -82,10 +82,11 @@ pub struct WorkerArgs {
     metrics: Option<std::net::SocketAddr>,
 
     /// Fetch map output from other workers compressed (LZ4, 256 KiB
-    /// blocks): `auto` from workers at an address other than loopback
-    /// (where the network, not the processor, is the limit), `on` always,
-    /// `off` never. Jobs report the bytes fetched and the bytes they took
-    /// on the wire (`shuffle_fetched_bytes`, `shuffle_wire_bytes`).
+    /// blocks): `auto` from workers at an address other than loopback and
+    /// this worker's own (where the network, not the processor, is the
+    /// limit), `on` always, `off` never. Jobs report the bytes fetched and
+    /// the bytes they took on the wire (`shuffle_fetched_bytes`,
+    /// `shuffle_wire_bytes`).
     #[arg(long, value_enum, default_value = "auto")]
     shuffle_compression: ShuffleCompression,
 

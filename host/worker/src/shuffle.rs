@@ -1230,6 +1230,24 @@ mod tests {
         (addr, outputs)
     }
 
+    /// `auto` compresses from other hosts only: not from loopback (IPv4,
+    /// IPv6, IPv4-mapped) nor from this worker's own address.
+    #[test]
+    fn auto_compression_is_for_other_hosts() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mine: Option<std::net::IpAddr> = Some("10.0.0.5".parse().unwrap());
+        let auto = Compression::Auto;
+        assert!(!auto.wanted(at("127.0.0.1:9000"), mine));
+        assert!(!auto.wanted(at("[::1]:9000"), mine));
+        assert!(!auto.wanted(at("[::ffff:127.0.0.1]:9000"), mine));
+        assert!(!auto.wanted(at("10.0.0.5:9000"), mine));
+        assert!(!auto.wanted(at("[::ffff:10.0.0.5]:9000"), mine));
+        assert!(auto.wanted(at("10.0.0.6:9000"), mine));
+        assert!(auto.wanted(at("10.0.0.6:9000"), None));
+        assert!(Compression::Always.wanted(at("127.0.0.1:9000"), mine));
+        assert!(!Compression::Never.wanted(at("10.0.0.6:9000"), mine));
+    }
+
     /// Asked for compression, a server sends the same segments in fewer
     /// bytes (text compresses); the fetcher's file is the same bytes
     /// either way, and a hostile server's blocks are refused, saying why.
