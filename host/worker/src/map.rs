@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::runfile::{key_head, Merger, RunFileWriter, SegmentInfo, SegmentReader, Source};
+use crate::runfile::{
+    key_head, key_tail, Merger, RunFileWriter, SegmentInfo, SegmentReader, Source,
+};
 use mr_core::partition::partition;
 use mr_core::records::Groups;
 use mr_core::report::Counters;
@@ -905,8 +907,7 @@ fn same_long_key(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     if (9..=16).contains(&n) {
-        let tail = |k: &[u8]| u64::from_le_bytes(k[n - 8..].try_into().expect("8 bytes"));
-        return tail(a) == tail(b);
+        return key_tail(a) == key_tail(b);
     }
     a == b
 }

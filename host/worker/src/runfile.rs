@@ -785,16 +785,18 @@ pub fn cmp_keys(ha: u64, a: &[u8], hb: u64, b: &[u8]) -> std::cmp::Ordering {
             // Equal first eight bytes: the rest of each (at most eight
             // bytes, zero-padded), then the lengths, order them as their
             // bytes do, without a call to `memcmp`.
-            tail(a).cmp(&tail(b)).then(m.cmp(&n))
+            key_tail(a).cmp(&key_tail(b)).then(m.cmp(&n))
         } else {
             a.cmp(b)
         }
     })
 }
 
-/// Bytes 8.. of a key of 9 to 16 bytes as a big-endian number, zero-padded.
+/// Bytes 8.. of a key of 9 to 16 bytes as a big-endian number,
+/// zero-padded: with the key's length, it orders and tells apart keys
+/// that share their first eight bytes.
 #[inline]
-fn tail(k: &[u8]) -> u64 {
+pub fn key_tail(k: &[u8]) -> u64 {
     let n = k.len();
     u64::from_be_bytes(k[n - 8..].try_into().expect("8 bytes")) << (8 * (16 - n))
 }

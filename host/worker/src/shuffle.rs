@@ -1115,6 +1115,38 @@ async fn fetch_into<S: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    /// A segment's head on the wire: status, length, records, crc32.
+    fn segment_head(status: u8, len: u64, records: u64, crc: u32) -> Vec<u8> {
+        let mut h = vec![status];
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&records.to_le_bytes());
+        h.extend_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Fetches `req` into `dest` from a server that answers `response`
+    /// and ends (its end stays open for the request): the outcome and the
+    /// segments that came whole.
+    async fn answered(
+        response: &[u8],
+        req: &FetchRequest,
+        dest: &Path,
+    ) -> (Result<(), FetchError>, Vec<SegmentInfo>) {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (mut server, client) = tokio::io::duplex(1 << 16);
+        server.write_all(response).await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut done = Vec::new();
+        let control = TaskControl::default();
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            fetch_into(client, addr, req, dest, 0, &control, &mut done, &mut 0),
+        )
+        .await
+        .expect("a response that ends is never waited on");
+        (got, done)
+    }
+
     /// Both ends of the shuffle protocol take any bytes from the other:
     /// the server's request decoder, and the fetcher reading a response.
     #[tokio::test]
@@ -1131,19 +1163,14 @@ mod tests {
             compress: true,
             limits: Vec::new(),
         };
-        let mut ok_response = vec![0u8];
-        ok_response.extend_from_slice(&3u64.to_le_bytes());
-        ok_response.extend_from_slice(&1u64.to_le_bytes());
-        ok_response.extend_from_slice(&crc32fast::hash(b"abc").to_le_bytes());
+        let mut ok_response = segment_head(0, 3, 1, crc32fast::hash(b"abc"));
         ok_response.extend_from_slice(b"abc");
         let mut refused = refusal("no such output");
         refused.splice(0..0, ok_response.clone());
         // The same segment compressed: one block, and one as it is.
         let text = b"abcabcabcabcabcabcabcabcabcabcabcabc";
-        let mut packed = ok_response[..21].to_vec();
-        packed[0] = 2;
-        packed[1..9].copy_from_slice(&(text.len() as u64 * 2).to_le_bytes());
-        packed[17..21].copy_from_slice(&crc32fast::hash(&[&text[..], text].concat()).to_le_bytes());
+        let whole = [&text[..], text].concat();
+        let mut packed = segment_head(2, whole.len() as u64, 1, crc32fast::hash(&whole));
         let block = lz4_flex::block::compress(text);
         packed.extend_from_slice(&(text.len() as u32).to_le_bytes());
         packed.extend_from_slice(&(block.len() as u32).to_le_bytes());
@@ -1162,19 +1189,11 @@ mod tests {
         ];
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("fetched");
-        let control = TaskControl::default();
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut rng = Rng::new(0x5eed_0004);
         let n = cases(5_000);
         for case in 0..n {
             let bytes = rng.input(&seeds);
             let _ = decode_request(&bytes);
-            // The response, then the end of it; the request is written to
-            // the server's end, which stays open for it.
-            let (mut server, client) = tokio::io::duplex(1 << 16);
-            server.write_all(&bytes).await.unwrap();
-            server.shutdown().await.unwrap();
-            let mut done = Vec::new();
             // Half the cases with limits on the segments' lengths, half
             // asking for compression.
             let req = FetchRequest {
@@ -1186,12 +1205,7 @@ mod tests {
                 },
                 ..req.clone()
             };
-            let got = tokio::time::timeout(
-                Duration::from_secs(5),
-                fetch_into(client, addr, &req, &dest, 0, &control, &mut done, &mut 0),
-            )
-            .await
-            .expect("a response that ends is never waited on");
+            let (got, done) = answered(&bytes, &req, &dest).await;
             assert!(got.is_err() || done.len() == req.maps.len());
             // The response was read (not refused for want of a reader).
             assert!(
@@ -1289,10 +1303,7 @@ mod tests {
         // A hostile server: blocks too large, larger than they unpack to,
         // or that are not LZ4.
         let hostile = |n: u32, c: u32, body: Vec<u8>| {
-            let mut r = vec![2u8];
-            r.extend_from_slice(&100u64.to_le_bytes());
-            r.extend_from_slice(&1u64.to_le_bytes());
-            r.extend_from_slice(&0u32.to_le_bytes());
+            let mut r = segment_head(2, 100, 1, 0);
             r.extend_from_slice(&n.to_le_bytes());
             r.extend_from_slice(&c.to_le_bytes());
             r.extend_from_slice(&body);
@@ -1318,14 +1329,8 @@ mod tests {
             (hostile(100, 100, vec![0; 100]), "100 bytes for 100"),
             (hostile(100, 5, vec![0xff; 5]), "bad compressed block"),
         ] {
-            // (The server end stays open: the request is written to it.)
-            let (mut server, client) = tokio::io::duplex(1 << 16);
-            server.write_all(&bytes).await.unwrap();
-            let dest = dir.path().join("hostile");
-            let mut done = Vec::new();
-            let err = fetch_into(client, addr, &req, &dest, 0, &control, &mut done, &mut 0)
-                .await
-                .unwrap_err();
+            let err = answered(&bytes, &req, &dir.path().join("hostile")).await;
+            let err = err.0.unwrap_err();
             assert!(
                 matches!(&err, FetchError::Peer(m) if m.contains(says)),
                 "{err:?}"
@@ -1333,28 +1338,13 @@ mod tests {
         }
         // A segment longer than its map's whole output is refused before a
         // byte of it is written.
-        let (mut server, client) = tokio::io::duplex(1 << 16);
-        server
-            .write_all(&hostile(100, 0, vec![0; 100]))
-            .await
-            .unwrap();
         let limited = FetchRequest {
             limits: vec![99],
             ..req.clone()
         };
         let dest = dir.path().join("limited");
-        let err = fetch_into(
-            client,
-            addr,
-            &limited,
-            &dest,
-            0,
-            &control,
-            &mut Vec::new(),
-            &mut 0,
-        )
-        .await
-        .unwrap_err();
+        let err = answered(&hostile(100, 0, vec![0; 100]), &limited, &dest).await;
+        let err = err.0.unwrap_err();
         assert!(
             matches!(&err, FetchError::Peer(m) if m.contains("segment of 100 bytes of map-3, whose whole output is 99 bytes")),
             "{err:?}"
@@ -1362,23 +1352,16 @@ mod tests {
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
         // A segment that came whole before one that fails is in the file
         // (the buffered writer is flushed on every way out).
-        let (mut server, client) = tokio::io::duplex(1 << 16);
-        let mut first = vec![0u8];
-        first.extend_from_slice(&3u64.to_le_bytes());
-        first.extend_from_slice(&1u64.to_le_bytes());
-        first.extend_from_slice(&crc32fast::hash(b"abc").to_le_bytes());
+        let mut first = segment_head(0, 3, 1, crc32fast::hash(b"abc"));
         first.extend_from_slice(b"abc");
         first.extend_from_slice(&hostile(100, 0, vec![0; 100]));
-        server.write_all(&first).await.unwrap();
         let two = FetchRequest {
             maps: vec![(3, 2), (4, 1)],
             limits: vec![3, 99],
             ..req.clone()
         };
-        let mut done = Vec::new();
-        let err = fetch_into(client, addr, &two, &dest, 0, &control, &mut done, &mut 0)
-            .await
-            .unwrap_err();
+        let (err, done) = answered(&first, &two, &dest).await;
+        let err = err.unwrap_err();
         assert!(
             matches!(&err, FetchError::Peer(m) if m.contains("map-4")),
             "{err:?}"
@@ -1386,27 +1369,17 @@ mod tests {
         assert_eq!(done.len(), 1);
         assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
         // Compressed output nobody asked for is refused too.
-        let (mut server, client) = tokio::io::duplex(1 << 16);
-        server
-            .write_all(&hostile(100, 0, vec![0; 100]))
-            .await
-            .unwrap();
         let plain = FetchRequest {
             compress: false,
             ..req.clone()
         };
-        let err = fetch_into(
-            client,
-            addr,
+        let err = answered(
+            &hostile(100, 0, vec![0; 100]),
             &plain,
             &dir.path().join("h"),
-            0,
-            &control,
-            &mut Vec::new(),
-            &mut 0,
         )
-        .await
-        .unwrap_err();
+        .await;
+        let err = err.0.unwrap_err();
         assert!(
             matches!(&err, FetchError::Peer(m) if m.contains("unasked")),
             "{err:?}"
