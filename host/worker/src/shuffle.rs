@@ -1350,6 +1350,21 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
+        // Without a limit, a segment larger than the disk's free space is
+        // refused too, as this worker's problem, before a byte is written.
+        let mut huge = segment_head(0, 1 << 60, 1, 0);
+        huge.extend_from_slice(&[0; 100]);
+        let unlimited = FetchRequest {
+            compress: false,
+            ..req.clone()
+        };
+        let (err, _) = answered(&huge, &unlimited, &dest).await;
+        let err = err.unwrap_err();
+        assert!(
+            matches!(&err, FetchError::Local(m) if m.contains("no room in") && m.contains("kept free")),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 0);
         // A segment that came whole before one that fails is in the file
         // (the buffered writer is flushed on every way out).
         let mut first = segment_head(0, 3, 1, crc32fast::hash(b"abc"));
