@@ -197,6 +197,8 @@ pub fn run(
     task: &ReduceTask,
     control: &TaskControl,
 ) -> Result<ReduceOutput, TaskError> {
+    // The maps before it are done with their sort buffers.
+    crate::map::release_buffers();
     let result = reduce(sandbox, task, control);
     if result.is_err() {
         if let Location::File(p) = &task.output {
