@@ -53,6 +53,9 @@ use std::hash::BuildHasher;
 use rustc_hash::FxHashMap;
 
 #[doc(hidden)]
+#[cfg(any(target_arch = "wasm32", test))]
+mod mem;
+
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
@@ -544,6 +547,19 @@ impl Emitter {
             // Not a count (or a sum past u64::MAX): as it is.
             self.push(key, value);
             return;
+        }
+        if self.combining == Combining::Unknown {
+            // Whether the app has a combiner, asked with the first pair (a
+            // combiner takes any number of a key's values, one too; the
+            // answer is dropped). Without one, pairs go straight to the
+            // batch: an app whose keys seldom repeat in a map (an inverted
+            // index) would otherwise hold its whole output in the table,
+            // every value copied, until the map ends (12 % of the
+            // `indexer`'s time, 1 GiB, 2026-12-07).
+            self.combining = match (self.combine)(key, &[value]) {
+                Some(_) => Combining::Yes,
+                None => Combining::No,
+            };
         }
         if self.combining == Combining::No {
             self.push(key, value);
@@ -1096,6 +1112,30 @@ mod tests {
         // The last report is within one step and one look of the end.
         let last = reports.last().unwrap().0;
         assert!(last + step + look >= len, "{last} of {len}");
+    }
+
+    /// An app without a combiner is known to have none at its first pair,
+    /// whose keys then go straight to the batch, never into the table
+    /// (where an inverted index's never-repeating keys would pile up
+    /// until the map ends); an app with one still combines in the table.
+    #[test]
+    fn the_first_pair_tells_whether_the_app_combines() {
+        fn none(_key: &str, _values: &[&str]) -> Option<String> {
+            None
+        }
+        let contents = "one two three four five";
+        let mut out = Emitter::with_report(none, contents, record);
+        for (i, w) in words(contents).enumerate() {
+            out.emit(w, "doc");
+            assert!(out.combining == Combining::No && out.table.is_empty());
+            assert_eq!(out.batch_pairs, i + 1);
+        }
+        let mut out = Emitter::with_report(sum, contents, record);
+        for w in words(contents) {
+            out.emit(w, "1");
+        }
+        assert!(out.combining == Combining::Yes);
+        assert_eq!((out.table.len(), out.batch_pairs), (5, 0));
     }
 
     #[test]
