@@ -52,10 +52,10 @@ use std::hash::BuildHasher;
 
 use rustc_hash::FxHashMap;
 
-#[doc(hidden)]
 #[cfg(any(target_arch = "wasm32", test))]
 mod mem;
 
+#[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
@@ -147,6 +147,9 @@ const BATCH_PAIRS: usize = 8192;
 const BATCH_BYTES: usize = 1 << 20;
 /// Values of one key collected before the combiner folds them into one.
 const COMBINE_AT: usize = 8;
+/// Keys in the combining table, none of them emitted twice, after which a
+/// map stops combining in the guest (see [`Emitter::emit`]).
+const SKIP_AFTER_KEYS: usize = 4096;
 /// Bytes (estimated, allocator overhead included) held in the combining
 /// table before it is flushed to the host. This bounds guest memory for apps
 /// with huge vocabularies; a larger table combines more.
@@ -445,6 +448,8 @@ fn parse_u64(v: &str) -> Option<u64> {
 pub struct Emitter {
     combine: fn(&str, &[&str]) -> Option<String>,
     combining: Combining,
+    /// Whether a key has been emitted twice.
+    repeated: bool,
     /// For [`Combiner::SumU64`].
     sums: Option<Sums>,
     table: FxHashMap<String, Slot>,
@@ -483,6 +488,7 @@ impl Emitter {
         Emitter {
             combine,
             combining: Combining::Unknown,
+            repeated: false,
             sums: None,
             table: FxHashMap::default(),
             table_bytes: 0,
@@ -548,25 +554,13 @@ impl Emitter {
             self.push(key, value);
             return;
         }
-        if self.combining == Combining::Unknown {
-            // Whether the app has a combiner, asked with the first pair (a
-            // combiner takes any number of a key's values, one too; the
-            // answer is dropped). Without one, pairs go straight to the
-            // batch: an app whose keys seldom repeat in a map (an inverted
-            // index) would otherwise hold its whole output in the table,
-            // every value copied, until the map ends (12 % of the
-            // `indexer`'s time, 1 GiB, 2026-12-07).
-            self.combining = match (self.combine)(key, &[value]) {
-                Some(_) => Combining::Yes,
-                None => Combining::No,
-            };
-        }
         if self.combining == Combining::No {
             self.push(key, value);
             return;
         }
         match self.table.get_mut(key) {
             Some(slot) => {
+                self.repeated = true;
                 slot.push(value);
                 self.table_bytes += value.len();
                 if slot.used >= COMBINE_AT {
@@ -589,6 +583,21 @@ impl Emitter {
             None => {
                 self.table_bytes += key.len() + value.len() + ENTRY_OVERHEAD;
                 self.table.insert(key.to_owned(), Slot::new(value));
+                if !self.repeated
+                    && self.combining == Combining::Unknown
+                    && self.table.len() >= SKIP_AFTER_KEYS
+                {
+                    // Many keys and not one twice (an inverted index: each
+                    // word once per map): combining here would only copy
+                    // every pair into the table until the map ends (12 % of
+                    // the `indexer`'s time, 1 GiB, 2026-12-07), so the rest
+                    // of this map goes straight to the batch, as Spark skips
+                    // a partial aggregation that does not reduce. (The
+                    // host's combiner still runs on each sorted spill.)
+                    self.combining = Combining::No;
+                    self.flush_table(false);
+                    return;
+                }
             }
         }
         if self.table_bytes >= TABLE_BYTES {
@@ -1114,28 +1123,42 @@ mod tests {
         assert!(last + step + look >= len, "{last} of {len}");
     }
 
-    /// An app without a combiner is known to have none at its first pair,
-    /// whose keys then go straight to the batch, never into the table
-    /// (where an inverted index's never-repeating keys would pile up
-    /// until the map ends); an app with one still combines in the table.
+    /// A map whose first SKIP_AFTER_KEYS keys are all different stops
+    /// combining and sends the rest straight to the batch, combiner or
+    /// not (never calling it on a lone value); one whose keys repeat keeps
+    /// combining in the table.
     #[test]
-    fn the_first_pair_tells_whether_the_app_combines() {
+    fn keys_that_never_repeat_skip_the_table() {
+        thread_local!(static CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) });
+        fn counted(key: &str, values: &[&str]) -> Option<String> {
+            CALLS.with(|c| c.set(c.get() + 1));
+            assert!(values.len() > 1, "combine called on {key} alone");
+            sum(key, values)
+        }
         fn none(_key: &str, _values: &[&str]) -> Option<String> {
             None
         }
-        let contents = "one two three four five";
-        let mut out = Emitter::with_report(none, contents, record);
-        for (i, w) in words(contents).enumerate() {
-            out.emit(w, "doc");
-            assert!(out.combining == Combining::No && out.table.is_empty());
-            assert_eq!(out.batch_pairs, i + 1);
+        let keys: Vec<String> = (0..SKIP_AFTER_KEYS + 100)
+            .map(|i| format!("k{i}"))
+            .collect();
+        for combine in [none as fn(&str, &[&str]) -> Option<String>, counted] {
+            let mut out = Emitter::with_report(combine, "", record);
+            for (i, k) in keys.iter().enumerate() {
+                out.emit(k, "1");
+                let skipped = i + 1 >= SKIP_AFTER_KEYS;
+                assert_eq!(out.combining == Combining::No, skipped, "after {i}");
+                assert_eq!(out.table.is_empty(), skipped, "after {i}");
+            }
+            assert_eq!(out.batch_pairs, keys.len());
         }
-        let mut out = Emitter::with_report(sum, contents, record);
-        for w in words(contents) {
-            out.emit(w, "1");
+        assert_eq!(CALLS.with(|c| c.get()), 0);
+        let mut out = Emitter::with_report(counted, "", record);
+        for k in &keys {
+            out.emit(k, "1");
+            out.emit(k, "2");
         }
-        assert!(out.combining == Combining::Yes);
-        assert_eq!((out.table.len(), out.batch_pairs), (5, 0));
+        assert!(out.combining != Combining::No);
+        assert_eq!(out.table.len(), keys.len());
     }
 
     #[test]

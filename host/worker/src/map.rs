@@ -463,10 +463,11 @@ const RESERVE: usize = 256 << 20;
 /// next: a fresh buffer's pages are faulted in and zeroed by the kernel
 /// at every map, which took 3 % of `wc-nocombiner`'s profile (1 GiB, 64
 /// maps, 2026-12-07). At most [`POOLED`] are kept, each no larger than
-/// [`RESERVE`]; a reduce task empties the pool ([`release_buffers`]), so
-/// kept buffers do not add to a reduce's memory.
+/// [`RESERVE`] (only the pages a map used are resident); a reduce task
+/// empties the pool when it starts ([`release_buffers`]). A worker that
+/// runs no reduce keeps them until it does.
 static POOL: Mutex<Vec<(Vec<u8>, Vec<Entry>)>> = Mutex::new(Vec::new());
-const POOLED: usize = 4;
+const POOLED: usize = 2;
 
 /// Keeps a finished map's buffers for the next (emptied).
 fn give_back(mut arena: Vec<u8>, mut entries: Vec<Entry>) {
