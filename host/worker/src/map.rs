@@ -651,16 +651,28 @@ impl SortBuffer {
         let base = self.arena.len();
         let first = self.entries.len();
         self.arena.extend_from_slice(records);
-        if let Some((n, bytes)) = rank_short(records, base, self.reduces, &mut self.entries) {
-            self.counters.map_output_records += n;
-            self.counters.map_output_bytes += bytes;
-            self.huge_pages();
-            if self.used() >= self.limit {
-                self.spill()?;
+        match rank_short(records, base, self.reduces, &mut self.entries) {
+            Some((n, bytes)) => {
+                self.counters.map_output_records += n;
+                self.counters.map_output_bytes += bytes;
             }
-            return Ok(());
+            None => {
+                self.entries.truncate(first);
+                self.rank_checked(records, base)?;
+            }
         }
-        self.entries.truncate(first);
+        self.huge_pages();
+        if self.used() >= self.limit {
+            self.spill()?;
+        }
+        Ok(())
+    }
+
+    /// Ranks the records of a batch (in the arena at `base`) one by one,
+    /// each checked, and writes them again the shortest way if the guest
+    /// wrote a length the long way.
+    fn rank_checked(&mut self, records: &[u8], base: usize) -> Result<(), SpillError> {
+        let first = self.entries.len();
         // Whether every length is its shortest varint, as the host writes
         // them (so a map's output is the same bytes whether it spilled and
         // merged or not).
@@ -688,7 +700,6 @@ impl SortBuffer {
         if let Some(e) = failed {
             return Err(SpillError::Malformed(e));
         }
-        self.huge_pages();
         if !shortest {
             // A guest's longer varints (valid), written again the shortest
             // way.
@@ -700,9 +711,6 @@ impl SortBuffer {
                 (self.entries).push(rank(partition(k, self.reduces).0, k, at));
                 mr_core::records::put_record(&mut self.arena, k, v);
             }
-        }
-        if self.used() >= self.limit {
-            self.spill()?;
         }
         Ok(())
     }
