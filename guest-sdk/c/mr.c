@@ -140,42 +140,88 @@ static uint32_t decode(const unsigned char **p, const unsigned char *end) {
 
 static inline bool ascii_letter(unsigned b) { return (b | 0x20) - 'a' < 26; }
 
+// The top bit of every byte.
+#define HIGH 0x8080808080808080ull
+
+// Of the eight bytes in `x` (little-endian): the top bit of each that is an
+// ASCII letter, among the leading ASCII ones; and in *ascii how many lead
+// that are ASCII (8 if all are; at a byte that is not, a letter could
+// start, and the caller decodes it). The Rust SDK's `words` scans the same
+// way: a byte per loop turn cost wc-c 1.7x the Rust app's tokenizing time.
+static inline uint64_t ascii_letters(uint64_t x, unsigned *ascii) {
+    uint64_t high = x & HIGH;
+    unsigned a = high ? (unsigned)__builtin_ctzll(high) / 8 : 8;
+    // Per byte v < 0x80: v | 0x20 folds case; + 0x1f sets the top bit for
+    // v >= 'a', + 0x05 for v > 'z' (no byte below the first non-ASCII one
+    // carries into the next).
+    uint64_t lower = x | 0x2020202020202020ull;
+    uint64_t ge_a = lower + 0x1f1f1f1f1f1f1f1full;
+    uint64_t gt_z = lower + 0x0505050505050505ull;
+    uint64_t keep = a == 8 ? HIGH : (((uint64_t)1 << (a * 8)) - 1) & HIGH;
+    *ascii = a;
+    return ge_a & ~gt_z & keep;
+}
+
+// Whether a letter starts at p (< end); its length in *len.
+static inline bool letter_at(const unsigned char *p, const unsigned char *end, size_t *len) {
+    if (*p < 0x80) {
+        *len = 1;
+        return ascii_letter(*p);
+    }
+    const unsigned char *q = p;
+    bool letter = mr_is_letter(decode(&q, end));
+    *len = (size_t)(q - p);
+    return letter;
+}
+
 bool mr_next_word(mr_str *text, mr_str *word) {
     const unsigned char *p = (const unsigned char *)text->ptr;
     const unsigned char *end = p + text->len;
-    const unsigned char *start = NULL;
-    while (p < end) {
-        if (*p < 0x80) {
-            if (ascii_letter(*p)) {
-                start = p++;
+    size_t len;
+    // Skip to the next letter: eight ASCII bytes at a time while none is
+    // one.
+    for (;;) {
+        if (end - p >= 8) {
+            uint64_t x;
+            memcpy(&x, p, 8);
+            unsigned ascii;
+            uint64_t letters = ascii_letters(x, &ascii);
+            if (letters) {
+                p += __builtin_ctzll(letters) / 8;
                 break;
             }
-            p++;
-            continue;
+            p += ascii;
+            if (ascii == 8)
+                continue;
         }
-        const unsigned char *q = p;
-        if (mr_is_letter(decode(&q, end))) {
-            start = p;
-            p = q;
+        if (p >= end) {
+            *text = (mr_str){(const char *)end, 0};
+            return false;
+        }
+        if (letter_at(p, end, &len))
             break;
-        }
-        p = q;
+        p += len;
     }
-    if (!start) {
-        *text = (mr_str){(const char *)end, 0};
-        return false;
-    }
+    const unsigned char *start = p;
+    // Take letters, eight ASCII ones at a time.
     while (p < end) {
-        if (*p < 0x80) {
-            if (!ascii_letter(*p))
+        if (end - p >= 8) {
+            uint64_t x;
+            memcpy(&x, p, 8);
+            unsigned ascii;
+            uint64_t others = ~ascii_letters(x, &ascii) & HIGH;
+            // The first of the eight that is not an ASCII letter: an ASCII
+            // non-letter ends the word; a non-ASCII byte is looked at below.
+            unsigned first = others ? (unsigned)__builtin_ctzll(others) / 8 : 8;
+            p += first;
+            if (first == 8)
+                continue;
+            if (first < ascii)
                 break;
-            p++;
-            continue;
         }
-        const unsigned char *q = p;
-        if (!mr_is_letter(decode(&q, end)))
+        if (!letter_at(p, end, &len))
             break;
-        p = q;
+        p += len;
     }
     *word = (mr_str){(const char *)start, (size_t)(p - start)};
     *text = (mr_str){(const char *)p, (size_t)(end - p)};

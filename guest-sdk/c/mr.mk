@@ -14,7 +14,11 @@
 MR_C_SDK := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 OUT ?= $(APP).wasm
 CLANG ?= clang-19
-CFLAGS ?= -O2 -msimd128
+# -flto: the app and the SDK are optimised as one program, so the SDK's
+# word scanner and counting table are inlined into the app's map loop, as
+# Rust inlines its SDK (wc-c took 0.8x the time with it, 2026-12-07). clang
+# hands wasm-component-ld its own wasm-ld, so the LLVM versions match.
+CFLAGS ?= -O2 -msimd128 -flto
 MR_C_SOURCES := $(MR_C_SDK)/mr.c $(MR_C_SDK)/mr_component.c $(MR_C_SDK)/bindings/mapreduce.c
 MR_C_DEPS := $(MR_C_SOURCES) $(MR_C_SDK)/mr.h $(MR_C_SDK)/mr_letters.h \
 	$(MR_C_SDK)/bindings/mapreduce.h $(MR_C_SDK)/bindings/mapreduce_component_type.o

@@ -169,6 +169,81 @@ static void test_words(void) {
     CHECK(mr_is_letter('q') && !mr_is_letter('_') && mr_is_letter(0x4E00) && !mr_is_letter(0x216B));
 }
 
+// The words of `text` found one character at a time, as the definition
+// says (the reference for mr_next_word's eight-bytes-at-a-time scan):
+// maximal runs of letters, where a byte that starts no valid sequence of
+// the lengths UTF-8 allows is U+FFFD on its own.
+static size_t reference_words(const unsigned char *s, size_t len, size_t *starts, size_t *lens) {
+    size_t n = 0, i = 0, start = 0;
+    bool in_word = false;
+    while (i <= len) {
+        uint32_t c = 0xFFFD;
+        size_t k = 1;
+        if (i < len) {
+            unsigned b = s[i];
+            size_t need = b < 0x80 ? 1 : b >= 0xC2 && b < 0xE0 ? 2 : b >= 0xE0 && b < 0xF0 ? 3
+                        : b >= 0xF0 && b < 0xF5 ? 4 : 0;
+            c = need == 1 ? b : need == 2 ? (b & 0x1F) : need == 3 ? (b & 0x0F) : (b & 0x07);
+            bool ok = need > 0 && i + need <= len;
+            for (size_t j = 1; ok && j < need; j++) {
+                ok = (s[i + j] & 0xC0) == 0x80;
+                c = (c << 6) | (s[i + j] & 0x3F);
+            }
+            if (ok)
+                k = need;
+            else
+                c = 0xFFFD;
+        }
+        bool letter = i < len && mr_is_letter(c);
+        if (letter && !in_word)
+            start = i, in_word = true;
+        if (!letter && in_word) {
+            starts[n] = start, lens[n] = i - start, n++;
+            in_word = false;
+        }
+        i += k;
+    }
+    return n;
+}
+
+// mr_next_word splits as the reference does, on any mix of ASCII letters,
+// digits and punctuation, letters and non-letters of other scripts, and
+// bytes that are not UTF-8, at every alignment against its 8-byte loads.
+static void test_words_match_the_definition(void) {
+    const char *pieces[] = {"a", "Z", "q", "xyzzy", "0", "9", " ", "\n", "'", "-", "_", "@", "[",
+                            "`", "{", "\x7f", "\xc3\xa9", "\xc7\x85", "\xe4\xb8\xad",
+                            "\xe2\x85\xab", "\xef\xbf\xbd", "\xf0\x90\x80\x80", "\xcc\x81",
+                            "\xff", "\x80", "\xc3", "\xe4\xb8", "\xf0\x90"};
+    size_t npieces = sizeof pieces / sizeof pieces[0];
+    uint64_t rng = 0x2545F4914F6CDD1Dull;
+    unsigned char text[256];
+    size_t starts[256], lens[256];
+    for (int round = 0; round < 20000; round++) {
+        size_t len = 0;
+        size_t count = (size_t)(rng >> 59);
+        for (size_t i = 0; i < count; i++) {
+            rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+            const char *p = pieces[rng % npieces];
+            // Long runs of one piece reach the 8-byte paths.
+            size_t times = (rng >> 32) % 4 == 0 ? 1 + (rng >> 40) % 12 : 1;
+            for (size_t t = 0; t < times && len + strlen(p) <= sizeof text; t++) {
+                memcpy(text + len, p, strlen(p));
+                len += strlen(p);
+            }
+        }
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        size_t want = reference_words(text, len, starts, lens);
+        mr_str rest = {(const char *)text, len}, w;
+        size_t got = 0;
+        while (mr_next_word(&rest, &w)) {
+            CHECK(got < want);
+            CHECK(w.ptr == (const char *)text + starts[got] && w.len == lens[got]);
+            got++;
+        }
+        CHECK(got == want && rest.len == 0);
+    }
+}
+
 static void test_numbers(void) {
     mr_string s = mr_string_u64(0);
     CHECK(s.len == 1 && s.ptr[0] == '0');
@@ -525,6 +600,7 @@ static void test_progress(void) {
 
 int main(void) {
     test_words();
+    test_words_match_the_definition();
     test_numbers();
     test_batches_without_combiner();
     test_combining();
