@@ -11,6 +11,12 @@
 
 #include "mr_letters.h"
 
+// Words, keys and hashes are read eight bytes at a time as little-endian
+// numbers, as wasm32 is (this guards the SDK's native unit tests).
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the C SDK assumes a little-endian target (wasm32 is)"
+#endif
+
 // Pairs and bytes buffered before one `emit` call hands them to the host
 // (one boundary crossing is costly; a batch stays well under the host's
 // limit on one call).
@@ -242,6 +248,34 @@ static size_t put_varint(uint8_t *p, uint32_t v) {
     return i;
 }
 
+// Copies `n` bytes: up to 16 with fixed-size loads and stores (two that
+// overlap, or three single bytes), more with memcpy. wasi-libc's memcpy
+// is a call that copies short unaligned strings a byte per loop turn (with
+// the sandbox's interruption check at each); the keys and counts this SDK
+// copies are mostly a few bytes long (5.4 % of wc-c's profile went there).
+static inline void copy_bytes(char *dst, const char *src, size_t n) {
+    if (n > 16) {
+        memcpy(dst, src, n);
+    } else if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, src, 8);
+        memcpy(&b, src + n - 8, 8);
+        memcpy(dst, &a, 8);
+        memcpy(dst + n - 8, &b, 8);
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, src, 4);
+        memcpy(&b, src + n - 4, 4);
+        memcpy(dst, &a, 4);
+        memcpy(dst + n - 4, &b, 4);
+    } else if (n) {
+        char a = src[0], b = src[n / 2], c = src[n - 1];
+        dst[0] = a;
+        dst[n / 2] = b;
+        dst[n - 1] = c;
+    }
+}
+
 // Records (varint key length, varint value length, key, value) waiting
 // for one `emit` call.
 static struct {
@@ -276,11 +310,9 @@ static void push(mr_str key, mr_str value) {
     uint8_t *p = batch.bytes + batch.len;
     p += put_varint(p, (uint32_t)key.len);
     p += put_varint(p, (uint32_t)value.len);
-    if (key.len)
-        memcpy(p, key.ptr, key.len);
+    copy_bytes((char *)p, key.ptr, key.len);
     p += key.len;
-    if (value.len)
-        memcpy(p, value.ptr, value.len);
+    copy_bytes((char *)p, value.ptr, value.len);
     p += value.len;
     batch.len = (size_t)(p - batch.bytes);
     if (++batch.n == BATCH_PAIRS || batch.len >= BATCH_BYTES)
@@ -445,8 +477,7 @@ static bool sums_add(mr_str key, uint64_t n) {
         sums.arena = xrealloc(sums.arena, cap);
         sums.arena_cap = cap;
     }
-    if (key.len)
-        memcpy(sums.arena + sums.arena_len, key.ptr, key.len);
+    copy_bytes(sums.arena + sums.arena_len, key.ptr, key.len);
     sums.slots[j] = (sum_entry){h, head, n, (uint32_t)sums.arena_len, lp1};
     sums.arena_len += key.len;
     sums.count++;

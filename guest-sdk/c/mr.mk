@@ -17,7 +17,10 @@ CLANG ?= clang-19
 # -flto: the app and the SDK are optimised as one program, so the SDK's
 # word scanner and counting table are inlined into the app's map loop, as
 # Rust inlines its SDK (wc-c took 0.8x the time with it, 2026-12-07). clang
-# hands wasm-component-ld its own wasm-ld, so the LLVM versions match.
+# hands wasm-component-ld the wasm-ld of its own LLVM (toolchain.sh installs
+# lld-19 for clang-19); with another CLANG whose lld is not installed, an
+# older wasm-ld on PATH cannot read its bitcode: install that lld, or build
+# with CFLAGS="-O2 -msimd128".
 CFLAGS ?= -O2 -msimd128 -flto
 MR_C_SOURCES := $(MR_C_SDK)/mr.c $(MR_C_SDK)/mr_component.c $(MR_C_SDK)/bindings/mapreduce.c
 MR_C_DEPS := $(MR_C_SOURCES) $(MR_C_SDK)/mr.h $(MR_C_SDK)/mr_letters.h \
