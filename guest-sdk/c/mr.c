@@ -425,6 +425,12 @@ static void sums_start(size_t len) {
         cap *= 2;
     if (sums.cap < cap)
         sums_grow(cap);
+    if (!sums.arena) {
+        // Never NULL once on: keys (even empty ones) are placed at
+        // `arena + arena_len`, and NULL + 0 is undefined in C.
+        sums.arena_cap = 1 << 20;
+        sums.arena = xrealloc(NULL, sums.arena_cap);
+    }
     sums.on = true;
 }
 
@@ -486,7 +492,7 @@ static bool sums_add(mr_str key, uint64_t n) {
     if (sums.arena_len + key.len > UINT32_MAX / 2)
         return false;
     if (sums.arena_len + key.len > sums.arena_cap) {
-        size_t cap = sums.arena_cap ? sums.arena_cap : 1 << 20;
+        size_t cap = sums.arena_cap;
         while (cap < sums.arena_len + key.len)
             cap *= 2;
         sums.arena = xrealloc(sums.arena, cap);

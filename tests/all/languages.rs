@@ -332,6 +332,33 @@ fn c_sdk_unit_tests_pass() {
     assert!(ran.output.contains("checks passed"), "{}", ran.output);
 }
 
+/// The same unit tests built by the toolchain's clang with its
+/// undefined-behaviour checks in trap mode: they catch what gcc's miss
+/// (pointer arithmetic on NULL, for one).
+#[test]
+fn c_sdk_unit_tests_pass_under_clangs_checks() {
+    let _one_at_a_time = C.lock().unwrap_or_else(|e| e.into_inner());
+    let what = "the C SDK's unit tests under clang";
+    if build_step(
+        what,
+        Command::new("bash").arg(repo().join("guest-sdk/c/toolchain.sh")),
+    )
+    .is_none()
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ran = build_step(
+        what,
+        Command::new("make")
+            .arg("-C")
+            .arg(repo().join("guest-sdk/c"))
+            .arg("test-clang")
+            .arg(format!("TEST_BIN={}", tmp.path().join("test_mr").display())),
+    );
+    assert!(ran.is_some_and(|out| out.contains("checks passed")));
+}
+
 #[test]
 fn python_sdk_unit_tests_pass() {
     let venv = {
