@@ -911,14 +911,14 @@ fn languages(a: &RunArgs) -> Result<()> {
     std::fs::write(&warm_up, "warm up\n")?;
     let mut apps = vec![("Rust".to_string(), a.tools.app.clone())];
     apps.extend(a.lang_apps.iter().cloned());
+    let out_of = |name: &str| a.tools.dir.join(format!("lang-{name}"));
     for (name, app) in &apps {
         if !app.exists() {
             bail!("{name} app {} not found", app.display());
         }
         // Compiles the app into mr's cache, so the timed runs measure the
         // job, not the compiler (a Python app takes seconds to compile).
-        let out = a.tools.dir.join(format!("lang-{name}"));
-        run_mr(a, app, std::slice::from_ref(&warm_up), &out)?;
+        run_mr(a, app, std::slice::from_ref(&warm_up), &out_of(name))?;
     }
     // With --runs N: N rounds, the apps interleaved in each; the fastest
     // run of each app counts.
@@ -926,7 +926,7 @@ fn languages(a: &RunArgs) -> Result<()> {
     let mut want = None;
     for run in 0..a.runs.max(1) {
         for (i, (name, app)) in apps.iter().enumerate() {
-            let out = a.tools.dir.join(format!("lang-{name}"));
+            let out = out_of(name);
             eprintln!(
                 "running {name} wc on {mb:.0} MB (run {} of {}) ...",
                 run + 1,

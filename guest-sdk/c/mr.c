@@ -248,6 +248,16 @@ static size_t put_varint(uint8_t *p, uint32_t v) {
     return i;
 }
 
+// Copies the first and the last `w` bytes of `n` (w <= n <= 2w): two
+// copies of a fixed size, which the compiler makes a load and a store each.
+static inline void copy_ends(char *dst, const char *src, size_t n, size_t w) {
+    char a[8], b[8];
+    memcpy(a, src, w);
+    memcpy(b, src + n - w, w);
+    memcpy(dst, a, w);
+    memcpy(dst + n - w, b, w);
+}
+
 // Copies `n` bytes: up to 16 with fixed-size loads and stores (two that
 // overlap, or three single bytes), more with memcpy. wasi-libc's memcpy
 // is a call that copies short unaligned strings a byte per loop turn (with
@@ -257,17 +267,9 @@ static inline void copy_bytes(char *dst, const char *src, size_t n) {
     if (n > 16) {
         memcpy(dst, src, n);
     } else if (n >= 8) {
-        uint64_t a, b;
-        memcpy(&a, src, 8);
-        memcpy(&b, src + n - 8, 8);
-        memcpy(dst, &a, 8);
-        memcpy(dst + n - 8, &b, 8);
+        copy_ends(dst, src, n, 8);
     } else if (n >= 4) {
-        uint32_t a, b;
-        memcpy(&a, src, 4);
-        memcpy(&b, src + n - 4, 4);
-        memcpy(dst, &a, 4);
-        memcpy(dst + n - 4, &b, 4);
+        copy_ends(dst, src, n, 4);
     } else if (n) {
         char a = src[0], b = src[n / 2], c = src[n - 1];
         dst[0] = a;
